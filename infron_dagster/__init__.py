@@ -1,0 +1,1 @@
+"""infron-dagster: LLM batch inference in Dagster."""

@@ -1,0 +1,428 @@
+"""An httpx client for Infron's Batch API and any OpenAI-compatible batch API.
+
+Both wire styles share one interface and return the same :class:`~infron_dagster.models.Batch`.
+Requests are always given as OpenAI-style JSONL lines (``{"custom_id","method","url","body"}``);
+the ``infron`` style turns them into ``{"custom_id","params"}`` while it streams them out.
+
+Example:
+    >>> client = InfronClient(api_key="sk-...", api_style="openai",
+    ...                       base_url="https://api.openai.com/v1")
+    >>> batch = client.create_batch("requests.jsonl", endpoint="/v1/chat/completions")
+    >>> client.retrieve_batch(batch.id).status
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any, Literal
+from urllib.parse import urlsplit
+
+import httpx
+
+from .errors import (
+    InfronConnectionError,
+    InfronError,
+    InfronProtocolError,
+    error_for_status,
+)
+from .models import ApiStyle, Batch
+
+__all__ = ["DEFAULT_BASE_URL", "InfronClient", "ResultFile", "RetryPolicy"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://llm.onerouter.pro/v1"
+_RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard the client retries 408/409/429/5xx answers and connection errors.
+
+    Waits grow exponentially from ``initial_delay`` (with full jitter) up to ``max_delay``;
+    a ``Retry-After`` or ``retry-after-ms`` header from the server wins. No retry starts once
+    ``budget_seconds`` have passed since the first try.
+
+    Example:
+        >>> RetryPolicy(max_retries=2, initial_delay=0.1).delay(1, None)  # doctest: +SKIP
+        0.13
+    """
+
+    max_retries: int = 6
+    initial_delay: float = 0.5
+    max_delay: float = 30.0
+    budget_seconds: float = 180.0
+
+    def delay(self, attempt: int, response: httpx.Response | None) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based)."""
+        hinted = _retry_after(response) if response is not None else None
+        if hinted is not None:
+            return min(hinted, self.max_delay)
+        ceiling = min(self.max_delay, self.initial_delay * 2 ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    millis = response.headers.get("retry-after-ms")
+    seconds = response.headers.get("retry-after")
+    try:
+        if millis is not None:
+            return max(0.0, float(millis) / 1000)
+        if seconds is not None:
+            return max(0.0, float(seconds))
+    except ValueError:
+        return None  # an HTTP-date; fall back to our own backoff
+    return None
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """One downloadable result file of a finished batch.
+
+    ``kind`` is ``"output"`` or ``"errors"`` (openai style) or ``"results"`` (infron's
+    ``result_url``, which mixes both). Exactly one of ``file_id`` and ``url`` is set.
+
+    Example:
+        >>> ResultFile(kind="output", file_id="file-abc").name
+        'output-file-abc.jsonl'
+    """
+
+    kind: Literal["output", "errors", "results"]
+    file_id: str | None = None
+    url: str | None = None
+
+    @property
+    def name(self) -> str:
+        """A stable file name to store it under."""
+        ref = self.file_id or urlsplit(self.url or "").path.strip("/").replace("/", "_")
+        return f"{self.kind}-{ref}.jsonl"
+
+
+class InfronClient:
+    """Speaks one batch API style over HTTP, with retries, timeouts and typed errors.
+
+    ``api_style="infron"`` is Infron's inline API (``POST /batches`` with ``requests``);
+    ``api_style="openai"`` is the OpenAI files + batches API (OpenAI, Azure, vLLM, LiteLLM).
+    ``transport`` lets tests and the embedded local server plug in an in-process app.
+
+    Example:
+        >>> with InfronClient(api_key=os.environ["INFRON_API_KEY"]) as client:
+        ...     batch = client.create_batch("requests.jsonl")
+        ...     print(batch.id, batch.status)
+    """
+
+    def __init__(
+        self,
+        api_key: str | None,
+        base_url: str = DEFAULT_BASE_URL,
+        api_style: ApiStyle = "infron",
+        *,
+        timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if api_style not in ("infron", "openai"):
+            raise ValueError(f"api_style must be 'infron' or 'openai', not {api_style!r}")
+        self.api_style: ApiStyle = api_style
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        self._secret = api_key or ""
+        self._sleep = sleep
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            transport=transport,
+            follow_redirects=True,
+        )
+        self._anonymous = httpx.Client(timeout=httpx.Timeout(timeout, connect=connect_timeout))
+
+    def __repr__(self) -> str:
+        return f"InfronClient(base_url={self.base_url!r}, api_style={self.api_style!r})"
+
+    def __enter__(self) -> InfronClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pools."""
+        self._http.close()
+        self._anonymous.close()
+
+    # --- batches -------------------------------------------------------------------------
+
+    def create_batch(
+        self,
+        requests_path: str | os.PathLike[str],
+        *,
+        endpoint: str = "/v1/chat/completions",
+        completion_window: str = "24h",
+        metadata: dict[str, str] | None = None,
+    ) -> Batch:
+        """Submit the OpenAI-style JSONL file at ``requests_path`` as one batch.
+
+        The file is streamed, never read whole. In openai style it is uploaded first.
+
+        Example:
+            >>> client.create_batch("chunk-00000.jsonl", metadata={"partition": "2026-11-24"})
+        """
+        if self.api_style == "openai":
+            file_id = self.upload_file(requests_path)
+            payload = {
+                "input_file_id": file_id,
+                "endpoint": endpoint,
+                "completion_window": completion_window,
+                "metadata": metadata or {},
+            }
+            data = self._json("create batch", "POST", "/batches", json=payload)
+            return Batch.from_openai(data)
+        data = self._json(
+            "create batch",
+            "POST",
+            "/batches",
+            content=lambda: _infron_body(requests_path),
+            headers={"Content-Type": "application/json"},
+        )
+        return Batch.from_infron(data)
+
+    def retrieve_batch(self, batch_id: str) -> Batch:
+        """Fetch the current state of one batch.
+
+        Example:
+            >>> client.retrieve_batch("batch_abc").status
+            <BatchStatus.IN_PROGRESS: 'in_progress'>
+        """
+        data = self._json(f"retrieve batch {batch_id}", "GET", f"/batches/{batch_id}")
+        return self._parse_batch(data)
+
+    def cancel_batch(self, batch_id: str) -> Batch:
+        """Ask the server to cancel a batch; finished requests stay available.
+
+        Example:
+            >>> client.cancel_batch("batch_abc").status
+            <BatchStatus.CANCELLING: 'cancelling'>
+        """
+        data = self._json(f"cancel batch {batch_id}", "POST", f"/batches/{batch_id}/cancel")
+        return self._parse_batch(data)
+
+    def list_batches(self, *, page_size: int = 100) -> Iterator[Batch]:
+        """Every batch of this key, newest first, following ``has_more`` pagination.
+
+        Only the openai style has a list operation.
+
+        Example:
+            >>> [b.id for b in client.list_batches() if b.metadata.get("partition") == "a"]
+        """
+        if self.api_style != "openai":
+            raise NotImplementedError("Infron's batch API has no documented list operation")
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": page_size}
+            if after:
+                params["after"] = after
+            page = self._json("list batches", "GET", "/batches", params=params)
+            rows = page.get("data") or []
+            yield from (Batch.from_openai(row) for row in rows)
+            if not page.get("has_more") or not rows:
+                return
+            after = page.get("last_id") or rows[-1]["id"]
+
+    # --- files ---------------------------------------------------------------------------
+
+    def upload_file(self, path: str | os.PathLike[str], purpose: str = "batch") -> str:
+        """Upload a JSONL file (streamed, multipart) and return its file id.
+
+        Example:
+            >>> client.upload_file("chunk-00000.jsonl")
+            'file-abc123'
+        """
+        name = os.path.basename(os.fspath(path))
+
+        def files() -> dict[str, Any]:
+            return {"file": (name, open(path, "rb"), "application/jsonl")}
+
+        data = self._json(
+            f"upload file {name}", "POST", "/files", files=files, data={"purpose": purpose}
+        )
+        if "id" not in data:
+            raise InfronProtocolError(f"upload file {name}", "the answer has no file id")
+        return str(data["id"])
+
+    def result_files(self, batch: Batch) -> list[ResultFile]:
+        """The files that hold a finished batch's results (output and errors).
+
+        Example:
+            >>> [f.kind for f in client.result_files(batch)]
+            ['output', 'errors']
+        """
+        files: list[ResultFile] = []
+        if batch.output_file_id:
+            files.append(ResultFile("output", file_id=batch.output_file_id))
+        if batch.error_file_id:
+            files.append(ResultFile("errors", file_id=batch.error_file_id))
+        if batch.result_url:
+            files.append(ResultFile("results", url=batch.result_url))
+        return files
+
+    def download(self, result: ResultFile, dest: IO[bytes]) -> int:
+        """Stream one result file into ``dest`` and return the bytes written.
+
+        The API key is sent only to the configured server, never to a foreign
+        ``result_url`` (such as a pre-signed object-store link).
+
+        Example:
+            >>> with open("output.jsonl", "wb") as fh:
+            ...     client.download(ResultFile("output", file_id="file-abc"), fh)
+        """
+        if result.file_id:
+            target, http = f"/files/{result.file_id}/content", self._http
+        else:
+            target = result.url or ""
+            http = self._http if self._same_origin(target) else self._anonymous
+        operation = f"download {result.kind} file"
+        response = self._send(operation, "GET", target, http=http, stream=True)
+        written = 0
+        try:
+            for chunk in response.iter_bytes(_CHUNK):
+                dest.write(chunk)
+                written += len(chunk)
+        except httpx.TransportError as exc:
+            raise InfronConnectionError(operation, self._redact(str(exc))) from None
+        finally:
+            response.close()
+        return written
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    def _parse_batch(self, data: dict[str, Any]) -> Batch:
+        if self.api_style == "infron" and "batch_id" in data:
+            return Batch.from_infron(data)
+        if "batch_id" in data:
+            return Batch.from_infron(data)
+        return Batch.from_openai(data)
+
+    def _same_origin(self, url: str) -> bool:
+        if not url.startswith(("http://", "https://")):
+            return True
+        mine, theirs = urlsplit(self.base_url), urlsplit(url)
+        return (mine.scheme, mine.netloc) == (theirs.scheme, theirs.netloc)
+
+    def _json(self, operation: str, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+        response = self._send(operation, method, url, **kwargs)
+        try:
+            data = response.json()
+        except ValueError:
+            raise InfronProtocolError(
+                operation, f"expected JSON, got {response.text[:200]!r}"
+            ) from None
+        if not isinstance(data, dict):
+            raise InfronProtocolError(operation, "expected a JSON object")
+        return data
+
+    def _send(
+        self,
+        operation: str,
+        method: str,
+        url: str,
+        *,
+        http: httpx.Client | None = None,
+        stream: bool = False,
+        content: Callable[[], Iterator[bytes]] | None = None,
+        files: Callable[[], dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """One logical call: retries retryable answers within the policy's budget."""
+        http = http or self._http
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            request_kwargs = dict(kwargs)
+            if content is not None:
+                request_kwargs["content"] = content()
+            if files is not None:
+                request_kwargs["files"] = files()
+            try:
+                request = http.build_request(method, url, **request_kwargs)
+                response = http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                error: InfronError = InfronConnectionError(operation, self._redact(str(exc)))
+                response = None
+            else:
+                if response.status_code < 400:
+                    if not stream:
+                        response.read()
+                    return response
+                response.read()
+                error = self._error(operation, response)
+            finally:
+                _close_files(request_kwargs.get("files"))
+            if not self._should_retry(error, attempt, started):
+                raise error
+            wait = self.retry.delay(attempt, response)
+            logger.info("%s: %s; retry %d in %.2fs", operation, error, attempt, wait)
+            self._sleep(wait)
+
+    def _should_retry(self, error: InfronError, attempt: int, started: float) -> bool:
+        if isinstance(error, InfronConnectionError):
+            retryable = True
+        else:
+            retryable = error.status_code in _RETRY_STATUSES
+        within_budget = time.monotonic() - started < self.retry.budget_seconds
+        return retryable and attempt <= self.retry.max_retries and within_budget
+
+    def _error(self, operation: str, response: httpx.Response) -> InfronError:
+        message, code = _server_message(response)
+        return error_for_status(operation, response.status_code, self._redact(message), code)
+
+    def _redact(self, text: str) -> str:
+        if self._secret and len(self._secret) >= 4:
+            return text.replace(self._secret, "***")
+        return text
+
+
+def _server_message(response: httpx.Response) -> tuple[str, str | None]:
+    try:
+        body = response.json()
+    except ValueError:
+        return (response.text[:500] or response.reason_phrase or "no message"), None
+    err = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(err, dict):
+        message = err.get("message") or err.get("detail") or json.dumps(err)[:500]
+        return str(message), (str(err["code"]) if err.get("code") else None)
+    return str(err)[:500], None
+
+
+def _close_files(files: Any) -> None:
+    if isinstance(files, dict):
+        for value in files.values():
+            handle = value[1] if isinstance(value, tuple) else value
+            if hasattr(handle, "close"):
+                handle.close()
+
+
+def _infron_body(requests_path: str | os.PathLike[str]) -> Iterator[bytes]:
+    """Stream ``{"requests": [{"custom_id", "params"}, ...]}`` from OpenAI-style JSONL."""
+    yield b'{"requests":['
+    first = True
+    with open(requests_path, "rb") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            line = json.loads(raw)
+            item = {"custom_id": line["custom_id"], "params": line["body"]}
+            yield (b"" if first else b",") + json.dumps(item, separators=(",", ":")).encode()
+            first = False
+    yield b"]}"

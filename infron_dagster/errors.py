@@ -1,0 +1,117 @@
+"""Typed errors raised by the batch API client.
+
+Every message names the operation and the server's own message, and never the API key.
+
+Example:
+    >>> try:
+    ...     client.retrieve_batch("batch_123")
+    ... except InfronNotFoundError as exc:
+    ...     print(exc.operation, exc.status_code)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "InfronAuthError",
+    "InfronBadRequestError",
+    "InfronConnectionError",
+    "InfronError",
+    "InfronInsufficientCreditsError",
+    "InfronNotFoundError",
+    "InfronProtocolError",
+    "InfronRateLimitError",
+    "InfronServerError",
+]
+
+
+class InfronError(Exception):
+    """Base class of every error the client raises.
+
+    Example:
+        >>> err = InfronError("retrieve batch", "no such batch", status_code=404)
+        >>> str(err)
+        'retrieve batch failed (HTTP 404): no such batch'
+    """
+
+    def __init__(
+        self,
+        operation: str,
+        message: str,
+        *,
+        status_code: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        self.operation = operation
+        self.server_message = message
+        self.status_code = status_code
+        self.code = code
+        status = f" (HTTP {status_code})" if status_code is not None else ""
+        super().__init__(f"{operation} failed{status}: {message}")
+
+    @property
+    def retryable(self) -> bool:
+        """Whether repeating the same call later may succeed."""
+        return False
+
+
+class InfronAuthError(InfronError):
+    """401 or 403: the key is missing, wrong, or lacks permission."""
+
+
+class InfronInsufficientCreditsError(InfronError):
+    """402: the account has no credit left for this call."""
+
+
+class InfronBadRequestError(InfronError):
+    """400 or 422: the server rejected the request as malformed or over a limit."""
+
+
+class InfronNotFoundError(InfronError):
+    """404: the batch or file does not exist (or belongs to another key)."""
+
+
+class InfronRateLimitError(InfronError):
+    """429 after the retry budget ran out."""
+
+    @property
+    def retryable(self) -> bool:
+        return True
+
+
+class InfronServerError(InfronError):
+    """5xx (or 408/409) after the retry budget ran out."""
+
+    @property
+    def retryable(self) -> bool:
+        return True
+
+
+class InfronConnectionError(InfronError):
+    """The server could not be reached or did not answer in time."""
+
+    @property
+    def retryable(self) -> bool:
+        return True
+
+
+class InfronProtocolError(InfronError):
+    """The server answered something this client cannot understand."""
+
+
+def error_for_status(
+    operation: str, status_code: int, message: str, code: str | None
+) -> InfronError:
+    """Pick the error class for an HTTP status."""
+    if status_code in (401, 403):
+        cls: type[InfronError] = InfronAuthError
+    elif status_code == 402:
+        cls = InfronInsufficientCreditsError
+    elif status_code == 404:
+        cls = InfronNotFoundError
+    elif status_code == 429:
+        cls = InfronRateLimitError
+    elif status_code >= 500 or status_code in (408, 409):
+        cls = InfronServerError
+    else:
+        cls = InfronBadRequestError
+    return cls(operation, message, status_code=status_code, code=code)

@@ -1,0 +1,108 @@
+"""The manifest: the record of one submission attempt of one partition.
+
+It is written before the paid call (state ``submitting``, the intent), again after each batch
+is created, and is the source of truth for the sensor and for collection.
+
+Example:
+    >>> m = Manifest(name="reviews", partition_key="2026-11-24", attempt=1,
+    ...              fingerprint="ab12", api_style="infron", endpoint="/v1/chat/completions",
+    ...              model="gpt-4o-mini")
+    >>> m.run_key
+    'reviews:2026-11-24:1'
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+__all__ = ["ChunkRecord", "Manifest"]
+
+AttemptKind = Literal["initial", "retry"]
+ManifestState = Literal["submitting", "submitted", "collected", "abandoned"]
+
+
+@dataclass
+class ChunkRecord:
+    """One request file and the batch it became.
+
+    Example:
+        >>> ChunkRecord(index=0, path="requests/.../chunk-00000.jsonl", requests=10, bytes=900)
+    """
+
+    index: int
+    path: str
+    requests: int
+    bytes: int
+    batch_id: str | None = None
+    status: str | None = None
+    idempotency_key: str = ""
+
+
+@dataclass
+class Manifest:
+    """Everything needed to poll, collect and retry one attempt, without any process memory.
+
+    ``base_attempt`` is the initial attempt a retry belongs to; collection merges every
+    attempt from ``base_attempt`` on.
+    """
+
+    name: str
+    partition_key: str | None
+    attempt: int
+    fingerprint: str
+    api_style: str
+    endpoint: str
+    model: str
+    kind: AttemptKind = "initial"
+    base_attempt: int = 0
+    state: ManifestState = "submitting"
+    created_at: str = field(default_factory=lambda: _now())
+    submitted_at: str | None = None
+    collected_at: str | None = None
+    row_count: int = 0
+    invalid_count: int = 0
+    estimated_input_tokens: int = 0
+    chunks: list[ChunkRecord] = field(default_factory=list)
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.base_attempt:
+            self.base_attempt = self.attempt
+
+    @property
+    def batch_ids(self) -> list[str]:
+        """Ids of the batches created so far."""
+        return [c.batch_id for c in self.chunks if c.batch_id]
+
+    @property
+    def fully_submitted(self) -> bool:
+        """True when every chunk has its batch."""
+        return all(c.batch_id for c in self.chunks)
+
+    @property
+    def run_key(self) -> str:
+        """Dedup key of this attempt's collection run: includes the attempt, by design."""
+        return f"{self.name}:{self.partition_key or ''}:{self.attempt}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """Parse what :meth:`to_dict` wrote (unknown keys are ignored for forward compat)."""
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in data.items() if k in known}
+        values["chunks"] = [ChunkRecord(**c) for c in data.get("chunks", [])]
+        return cls(**values)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO-8601."""
+    return _now()

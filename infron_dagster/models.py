@@ -1,0 +1,233 @@
+"""The normalised batch object model shared by both wire styles.
+
+Example:
+    >>> normalise_status("SUCCESS")
+    <BatchStatus.COMPLETED: 'completed'>
+    >>> normalise_status("in_progress").is_terminal
+    False
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Literal
+
+__all__ = ["ApiStyle", "Batch", "BatchStatus", "normalise_status"]
+
+logger = logging.getLogger(__name__)
+
+ApiStyle = Literal["infron", "openai"]
+
+
+class BatchStatus(str, Enum):
+    """Lifecycle of a batch, the same for every wire style.
+
+    Example:
+        >>> BatchStatus.EXPIRED.is_terminal
+        True
+    """
+
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    UNKNOWN = "unknown"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the batch will not change any more."""
+        return self in _TERMINAL
+
+    @property
+    def has_results(self) -> bool:
+        """True for terminal states that may carry finished (paid-for) rows."""
+        return self in (BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+
+
+_TERMINAL = frozenset(
+    {BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
+)
+
+_ALIASES: dict[str, BatchStatus] = {
+    "validating": BatchStatus.VALIDATING,
+    "pending": BatchStatus.VALIDATING,
+    "queued": BatchStatus.VALIDATING,
+    "submitted": BatchStatus.VALIDATING,
+    "created": BatchStatus.VALIDATING,
+    "in_progress": BatchStatus.IN_PROGRESS,
+    "processing": BatchStatus.IN_PROGRESS,
+    "running": BatchStatus.IN_PROGRESS,
+    "finalizing": BatchStatus.FINALIZING,
+    "completed": BatchStatus.COMPLETED,
+    "complete": BatchStatus.COMPLETED,
+    "success": BatchStatus.COMPLETED,
+    "succeeded": BatchStatus.COMPLETED,
+    "ended": BatchStatus.COMPLETED,
+    "done": BatchStatus.COMPLETED,
+    "failed": BatchStatus.FAILED,
+    "failure": BatchStatus.FAILED,
+    "error": BatchStatus.FAILED,
+    "expired": BatchStatus.EXPIRED,
+    "timeout": BatchStatus.EXPIRED,
+    "cancelling": BatchStatus.CANCELLING,
+    "canceling": BatchStatus.CANCELLING,
+    "cancelled": BatchStatus.CANCELLED,
+    "canceled": BatchStatus.CANCELLED,
+}
+
+_warned_unknown: set[str] = set()
+
+
+def normalise_status(raw: str | None) -> BatchStatus:
+    """Map any provider's status string onto :class:`BatchStatus`.
+
+    An unknown string is non-terminal (``UNKNOWN``) and logged once per process, so a new
+    provider status makes the sensor wait instead of crashing or collecting too early.
+
+    Example:
+        >>> normalise_status("Processing")
+        <BatchStatus.IN_PROGRESS: 'in_progress'>
+    """
+    key = (raw or "").strip().lower().replace("-", "_").replace(" ", "_")
+    status = _ALIASES.get(key)
+    if status is None:
+        if key not in _warned_unknown:
+            _warned_unknown.add(key)
+            logger.warning("Unknown batch status %r: treated as still in progress", raw)
+        return BatchStatus.UNKNOWN
+    return status
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch as the client sees it, whatever style the server speaks.
+
+    Example:
+        >>> b = Batch(id="batch_1", status=BatchStatus.COMPLETED, api_style="openai")
+        >>> b.is_terminal
+        True
+    """
+
+    id: str
+    status: BatchStatus
+    api_style: ApiStyle
+    raw_status: str = ""
+    total_requests: int | None = None
+    completed_requests: int | None = None
+    failed_requests: int | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    result_url: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cost: float | None = None
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+    errors: tuple[str, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the batch will not change any more."""
+        return self.status.is_terminal
+
+    @property
+    def progress(self) -> float | None:
+        """Fraction of requests finished (0..1), when the server says."""
+        if not self.total_requests:
+            return None
+        done = (self.completed_requests or 0) + (self.failed_requests or 0)
+        return min(1.0, done / self.total_requests)
+
+    @classmethod
+    def from_openai(cls, data: dict[str, Any]) -> Batch:
+        """Parse an OpenAI-compatible batch object."""
+        counts = data.get("request_counts") or {}
+        errors = (data.get("errors") or {}).get("data") or []
+        finished = (
+            data.get("completed_at")
+            or data.get("failed_at")
+            or data.get("expired_at")
+            or data.get("cancelled_at")
+        )
+        return cls(
+            id=str(data["id"]),
+            status=normalise_status(data.get("status")),
+            api_style="openai",
+            raw_status=str(data.get("status") or ""),
+            total_requests=_int(counts.get("total")),
+            completed_requests=_int(counts.get("completed")),
+            failed_requests=_int(counts.get("failed")),
+            output_file_id=data.get("output_file_id"),
+            error_file_id=data.get("error_file_id"),
+            created_at=_time(data.get("created_at")),
+            finished_at=_time(finished),
+            errors=tuple(_describe_error(e) for e in errors),
+            metadata=dict(data.get("metadata") or {}),
+            raw=data,
+        )
+
+    @classmethod
+    def from_infron(cls, data: dict[str, Any]) -> Batch:
+        """Parse Infron's own batch object (``batch_id``, upper-case ``status``, ``fees``)."""
+        errors = [str(e) for e in (data.get("error"), data.get("fail_reason")) if e]
+        return cls(
+            id=str(data.get("batch_id") or data.get("id")),
+            status=normalise_status(data.get("status")),
+            api_style="infron",
+            raw_status=str(data.get("status") or ""),
+            total_requests=_int(data.get("total_requests")),
+            completed_requests=_int(data.get("completed_count")),
+            failed_requests=_int(data.get("failed_count")),
+            result_url=data.get("result_url"),
+            prompt_tokens=_int(data.get("prompt_tokens")),
+            completion_tokens=_int(data.get("completion_tokens")),
+            total_tokens=_int(data.get("total_tokens")),
+            cost=_float(data.get("fees")),
+            created_at=_time(data.get("submit_time")),
+            finished_at=_time(data.get("finish_time")),
+            errors=tuple(errors),
+            raw=data,
+        )
+
+
+def _describe_error(err: Any) -> str:
+    if not isinstance(err, dict):
+        return str(err)
+    line = f" (line {err['line']})" if err.get("line") is not None else ""
+    return f"{err.get('code') or 'error'}: {err.get('message') or ''}{line}"
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return None if value in (None, "") else float(str(value).lstrip("$"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _time(value: Any) -> datetime | None:
+    if value in (None, "", 0):
+        return None
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

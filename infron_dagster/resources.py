@@ -1,0 +1,98 @@
+"""The Dagster resource that builds a batch API client.
+
+Example:
+    >>> import dagster as dg
+    >>> infron = InfronResource(api_key=dg.EnvVar("INFRON_API_KEY"))
+    >>> local = InfronResource()  # no key, no URL: the embedded local server
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+from .client import DEFAULT_BASE_URL, InfronClient, RetryPolicy
+from .local.embedded import embedded_client, parse_local_url
+
+__all__ = ["InfronResource"]
+
+
+def default_local_dir() -> str:
+    """Where the embedded server keeps its state: shared by every process of a deployment."""
+    explicit = os.environ.get("INFRON_LOCAL_DATA_DIR")
+    if explicit:
+        return explicit
+    home = os.environ.get("DAGSTER_HOME")
+    return os.path.join(home, "infron_local") if home else os.path.abspath(".infron_data/local")
+
+
+class InfronResource(dg.ConfigurableResource):
+    """Connection settings for Infron's Batch API or any OpenAI-compatible batch API.
+
+    With neither ``api_key`` nor ``base_url`` set, calls go to the embedded local server
+    (in-process, state on disk), so pipelines and tests run with no key and no network.
+    ``base_url="local"`` or ``"local:///path"`` asks for it explicitly.
+
+    Example:
+        >>> import dagster as dg
+        >>> InfronResource(
+        ...     api_key=dg.EnvVar("INFRON_API_KEY"),
+        ...     api_style="infron",
+        ... )
+        >>> InfronResource(
+        ...     api_key=dg.EnvVar("OPENAI_API_KEY"),
+        ...     base_url="https://api.openai.com/v1",
+        ...     api_style="openai",
+        ... )
+    """
+
+    api_key: str | None = Field(
+        default=None, description="API key; use dg.EnvVar('INFRON_API_KEY'). Never logged."
+    )
+    base_url: str | None = Field(
+        default=None,
+        description=f"API root. Default {DEFAULT_BASE_URL} with a key, the local server without.",
+    )
+    api_style: Literal["infron", "openai"] = Field(
+        default="infron", description="'infron' (inline requests) or 'openai' (files + batches)."
+    )
+    timeout_seconds: float = Field(default=60.0, description="Read timeout per HTTP call.")
+    max_retries: int = Field(default=6, description="Retries of 408/409/429/5xx/connection errors.")
+    retry_budget_seconds: float = Field(
+        default=180.0, description="No retry starts after this long since the first try."
+    )
+    local_data_dir: str | None = Field(
+        default=None, description="State folder of the embedded local server."
+    )
+
+    @property
+    def is_local(self) -> bool:
+        """True when calls go to the embedded local server."""
+        if self.api_key and self.base_url is None:
+            return False
+        return parse_local_url(self.base_url, "") is not None
+
+    def get_client(self) -> InfronClient:
+        """A new client; close it (or use it as a context manager) when done.
+
+        Example:
+            >>> with InfronResource().get_client() as client:
+            ...     client.retrieve_batch("batch_abc")
+        """
+        retry = RetryPolicy(max_retries=self.max_retries, budget_seconds=self.retry_budget_seconds)
+        if self.is_local:
+            folder = parse_local_url(self.base_url, self.local_data_dir or default_local_dir())
+            assert folder is not None
+            return embedded_client(
+                folder, api_style=self.api_style, retry=retry, timeout=self.timeout_seconds
+            )
+        return InfronClient(
+            api_key=self.api_key,
+            base_url=self.base_url or DEFAULT_BASE_URL,
+            api_style=self.api_style,
+            timeout=self.timeout_seconds,
+            retry=retry,
+        )

@@ -1,0 +1,244 @@
+"""Where a pipeline's files live: one UPath root, local or ``s3://``, with a fixed layout.
+
+Layout under ``<root>/<name>/`` (``<p>`` is the quoted partition key)::
+
+    requests/partition=<p>/attempt=<n>/chunk-00000.jsonl   what was sent
+    inputs/partition=<p>/attempt=<n>.parquet               the rows sent, with custom_id
+    invalid/partition=<p>/attempt=<n>.parquet              rows never sent, with the reason
+    raw/partition=<p>/attempt=<n>/<batch_id>/<file>.jsonl  what came back
+    manifests/partition=<p>/attempt=<n>.json               the commit point of an attempt
+    results/partition=<p>/part-0.parquet                   hive-partitioned results
+    failed/partition=<p>/part-0.parquet                    hive-partitioned failed rows
+
+Example:
+    >>> store = BatchStorage("s3://lake/llm", "reviews", {"anon": False})
+    >>> store.manifest_path("2026-11-24", 1)
+    S3Path('s3://lake/llm/reviews/manifests/partition=2026-11-24/attempt=1.json')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote, unquote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from upath import UPath
+
+__all__ = ["UNPARTITIONED", "BatchStorage", "LockTimeout", "decode_partition", "encode_partition"]
+
+UNPARTITIONED = "__all__"
+_ATTEMPT_RE = re.compile(r"attempt=(\d+)\.json$")
+
+
+class LockTimeout(RuntimeError):
+    """Another run holds the partition's lock for longer than we wait."""
+
+
+def encode_partition(partition_key: str | None) -> str:
+    """A partition key as a safe path segment (hive style, URL-quoted).
+
+    Example:
+        >>> encode_partition("2026-11-24|eu")
+        '2026-11-24%7Ceu'
+    """
+    return quote(partition_key or UNPARTITIONED, safe="-_.")
+
+
+def decode_partition(segment: str) -> str:
+    """The inverse of :func:`encode_partition`."""
+    return unquote(segment)
+
+
+class BatchStorage:
+    """Paths, atomic writes and partition locks for one pipeline's files.
+
+    Example:
+        >>> store = BatchStorage("/tmp/lake", "reviews")
+        >>> store.write_json(store.manifest_path("a", 1), {"attempt": 1})
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], name: str, storage_options: dict[str, Any] | None = None
+    ) -> None:
+        self.root = UPath(str(root), **(storage_options or {}))
+        self.name = name
+        self.base = self.root / name
+
+    def __repr__(self) -> str:
+        return f"BatchStorage({str(self.base)!r})"
+
+    @property
+    def is_local(self) -> bool:
+        """True on a local file system, where rename is atomic."""
+        return self.base.protocol in ("", "file", "local")
+
+    # --- layout --------------------------------------------------------------------------
+
+    def partition_dir(self, kind: str, partition_key: str | None) -> UPath:
+        """``<base>/<kind>/partition=<p>``."""
+        return self.base / kind / f"partition={encode_partition(partition_key)}"
+
+    def manifest_path(self, partition_key: str | None, attempt: int) -> UPath:
+        """Where an attempt's manifest lives."""
+        return self.partition_dir("manifests", partition_key) / f"attempt={attempt}.json"
+
+    def attempt_file(self, kind: str, partition_key: str | None, attempt: int) -> UPath:
+        """``<kind>/partition=<p>/attempt=<n>.parquet`` (inputs, invalid)."""
+        return self.partition_dir(kind, partition_key) / f"attempt={attempt}.parquet"
+
+    def attempt_dir(self, kind: str, partition_key: str | None, attempt: int) -> UPath:
+        """``<kind>/partition=<p>/attempt=<n>/`` (requests, raw)."""
+        return self.partition_dir(kind, partition_key) / f"attempt={attempt}"
+
+    def table_path(self, kind: str, partition_key: str | None) -> UPath:
+        """The one Parquet file of a results/failed partition."""
+        return self.partition_dir(kind, partition_key) / "part-0.parquet"
+
+    def table_root(self, kind: str) -> UPath:
+        """The root of a hive-partitioned table (``results`` or ``failed``)."""
+        return self.base / kind
+
+    def relative(self, path: UPath) -> str:
+        """``path`` relative to the pipeline's base, as stored in manifests."""
+        return str(path.relative_to(self.base))
+
+    def resolve(self, relative: str) -> UPath:
+        """The inverse of :meth:`relative`."""
+        return self.base.joinpath(*relative.split("/"))
+
+    # --- discovery -----------------------------------------------------------------------
+
+    def partitions_with_manifests(self) -> list[str]:
+        """Every partition key that has at least one manifest."""
+        root = self.base / "manifests"
+        if not root.exists():
+            return []
+        keys = []
+        for child in root.iterdir():
+            if child.name.startswith("partition="):
+                keys.append(decode_partition(child.name[len("partition=") :]))
+        return sorted(keys)
+
+    def attempts(self, partition_key: str | None) -> list[int]:
+        """The attempt numbers with a manifest, ascending."""
+        folder = self.partition_dir("manifests", partition_key)
+        if not folder.exists():
+            return []
+        found = (_ATTEMPT_RE.search(p.name) for p in folder.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    # --- atomic writes -------------------------------------------------------------------
+
+    def write_bytes(self, path: UPath, data: bytes) -> None:
+        """Write a whole file so readers see the old one or the new one, never half."""
+        if self.is_local:
+            os.makedirs(os.path.dirname(path.path), exist_ok=True)
+            tmp = f"{path.path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path.path)
+        else:
+            path.fs.pipe_file(path.path, data)  # one PUT: the object appears whole
+
+    def write_json(self, path: UPath, data: dict[str, Any]) -> None:
+        """Atomically write a JSON document."""
+        self.write_bytes(path, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, path: UPath) -> dict[str, Any]:
+        """Read a JSON document."""
+        return json.loads(path.read_bytes())
+
+    def write_table(self, path: UPath, table: pa.Table) -> None:
+        """Atomically write a Parquet file (zstd)."""
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        self.write_bytes(path, sink.getvalue())
+
+    def read_table(self, path: UPath) -> pa.Table:
+        """Read one Parquet file."""
+        with path.open("rb") as fh:
+            return pq.read_table(fh)
+
+    def upload_file(self, local_path: str, dest: UPath) -> None:
+        """Copy a local file to storage, streaming, atomically."""
+        if self.is_local:
+            os.makedirs(os.path.dirname(dest.path), exist_ok=True)
+            tmp = f"{dest.path}.tmp-{uuid.uuid4().hex}"
+            with open(local_path, "rb") as src, open(tmp, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+            os.replace(tmp, dest.path)
+        else:
+            dest.fs.put_file(local_path, dest.path)
+
+    def download_file(self, path: UPath, local_path: str) -> None:
+        """Copy a stored file to local disk, streaming."""
+        with path.open("rb") as src, open(local_path, "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+
+    def delete(self, path: UPath) -> None:
+        """Remove a file if it exists."""
+        with contextlib.suppress(FileNotFoundError):
+            path.fs.rm_file(path.path)
+
+    # --- locks ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(
+        self,
+        partition_key: str | None,
+        *,
+        wait_seconds: float = 120.0,
+        stale_seconds: float = 900.0,
+    ) -> Iterator[None]:
+        """Hold the partition's lock: only one run submits or collects it at a time.
+
+        Uses an exclusive create (``O_EXCL`` locally, ``If-None-Match: *`` on S3); a lock
+        older than ``stale_seconds`` is taken to belong to a dead run and broken.
+        """
+        path = self.partition_dir("locks", partition_key) / "lock.json"
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + wait_seconds
+        while not self._try_create(path, token):
+            if self._is_stale(path, stale_seconds):
+                self.delete(path)
+                continue
+            if time.monotonic() > deadline:
+                raise LockTimeout(f"partition {partition_key!r} is locked by another run ({path})")
+            time.sleep(0.2)
+        try:
+            yield
+        finally:
+            self.delete(path)
+
+    def _try_create(self, path: UPath, token: str) -> bool:
+        body = json.dumps({"token": token, "created": time.time()}).encode()
+        try:
+            if self.is_local:
+                os.makedirs(os.path.dirname(path.path), exist_ok=True)
+                with open(path.path, "xb") as fh:
+                    fh.write(body)
+            else:
+                path.fs.pipe_file(path.path, body, mode="create")
+        except (FileExistsError, OSError) as exc:
+            if isinstance(exc, FileExistsError) or "PreconditionFailed" in repr(exc):
+                return False
+            raise
+        return True
+
+    def _is_stale(self, path: UPath, stale_seconds: float) -> bool:
+        try:
+            created = float(json.loads(path.read_bytes()).get("created", 0))
+        except (FileNotFoundError, ValueError):
+            return False
+        return time.time() - created > stale_seconds

@@ -1,0 +1,210 @@
+"""SUBMIT: prepared chunks -> batches, recorded in a manifest, never paid for twice.
+
+Under the partition's lock: an attempt whose rendered requests have the same fingerprint is
+reused; otherwise the intent (manifest, state ``submitting``) is written before any paid call
+and updated after each batch is created, so a crash leaves a record to resume from.
+
+Example:
+    >>> outcome = submit_prepared(client, storage, prepared, spec=spec, partition_key="p1")
+    >>> outcome.manifest.batch_ids, outcome.reused
+    (['batch_abc'], False)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from .client import InfronClient
+from .errors import InfronError
+from .manifest import ChunkRecord, Manifest, now_iso
+from .prepare import PreparedRequests
+from .spec import RequestSpec
+from .storage import BatchStorage
+
+__all__ = ["SubmitOutcome", "load_manifests", "submit_prepared"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SubmitOutcome:
+    """What a submission did: the manifest, and which batches were created or reused."""
+
+    manifest: Manifest
+    created: list[str] = field(default_factory=list)
+    reattached: list[str] = field(default_factory=list)
+    reused: bool = False
+
+
+def load_manifests(storage: BatchStorage, partition_key: str | None) -> list[Manifest]:
+    """Every manifest of a partition, by attempt ascending."""
+    return [
+        Manifest.from_dict(storage.read_json(storage.manifest_path(partition_key, attempt)))
+        for attempt in storage.attempts(partition_key)
+    ]
+
+
+def submit_prepared(
+    client: InfronClient,
+    storage: BatchStorage,
+    prepared: PreparedRequests,
+    *,
+    spec: RequestSpec,
+    partition_key: str | None,
+    kind: str = "initial",
+    force: bool = False,
+    run_id: str | None = None,
+) -> SubmitOutcome:
+    """Create (or reuse) the batches for one partition's prepared requests."""
+    with storage.lock(partition_key):
+        manifests = load_manifests(storage, partition_key)
+        match = None if force else _reusable(manifests, prepared.fingerprint, kind)
+        if match is not None and match.fully_submitted:
+            return SubmitOutcome(manifest=match, reused=True)
+        if match is not None:
+            return _resume(client, storage, match)
+        if not prepared.chunks and not prepared.invalid.num_rows and kind == "retry":
+            raise ValueError("nothing to retry")
+        manifest = _new_manifest(storage, manifests, prepared, spec, partition_key, kind, run_id)
+        _stage(storage, prepared, manifest)
+        local = {c.index: c.path for c in prepared.chunks}
+        return _create_batches(client, storage, manifest, local, SubmitOutcome(manifest))
+
+
+def _reusable(manifests: list[Manifest], fingerprint: str, kind: str) -> Manifest | None:
+    """The attempt that already holds these exact requests, if paying again is not needed."""
+    for manifest in reversed(manifests):
+        if manifest.fingerprint != fingerprint or manifest.state == "abandoned":
+            continue
+        if kind != manifest.kind:
+            continue
+        if kind == "retry" and manifest.state == "collected":
+            return None  # the same rows failed again: a new attempt is the point of retrying
+        return manifest
+    return None
+
+
+def _new_manifest(
+    storage: BatchStorage,
+    manifests: list[Manifest],
+    prepared: PreparedRequests,
+    spec: RequestSpec,
+    partition_key: str | None,
+    kind: str,
+    run_id: str | None,
+) -> Manifest:
+    attempt = max((m.attempt for m in manifests), default=0) + 1
+    initial = [m for m in manifests if m.kind == "initial"]
+    base = initial[-1].attempt if kind == "retry" and initial else attempt
+    requests_dir = storage.relative(storage.attempt_dir("requests", partition_key, attempt))
+    chunks = [
+        ChunkRecord(
+            index=c.index,
+            path=f"{requests_dir}/{os.path.basename(c.path)}",
+            requests=c.requests,
+            bytes=c.bytes,
+            idempotency_key=f"{storage.name}/{partition_key or ''}/{attempt}/{c.index}",
+        )
+        for c in prepared.chunks
+    ]
+    return Manifest(
+        name=storage.name,
+        partition_key=partition_key,
+        attempt=attempt,
+        fingerprint=prepared.fingerprint,
+        api_style="",
+        endpoint=spec.endpoint,
+        model=spec.model,
+        kind="retry" if kind == "retry" else "initial",
+        base_attempt=base,
+        row_count=prepared.valid.num_rows + prepared.invalid.num_rows,
+        invalid_count=prepared.invalid.num_rows,
+        estimated_input_tokens=prepared.estimated_input_tokens,
+        chunks=chunks,
+        run_id=run_id,
+    )
+
+
+def _stage(storage: BatchStorage, prepared: PreparedRequests, manifest: Manifest) -> None:
+    """Write inputs, invalid rows and request files, then the intent: all before paying."""
+    key, attempt = manifest.partition_key, manifest.attempt
+    storage.write_table(storage.attempt_file("inputs", key, attempt), prepared.valid)
+    storage.write_table(storage.attempt_file("invalid", key, attempt), prepared.invalid)
+    for chunk, record in zip(prepared.chunks, manifest.chunks, strict=True):
+        storage.upload_file(chunk.path, storage.resolve(record.path))
+    if not manifest.chunks:
+        manifest.state = "submitted"
+        manifest.submitted_at = now_iso()
+    storage.write_json(storage.manifest_path(key, attempt), manifest.to_dict())
+
+
+def _resume(client: InfronClient, storage: BatchStorage, manifest: Manifest) -> SubmitOutcome:
+    """Finish an attempt a crashed run left half-submitted, re-attaching orphan batches."""
+    outcome = SubmitOutcome(manifest=manifest)
+    if client.api_style == "openai":
+        orphans = _orphans_by_key(client, {c.idempotency_key for c in manifest.chunks})
+        for chunk in manifest.chunks:
+            if not chunk.batch_id and chunk.idempotency_key in orphans:
+                chunk.batch_id = orphans[chunk.idempotency_key]
+                outcome.reattached.append(chunk.batch_id)
+        _save(storage, manifest)
+    with tempfile.TemporaryDirectory(prefix="infron-resume-") as tmp:
+        local = {}
+        for chunk in manifest.chunks:
+            if not chunk.batch_id:
+                local[chunk.index] = os.path.join(tmp, f"chunk-{chunk.index:05d}.jsonl")
+                storage.download_file(storage.resolve(chunk.path), local[chunk.index])
+        return _create_batches(client, storage, manifest, local, outcome)
+
+
+def _orphans_by_key(client: InfronClient, keys: set[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for batch in client.list_batches():
+        key = batch.metadata.get("infron_dagster_key")
+        if key in keys and key not in found:
+            found[key] = batch.id
+    return found
+
+
+def _create_batches(
+    client: InfronClient,
+    storage: BatchStorage,
+    manifest: Manifest,
+    local_paths: dict[int, str],
+    outcome: SubmitOutcome,
+) -> SubmitOutcome:
+    manifest.api_style = manifest.api_style or client.api_style
+    for chunk in manifest.chunks:
+        if chunk.batch_id:
+            continue
+        metadata = {
+            "infron_dagster_key": chunk.idempotency_key,
+            "fingerprint": manifest.fingerprint[:16],
+        }
+        try:
+            batch = client.create_batch(
+                local_paths[chunk.index], endpoint=manifest.endpoint, metadata=metadata
+            )
+        except InfronError:
+            _save(storage, manifest)  # what was created so far stays on record
+            raise
+        chunk.batch_id, chunk.status = batch.id, batch.status.value
+        outcome.created.append(batch.id)
+        _save(storage, manifest)
+        logger.info(
+            "created batch %s for chunk %d (%d requests)", batch.id, chunk.index, chunk.requests
+        )
+    manifest.state = "submitted"
+    manifest.submitted_at = manifest.submitted_at or now_iso()
+    _save(storage, manifest)
+    outcome.manifest = manifest
+    return outcome
+
+
+def _save(storage: BatchStorage, manifest: Manifest) -> None:
+    storage.write_json(
+        storage.manifest_path(manifest.partition_key, manifest.attempt), manifest.to_dict()
+    )
