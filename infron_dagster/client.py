@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -188,13 +189,22 @@ class InfronClient:
             }
             data = self._json("create batch", "POST", "/batches", json=payload)
             return Batch.from_openai(data)
-        data = self._json(
-            "create batch",
-            "POST",
-            "/batches",
-            content=lambda: _infron_body(requests_path),
-            headers={"Content-Type": "application/json"},
-        )
+        # A file, not a generator: its length is known, so no chunked upload is needed.
+        with tempfile.TemporaryFile() as body:
+            for part in _infron_body(requests_path):
+                body.write(part)
+
+            def rewind() -> IO[bytes]:
+                body.seek(0)
+                return body
+
+            data = self._json(
+                "create batch",
+                "POST",
+                "/batches",
+                content=rewind,
+                headers={"Content-Type": "application/json"},
+            )
         return Batch.from_infron(data)
 
     def retrieve_batch(self, batch_id: str) -> Batch:
@@ -339,7 +349,7 @@ class InfronClient:
         *,
         http: httpx.Client | None = None,
         stream: bool = False,
-        content: Callable[[], Iterator[bytes]] | None = None,
+        content: Callable[[], Iterator[bytes] | IO[bytes]] | None = None,
         files: Callable[[], dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:

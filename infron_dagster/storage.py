@@ -26,7 +26,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote, unquote
 
 import pyarrow as pa
@@ -148,6 +148,23 @@ class BatchStorage:
             os.replace(tmp, path.path)
         else:
             path.fs.pipe_file(path.path, data)  # one PUT: the object appears whole
+
+    @contextlib.contextmanager
+    def open_write(self, path: UPath) -> Iterator[IO[bytes]]:
+        """A binary file to stream into; it appears at ``path`` only when complete."""
+        if not self.is_local:
+            with path.open("wb") as fh:  # an object store PUTs the object on close
+                yield fh
+            return
+        os.makedirs(os.path.dirname(path.path), exist_ok=True)
+        tmp = f"{path.path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as fh:
+                yield fh
+            os.replace(tmp, path.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
 
     def write_json(self, path: UPath, data: dict[str, Any]) -> None:
         """Atomically write a JSON document."""

@@ -1,0 +1,453 @@
+"""The Dagster side: one factory that builds the submit asset, the collect assets, the sensor
+and the retry job of a batch inference pipeline.
+
+Example:
+    >>> import dagster as dg
+    >>> pipeline = build_infron_batch_assets(
+    ...     name="review_sentiment",
+    ...     spec=RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of: {text}",
+    ...                      key_columns=("review_id",)),
+    ...     source=dg.AssetKey("reviews"),
+    ...     partitions_def=dg.DailyPartitionsDefinition(start_date="2026-11-01"),
+    ...     storage_root="s3://lake/llm",
+    ... )
+    >>> defs = dg.Definitions.merge(pipeline.definitions, dg.Definitions(
+    ...     resources={"infron": InfronResource(api_key=dg.EnvVar("INFRON_API_KEY"))}))
+"""
+
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .collect import CollectOutcome, active_attempts, collect_partition
+from .prepare import CUSTOM_ID, DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUESTS, prepare_requests
+from .resources import InfronResource
+from .sensor import build_infron_batch_sensor
+from .sources import ParquetSource
+from .spec import RequestSpec
+from .storage import BatchStorage
+from .submit import SubmitOutcome, load_manifests, submit_prepared
+
+__all__ = ["InfronBatchPipeline", "build_infron_batch_assets"]
+
+KINDS = {"infron"}
+
+
+class SubmitConfig(dg.Config):
+    """Run config of ``<name>_batches``."""
+
+    force_resubmit: bool = False
+    retry_failed: bool = False
+
+
+class CollectConfig(dg.Config):
+    """Run config of ``<name>_results`` / ``<name>_failed``."""
+
+    wait_seconds: float = 60.0
+    poll_interval_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class InfronBatchPipeline:
+    """Everything one pipeline defines; ``definitions`` puts it all in a ``dg.Definitions``.
+
+    Example:
+        >>> pipeline.batches_asset.key
+        AssetKey(['review_sentiment_batches'])
+    """
+
+    name: str
+    batches_asset: dg.AssetsDefinition
+    collect_assets: dg.AssetsDefinition
+    sensor: dg.SensorDefinition
+    retry_job: Any  # what dg.define_asset_job returns (an unresolved asset job)
+    storage: BatchStorage
+
+    @property
+    def results_key(self) -> dg.AssetKey:
+        return dg.AssetKey(f"{self.name}_results")
+
+    @property
+    def failed_key(self) -> dg.AssetKey:
+        return dg.AssetKey(f"{self.name}_failed")
+
+    @property
+    def definitions(self) -> dg.Definitions:
+        """The assets, sensor and job, ready to merge with your resources."""
+        return dg.Definitions(
+            assets=[self.batches_asset, self.collect_assets],
+            sensors=[self.sensor],
+            jobs=[self.retry_job],
+        )
+
+
+def build_infron_batch_assets(
+    *,
+    name: str,
+    spec: RequestSpec,
+    source: dg.AssetKey | str | ParquetSource,
+    partitions_def: dg.PartitionsDefinition | None = None,
+    storage_root: str = ".infron_data/lake",
+    storage_options: dict[str, Any] | None = None,
+    keep_columns: Sequence[str] | None = None,
+    max_requests_per_batch: int = DEFAULT_MAX_REQUESTS,
+    max_bytes_per_batch: int = DEFAULT_MAX_BYTES,
+    max_attempts: int = 3,
+    max_failure_rate: float = 0.05,
+    resource_key: str = "infron",
+    group_name: str | None = None,
+    sensor_interval_seconds: int = 30,
+    sensor_default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
+) -> InfronBatchPipeline:
+    """Build ``<name>_batches``, ``<name>_results``/``<name>_failed``, ``<name>_sensor`` and
+    ``<name>_retry`` for one batch inference step.
+
+    ``source`` is an upstream asset (its DataFrame or Arrow table for the partition is loaded
+    by its IO manager) or a :class:`ParquetSource`.
+    """
+    storage = BatchStorage(storage_root, name, storage_options)
+    settings = _Settings(
+        name,
+        spec,
+        storage,
+        keep_columns,
+        max_requests_per_batch,
+        max_bytes_per_batch,
+        max_attempts,
+        max_failure_rate,
+        resource_key,
+    )
+    batches = _batches_asset(settings, source, partitions_def, group_name)
+    collect = _collect_assets(settings, batches.key, partitions_def, group_name)
+    results_key, failed_key = dg.AssetKey(f"{name}_results"), dg.AssetKey(f"{name}_failed")
+    sensor = build_infron_batch_sensor(
+        name=name,
+        storage=storage,
+        collect_keys=[results_key, failed_key],
+        resource_key=resource_key,
+        partitioned=partitions_def is not None,
+        minimum_interval_seconds=sensor_interval_seconds,
+        default_status=sensor_default_status,
+    )
+    retry_job = dg.define_asset_job(
+        f"{name}_retry",
+        selection=[batches.key],
+        partitions_def=partitions_def,
+        config={"ops": {batches.op.name: {"config": {"retry_failed": True}}}},
+        description=f"Resubmit the retryable failed rows of {name} as a new attempt.",
+    )
+    return InfronBatchPipeline(name, batches, collect, sensor, retry_job, storage)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    name: str
+    spec: RequestSpec
+    storage: BatchStorage
+    keep_columns: Sequence[str] | None
+    max_requests: int
+    max_bytes: int
+    max_attempts: int
+    max_failure_rate: float
+    resource_key: str
+
+
+# --- submit ------------------------------------------------------------------------------
+
+
+def _batches_asset(
+    s: _Settings,
+    source: dg.AssetKey | str | ParquetSource,
+    partitions_def: dg.PartitionsDefinition | None,
+    group_name: str | None,
+) -> dg.AssetsDefinition:
+    upstream = None if isinstance(source, ParquetSource) else dg.AssetKey.from_coercible(source)
+    ins = {"rows": dg.AssetIn(key=upstream)} if upstream is not None else {}
+    description = (
+        f"Submits {s.spec.endpoint} requests for {s.name} to the batch API "
+        f"(model {s.spec.model}); never pays twice for the same rendered requests."
+    )
+
+    def run(
+        context: dg.AssetExecutionContext, config: SubmitConfig, rows: Any
+    ) -> dg.MaterializeResult:
+        key = context.partition_key if context.has_partition_key else None
+        resource: InfronResource = getattr(context.resources, s.resource_key)
+        kind = "retry" if config.retry_failed else "initial"
+        if config.retry_failed:
+            rows = _retry_rows(s, key)
+        elif rows is None:
+            assert isinstance(source, ParquetSource)
+            rows = source.read(key)
+        outcome = _prepare_and_submit(
+            s, resource, rows, key, kind, config.force_resubmit, context.run_id
+        )
+        return dg.MaterializeResult(metadata=_submit_metadata(outcome, resource))
+
+    decorator = dg.asset(
+        name=f"{s.name}_batches",
+        ins=ins,
+        partitions_def=partitions_def,
+        kinds=KINDS,
+        group_name=group_name,
+        required_resource_keys={s.resource_key},
+        description=description,
+    )
+    if upstream is None:
+
+        def _from_storage(
+            context: dg.AssetExecutionContext, config: SubmitConfig
+        ) -> dg.MaterializeResult:
+            return run(context, config, None)
+
+        return decorator(_from_storage)
+
+    def _from_upstream(
+        context: dg.AssetExecutionContext, config: SubmitConfig, rows: Any
+    ) -> dg.MaterializeResult:
+        return run(context, config, rows)
+
+    return decorator(_from_upstream)
+
+
+def _prepare_and_submit(
+    s: _Settings,
+    resource: InfronResource,
+    rows: Any,
+    key: str | None,
+    kind: str,
+    force: bool,
+    run_id: str,
+) -> SubmitOutcome:
+    with tempfile.TemporaryDirectory(prefix="infron-prepare-") as workdir:
+        prepared = prepare_requests(
+            rows,
+            s.spec,
+            name=s.name,
+            partition_key=key,
+            workdir=workdir,
+            max_requests_per_batch=s.max_requests,
+            max_bytes_per_batch=s.max_bytes,
+        )
+        with resource.get_client() as client:
+            return submit_prepared(
+                client,
+                s.storage,
+                prepared,
+                spec=s.spec,
+                partition_key=key,
+                kind=kind,
+                force=force,
+                run_id=run_id,
+            )
+
+
+def _retry_rows(s: _Settings, key: str | None) -> pa.Table:
+    attempts = active_attempts(load_manifests(s.storage, key))
+    if not attempts:
+        raise dg.Failure(
+            f"partition {key!r} of {s.name} has never been submitted; nothing to retry"
+        )
+    if attempts[-1].state != "collected":
+        raise dg.Failure(
+            f"attempt {attempts[-1].attempt} of partition {key!r} is not collected yet; "
+            "retry once the sensor has collected it"
+        )
+    if len(attempts) >= s.max_attempts:
+        raise dg.Failure(
+            f"partition {key!r} already had {len(attempts)} of max_attempts={s.max_attempts}"
+        )
+    failed = s.storage.read_table(s.storage.table_path("failed", key))
+    retry_ids = pc.filter(failed.column(CUSTOM_ID), failed.column("retryable"))
+    inputs = s.storage.read_table(s.storage.attempt_file("inputs", key, attempts[0].attempt))
+    rows = inputs.filter(pc.is_in(inputs.column(CUSTOM_ID), value_set=retry_ids))
+    if not rows.num_rows:
+        raise dg.Failure(f"partition {key!r} of {s.name} has no retryable failed rows")
+    return rows.drop_columns([CUSTOM_ID])
+
+
+def _submit_metadata(outcome: SubmitOutcome, resource: InfronResource) -> dict[str, Any]:
+    m = outcome.manifest
+    return {
+        "dagster/row_count": m.row_count,
+        "valid_rows": m.row_count - m.invalid_count,
+        "invalid_rows": m.invalid_count,
+        "chunks": len(m.chunks),
+        "batch_ids": dg.MetadataValue.json(m.batch_ids),
+        "batches_created": len(outcome.created),
+        "batches_reattached": len(outcome.reattached),
+        "reused_existing_batches": outcome.reused,
+        "attempt": m.attempt,
+        "attempt_kind": m.kind,
+        "api_style": m.api_style or resource.api_style,
+        "local_server": resource.is_local,
+        "estimated_input_tokens": m.estimated_input_tokens,
+        "fingerprint": m.fingerprint[:16],
+    }
+
+
+# --- collect -----------------------------------------------------------------------------
+
+
+def _collect_assets(
+    s: _Settings,
+    batches_key: dg.AssetKey,
+    partitions_def: dg.PartitionsDefinition | None,
+    group_name: str | None,
+) -> dg.AssetsDefinition:
+    results_key, failed_key = dg.AssetKey(f"{s.name}_results"), dg.AssetKey(f"{s.name}_failed")
+    specs = [
+        dg.AssetSpec(
+            results_key,
+            deps=[batches_key],
+            kinds={"infron", "parquet"},
+            partitions_def=partitions_def,
+            group_name=group_name,
+            description=f"Successful responses of {s.name}, hive-partitioned Parquet.",
+        ),
+        dg.AssetSpec(
+            failed_key,
+            deps=[batches_key],
+            kinds={"infron", "parquet"},
+            partitions_def=partitions_def,
+            group_name=group_name,
+            description=f"Rows of {s.name} that failed, with error_code and retryable.",
+        ),
+    ]
+    checks = [
+        dg.AssetCheckSpec(
+            "completeness",
+            asset=results_key,
+            description="results + failed rows equal the input rows",
+        ),
+        dg.AssetCheckSpec(
+            "failure_rate",
+            asset=failed_key,
+            description=f"at most {s.max_failure_rate:.0%} of rows failed",
+        ),
+    ]
+
+    @dg.multi_asset(
+        name=f"{s.name}_collect",
+        specs=specs,
+        check_specs=checks,
+        required_resource_keys={s.resource_key},
+        can_subset=False,
+    )
+    def _collect(context: dg.AssetExecutionContext, config: CollectConfig):
+        key = context.partition_key if context.has_partition_key else None
+        resource: InfronResource = getattr(context.resources, s.resource_key)
+        outcome = _collect_waiting(s, resource, key, config, context)
+        yield from _collect_results(s, key, outcome, results_key, failed_key)
+
+    return _collect
+
+
+def _collect_waiting(
+    s: _Settings,
+    resource: InfronResource,
+    key: str | None,
+    config: CollectConfig,
+    context: dg.AssetExecutionContext,
+) -> CollectOutcome:
+    deadline = time.monotonic() + config.wait_seconds
+    with resource.get_client() as client:
+        while True:
+            outcome = collect_partition(client, s.storage, s.spec, key, keep_columns=s.keep_columns)
+            if outcome.ready:
+                return outcome
+            if time.monotonic() >= deadline:
+                raise dg.RetryRequested(max_retries=10, seconds_to_wait=60)
+            context.log.info(f"waiting on {len(outcome.waiting_on)} batch(es) of {key!r}")
+            time.sleep(config.poll_interval_seconds)
+
+
+def _collect_results(
+    s: _Settings,
+    key: str | None,
+    outcome: CollectOutcome,
+    results_key: dg.AssetKey,
+    failed_key: dg.AssetKey,
+):
+    assert outcome.results is not None and outcome.failed is not None
+    ok, bad = outcome.results.num_rows, outcome.failed.num_rows
+    common = {
+        "attempts": dg.MetadataValue.json(outcome.attempts),
+        "input_rows": outcome.input_rows,
+        "succeeded": ok,
+        "failed": bad,
+        "unparseable_lines": outcome.report.unparseable,
+        "duplicate_lines": outcome.report.duplicates,
+        "unknown_custom_ids": outcome.report.unknown_ids,
+    }
+    tokens = outcome.tokens
+    yield dg.MaterializeResult(
+        asset_key=results_key,
+        metadata={
+            **common,
+            "dagster/row_count": ok,
+            "dagster/uri": str(s.storage.table_path("results", key)),
+            "table_root": str(s.storage.table_root("results")),
+            **tokens,
+            **({"cost": outcome.cost} if outcome.cost is not None else {}),
+            "summary": dg.MetadataValue.md(_summary_md(key, outcome)),
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key=failed_key,
+        metadata={
+            **common,
+            "dagster/row_count": bad,
+            "dagster/uri": str(s.storage.table_path("failed", key)),
+            "error_codes": dg.MetadataValue.json(outcome.error_counts),
+            "retryable": int(pc.sum(outcome.failed.column("retryable")).as_py() or 0) if bad else 0,
+        },
+    )
+    yield _completeness_check(s, key, outcome, results_key)
+    rate = bad / outcome.input_rows if outcome.input_rows else 0.0
+    yield dg.AssetCheckResult(
+        asset_key=failed_key,
+        check_name="failure_rate",
+        passed=rate <= s.max_failure_rate,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"failure_rate": rate, "threshold": s.max_failure_rate},
+    )
+
+
+def _completeness_check(
+    s: _Settings, key: str | None, outcome: CollectOutcome, results_key: dg.AssetKey
+) -> dg.AssetCheckResult:
+    """Re-read what was written: every input row is in exactly one of the two files."""
+    written_ok = s.storage.read_table(s.storage.table_path("results", key)).column(CUSTOM_ID)
+    written_bad = s.storage.read_table(s.storage.table_path("failed", key)).column(CUSTOM_ID)
+    ids = pd.Series(written_ok.to_pylist() + written_bad.to_pylist(), dtype="object")
+    passed = len(ids) == outcome.input_rows and ids.is_unique
+    return dg.AssetCheckResult(
+        asset_key=results_key,
+        check_name="completeness",
+        passed=passed,
+        metadata={
+            "input_rows": outcome.input_rows,
+            "accounted_rows": len(ids),
+            "duplicated_rows": int(ids.duplicated().sum()),
+        },
+    )
+
+
+def _summary_md(key: str | None, outcome: CollectOutcome) -> str:
+    lines = [
+        f"**Partition** `{key or '-'}` — attempts {outcome.attempts}",
+        "",
+        "| outcome | rows |",
+        "|---|---|",
+        f"| succeeded | {outcome.results.num_rows if outcome.results is not None else 0} |",
+    ]
+    lines += [f"| failed: {code} | {n} |" for code, n in sorted(outcome.error_counts.items())]
+    return "\n".join(lines)
