@@ -1,1 +1,83 @@
-"""infron-dagster: LLM batch inference in Dagster."""
+"""infron-dagster: LLM batch inference in Dagster, through Infron's Batch API or any
+OpenAI-compatible batch API, at batch prices, without held workers or paying twice.
+
+Example:
+    >>> import dagster as dg
+    >>> from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
+    >>> pipeline = build_infron_batch_assets(
+    ...     name="review_sentiment",
+    ...     spec=RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of: {text}",
+    ...                      key_columns=("review_id",)),
+    ...     source=dg.AssetKey("reviews"),
+    ...     partitions_def=dg.DailyPartitionsDefinition(start_date="2026-11-01"),
+    ... )
+    >>> infron = InfronResource(api_key=dg.EnvVar("INFRON_API_KEY"))
+    >>> defs = dg.Definitions.merge(
+    ...     pipeline.definitions, dg.Definitions(resources={"infron": infron})
+    ... )
+"""
+
+from .assets import CollectConfig, InfronBatchPipeline, SubmitConfig, build_infron_batch_assets
+from .client import DEFAULT_BASE_URL, InfronClient, ResultFile, RetryPolicy
+from .collect import CollectOutcome, collect_partition
+from .errors import (
+    InfronAuthError,
+    InfronBadRequestError,
+    InfronConnectionError,
+    InfronError,
+    InfronInsufficientCreditsError,
+    InfronNotFoundError,
+    InfronProtocolError,
+    InfronRateLimitError,
+    InfronServerError,
+)
+from .manifest import ChunkRecord, Manifest
+from .models import ApiStyle, Batch, BatchStatus, normalise_status
+from .prepare import InputError, PreparedRequests, make_custom_id, prepare_requests
+from .resources import InfronResource
+from .sensor import build_infron_batch_sensor
+from .sources import ParquetSource
+from .spec import RequestSpec
+from .storage import BatchStorage
+from .submit import SubmitOutcome, submit_prepared
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "ApiStyle",
+    "Batch",
+    "BatchStatus",
+    "BatchStorage",
+    "ChunkRecord",
+    "CollectConfig",
+    "CollectOutcome",
+    "InfronAuthError",
+    "InfronBadRequestError",
+    "InfronBatchPipeline",
+    "InfronClient",
+    "InfronConnectionError",
+    "InfronError",
+    "InfronInsufficientCreditsError",
+    "InfronNotFoundError",
+    "InfronProtocolError",
+    "InfronRateLimitError",
+    "InfronResource",
+    "InfronServerError",
+    "InputError",
+    "Manifest",
+    "ParquetSource",
+    "PreparedRequests",
+    "RequestSpec",
+    "ResultFile",
+    "RetryPolicy",
+    "SubmitConfig",
+    "SubmitOutcome",
+    "build_infron_batch_assets",
+    "build_infron_batch_sensor",
+    "collect_partition",
+    "make_custom_id",
+    "normalise_status",
+    "prepare_requests",
+    "submit_prepared",
+]

@@ -1,0 +1,149 @@
+"""Shared fixtures: a local server folder with instant timing, a served local server,
+and moto's S3 server. Everything is real: real HTTP, real files, real Dagster instances."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from infron_dagster.local import LocalServerConfig, save_config
+from infron_dagster.resources import InfronResource
+
+INSTANT = {"validating_seconds": 0.0, "in_progress_seconds": 0.0, "finalizing_seconds": 0.0}
+
+
+def make_local_dir(path: str, **knobs: object) -> str:
+    """A local-server state folder whose config (saved on disk) is instant plus ``knobs``."""
+    os.makedirs(path, exist_ok=True)
+    save_config(path, LocalServerConfig(**{**INSTANT, **knobs}))
+    return path
+
+
+@pytest.fixture
+def local_dir(tmp_path) -> str:
+    """An instant, fault-free local server folder."""
+    return make_local_dir(str(tmp_path / "local"))
+
+
+@pytest.fixture(params=["infron", "openai"])
+def api_style(request) -> str:
+    """Run a test once per wire style."""
+    return request.param
+
+
+@pytest.fixture
+def resource(local_dir, api_style) -> InfronResource:
+    """An InfronResource on the embedded local server, in the parametrised style."""
+    return InfronResource(base_url=f"local://{local_dir}", api_style=api_style, max_retries=3)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Served:
+    base_url: str
+    data_dir: str
+    api_key: str
+    process: subprocess.Popen
+
+
+@pytest.fixture
+def served_local(tmp_path) -> Iterator[Served]:
+    """``infron-local serve`` as a real process on a free port, with an API key."""
+    data_dir = str(tmp_path / "served")
+    key = "sk-test-served-123456"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "infron_dagster.local.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--data-dir",
+            data_dir,
+            "--api-key",
+            key,
+            "--validating-seconds",
+            "0",
+            "--in-progress-seconds",
+            "0",
+            "--finalizing-seconds",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    match = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)
+    if not match:
+        proc.kill()
+        raise RuntimeError(f"infron-local did not start: {line!r}")
+    try:
+        yield Served(match.group(1), data_dir, key, proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@dataclass
+class S3:
+    endpoint_url: str
+    bucket: str
+
+    @property
+    def storage_options(self) -> dict[str, object]:
+        return {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": "us-east-1"},
+        }
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[S3]:
+    """moto's S3 server as a real HTTP endpoint on a free port, with one bucket."""
+    port = free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.1)
+    import s3fs
+
+    # No region here: s3fs would send it as a LocationConstraint, which us-east-1 refuses.
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": url})
+    fs.mkdir("lake")
+    try:
+        yield S3(url, "lake")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
