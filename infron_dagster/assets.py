@@ -92,7 +92,7 @@ def build_infron_batch_assets(
     *,
     name: str,
     spec: RequestSpec,
-    source: dg.AssetKey | str | ParquetSource,
+    source: dg.AssetKey | str | dg.AssetsDefinition | ParquetSource,
     partitions_def: dg.PartitionsDefinition | None = None,
     storage_root: str = ".infron_data/lake",
     storage_options: dict[str, Any] | None = None,
@@ -164,11 +164,11 @@ class _Settings:
 
 def _batches_asset(
     s: _Settings,
-    source: dg.AssetKey | str | ParquetSource,
+    source: dg.AssetKey | str | dg.AssetsDefinition | ParquetSource,
     partitions_def: dg.PartitionsDefinition | None,
     group_name: str | None,
 ) -> dg.AssetsDefinition:
-    upstream = None if isinstance(source, ParquetSource) else dg.AssetKey.from_coercible(source)
+    upstream = _upstream_key(source)
     ins = {"rows": dg.AssetIn(key=upstream)} if upstream is not None else {}
     description = (
         f"Submits {s.spec.endpoint} requests for {s.name} to the batch API "
@@ -215,6 +215,14 @@ def _batches_asset(
         return run(context, config, rows)
 
     return decorator(_from_upstream)
+
+
+def _upstream_key(source: Any) -> dg.AssetKey | None:
+    if isinstance(source, ParquetSource):
+        return None
+    if isinstance(source, (dg.AssetsDefinition, dg.AssetSpec)):
+        return source.key
+    return dg.AssetKey.from_coercible(source)
 
 
 def _prepare_and_submit(

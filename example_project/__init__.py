@@ -1,0 +1,1 @@
+"""An example daily pipeline: product reviews classified and embedded through batch inference."""

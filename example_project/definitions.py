@@ -1,0 +1,112 @@
+"""The example project's Dagster definitions: ``dagster dev -m example_project.definitions``.
+
+Configuration comes from the environment:
+
+- ``INFRON_API_KEY``: use real Infron (otherwise the embedded local server, no network).
+- ``INFRON_BASE_URL`` / ``INFRON_API_STYLE``: point at another OpenAI-compatible batch API.
+- ``INFRON_STORAGE_ROOT``: where results go (``s3://bucket/prefix`` works), default
+  ``.infron_data/lake``.
+"""
+
+import os
+
+import dagster as dg
+import pandas as pd
+
+from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
+from infron_dagster.local import LocalServerConfig, load_config, save_config
+from infron_dagster.resources import default_local_dir
+
+from .data import reviews_for_day
+
+daily = dg.DailyPartitionsDefinition(start_date="2026-11-01", end_offset=0)
+STORAGE_ROOT = os.environ.get("INFRON_STORAGE_ROOT", os.path.abspath(".infron_data/lake"))
+
+SENTIMENT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"type": "string", "enum": ["positive", "neutral", "negative"]},
+        "topic": {"type": "string", "enum": ["quality", "shipping", "sizing", "price", "other"]},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+    "required": ["sentiment", "topic", "confidence"],
+    "additionalProperties": False,
+}
+
+
+@dg.asset(partitions_def=daily, kinds={"pandas"}, group_name="reviews")
+def reviews(context: dg.AssetExecutionContext) -> pd.DataFrame:
+    """The day's product reviews (generated deterministically for the example)."""
+    frame = reviews_for_day(context.partition_key)
+    context.add_output_metadata({"dagster/row_count": len(frame)})
+    return frame
+
+
+review_sentiment = build_infron_batch_assets(
+    name="review_sentiment",
+    spec=RequestSpec(
+        model=os.environ.get("INFRON_CHAT_MODEL", "gpt-4o-mini"),
+        system_prompt="You label product reviews. Answer with JSON only.",
+        prompt_template="Product: {product}\nStars: {stars}\nReview: {review_text}",
+        key_columns=("review_id",),
+        params={"temperature": 0, "max_tokens": 200},
+        response_schema=SENTIMENT_SCHEMA,
+        schema_name="review_label",
+    ),
+    source=reviews,
+    partitions_def=daily,
+    storage_root=STORAGE_ROOT,
+    keep_columns=["review_id", "product", "stars"],
+    max_requests_per_batch=100,
+    max_failure_rate=0.1,
+    group_name="reviews",
+)
+
+review_embeddings = build_infron_batch_assets(
+    name="review_embeddings",
+    spec=RequestSpec(
+        model=os.environ.get("INFRON_EMBEDDING_MODEL", "text-embedding-3-small"),
+        endpoint="/v1/embeddings",
+        prompt_template="{review_text}",
+        key_columns=("review_id",),
+    ),
+    source=reviews,
+    partitions_def=daily,
+    storage_root=STORAGE_ROOT,
+    keep_columns=["review_id", "product"],
+    max_failure_rate=0.1,
+    group_name="reviews",
+)
+
+
+def infron_resource() -> InfronResource:
+    """Real Infron with a key, otherwise the embedded local server with a small failure rate."""
+    style = os.environ.get("INFRON_API_STYLE", "infron")
+    if os.environ.get("INFRON_API_KEY"):
+        return InfronResource(
+            api_key=dg.EnvVar("INFRON_API_KEY"),
+            base_url=os.environ.get("INFRON_BASE_URL") or None,
+            api_style=style,  # type: ignore[arg-type]
+        )
+    base_url = os.environ.get("INFRON_BASE_URL") or None
+    if base_url is None:
+        local_dir = default_local_dir()
+        if load_config(local_dir) is None:  # first use: a little realism for the demo
+            os.makedirs(local_dir, exist_ok=True)
+            save_config(
+                local_dir,
+                LocalServerConfig(
+                    validating_seconds=1,
+                    in_progress_seconds=3,
+                    finalizing_seconds=1,
+                    failure_rate=0.04,
+                ),
+            )
+    return InfronResource(base_url=base_url, api_style=style)  # type: ignore[arg-type]
+
+
+defs = dg.Definitions.merge(
+    review_sentiment.definitions,
+    review_embeddings.definitions,
+    dg.Definitions(assets=[reviews], resources={"infron": infron_resource()}),
+)
