@@ -85,7 +85,8 @@ def build_tables(
     outcomes = [final.get(cid) for cid in ids]
     structured = _structured_outputs(outcomes, spec)
     ok_rows = [i for i, f in enumerate(outcomes) if f and f.outcome.ok and i not in structured.bad]
-    bad_rows = [i for i in range(len(ids)) if i not in set(ok_rows)]
+    ok_set = set(ok_rows)
+    bad_rows = [i for i in range(len(ids)) if i not in ok_set]
     results = _results_table(inputs, keep, ok_rows, outcomes, structured, spec)
     failed = pa.concat_tables(
         [
