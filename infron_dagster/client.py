@@ -146,7 +146,10 @@ class InfronClient:
             transport=transport,
             follow_redirects=True,
         )
-        self._anonymous = httpx.Client(timeout=httpx.Timeout(timeout, connect=connect_timeout))
+        # Foreign result URLs (CDN, pre-signed links) get no key, and may redirect.
+        self._anonymous = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=connect_timeout), follow_redirects=True
+        )
 
     def __repr__(self) -> str:
         return f"InfronClient(base_url={self.base_url!r}, api_style={self.api_style!r})"
@@ -324,8 +327,8 @@ class InfronClient:
         return Batch.from_openai(data)
 
     def _same_origin(self, url: str) -> bool:
-        if not url.startswith(("http://", "https://")):
-            return True
+        if not url.lower().startswith(("http://", "https://")):
+            return True  # a path relative to base_url
         mine, theirs = urlsplit(self.base_url), urlsplit(url)
         return (mine.scheme, mine.netloc) == (theirs.scheme, theirs.netloc)
 
