@@ -21,6 +21,7 @@ from .data import reviews_for_day
 
 daily = dg.DailyPartitionsDefinition(start_date="2026-11-01", end_offset=0)
 STORAGE_ROOT = os.environ.get("INFRON_STORAGE_ROOT", os.path.abspath(".infron_data/lake"))
+SENSOR_INTERVAL = int(os.environ.get("INFRON_SENSOR_INTERVAL_SECONDS", "30"))
 
 SENTIMENT_SCHEMA = {
     "type": "object",
@@ -60,6 +61,7 @@ review_sentiment = build_infron_batch_assets(
     max_requests_per_batch=100,
     max_failure_rate=0.1,
     group_name="reviews",
+    sensor_interval_seconds=SENSOR_INTERVAL,
 )
 
 review_embeddings = build_infron_batch_assets(
@@ -76,6 +78,7 @@ review_embeddings = build_infron_batch_assets(
     keep_columns=["review_id", "product"],
     max_failure_rate=0.1,
     group_name="reviews",
+    sensor_interval_seconds=SENSOR_INTERVAL,
 )
 
 
