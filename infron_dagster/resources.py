@@ -50,7 +50,9 @@ class InfronResource(dg.ConfigurableResource):
     """
 
     api_key: str | None = Field(
-        default=None, description="API key; use dg.EnvVar('INFRON_API_KEY'). Never logged."
+        default=None,
+        repr=False,  # the key must not reach a log through repr()
+        description="API key; use dg.EnvVar('INFRON_API_KEY'). Never logged.",
     )
     base_url: str | None = Field(
         default=None,
@@ -71,8 +73,8 @@ class InfronResource(dg.ConfigurableResource):
     @property
     def is_local(self) -> bool:
         """True when calls go to the embedded local server."""
-        if self.api_key and self.base_url is None:
-            return False
+        if self.api_key is not None and self.base_url is None:
+            return False  # a key was configured, even an empty one: never fall back to mock
         return parse_local_url(self.base_url, "") is not None
 
     def get_client(self) -> InfronClient:
@@ -89,6 +91,8 @@ class InfronResource(dg.ConfigurableResource):
             return embedded_client(
                 folder, api_style=self.api_style, retry=retry, timeout=self.timeout_seconds
             )
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is configured but empty (is INFRON_API_KEY set?)")
         return InfronClient(
             api_key=self.api_key,
             base_url=self.base_url or DEFAULT_BASE_URL,
