@@ -24,9 +24,31 @@ from .prepare import PreparedRequests
 from .spec import RequestSpec
 from .storage import BatchStorage
 
-__all__ = ["SubmitOutcome", "load_manifests", "submit_prepared"]
+__all__ = ["SubmitIncomplete", "SubmitOutcome", "load_manifests", "submit_prepared"]
 
 logger = logging.getLogger(__name__)
+
+
+class SubmitIncomplete(RuntimeError):
+    """The API refused a chunk part-way; what was created is on record and a re-run resumes.
+
+    Example:
+        >>> try:
+        ...     submit_prepared(client, storage, prepared, spec=spec, partition_key="p")
+        ... except SubmitIncomplete as exc:
+        ...     print(exc.created, exc.total)
+    """
+
+    def __init__(self, manifest: Manifest, error: InfronError) -> None:
+        self.created = len(manifest.batch_ids)
+        self.total = len(manifest.chunks)
+        self.error = error
+        super().__init__(
+            f"partition {manifest.partition_key!r} attempt {manifest.attempt}: "
+            f"{self.created} of {self.total} batch(es) created before the API refused the next "
+            f"one ({error}). The manifest records them; materializing the partition again "
+            "resumes with the remaining chunks and pays for none twice."
+        )
 
 
 @dataclass
@@ -62,13 +84,13 @@ def submit_prepared(
     with storage.lock(partition_key):
         manifests = load_manifests(storage, partition_key)
         match = None if force else _reusable(manifests, prepared.fingerprint, kind)
-        if match is not None and match.fully_submitted:
-            return SubmitOutcome(manifest=match, reused=True)
-        if match is not None:
+        if match is not None and not match.fully_submitted:
             return _resume(client, storage, match)
-        if not prepared.chunks and not prepared.invalid.num_rows and kind == "retry":
-            raise ValueError("nothing to retry")
+        if match is not None and (kind == "retry" or match is _latest_initial(manifests)):
+            return SubmitOutcome(manifest=match, reused=True)
         manifest = _new_manifest(storage, manifests, prepared, spec, partition_key, kind, run_id)
+        if match is not None:
+            return _revive(storage, prepared, manifest, match)
         _stage(storage, prepared, manifest)
         local = {c.index: c.path for c in prepared.chunks}
         return _create_batches(client, storage, manifest, local, SubmitOutcome(manifest))
@@ -85,6 +107,25 @@ def _reusable(manifests: list[Manifest], fingerprint: str, kind: str) -> Manifes
             return None  # the same rows failed again: a new attempt is the point of retrying
         return manifest
     return None
+
+
+def _latest_initial(manifests: list[Manifest]) -> Manifest | None:
+    initial = [m for m in manifests if m.kind == "initial" and m.state != "abandoned"]
+    return initial[-1] if initial else None
+
+
+def _revive(
+    storage: BatchStorage, prepared: PreparedRequests, manifest: Manifest, match: Manifest
+) -> SubmitOutcome:
+    """Input went back to what an older attempt sent: a new attempt over its paid batches."""
+    manifest.chunks = [ChunkRecord(**vars(chunk)) for chunk in match.chunks]
+    manifest.state, manifest.submitted_at = "submitted", now_iso()
+    key, attempt = manifest.partition_key, manifest.attempt
+    storage.write_table(storage.attempt_file("inputs", key, attempt), prepared.valid)
+    storage.write_table(storage.attempt_file("invalid", key, attempt), prepared.invalid)
+    manifest.api_style = match.api_style
+    _save(storage, manifest)
+    return SubmitOutcome(manifest=manifest, reused=True)
 
 
 def _new_manifest(
@@ -188,9 +229,9 @@ def _create_batches(
             batch = client.create_batch(
                 local_paths[chunk.index], endpoint=manifest.endpoint, metadata=metadata
             )
-        except InfronError:
+        except InfronError as exc:
             _save(storage, manifest)  # what was created so far stays on record
-            raise
+            raise SubmitIncomplete(manifest, exc) from exc
         chunk.batch_id, chunk.status = batch.id, batch.status.value
         outcome.created.append(batch.id)
         _save(storage, manifest)

@@ -1,0 +1,93 @@
+"""Never paying twice: resuming half-submitted attempts, re-attaching orphans, reviving old
+attempts. Real local server (in-process WSGI), real files."""
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import make_local_dir
+
+from infron_dagster import BatchStorage, RequestSpec, prepare_requests, submit_prepared
+from infron_dagster.local import LocalServerConfig, save_config
+from infron_dagster.local.embedded import embedded_client
+from infron_dagster.submit import SubmitIncomplete, load_manifests
+
+SPEC = RequestSpec(model="gpt-4o-mini", prompt_template="Say {word}", key_columns=("id",))
+
+
+def _frame(words: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"id": range(len(words)), "word": words})
+
+
+def _submit(tmp_path, local_dir, frame, style="openai", **kwargs):
+    storage = BatchStorage(str(tmp_path / "lake"), "words")
+    work = tmp_path / f"work-{len(list(tmp_path.iterdir()))}"
+    prepared = prepare_requests(
+        frame, SPEC, name="words", partition_key="p", workdir=work, max_requests_per_batch=4
+    )
+    with embedded_client(local_dir, api_style=style) as client:
+        return submit_prepared(client, storage, prepared, spec=SPEC, partition_key="p", **kwargs)
+
+
+def _server_batches(local_dir) -> int:
+    with embedded_client(local_dir, api_style="openai") as client:
+        return len(list(client.list_batches()))
+
+
+def test_a_refused_chunk_is_reported_and_the_rerun_resumes_without_paying_twice(tmp_path):
+    # Each chunk holds 4 short prompts (about 12 tokens): a limit of 20 lets one chunk in.
+    local_dir = make_local_dir(
+        str(tmp_path / "srv"), enqueued_token_limit=20, in_progress_seconds=3600
+    )
+    frame = _frame([f"word{i}" for i in range(12)])
+    with pytest.raises(SubmitIncomplete) as info:
+        _submit(tmp_path, local_dir, frame)
+    assert (info.value.created, info.value.total) == (1, 3)
+    assert "resumes with the remaining chunks" in str(info.value)
+    [manifest] = load_manifests(BatchStorage(str(tmp_path / "lake"), "words"), "p")
+    assert manifest.state == "submitting" and len(manifest.batch_ids) == 1
+    save_config(local_dir, LocalServerConfig(in_progress_seconds=3600))  # the queue drained
+    outcome = _submit(tmp_path, local_dir, frame)
+    assert len(outcome.created) == 2 and outcome.manifest.attempt == 1
+    assert outcome.manifest.state == "submitted" and len(outcome.manifest.batch_ids) == 3
+    assert _server_batches(local_dir) == 3
+
+
+def test_an_orphan_created_before_a_crash_is_reattached_by_metadata(tmp_path):
+    local_dir = make_local_dir(
+        str(tmp_path / "srv"), enqueued_token_limit=30, in_progress_seconds=3600
+    )
+    frame = _frame([f"word{i}" for i in range(12)])
+    with pytest.raises(SubmitIncomplete):
+        _submit(tmp_path, local_dir, frame)
+    storage = BatchStorage(str(tmp_path / "lake"), "words")
+    path = storage.manifest_path("p", 1)
+    record = json.loads(path.read_bytes())
+    orphan = record["chunks"][1]["batch_id"]
+    record["chunks"][1]["batch_id"] = None  # the process died before recording it
+    path.write_text(json.dumps(record))
+    save_config(local_dir, LocalServerConfig(in_progress_seconds=3600))
+    outcome = _submit(tmp_path, local_dir, frame)
+    assert outcome.reattached == [orphan] and len(outcome.created) == 1
+    assert _server_batches(local_dir) == 3
+
+
+def test_input_changing_back_revives_the_old_batches_as_a_new_attempt(tmp_path, api_style):
+    local_dir = make_local_dir(str(tmp_path / "srv"))
+    first = _submit(tmp_path, local_dir, _frame(["a", "b"]), style=api_style)
+    second = _submit(tmp_path, local_dir, _frame(["a", "c"]), style=api_style)
+    third = _submit(tmp_path, local_dir, _frame(["a", "b"]), style=api_style)
+    assert [o.manifest.attempt for o in (first, second, third)] == [1, 2, 3]
+    assert third.reused and third.created == []
+    assert third.manifest.batch_ids == first.manifest.batch_ids
+    assert _server_batches(local_dir) == 2
+    again = _submit(tmp_path, local_dir, _frame(["a", "b"]), style=api_style)
+    assert again.reused and again.manifest.attempt == 3
+
+
+def test_force_resubmit_pays_again_on_purpose(tmp_path):
+    local_dir = make_local_dir(str(tmp_path / "srv"))
+    _submit(tmp_path, local_dir, _frame(["a", "b"]))
+    forced = _submit(tmp_path, local_dir, _frame(["a", "b"]), force=True)
+    assert not forced.reused and forced.manifest.attempt == 2 and len(forced.created) == 1
+    assert _server_batches(local_dir) == 2
