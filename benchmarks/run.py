@@ -160,6 +160,52 @@ def bench_collect() -> dict:
     }
 
 
+def bench_collect_e2e() -> dict:
+    """collect_partition end to end: retrieve, download, parse, join, write Parquet."""
+    from infron_dagster import (
+        BatchStorage,
+        RequestSpec,
+        collect_partition,
+        prepare_requests,
+        submit_prepared,
+    )
+    from infron_dagster.local import LocalServerConfig, save_config
+    from infron_dagster.local.embedded import embedded_client
+
+    work = tempfile.mkdtemp()
+    local = os.path.join(work, "srv")
+    os.makedirs(local)
+    save_config(
+        local,
+        LocalServerConfig(
+            validating_seconds=0, in_progress_seconds=0, finalizing_seconds=0, failure_rate=0.02
+        ),
+    )
+    spec = RequestSpec(**SPEC)
+    storage = BatchStorage(os.path.join(work, "lake"), "bench")
+    client = embedded_client(local, api_style="openai")
+    prepared = prepare_requests(
+        _frame(ROWS), spec, name="bench", partition_key="p", workdir=os.path.join(work, "prep")
+    )
+    manifest = submit_prepared(client, storage, prepared, spec=spec, partition_key="p").manifest
+    for batch_id in manifest.batch_ids:  # let the server write its result files first
+        client.retrieve_batch(batch_id)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    outcome = collect_partition(client, storage, spec, "p")
+    seconds = time.perf_counter() - t
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert outcome.results.num_rows + outcome.failed.num_rows == ROWS
+    return {
+        "rows": ROWS,
+        "succeeded": outcome.results.num_rows,
+        "failed": outcome.failed.num_rows,
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(ROWS / seconds),
+        "peak_rss_growth_mb": round((rss1 - rss0) / 1024, 1),
+    }
+
+
 def bench_sensor() -> dict:
     timings = {}
     for label, workers in (("concurrent_16", 16), ("sequential_baseline", 1)):
@@ -257,7 +303,7 @@ def main() -> None:
     if step:
         print(json.dumps({step: globals()[f"bench_{step}"]()}))
         return
-    for name in ("prepare", "collect", "sensor"):
+    for name in ("prepare", "collect", "collect_e2e", "sensor"):
         out = subprocess.run(
             [sys.executable, "-m", "benchmarks.run", name],
             capture_output=True,
