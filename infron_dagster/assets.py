@@ -311,22 +311,18 @@ def _collect_assets(
     group_name: str | None,
 ) -> dg.AssetsDefinition:
     results_key, failed_key = dg.AssetKey(f"{s.name}_results"), dg.AssetKey(f"{s.name}_failed")
+    table = {"deps": [batches_key], "kinds": {"infron", "parquet"}}
+    table |= {"partitions_def": partitions_def, "group_name": group_name}
     specs = [
         dg.AssetSpec(
             results_key,
-            deps=[batches_key],
-            kinds={"infron", "parquet"},
-            partitions_def=partitions_def,
-            group_name=group_name,
             description=f"Successful responses of {s.name}, hive-partitioned Parquet.",
+            **table,
         ),
         dg.AssetSpec(
             failed_key,
-            deps=[batches_key],
-            kinds={"infron", "parquet"},
-            partitions_def=partitions_def,
-            group_name=group_name,
             description=f"Rows of {s.name} that failed, with error_code and retryable.",
+            **table,
         ),
     ]
     checks = [

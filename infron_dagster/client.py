@@ -289,6 +289,23 @@ class InfronClient:
             files.append(ResultFile("results", url=batch.result_url))
         return files
 
+    def iter_lines(self, result: ResultFile) -> Iterator[bytes]:
+        """Stream one result file line by line, never holding it whole.
+
+        Example:
+            >>> for line in client.iter_lines(ResultFile("output", file_id="file-abc")):
+            ...     print(json.loads(line)["custom_id"])
+        """
+        response, operation = self._open_result(result)
+        try:
+            for line in response.iter_lines():
+                if line:
+                    yield line.encode()
+        except httpx.TransportError as exc:
+            raise InfronConnectionError(operation, self._redact(str(exc))) from None
+        finally:
+            response.close()
+
     def download(self, result: ResultFile, dest: IO[bytes]) -> int:
         """Stream one result file into ``dest`` and return the bytes written.
 
@@ -299,13 +316,7 @@ class InfronClient:
             >>> with open("output.jsonl", "wb") as fh:
             ...     client.download(ResultFile("output", file_id="file-abc"), fh)
         """
-        if result.file_id:
-            target, http = f"/files/{result.file_id}/content", self._http
-        else:
-            target = result.url or ""
-            http = self._http if self._same_origin(target) else self._anonymous
-        operation = f"download {result.kind} file"
-        response = self._send(operation, "GET", target, http=http, stream=True)
+        response, operation = self._open_result(result)
         written = 0
         try:
             for chunk in response.iter_bytes(_CHUNK):
@@ -318,6 +329,15 @@ class InfronClient:
         return written
 
     # --- plumbing ------------------------------------------------------------------------
+
+    def _open_result(self, result: ResultFile) -> tuple[httpx.Response, str]:
+        if result.file_id:
+            target, http = f"/files/{result.file_id}/content", self._http
+        else:
+            target = result.url or ""
+            http = self._http if self._same_origin(target) else self._anonymous
+        operation = f"download {result.kind} file"
+        return self._send(operation, "GET", target, http=http, stream=True), operation
 
     def _parse_batch(self, data: dict[str, Any]) -> Batch:
         if self.api_style == "infron" and "batch_id" in data:

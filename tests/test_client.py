@@ -298,6 +298,9 @@ def test_results_hold_every_custom_id_exactly_once_in_shuffled_order(
     seen = [line["custom_id"] for lines in per_file.values() for line in lines]
     assert len(seen) == len(set(seen)) == 30
     assert set(seen) == set(ids)
+    with embedded_client(folder, api_style=api_style) as client:
+        streamed = [json.loads(line) for f in files for line in client.iter_lines(f)]
+    assert streamed == [line for lines in per_file.values() for line in lines]
     assert seen != ids and seen != sorted(ids)  # the server reorders: join on custom_id only
     failed = [line for lines in per_file.values() for line in lines if error_code(line)]
     assert 0 < len(failed) < 30
