@@ -20,6 +20,7 @@ Example:
 from .assets import CollectConfig, InfronBatchPipeline, SubmitConfig, build_infron_batch_assets
 from .client import DEFAULT_BASE_URL, InfronClient, ResultFile, RetryPolicy
 from .collect import CollectOutcome, collect_partition
+from .components import InfronBatchInferenceComponent
 from .errors import (
     InfronAuthError,
     InfronBadRequestError,
@@ -54,6 +55,7 @@ __all__ = [
     "CollectOutcome",
     "InfronAuthError",
     "InfronBadRequestError",
+    "InfronBatchInferenceComponent",
     "InfronBatchPipeline",
     "InfronClient",
     "InfronConnectionError",

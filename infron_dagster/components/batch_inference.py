@@ -1,0 +1,344 @@
+"""A YAML component for one batch inference pipeline: ``build_infron_batch_assets`` in YAML.
+
+Example (``defs/review_sentiment/defs.yaml``):
+
+.. code-block:: yaml
+
+    type: infron_dagster.components.InfronBatchInferenceComponent
+    attributes:
+      name: review_sentiment
+      model: gpt-4o-mini
+      prompt_template: "Sentiment of: {review_text}"
+      key_columns: [review_id]
+      source: {asset_key: reviews}
+      partitions: {daily: {start_date: "2026-11-01"}}
+"""
+
+import importlib
+from collections.abc import Callable, Mapping
+from datetime import date
+from typing import Annotated, Any, Literal
+
+import dagster as dg
+from dagster.components.component_scaffolding import scaffold_component
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from ..assets import InfronBatchPipeline, build_infron_batch_assets
+from ..prepare import DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUESTS
+from ..sources import ParquetSource
+from ..spec import RequestSpec
+
+__all__ = [
+    "InfronBatchInferenceComponent",
+    "PartitionsModel",
+    "SourceModel",
+    "TimeWindowModel",
+]
+
+Endpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/responses"]
+RowBodyFn = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+_TIME_WINDOWS: dict[str, Callable[..., dg.PartitionsDefinition]] = {
+    "hourly": dg.HourlyPartitionsDefinition,
+    "daily": dg.DailyPartitionsDefinition,
+    "weekly": dg.WeeklyPartitionsDefinition,
+    "monthly": dg.MonthlyPartitionsDefinition,
+}
+_PARTITION_KINDS = (*_TIME_WINDOWS, "static", "dynamic")
+
+
+# --- source ------------------------------------------------------------------------------
+
+
+class SourceModel(dg.Model):
+    """YAML shape of ``source``: ``{asset_key: reviews}`` or ``{parquet: ..., storage_options:
+    {...}}``. A bare string is an asset key."""
+
+    asset_key: str | None = Field(
+        default=None,
+        description="Upstream asset whose partition (a DataFrame or Arrow table) is the input; "
+        "'a/b' for a multi-part key.",
+        examples=["reviews"],
+    )
+    parquet: str | None = Field(
+        default=None,
+        description="Parquet file, folder or glob; {partition_key} is replaced per partition.",
+        examples=["s3://lake/reviews/date={partition_key}/*.parquet"],
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for `parquet`, e.g. S3 credentials."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SourceModel":
+        if (self.asset_key is None) == (self.parquet is None):
+            raise ValueError("source: give exactly one of `asset_key` and `parquet`")
+        if self.storage_options and self.parquet is None:
+            raise ValueError("source: `storage_options` applies to `parquet` only")
+        return self
+
+
+def _resolve_source(
+    context: dg.ResolutionContext, value: SourceModel | str
+) -> dg.AssetKey | ParquetSource:
+    if isinstance(value, str):
+        return dg.AssetKey.from_user_string(value)
+    value = SourceModel.model_validate(context.resolve_value(value.model_dump()))
+    if value.parquet is not None:
+        return ParquetSource(value.parquet, dict(value.storage_options))
+    return dg.AssetKey.from_user_string(str(value.asset_key))
+
+
+# --- partitions --------------------------------------------------------------------------
+
+
+class TimeWindowModel(dg.Model):
+    """Arguments of a Dagster time-window partitions definition (daily, hourly, ...)."""
+
+    start_date: str = Field(examples=["2026-11-01"])
+    end_date: str | None = None
+    timezone: str | None = None
+    end_offset: int | None = None
+    minute_offset: int | None = None
+    hour_offset: int | None = Field(default=None, description="daily, weekly, monthly")
+    day_offset: int | None = Field(default=None, description="weekly, monthly")
+
+    @field_validator("start_date", "end_date", mode="before")
+    @classmethod
+    def _iso_date(cls, value: Any) -> Any:
+        """YAML reads an unquoted 2026-11-01 as a date: accept it."""
+        return value.isoformat() if isinstance(value, date) else value
+
+
+class PartitionsModel(dg.Model):
+    """YAML shape of ``partitions``: exactly one of ``hourly``, ``daily``, ``weekly``,
+    ``monthly`` (``{start_date: ...}``), ``static`` (a list of keys) or ``dynamic`` (a name)."""
+
+    hourly: TimeWindowModel | None = None
+    daily: TimeWindowModel | None = None
+    weekly: TimeWindowModel | None = None
+    monthly: TimeWindowModel | None = None
+    static: list[str] | None = Field(default=None, examples=[["us", "eu"]])
+    dynamic: str | None = Field(default=None, description="Name of a dynamic partitions set.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "PartitionsModel":
+        chosen = [kind for kind in _PARTITION_KINDS if getattr(self, kind) is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                f"partitions: give exactly one of {', '.join(_PARTITION_KINDS)}; "
+                f"got {', '.join(chosen) or 'none'}"
+            )
+        return self
+
+
+def _resolve_partitions(
+    context: dg.ResolutionContext, value: PartitionsModel | str | None
+) -> dg.PartitionsDefinition | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise ValueError(f"partitions must be a mapping such as {{daily: ...}}, not {value!r}")
+    raw = context.resolve_value(value.model_dump(exclude_none=True))
+    value = PartitionsModel.model_validate(raw)
+    if value.static is not None:
+        return dg.StaticPartitionsDefinition(list(value.static))
+    if value.dynamic is not None:
+        return dg.DynamicPartitionsDefinition(name=value.dynamic)
+    kind = next(kind for kind in _TIME_WINDOWS if getattr(value, kind) is not None)
+    return _TIME_WINDOWS[kind](**getattr(value, kind).model_dump(exclude_none=True))
+
+
+# --- body_fn -----------------------------------------------------------------------------
+
+
+def _resolve_body_fn(context: dg.ResolutionContext, value: str | None) -> RowBodyFn | None:
+    """``package.module:function`` (or ``package.module.function``) -> the callable."""
+    if value is None:
+        return None
+    module_name, _, attr = value.partition(":") if ":" in value else value.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"body_fn must be 'package.module:function', not {value!r}")
+    fn = getattr(importlib.import_module(module_name), attr)
+    if not callable(fn):
+        raise ValueError(f"body_fn {value!r} is not callable")
+    return fn
+
+
+# --- the component -----------------------------------------------------------------------
+
+
+class InfronBatchInferenceScaffolder(dg.Scaffolder):
+    """``dg scaffold defs infron_dagster.components.InfronBatchInferenceComponent <path>``."""
+
+    def scaffold(self, request: dg.ScaffoldRequest) -> None:
+        scaffold_component(
+            request,
+            {
+                "name": "my_inference",
+                "model": "gpt-4o-mini",
+                "prompt_template": "Summarise: {text}",
+                "key_columns": ["id"],
+                "source": {"asset_key": "my_upstream_asset"},
+                "partitions": {"daily": {"start_date": "2026-11-01"}},
+            },
+        )
+
+
+@dg.scaffold_with(InfronBatchInferenceScaffolder)
+class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
+    """LLM batch inference over an upstream asset or Parquet table, one partition at a time.
+
+    Defines ``<name>_batches`` (submit), ``<name>_results`` and ``<name>_failed`` (collect, with
+    the ``completeness`` and ``failure_rate`` checks), the sensor ``<name>_sensor`` and the job
+    ``<name>_retry``: the same as :func:`infron_dagster.build_infron_batch_assets`.
+
+    The assets need an :class:`~infron_dagster.InfronResource` under ``resource_key``
+    (``infron``), supplied elsewhere as with other integrations, e.g. ``defs/resources.py``::
+
+        @dg.definitions
+        def resources() -> dg.Definitions:
+            return dg.Definitions(
+                resources={"infron": InfronResource(api_key=dg.EnvVar("INFRON_API_KEY"))}
+            )
+
+    ``prompt_template`` and ``system_prompt`` are taken literally (no Jinja): ``{column}``
+    placeholders and ``{{``/``}}`` literal braces as in :class:`~infron_dagster.RequestSpec`.
+    Other strings may use templates such as ``{{ env.INFRON_STORAGE_ROOT }}``.
+
+    Example ``defs.yaml``:
+
+    .. code-block:: yaml
+
+        type: infron_dagster.components.InfronBatchInferenceComponent
+        attributes:
+          name: review_sentiment
+          model: gpt-4o-mini
+          system_prompt: You label product reviews. Answer with JSON only.
+          prompt_template: "Product: {product}\\nReview: {review_text}"
+          key_columns: [review_id]
+          params: {temperature: 0}
+          response_schema:
+            type: object
+            properties: {sentiment: {type: string, enum: [positive, neutral, negative]}}
+            required: [sentiment]
+          source:
+            parquet: "s3://lake/reviews/date={partition_key}/*.parquet"
+            storage_options: {anon: false}
+          partitions: {daily: {start_date: "2026-11-01"}}
+          storage_root: s3://lake/llm
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    name: str = Field(description="Prefix of every definition: <name>_batches, ...")
+    # Stored as `llm_model`: a field called `model` would shadow Resolvable.model().
+    llm_model: str = Field(alias="model", description="Model id sent in each request body.")
+    endpoint: Endpoint = "/v1/chat/completions"
+    prompt_template: Annotated[
+        str | None,
+        dg.Resolver.passthrough(description="{column} placeholders; give this or body_fn."),
+    ] = None
+    body_fn: Annotated[
+        RowBodyFn | None,
+        dg.Resolver(
+            _resolve_body_fn,
+            model_field_type=str | None,
+            description="'package.module:function' taking a row and returning a request body.",
+        ),
+    ] = None
+    system_prompt: Annotated[str | None, dg.Resolver.passthrough()] = None
+    key_columns: list[str] | str = Field(
+        default_factory=lambda: ["id"],
+        description="Columns that identify a row for good; custom_id derives from them.",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Extra request body fields, e.g. temperature."
+    )
+    response_schema: dict[str, Any] | None = Field(
+        default=None, description="JSON schema of an object: structured output, typed columns."
+    )
+    schema_name: str = "result"
+    source: Annotated[
+        dg.AssetKey | ParquetSource,
+        dg.Resolver(
+            _resolve_source,
+            model_field_type=SourceModel,
+            description="{asset_key: ...} or {parquet: ..., storage_options: {...}}.",
+        ),
+    ]
+    partitions: Annotated[
+        dg.PartitionsDefinition | None,
+        dg.Resolver(
+            _resolve_partitions,
+            model_field_type=PartitionsModel | None,
+            description="{daily: {start_date: ...}}, {static: [...]}, ...; none: unpartitioned.",
+        ),
+    ] = None
+    storage_root: str = Field(
+        default=".infron_data/lake", description="Folder or s3://bucket/prefix for all output."
+    )
+    storage_options: dict[str, Any] | None = None
+    keep_columns: list[str] | None = Field(
+        default=None, description="Input columns copied to results/failed (default: all)."
+    )
+    max_requests_per_batch: int = DEFAULT_MAX_REQUESTS
+    max_bytes_per_batch: int = DEFAULT_MAX_BYTES
+    max_attempts: int = 3
+    max_failure_rate: float = 0.05
+    resource_key: str = "infron"
+    group_name: str | None = None
+    sensor_interval_seconds: int = 30
+    sensor_default_status: Literal["running", "stopped"] = "running"
+
+    @model_validator(mode="after")
+    def _check(self) -> "InfronBatchInferenceComponent":
+        self.request_spec()  # RequestSpec's own checks: one of prompt_template/body_fn, ...
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if not 0 <= self.max_failure_rate <= 1:
+            raise ValueError("max_failure_rate must be between 0 and 1")
+        return self
+
+    @classmethod
+    def get_spec(cls) -> dg.ComponentTypeSpec:
+        return dg.ComponentTypeSpec(
+            tags=["infron", "llm", "batch"], produces=["asset", "asset_check", "sensor", "job"]
+        )
+
+    def request_spec(self) -> RequestSpec:
+        """What to ask the model for each row."""
+        return RequestSpec(
+            model=self.llm_model,
+            prompt_template=self.prompt_template,
+            system_prompt=self.system_prompt,
+            endpoint=self.endpoint,
+            key_columns=self.key_columns,
+            params=self.params,
+            response_schema=self.response_schema,
+            schema_name=self.schema_name,
+            body_fn=self.body_fn,
+        )
+
+    def build_pipeline(self) -> InfronBatchPipeline:
+        """The pipeline object (assets, sensor, job, storage) this component defines."""
+        return build_infron_batch_assets(
+            name=self.name,
+            spec=self.request_spec(),
+            source=self.source,
+            partitions_def=self.partitions,
+            storage_root=self.storage_root,
+            storage_options=self.storage_options,
+            keep_columns=self.keep_columns,
+            max_requests_per_batch=self.max_requests_per_batch,
+            max_bytes_per_batch=self.max_bytes_per_batch,
+            max_attempts=self.max_attempts,
+            max_failure_rate=self.max_failure_rate,
+            resource_key=self.resource_key,
+            group_name=self.group_name,
+            sensor_interval_seconds=self.sensor_interval_seconds,
+            sensor_default_status=dg.DefaultSensorStatus(self.sensor_default_status.upper()),
+        )
+
+    def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
+        return self.build_pipeline().definitions
