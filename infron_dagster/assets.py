@@ -52,6 +52,8 @@ class CollectConfig(dg.Config):
 
     wait_seconds: float = 60.0
     poll_interval_seconds: float = 5.0
+    retry_after_seconds: int = 300
+    max_run_retries: int = 48
 
 
 @dataclass(frozen=True)
@@ -368,7 +370,10 @@ def _collect_waiting(
             if outcome.ready:
                 return outcome
             if time.monotonic() >= deadline:
-                raise dg.RetryRequested(max_retries=10, seconds_to_wait=60)
+                # Free the worker; Dagster retries the step later (bounded).
+                raise dg.RetryRequested(
+                    max_retries=config.max_run_retries, seconds_to_wait=config.retry_after_seconds
+                )
             context.log.info(f"waiting on {len(outcome.waiting_on)} batch(es) of {key!r}")
             time.sleep(config.poll_interval_seconds)
 

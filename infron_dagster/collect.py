@@ -140,7 +140,7 @@ def _fetch_attempt(
     """Download an attempt's result files once; None while a batch is still running."""
     raw = storage.attempt_dir("raw", manifest.partition_key, manifest.attempt)
     marker = raw / "batches.json"
-    if marker.exists():
+    if storage.exists(marker):
         return storage.read_json(marker)
     batches = poll_manifest(client, manifest)
     if not all(b.is_terminal for b in batches.values()):
@@ -231,13 +231,19 @@ def _batch_membership(manifest: Manifest, ids_in_order: list[str]) -> dict[str, 
     return membership
 
 
-def _missing(
-    custom_id: str, batch_id: str | None, batches: dict[str, dict[str, Any]]
-) -> Outcome | None:
+def _missing(custom_id: str, batch_id: str | None, batches: dict[str, dict[str, Any]]) -> Outcome:
+    """A request with no line in any result file of its (terminal) batch."""
     info = batches.get(batch_id or "", {})
     code = _MISSING_CODES.get(BatchStatus(info.get("status", "unknown")))
     if code is None:
-        return None  # completed batch without this line: becomes missing_result
+        message = "the batch completed without a result line for this request"
+        return Outcome(
+            custom_id,
+            ok=False,
+            error_code="missing_result",
+            error_message=message,
+            batch_id=batch_id,
+        )
     reason = "; ".join(info.get("errors") or []) or f"batch ended {info.get('status')}"
     return Outcome(custom_id, ok=False, error_code=code, error_message=reason, batch_id=batch_id)
 

@@ -91,7 +91,22 @@ def make_custom_id(name: str, partition_key: str | None, key: str) -> str:
 
 
 def to_arrow(data: pd.DataFrame | pa.Table) -> pa.Table:
-    """Accept a pandas DataFrame or a pyarrow Table; name the column that cannot convert."""
+    """Accept a pandas DataFrame or a pyarrow Table; name the column that cannot convert.
+
+    All-null columns (an empty partition's object columns) become strings, so one partition
+    cannot give a column a type that breaks reading the whole hive table.
+    """
+    return _no_null_types(_to_table(data))
+
+
+def _no_null_types(table: pa.Table) -> pa.Table:
+    for i, column in enumerate(table.schema):
+        if pa.types.is_null(column.type):
+            table = table.set_column(i, column.name, table.column(i).cast(pa.string()))
+    return table
+
+
+def _to_table(data: pd.DataFrame | pa.Table) -> pa.Table:
     if isinstance(data, pa.Table):
         return data
     if not isinstance(data, pd.DataFrame):

@@ -117,9 +117,23 @@ class BatchStorage:
 
     # --- discovery -----------------------------------------------------------------------
 
+    def fresh(self, path: UPath) -> UPath:
+        """``path`` with the file system's listing cache dropped.
+
+        Object stores cache listings (forever, by default, in s3fs); a long-lived sensor must
+        see the manifests other processes write.
+        """
+        if not self.is_local:
+            path.fs.invalidate_cache(path.path)
+        return path
+
+    def exists(self, path: UPath) -> bool:
+        """Whether ``path`` exists now, not in a cached listing."""
+        return self.fresh(path).exists()
+
     def partitions_with_manifests(self) -> list[str]:
         """Every partition key that has at least one manifest."""
-        root = self.base / "manifests"
+        root = self.fresh(self.base / "manifests")
         if not root.exists():
             return []
         keys = []
@@ -130,7 +144,7 @@ class BatchStorage:
 
     def attempts(self, partition_key: str | None) -> list[int]:
         """The attempt numbers with a manifest, ascending."""
-        folder = self.partition_dir("manifests", partition_key)
+        folder = self.fresh(self.partition_dir("manifests", partition_key))
         if not folder.exists():
             return []
         found = (_ATTEMPT_RE.search(p.name) for p in folder.iterdir())

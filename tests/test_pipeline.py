@@ -1,0 +1,677 @@
+"""The Dagster side end to end: submit, collect, faults, retry, partitions and sources.
+
+Everything is real: Dagster runs in a test instance, the embedded local batch server keeps its
+state in a folder, and the pipeline writes real Parquet files. The `resource` fixture runs each
+test once per wire style (infron, openai).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_local_dir
+
+from infron_dagster import (
+    InfronBatchPipeline,
+    InfronResource,
+    ParquetSource,
+    RequestSpec,
+    build_infron_batch_assets,
+    make_custom_id,
+)
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"type": "string", "enum": ["pos", "neg"]},
+        "score": {"type": "number"},
+    },
+    "required": ["sentiment", "score"],
+}
+SPEC = RequestSpec(
+    model="gpt-4o-mini",
+    prompt_template="Sentiment of {text}",
+    key_columns=("id",),
+    response_schema=SCHEMA,
+)
+PARTS = dg.StaticPartitionsDefinition(["a", "b", "c"])
+FORCE = {"ops": {"rev_batches": {"config": {"force_resubmit": True}}}}
+
+
+def reviews_frame(n: int = 20, tag: str = "") -> pd.DataFrame:
+    return pd.DataFrame(
+        {"id": range(n), "text": [f"review {i} is good{tag}" for i in range(n)], "stars": 4}
+    )
+
+
+@dataclass
+class Flow:
+    """A pipeline plus its upstream asset, its resource and a Dagster instance."""
+
+    pipeline: InfronBatchPipeline
+    upstream: dg.AssetsDefinition | None
+    resource: InfronResource
+    instance: dg.DagsterInstance
+    rows: dict[str | None, Any]
+    defs: dg.Definitions
+    io_manager: dg.FilesystemIOManager
+
+    @property
+    def resources(self) -> dict[str, Any]:
+        return {"infron": self.resource, "io_manager": self.io_manager}
+
+    @property
+    def store(self):
+        return self.pipeline.storage
+
+    def _assets(self) -> list[dg.AssetsDefinition]:
+        return [a for a in (self.upstream, self.pipeline.batches_asset) if a is not None]
+
+    def submit(self, partition: str | None = "a", run_config=None, *, upstream: bool = True, **kw):
+        selection = None if upstream else [self.pipeline.batches_asset]
+        return dg.materialize(
+            self._assets(),
+            selection=selection,
+            partition_key=partition,
+            run_config=run_config,
+            instance=self.instance,
+            resources=self.resources,
+            **kw,
+        )
+
+    def resubmit(self, partition: str | None = "a", run_config=None, **kw):
+        return self.submit(partition, run_config, upstream=False, **kw)
+
+    def retry(self, partition: str | None = "a", **kw):
+        """Run the pipeline's own retry job, as the UI would."""
+        job = self.defs.resolve_job_def("rev_retry")
+        return job.execute_in_process(partition_key=partition, instance=self.instance, **kw)
+
+    def collect(self, partition: str | None = "a", **kw):
+        return dg.materialize(
+            [self.pipeline.collect_assets],
+            partition_key=partition,
+            instance=self.instance,
+            resources=self.resources,
+            **kw,
+        )
+
+    def results(self, partition: str | None = "a") -> pa.Table:
+        return pq.read_table(str(self.store.table_path("results", partition)))
+
+    def failed(self, partition: str | None = "a") -> pa.Table:
+        return pq.read_table(str(self.store.table_path("failed", partition)))
+
+
+@pytest.fixture(scope="module")
+def instance():
+    """One persistent test instance for the module: the library keeps no state in it."""
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+@pytest.fixture
+def infron_resource(local_dir) -> InfronResource:
+    """For tests where the wire style does not matter: one style only, to keep the suite fast."""
+    return InfronResource(base_url=f"local://{local_dir}", api_style="infron", max_retries=3)
+
+
+@pytest.fixture
+def openai_resource(local_dir) -> InfronResource:
+    return InfronResource(base_url=f"local://{local_dir}", api_style="openai", max_retries=3)
+
+
+def make_flow(
+    tmp_path,
+    resource: InfronResource,
+    instance: dg.DagsterInstance,
+    *,
+    partitions_def: dg.PartitionsDefinition | None = PARTS,
+    spec: RequestSpec = SPEC,
+    source: Any = None,
+    rows: Callable[[str | None], Any] | None = None,
+    **kwargs: Any,
+) -> Flow:
+    """Build the pipeline; the upstream asset returns ``flow.rows[partition]`` (default 20)."""
+    data: dict[str | None, Any] = {}
+    upstream = None
+    if source is None:
+
+        @dg.asset(name="reviews", partitions_def=partitions_def)
+        def reviews(context):
+            key = context.partition_key if context.has_partition_key else None
+            return data[key] if key in data else reviews_frame()
+
+        upstream, source = reviews, "reviews"
+    kwargs.setdefault("max_requests_per_batch", 7)
+    pipeline = build_infron_batch_assets(
+        name="rev",
+        spec=spec,
+        source=source,
+        partitions_def=partitions_def,
+        storage_root=str(tmp_path / "lake"),
+        **kwargs,
+    )
+    io_manager = dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))
+    extra = dg.Definitions(
+        assets=[upstream] if upstream is not None else [],
+        resources={"infron": resource, "io_manager": io_manager},
+    )
+    defs = dg.Definitions.merge(pipeline.definitions, extra)
+    return Flow(pipeline, upstream, resource, instance, data, defs, io_manager)
+
+
+def faulty_resource(tmp_path, api_style: str, **knobs: Any) -> InfronResource:
+    folder = make_local_dir(str(tmp_path / "faulty"), **knobs)
+    return InfronResource(base_url=f"local://{folder}", api_style=api_style, max_retries=3)
+
+
+def server_batches(resource: InfronResource) -> list[str]:
+    """Ids of every batch the local server holds, from its state folder."""
+    folder = resource.base_url.removeprefix("local://")
+    return sorted(name for name in os.listdir(os.path.join(folder, "batches")))
+
+
+def submit_meta(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
+    (materialization,) = result.asset_materializations_for_node("rev_batches")
+    return {k: v.value for k, v in materialization.metadata.items()}
+
+
+def step_error(result: dg.ExecuteInProcessResult) -> str:
+    """The full text (with causes) of the run's one step failure."""
+    (event,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    return event.step_failure_data.error.to_string()
+
+
+def checks(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
+    return {c.check_name: c for c in result.get_asset_check_evaluations()}
+
+
+def ids(table: pa.Table) -> set[int]:
+    return set(table.column("id").to_pylist())
+
+
+def assert_partitioned_exactly(flow: Flow, expected: set[int], partition: str | None = "a"):
+    ok, bad = ids(flow.results(partition)), ids(flow.failed(partition))
+    assert not ok & bad, f"rows in both results and failed: {ok & bad}"
+    assert ok | bad == expected
+    assert flow.results(partition).num_rows + flow.failed(partition).num_rows == len(expected)
+
+
+# --- submit ------------------------------------------------------------------------------------
+
+
+def test_submit_chunks_reuses_and_resubmits_only_when_asked(tmp_path, resource, instance):
+    flow = make_flow(tmp_path, resource, instance)
+
+    first = submit_meta(flow.submit())
+    assert first["dagster/row_count"] == 20
+    assert first["chunks"] == 3
+    assert first["batches_created"] == 3
+    assert first["reused_existing_batches"] is False
+    assert first["attempt"] == 1 and first["attempt_kind"] == "initial"
+    assert first["api_style"] == resource.api_style
+    assert len(first["batch_ids"]) == 3
+    assert [b + ".json" for b in sorted(first["batch_ids"])] == server_batches(resource)
+
+    again = submit_meta(flow.resubmit())
+    assert again["batches_created"] == 0
+    assert again["reused_existing_batches"] is True
+    assert again["batch_ids"] == first["batch_ids"]
+    assert again["attempt"] == 1
+    assert len(server_batches(resource)) == 3
+
+    forced = submit_meta(flow.resubmit(run_config=FORCE))
+    assert forced["batches_created"] == 3
+    assert forced["reused_existing_batches"] is False
+    assert forced["attempt"] == 2
+    assert not set(forced["batch_ids"]) & set(first["batch_ids"])
+    assert len(server_batches(resource)) == 6
+
+
+def test_changed_input_creates_new_batches(tmp_path, infron_resource, instance):
+    flow = make_flow(tmp_path, infron_resource, instance)
+    first = submit_meta(flow.submit())
+
+    flow.rows["a"] = reviews_frame(tag=" (edited)")
+    changed = submit_meta(flow.submit())
+    assert changed["batches_created"] == 3
+    assert changed["reused_existing_batches"] is False
+    assert changed["attempt"] == 2
+    assert changed["fingerprint"] != first["fingerprint"]
+    assert len(server_batches(infron_resource)) == 6
+
+    # Another partition is independent: its first submission is its attempt 1.
+    other = submit_meta(flow.submit("b"))
+    assert other["attempt"] == 1 and other["batches_created"] == 3
+    assert len(server_batches(infron_resource)) == 9
+
+
+def test_empty_partition_submits_nothing_and_collects_empty_tables(
+    tmp_path, infron_resource, instance
+):
+    flow = make_flow(tmp_path, infron_resource, instance)
+    flow.rows["a"] = pa.table({"id": pa.array([], pa.int64()), "text": pa.array([], pa.string())})
+
+    meta = submit_meta(flow.submit())
+    assert meta["dagster/row_count"] == 0
+    assert meta["chunks"] == 0
+    assert meta["batches_created"] == 0
+    assert meta["batch_ids"] == []
+    assert server_batches(infron_resource) == []
+
+    result = flow.collect()
+    assert flow.results().num_rows == 0
+    assert flow.failed().num_rows == 0
+    assert "sentiment" in flow.results().column_names
+    assert "error_code" in flow.failed().column_names
+    assert checks(result)["completeness"].passed is True
+    assert checks(result)["failure_rate"].passed is True
+
+
+# --- collect -----------------------------------------------------------------------------------
+
+
+def test_collect_writes_typed_hive_partitioned_parquet(tmp_path, resource, instance):
+    flow = make_flow(tmp_path, resource, instance)
+    flow.rows["b"] = reviews_frame(8)
+    for partition in ("a", "b"):
+        flow.submit(partition)
+        result = flow.collect(partition)
+        assert checks(result)["completeness"].passed is True
+        assert checks(result)["failure_rate"].passed is True
+
+    results = flow.results("a")
+    assert results.schema.field("sentiment").type == pa.string()
+    assert results.schema.field("score").type == pa.float64()
+    assert results.schema.field("prompt_tokens").type == pa.int64()
+    assert set(results.column("sentiment").to_pylist()) <= {"pos", "neg"}
+    assert None not in results.column("score").to_pylist()
+    assert set(results.column("attempt").to_pylist()) == {1}
+    assert results.column("stars").to_pylist() == [4] * 20  # input columns are kept
+    by_id = dict(
+        zip(results.column("id").to_pylist(), results.column("custom_id").to_pylist(), strict=True)
+    )
+    assert by_id == {i: make_custom_id("rev", "a", str(i)) for i in range(20)}
+    assert flow.failed("a").num_rows == 0
+
+    root = str(flow.store.table_root("results"))
+    assert sorted(os.listdir(root)) == ["partition=a", "partition=b"]
+    table = ds.dataset(root, partitioning="hive").to_table()
+    counts = pd.Series(table.column("partition").to_pylist()).value_counts().to_dict()
+    assert counts == {"a": 20, "b": 8}
+
+    (results_mat, _) = result.asset_materializations_for_node("rev_collect")  # partition b
+    assert results_mat.metadata["dagster/row_count"].value == 8
+    prompt_tokens = sum(flow.results("b").column("prompt_tokens").to_pylist())
+    assert results_mat.metadata["prompt_tokens"].value == prompt_tokens > 0
+
+    rows = duckdb.sql(
+        f"select partition, count(*), count(distinct custom_id), min(typeof(score)) "
+        f"from read_parquet('{root}/*/*.parquet', hive_partitioning=true) "
+        f"group by partition order by partition"
+    ).fetchall()
+    assert rows == [("a", 20, 20, "DOUBLE"), ("b", 8, 8, "DOUBLE")]
+
+
+def test_invalid_rows_go_to_failed_and_are_not_retryable(tmp_path, infron_resource, instance):
+    flow = make_flow(tmp_path, infron_resource, instance)
+    data = reviews_frame()
+    data.loc[[3, 11], "text"] = None
+    flow.rows["a"] = data
+
+    meta = submit_meta(flow.submit())
+    assert meta["dagster/row_count"] == 20
+    assert meta["invalid_rows"] == 2
+    assert meta["valid_rows"] == 18
+
+    result = flow.collect()
+    failed = flow.failed().to_pandas().set_index("id")
+    assert sorted(failed.index) == [3, 11]
+    assert set(failed["error_code"]) == {"invalid_input"}
+    assert failed["retryable"].tolist() == [False, False]
+    assert all("'text'" in m for m in failed["error_message"])
+    assert_partitioned_exactly(flow, set(range(20)))
+    assert checks(result)["completeness"].passed is True
+    assert checks(result)["failure_rate"].passed is False  # 2/20 > 5%
+    (failed_mat,) = result.asset_materializations_for_node("rev_collect")[1:]
+    assert failed_mat.asset_key == flow.pipeline.failed_key
+    assert failed_mat.metadata["error_codes"].value == {"invalid_input": 2}
+    assert failed_mat.metadata["retryable"].value == 0
+
+    run = flow.retry(raise_on_error=False)
+    assert run.success is False
+    assert "has no retryable failed rows" in step_error(run)
+
+
+def test_collect_waits_in_the_run_for_batches_still_running(tmp_path, instance):
+    resource = faulty_resource(tmp_path, "infron", in_progress_seconds=0.4)
+    flow = make_flow(tmp_path, resource, instance)
+
+    early = flow.collect(raise_on_error=False)
+    assert early.success is False
+    assert "has no submitted attempt to collect" in step_error(early)
+
+    flow.submit()
+    config = {
+        "ops": {"rev_collect": {"config": {"wait_seconds": 20, "poll_interval_seconds": 0.1}}}
+    }
+    result = flow.collect(run_config=config)
+    assert [e.event_type_value for e in result.all_events].count("STEP_UP_FOR_RETRY") == 0
+    assert flow.results().num_rows == 20
+    assert checks(result)["completeness"].passed is True
+
+
+# --- faults ------------------------------------------------------------------------------------
+
+
+def test_failed_and_lost_rows_each_land_in_exactly_one_table(tmp_path, api_style, instance):
+    resource = faulty_resource(tmp_path, api_style, failure_rate=0.3, lost_rate=0.2)
+    flow = make_flow(tmp_path, resource, instance)
+    flow.submit()
+    result = flow.collect()
+
+    assert_partitioned_exactly(flow, set(range(20)))
+    failed = flow.failed().to_pandas()
+    codes = failed["error_code"].value_counts().to_dict()
+    assert set(codes) == {"server_error", "missing_result"}
+    assert failed["retryable"].all()
+    assert (failed.loc[failed.error_code == "server_error", "http_status"] == 500).all()
+
+    # What the server says happened matches what collection recorded.
+    with InfronResource(base_url=resource.base_url, api_style="openai").get_client() as client:
+        batches = list(client.list_batches())
+    assert len(batches) == 3
+    assert sum(b.completed_requests for b in batches) == flow.results().num_rows
+    assert sum(b.failed_requests for b in batches) == codes["server_error"]
+    lost = sum(b.total_requests - b.completed_requests - b.failed_requests for b in batches)
+    assert lost == codes["missing_result"]
+
+    assert checks(result)["completeness"].passed is True
+    assert checks(result)["failure_rate"].passed is False
+
+
+def test_missing_result_rows_record_their_attempt(tmp_path, instance):
+    resource = faulty_resource(tmp_path, "openai", lost_rate=0.3)
+    flow = make_flow(tmp_path, resource, instance)
+    flow.submit()
+    flow.collect()
+    failed = flow.failed().to_pandas()
+    assert len(failed) > 0
+    assert set(failed["error_code"]) == {"missing_result"}
+    assert failed["attempt"].tolist() == [1] * len(failed)
+
+
+def test_expired_batch_keeps_finished_rows_and_fails_the_rest(tmp_path, api_style, instance):
+    resource = faulty_resource(tmp_path, api_style, expire=True, expire_fraction=0.5)
+    flow = make_flow(tmp_path, resource, instance)
+    flow.submit()
+    flow.collect()
+
+    assert_partitioned_exactly(flow, set(range(20)))
+    results, failed = flow.results().to_pandas(), flow.failed().to_pandas()
+    assert 0 < len(results) < 20
+    assert results["sentiment"].notna().all()
+    assert set(failed["error_code"]) == {"batch_expired"}
+    assert failed["retryable"].all()
+    assert failed["attempt"].tolist() == [1] * len(failed)
+
+
+def test_failed_validation_fails_every_row_retryably(tmp_path, api_style, instance):
+    resource = faulty_resource(tmp_path, api_style, validation_failure=True)
+    flow = make_flow(tmp_path, resource, instance)
+    flow.submit()
+    result = flow.collect()
+
+    assert flow.results().num_rows == 0
+    failed = flow.failed().to_pandas()
+    assert sorted(failed["id"]) == list(range(20))
+    assert set(failed["error_code"]) == {"batch_failed"}
+    assert failed["retryable"].all()
+    assert all("validation" in m for m in failed["error_message"])
+    assert failed["batch_id"].nunique() == 3
+    assert checks(result)["completeness"].passed is True
+
+
+# --- retry -------------------------------------------------------------------------------------
+
+
+def test_retry_job_moves_rows_from_failed_to_results_bounded_by_max_attempts(
+    tmp_path, api_style, instance
+):
+    resource = faulty_resource(tmp_path, api_style, failure_rate=0.3)
+    flow = make_flow(tmp_path, resource, instance, max_attempts=2)
+    flow.submit()
+
+    early = flow.retry(raise_on_error=False)
+    assert early.success is False
+    assert "is not collected yet" in step_error(early)
+
+    flow.collect()
+    failed_before = ids(flow.failed())
+    assert failed_before, "failure_rate=0.3 should fail some of 20 rows"
+    batches_before = len(server_batches(resource))
+
+    meta = submit_meta(flow.retry())
+    assert meta["attempt"] == 2
+    assert meta["attempt_kind"] == "retry"
+    assert meta["dagster/row_count"] == len(failed_before)  # only the failed rows are resent
+    assert len(server_batches(resource)) == batches_before + meta["batches_created"]
+    assert meta["batches_created"] == -(-len(failed_before) // 7)
+
+    result = flow.collect()
+    assert checks(result)["completeness"].passed is True
+    assert_partitioned_exactly(flow, set(range(20)))
+    failed_after = ids(flow.failed())
+    moved = failed_before - failed_after
+    assert failed_after <= failed_before
+    assert moved, f"the retry recovered none of {sorted(failed_before)}"
+    results = flow.results().to_pandas().set_index("id")
+    assert set(results.loc[sorted(moved), "attempt"]) == {2}
+    assert set(results.loc[sorted(set(range(20)) - failed_before), "attempt"]) == {1}
+    if failed_after:
+        assert set(flow.failed().column("attempt").to_pylist()) == {2}
+
+    beyond = flow.retry(raise_on_error=False)
+    assert beyond.success is False
+    assert "already had 2 of max_attempts=2" in step_error(beyond)
+    assert len(server_batches(resource)) == batches_before + meta["batches_created"]
+
+
+# --- partitioning and sources ------------------------------------------------------------------
+
+
+def test_unpartitioned_pipeline_end_to_end(tmp_path, infron_resource, instance):
+    flow = make_flow(tmp_path, infron_resource, instance, partitions_def=None)
+    assert submit_meta(flow.submit(None))["batches_created"] == 3
+    assert submit_meta(flow.resubmit(None))["reused_existing_batches"] is True
+    result = flow.collect(None)
+    assert checks(result)["completeness"].passed is True
+    assert flow.results(None).num_rows == 20
+    assert str(flow.store.table_path("results", None)).endswith(
+        "rev/results/partition=__all__/part-0.parquet"
+    )
+    assert set(flow.results(None).column("custom_id").to_pylist()) == {
+        make_custom_id("rev", None, str(i)) for i in range(20)
+    }
+
+    # Collecting again is idempotent: same rows, nothing new on the server.
+    before = flow.results(None)
+    again = flow.collect(None)
+    assert checks(again)["completeness"].passed is True
+    assert flow.results(None).equals(before)
+    assert len(server_batches(infron_resource)) == 3
+
+
+def test_daily_partitioned_pipeline(tmp_path, openai_resource, instance):
+    daily = dg.DailyPartitionsDefinition(start_date="2026-11-01", end_date="2026-11-10")
+    flow = make_flow(tmp_path, openai_resource, instance, partitions_def=daily)
+    for day, n in (("2026-11-03", 20), ("2026-11-04", 5)):
+        flow.rows[day] = reviews_frame(n)
+        assert submit_meta(flow.submit(day))["dagster/row_count"] == n
+        flow.collect(day)
+    assert flow.results("2026-11-03").num_rows == 20
+    root = str(flow.store.table_root("results"))
+    assert sorted(os.listdir(root)) == ["partition=2026-11-03", "partition=2026-11-04"]
+    rows = duckdb.sql(
+        f"select cast(partition as varchar), count(*) from "
+        f"read_parquet('{root}/*/*.parquet', hive_partitioning=true) group by 1 order by 1"
+    ).fetchall()
+    assert rows == [("2026-11-03", 20), ("2026-11-04", 5)]
+
+
+def test_parquet_source_reads_the_files_of_a_partition(tmp_path, infron_resource, instance):
+    folder = tmp_path / "src" / "a"
+    folder.mkdir(parents=True)
+    for start in (0, 10):
+        table = pa.Table.from_pandas(reviews_frame(10).assign(id=range(start, start + 10)))
+        pq.write_table(table, folder / f"part-{start}.parquet")
+    source = ParquetSource(str(tmp_path / "src" / "{partition_key}" / "*.parquet"))
+    flow = make_flow(tmp_path, infron_resource, instance, source=source)
+    assert flow.upstream is None
+
+    assert submit_meta(flow.submit("a"))["dagster/row_count"] == 20
+    flow.collect("a")
+    assert ids(flow.results("a")) == set(range(20))
+
+    missing = flow.submit("c", raise_on_error=False)
+    assert missing.success is False
+    assert f"no Parquet input at '{tmp_path}/src/c/*.parquet'" in step_error(missing)
+
+    never = flow.retry("b", raise_on_error=False)
+    assert never.success is False
+    assert "partition 'b' of rev has never been submitted" in step_error(never)
+
+
+def test_embeddings_pipeline_with_keep_columns(tmp_path, openai_resource, instance):
+    spec = RequestSpec(
+        model="text-embedding-3-small", endpoint="/v1/embeddings", prompt_template="{text}"
+    )
+    flow = make_flow(tmp_path, openai_resource, instance, spec=spec, keep_columns=["id"])
+    flow.submit()
+    flow.collect()
+    results = flow.results()
+    assert results.num_rows == 20
+    assert "text" not in results.column_names and "stars" not in results.column_names
+    assert results.schema.field("embedding").type == pa.list_(pa.float64())
+    lengths = {len(v) for v in results.column("embedding").to_pylist()}
+    assert len(lengths) == 1 and lengths.pop() > 0
+
+
+# --- concurrency -------------------------------------------------------------------------------
+
+
+class _GatedRows(dg.IOManager):
+    """Hands the upstream rows to both racing runs only once both are ready to submit."""
+
+    def __init__(self) -> None:
+        self.arrived = threading.Event()
+        self.barrier = threading.Barrier(2, timeout=30)
+
+    def handle_output(self, context, obj) -> None:  # pragma: no cover - never materialized
+        raise AssertionError("the upstream is not materialized in this test")
+
+    def load_input(self, context) -> pd.DataFrame:
+        self.arrived.set()
+        self.barrier.wait()
+        return reviews_frame()
+
+
+def test_two_runs_racing_on_one_partition_create_one_set_of_batches(tmp_path, resource, instance):
+    @dg.asset(name="reviews", partitions_def=PARTS, io_manager_key="gate")
+    def reviews():  # pragma: no cover - never materialized, only loaded
+        raise AssertionError
+
+    gate = _GatedRows()
+    pipeline = build_infron_batch_assets(
+        name="rev",
+        spec=SPEC,
+        source="reviews",
+        partitions_def=PARTS,
+        storage_root=str(tmp_path / "lake"),
+        max_requests_per_batch=7,
+    )
+    results: list[dg.ExecuteInProcessResult] = []
+
+    def run() -> None:
+        results.append(
+            dg.materialize(
+                [reviews, pipeline.batches_asset],
+                selection=[pipeline.batches_asset],
+                partition_key="a",
+                instance=instance,
+                resources={"infron": resource, "gate": gate},
+            )
+        )
+
+    # The second run starts once the first waits at the gate (Dagster's in-process run setup
+    # is not thread-safe); both then go on to submit at the same moment.
+    first = threading.Thread(target=run, daemon=True)
+    first.start()
+    assert gate.arrived.wait(30)
+    second = threading.Thread(target=run, daemon=True)
+    second.start()
+    first.join(60)
+    second.join(60)
+
+    assert len(results) == 2 and all(r.success for r in results)
+    metas = sorted((submit_meta(r) for r in results), key=lambda m: m["batches_created"])
+    assert [m["batches_created"] for m in metas] == [0, 3]
+    assert [m["reused_existing_batches"] for m in metas] == [True, False]
+    assert metas[0]["batch_ids"] == metas[1]["batch_ids"]
+    assert len(server_batches(resource)) == 3
+    assert pipeline.storage.attempts("a") == [1]
+
+
+# --- known bugs --------------------------------------------------------------------------------
+
+
+def test_reverting_input_revives_the_paid_batches_of_that_version(
+    tmp_path, infron_resource, instance
+):
+    flow = make_flow(tmp_path, infron_resource, instance)
+    original = submit_meta(flow.submit())  # A: 20 rows
+    flow.rows["a"] = reviews_frame(5)
+    flow.submit()  # B: 5 rows
+    flow.collect()
+    assert ids(flow.results()) == set(range(5))
+    assert len(server_batches(infron_resource)) == 4
+
+    del flow.rows["a"]  # back to A: nothing is paid twice, and A's rows are what is collected
+    reverted = submit_meta(flow.submit())
+    assert reverted["batches_created"] == 0
+    assert reverted["reused_existing_batches"] is True
+    assert reverted["attempt"] == 3
+    assert reverted["batch_ids"] == original["batch_ids"]
+    assert len(server_batches(infron_resource)) == 4
+    flow.collect()
+    assert ids(flow.results()) == set(range(20))
+    assert flow.failed().num_rows == 0
+
+
+def test_empty_pandas_partition_keeps_the_whole_table_readable(tmp_path, infron_resource, instance):
+    flow = make_flow(tmp_path, infron_resource, instance)
+    # A day with no reviews, built the usual pandas way: object columns, which Arrow types null.
+    flow.rows["a"] = pd.DataFrame(columns=["id", "text", "stars"])
+    for partition in ("a", "b"):
+        flow.submit(partition)
+        flow.collect(partition)
+    root = str(flow.store.table_root("results"))
+    table = ds.dataset(root, partitioning="hive").to_table()
+    assert table.num_rows == 20
+    assert table.schema.field("text").type in (pa.string(), pa.large_string())
+    count = duckdb.sql(
+        f"select count(text) from read_parquet('{root}/*/*.parquet', hive_partitioning=true)"
+    ).fetchall()
+    assert count == [(20,)]

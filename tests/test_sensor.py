@@ -1,0 +1,280 @@
+"""POLL: the sensor, evaluated with a persistent test instance and the real definitions.
+
+Each tick is ``pipeline.sensor(context)`` on a context built by ``dg.build_sensor_context``; the
+state it reads is the manifests on disk and the local batch server's folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pytest
+from conftest import INSTANT, make_local_dir
+
+from infron_dagster import InfronBatchPipeline, InfronResource, RequestSpec
+from infron_dagster import build_infron_batch_assets as build
+from infron_dagster.local import LocalServerConfig, save_config
+
+SPEC = RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of {text}", key_columns="id")
+PARTS = dg.StaticPartitionsDefinition(["a", "b", "c"])
+
+
+@dataclass
+class Flow:
+    pipeline: InfronBatchPipeline
+    upstream: dg.AssetsDefinition
+    resource: InfronResource
+    instance: dg.DagsterInstance
+    defs: dg.Definitions
+    resources: dict[str, Any]
+
+    @property
+    def collect_keys(self) -> list[dg.AssetKey]:
+        return [self.pipeline.results_key, self.pipeline.failed_key]
+
+    def tick(self, cursor: str | None = None) -> dg.SensorResult:
+        context = dg.build_sensor_context(
+            instance=self.instance,
+            definitions=self.defs,
+            resources={"infron": self.resource},
+            cursor=cursor,
+        )
+        result = self.pipeline.sensor(context)
+        assert isinstance(result, dg.SensorResult)
+        return result
+
+    def submit(self, partition: str | None = "a", run_config=None):
+        return dg.materialize(
+            [self.upstream, self.pipeline.batches_asset],
+            partition_key=partition,
+            run_config=run_config,
+            instance=self.instance,
+            resources=self.resources,
+        )
+
+    def retry(self, partition: str | None = "a"):
+        job = self.defs.resolve_job_def("rev_retry")
+        return job.execute_in_process(partition_key=partition, instance=self.instance)
+
+    def run_request(self, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
+        """Execute a RunRequest the way the daemon would: its assets, its partition."""
+        job = self.defs.resolve_implicit_global_asset_job_def()
+        return job.execute_in_process(
+            partition_key=request.partition_key,
+            asset_selection=request.asset_selection,
+            tags=request.tags,
+            instance=self.instance,
+        )
+
+
+@pytest.fixture(scope="module")
+def instance():
+    """One persistent test instance for the module: the sensor's state lives in storage."""
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+@pytest.fixture
+def infron_resource(local_dir) -> InfronResource:
+    """For tests where the wire style does not matter: one style only, to keep the suite fast."""
+    return InfronResource(base_url=f"local://{local_dir}", api_style="infron", max_retries=3)
+
+
+def make_flow(tmp_path, resource, instance, *, partitions_def=PARTS, rows=20) -> Flow:
+    @dg.asset(name="reviews", partitions_def=partitions_def)
+    def reviews():
+        return pd.DataFrame({"id": range(rows), "text": [f"review {i}" for i in range(rows)]})
+
+    pipeline = build(
+        name="rev",
+        spec=SPEC,
+        source="reviews",
+        partitions_def=partitions_def,
+        storage_root=str(tmp_path / "lake"),
+        max_requests_per_batch=7,
+    )
+    resources = {
+        "infron": resource,
+        "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
+    }
+    defs = dg.Definitions.merge(
+        pipeline.definitions, dg.Definitions(assets=[reviews], resources=resources)
+    )
+    return Flow(pipeline, reviews, resource, instance, defs, resources)
+
+
+def emitted(result: dg.SensorResult) -> set[str]:
+    return set(json.loads(result.cursor)["emitted"])
+
+
+def keys(result: dg.SensorResult) -> list[tuple[str | None, str]]:
+    return sorted((r.partition_key, r.run_key) for r in result.run_requests)
+
+
+# --- nothing to do -----------------------------------------------------------------------------
+
+
+def test_no_manifests_no_run_requests(tmp_path, infron_resource, instance):
+    flow = make_flow(tmp_path, infron_resource, instance)
+    result = flow.tick()
+    assert result.run_requests == []
+    assert json.loads(result.cursor) == {"emitted": {}}
+
+
+def test_batches_in_flight_do_not_request_collection(tmp_path, api_style, instance):
+    folder = make_local_dir(str(tmp_path / "slow"), in_progress_seconds=60)
+    resource = InfronResource(base_url=f"local://{folder}", api_style=api_style)
+    flow = make_flow(tmp_path, resource, instance)
+    flow.submit("a")
+
+    first = flow.tick()
+    assert first.run_requests == []
+    assert emitted(first) == set()
+    second = flow.tick(first.cursor)
+    assert second.run_requests == []
+    # Nothing was collected behind the sensor's back.
+    assert not flow.pipeline.storage.table_path("results", "a").exists()
+
+
+def test_poll_errors_do_not_crash_the_tick(tmp_path, api_style, instance):
+    resource = InfronResource(
+        base_url=f"local://{make_local_dir(str(tmp_path / 'server'))}", api_style=api_style
+    )
+    flow = make_flow(tmp_path, resource, instance)
+    flow.submit("a")
+    # The same manifests, seen through a server that has never heard of these batches.
+    elsewhere = make_local_dir(str(tmp_path / "other-server"))
+    flow.resource = InfronResource(
+        base_url=f"local://{elsewhere}", api_style=api_style, max_retries=0
+    )
+    result = flow.tick()
+    assert result.run_requests == []
+    assert emitted(result) == set()
+
+
+# --- finished attempts -------------------------------------------------------------------------
+
+
+def test_finished_attempt_requests_exactly_one_collection(tmp_path, resource, instance):
+    flow = make_flow(tmp_path, resource, instance)
+    flow.submit("a")
+
+    first = flow.tick()
+    (request,) = first.run_requests
+    assert request.partition_key == "a"
+    assert request.run_key == "rev:a:1"
+    assert list(request.asset_selection) == flow.collect_keys
+    assert request.tags["infron/attempt"] == "1"
+    assert emitted(first) == {"rev:a:1"}
+
+    second = flow.tick(first.cursor)
+    assert second.run_requests == []
+    assert emitted(second) == {"rev:a:1"}
+
+    run = flow.run_request(request)
+    assert run.success
+    materialized = {m.asset_key for m in run.get_asset_materialization_events()}
+    assert materialized == set(flow.collect_keys)
+    assert flow.pipeline.storage.table_path("results", "a").exists()
+
+    # Once collected, neither the old cursor nor a fresh one brings the request back.
+    assert flow.tick(second.cursor).run_requests == []
+    assert flow.tick().run_requests == []
+
+
+def test_retry_attempt_gets_its_own_run_request(tmp_path, api_style, instance):
+    folder = make_local_dir(str(tmp_path / "faulty"), failure_rate=0.4)
+    resource = InfronResource(base_url=f"local://{folder}", api_style=api_style)
+    flow = make_flow(tmp_path, resource, instance)
+    flow.submit("a")
+    first = flow.tick()
+    (request,) = first.run_requests
+    flow.run_request(request)
+    assert flow.tick(first.cursor).run_requests == []
+
+    flow.retry("a")
+    after_retry = flow.tick(first.cursor)
+    (retry_request,) = after_retry.run_requests
+    assert retry_request.run_key == "rev:a:2"
+    assert retry_request.partition_key == "a"
+    assert retry_request.tags["infron/attempt"] == "2"
+    assert list(retry_request.asset_selection) == flow.collect_keys
+    assert "rev:a:2" in emitted(after_retry)
+
+    assert flow.tick(after_retry.cursor).run_requests == []
+    flow.run_request(retry_request)
+    assert flow.tick().run_requests == []
+
+
+def test_resubmission_with_changed_input_is_collected_as_a_new_attempt(
+    tmp_path, infron_resource, instance
+):
+    flow = make_flow(tmp_path, infron_resource, instance)
+    flow.submit("a")
+    (request,) = flow.tick().run_requests
+    flow.run_request(request)
+
+    flow.submit("a", {"ops": {"rev_batches": {"config": {"force_resubmit": True}}}})
+    assert keys(flow.tick()) == [("a", "rev:a:2")]
+
+
+def test_corrupt_cursor_is_rebuilt_from_storage(tmp_path, infron_resource, instance):
+    flow = make_flow(tmp_path, infron_resource, instance)
+    flow.submit("a")
+    first = flow.tick()
+    assert keys(first) == [("a", "rev:a:1")]
+
+    # The cursor is only a cache: a corrupt one makes the sensor ask again for the
+    # uncollected attempt, under the same run_key, which Dagster deduplicates.
+    for cursor in ("not json", "[]", '{"emitted": {"rev:a:1": "soon"}}', '{"emitted": 3}', ""):
+        again = flow.tick(cursor)
+        assert keys(again) == [("a", "rev:a:1")], cursor
+        assert emitted(again) == {"rev:a:1"}
+
+
+def test_several_partitions_in_flight_at_once(tmp_path, infron_resource, instance):
+    folder = infron_resource.base_url.removeprefix("local://")
+    flow = make_flow(tmp_path, infron_resource, instance)
+    flow.submit("a")
+    flow.submit("b")
+    # The server snapshots its timing per batch: partition c's batches stay in progress.
+    save_config(folder, LocalServerConfig(**{**INSTANT, "in_progress_seconds": 60}))
+    flow.submit("c")
+
+    first = flow.tick()
+    assert keys(first) == [("a", "rev:a:1"), ("b", "rev:b:1")]
+    assert all(list(r.asset_selection) == flow.collect_keys for r in first.run_requests)
+    second = flow.tick(first.cursor)
+    assert second.run_requests == []
+
+    by_partition = {r.partition_key: r for r in first.run_requests}
+    flow.run_request(by_partition["a"])
+    third = flow.tick(second.cursor)
+    assert third.run_requests == []
+    assert emitted(third) >= {"rev:b:1"}
+    # Without a cursor, only the finished but uncollected partition is asked for again.
+    assert keys(flow.tick()) == [("b", "rev:b:1")]
+
+
+def test_empty_partition_is_collected_at_once(tmp_path, infron_resource, instance):
+    flow = make_flow(tmp_path, infron_resource, instance, rows=0)
+    flow.submit("b")
+    (request,) = flow.tick().run_requests
+    assert (request.partition_key, request.run_key) == ("b", "rev:b:1")
+    assert flow.run_request(request).success
+
+
+def test_unpartitioned_pipeline_sensor(tmp_path, infron_resource, instance):
+    flow = make_flow(tmp_path, infron_resource, instance, partitions_def=None)
+    flow.submit(None)
+    first = flow.tick()
+    (request,) = first.run_requests
+    assert request.partition_key is None
+    assert request.run_key == "rev::1"
+    assert flow.run_request(request).success
+    assert flow.pipeline.storage.table_path("results", None).exists()
+    assert flow.tick().run_requests == []
