@@ -194,7 +194,7 @@ class InfronClient:
             return Batch.from_openai(data)
         # A file, not a generator: its length is known, so no chunked upload is needed.
         with tempfile.TemporaryFile() as body:
-            for part in _infron_body(requests_path):
+            for part in _infron_body(requests_path, endpoint):
                 body.write(part)
 
             def rewind() -> IO[bytes]:
@@ -446,9 +446,17 @@ def _close_files(files: Any) -> None:
                 handle.close()
 
 
-def _infron_body(requests_path: str | os.PathLike[str]) -> Iterator[bytes]:
-    """Stream ``{"requests": [{"custom_id", "params"}, ...]}`` from OpenAI-style JSONL."""
-    yield b'{"requests":['
+def _infron_body(requests_path: str | os.PathLike[str], endpoint: str) -> Iterator[bytes]:
+    """Stream ``{"requests": [{"custom_id", "params"}, ...]}`` from OpenAI-style JSONL.
+
+    Infron documents chat-completion params only; another endpoint is named explicitly so
+    the server cannot mistake a Responses ``input`` for an embeddings one.
+    """
+    if endpoint != "/v1/chat/completions":
+        yield b'{"endpoint":' + json.dumps(endpoint).encode() + b","
+    else:
+        yield b"{"
+    yield b'"requests":['
     first = True
     with open(requests_path, "rb") as fh:
         for raw in fh:
