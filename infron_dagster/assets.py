@@ -45,6 +45,7 @@ class SubmitConfig(dg.Config):
 
     force_resubmit: bool = False
     retry_failed: bool = False
+    resubmit_uncertain: bool = False
 
 
 class CollectConfig(dg.Config):
@@ -188,9 +189,7 @@ def _batches_asset(
         elif rows is None:
             assert isinstance(source, ParquetSource)
             rows = source.read(key)
-        outcome = _prepare_and_submit(
-            s, resource, rows, key, kind, config.force_resubmit, context.run_id
-        )
+        outcome = _prepare_and_submit(s, resource, rows, key, kind, config, context.run_id)
         return dg.MaterializeResult(metadata=_submit_metadata(outcome, resource))
 
     decorator = dg.asset(
@@ -233,7 +232,7 @@ def _prepare_and_submit(
     rows: Any,
     key: str | None,
     kind: str,
-    force: bool,
+    config: SubmitConfig,
     run_id: str,
 ) -> SubmitOutcome:
     with tempfile.TemporaryDirectory(prefix="infron-prepare-") as workdir:
@@ -254,8 +253,9 @@ def _prepare_and_submit(
                 spec=s.spec,
                 partition_key=key,
                 kind=kind,
-                force=force,
+                force=config.force_resubmit,
                 run_id=run_id,
+                resubmit_uncertain=config.resubmit_uncertain,
             )
 
 

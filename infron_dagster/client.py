@@ -136,6 +136,7 @@ class InfronClient:
         self.api_style: ApiStyle = api_style
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
+        api_key = _clean_key(api_key)
         self._secret = api_key or ""
         self._sleep = sleep
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -174,10 +175,14 @@ class InfronClient:
         endpoint: str = "/v1/chat/completions",
         completion_window: str = "24h",
         metadata: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
     ) -> Batch:
         """Submit the OpenAI-style JSONL file at ``requests_path`` as one batch.
 
         The file is streamed, never read whole. In openai style it is uploaded first.
+        Creating is not idempotent: it is retried only when the server surely did not act
+        (429, or no connection); otherwise the error has ``ambiguous=True`` and the caller
+        must check before sending again. ``idempotency_key`` goes out as ``Idempotency-Key``.
 
         Example:
             >>> client.create_batch("chunk-00000.jsonl", metadata={"partition": "2026-11-24"})
@@ -190,7 +195,14 @@ class InfronClient:
                 "completion_window": completion_window,
                 "metadata": metadata or {},
             }
-            data = self._json("create batch", "POST", "/batches", json=payload)
+            data = self._json(
+                "create batch",
+                "POST",
+                "/batches",
+                json=payload,
+                idempotent=False,
+                headers=_idempotency(idempotency_key),
+            )
             return Batch.from_openai(data)
         # A file, not a generator: its length is known, so no chunked upload is needed.
         with tempfile.TemporaryFile() as body:
@@ -206,7 +218,8 @@ class InfronClient:
                 "POST",
                 "/batches",
                 content=rewind,
-                headers={"Content-Type": "application/json"},
+                headers={"Content-Type": "application/json", **_idempotency(idempotency_key)},
+                idempotent=False,
             )
         return Batch.from_infron(data)
 
@@ -374,6 +387,7 @@ class InfronClient:
         stream: bool = False,
         content: Callable[[], Iterator[bytes] | IO[bytes]] | None = None,
         files: Callable[[], dict[str, Any]] | None = None,
+        idempotent: bool = True,
         **kwargs: Any,
     ) -> httpx.Response:
         """One logical call: retries retryable answers within the policy's budget."""
@@ -392,6 +406,8 @@ class InfronClient:
                 response = http.send(request, stream=True)
             except httpx.TransportError as exc:
                 error: InfronError = InfronConnectionError(operation, self._redact(str(exc)))
+                # Only a failed connect proves the server never saw the request.
+                error.ambiguous = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
                 response = None
             else:
                 if response.status_code < 400:
@@ -400,9 +416,12 @@ class InfronClient:
                     return response
                 response.read()
                 error = self._error(operation, response)
+                error.ambiguous = response.status_code >= 500 or response.status_code in (408, 409)
             finally:
                 _close_files(request_kwargs.get("files"))
-            if not self._should_retry(error, attempt, started):
+            if not self._should_retry(error, attempt, started) or (
+                error.ambiguous and not idempotent
+            ):
                 raise error
             wait = self.retry.delay(attempt, response)
             logger.info("%s: %s; retry %d in %.2fs", operation, error, attempt, wait)
@@ -422,8 +441,26 @@ class InfronClient:
 
     def _redact(self, text: str) -> str:
         if self._secret and len(self._secret) >= 4:
-            return text.replace(self._secret, "***")
+            for form in (self._secret, repr(self._secret)[1:-1], self._secret.strip()):
+                text = text.replace(form, "***")
         return text
+
+
+def _clean_key(api_key: str | None) -> str | None:
+    """Strip the whitespace a mounted secret often carries; refuse control characters.
+
+    httpx would otherwise put the key, escaped, into an "Illegal header value" error.
+    """
+    if api_key is None:
+        return None
+    key = api_key.strip()
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        raise ValueError("the API key contains control characters; check how it is stored")
+    return key
+
+
+def _idempotency(key: str | None) -> dict[str, str]:
+    return {"Idempotency-Key": key} if key else {}
 
 
 def _server_message(response: httpx.Response) -> tuple[str, str | None]:

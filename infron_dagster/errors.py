@@ -45,6 +45,8 @@ class InfronError(Exception):
         self.server_message = message
         self.status_code = status_code
         self.code = code
+        # True when a non-idempotent call (create batch) may have taken effect anyway.
+        self.ambiguous = False
         status = f" (HTTP {status_code})" if status_code is not None else ""
         super().__init__(f"{operation} failed{status}: {message}")
 

@@ -38,6 +38,8 @@ class ChunkRecord:
     batch_id: str | None = None
     status: str | None = None
     idempotency_key: str = ""
+    # A create call for this chunk failed in a way that may have created the batch anyway.
+    uncertain: bool = False
 
 
 @dataclass

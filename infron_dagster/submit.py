@@ -39,15 +39,23 @@ class SubmitIncomplete(RuntimeError):
         ...     print(exc.created, exc.total)
     """
 
-    def __init__(self, manifest: Manifest, error: InfronError) -> None:
+    def __init__(self, manifest: Manifest, error: InfronError | str) -> None:
         self.created = len(manifest.batch_ids)
         self.total = len(manifest.chunks)
         self.error = error
+        uncertain = [c.index for c in manifest.chunks if c.uncertain and not c.batch_id]
+        advice = (
+            "materializing the partition again resumes with the remaining chunks and pays "
+            "for none twice."
+            if not uncertain
+            else f"chunk(s) {uncertain} may have been created although the call failed, and "
+            "this API cannot be asked. Check the provider's dashboard; run the partition "
+            "again with `resubmit_uncertain: true` only if those batches do not exist."
+        )
         super().__init__(
             f"partition {manifest.partition_key!r} attempt {manifest.attempt}: "
-            f"{self.created} of {self.total} batch(es) created before the API refused the next "
-            f"one ({error}). The manifest records them; materializing the partition again "
-            "resumes with the remaining chunks and pays for none twice."
+            f"{self.created} of {self.total} batch(es) created, then: {error}. "
+            f"The manifest records what exists; {advice}"
         )
 
 
@@ -79,13 +87,18 @@ def submit_prepared(
     kind: str = "initial",
     force: bool = False,
     run_id: str | None = None,
+    resubmit_uncertain: bool = False,
 ) -> SubmitOutcome:
-    """Create (or reuse) the batches for one partition's prepared requests."""
+    """Create (or reuse) the batches for one partition's prepared requests.
+
+    ``resubmit_uncertain`` sends again the chunks whose earlier create call failed
+    ambiguously (only needed in infron style, which has no list call to check).
+    """
     with storage.lock(partition_key):
         manifests = load_manifests(storage, partition_key)
         match = None if force else _reusable(manifests, prepared.fingerprint, kind)
         if match is not None and not match.fully_submitted:
-            return _resume(client, storage, match)
+            return _resume(client, storage, match, resubmit_uncertain)
         if match is not None and (kind == "retry" or match is _latest_initial(manifests)):
             return SubmitOutcome(manifest=match, reused=True)
         manifest = _new_manifest(storage, manifests, prepared, spec, partition_key, kind, run_id)
@@ -182,16 +195,16 @@ def _stage(storage: BatchStorage, prepared: PreparedRequests, manifest: Manifest
     storage.write_json(storage.manifest_path(key, attempt), manifest.to_dict())
 
 
-def _resume(client: InfronClient, storage: BatchStorage, manifest: Manifest) -> SubmitOutcome:
+def _resume(
+    client: InfronClient, storage: BatchStorage, manifest: Manifest, resubmit_uncertain: bool
+) -> SubmitOutcome:
     """Finish an attempt a crashed run left half-submitted, re-attaching orphan batches."""
     outcome = SubmitOutcome(manifest=manifest)
     if client.api_style == "openai":
-        orphans = _orphans_by_key(client, {c.idempotency_key for c in manifest.chunks})
-        for chunk in manifest.chunks:
-            if not chunk.batch_id and chunk.idempotency_key in orphans:
-                chunk.batch_id = orphans[chunk.idempotency_key]
-                outcome.reattached.append(chunk.batch_id)
+        _reattach(client, manifest, outcome)
         _save(storage, manifest)
+    elif not resubmit_uncertain and any(c.uncertain and not c.batch_id for c in manifest.chunks):
+        raise SubmitIncomplete(manifest, "an earlier create call ended ambiguously")
     with tempfile.TemporaryDirectory(prefix="infron-resume-") as tmp:
         local = {}
         for chunk in manifest.chunks:
@@ -199,6 +212,18 @@ def _resume(client: InfronClient, storage: BatchStorage, manifest: Manifest) -> 
                 local[chunk.index] = os.path.join(tmp, f"chunk-{chunk.index:05d}.jsonl")
                 storage.download_file(storage.resolve(chunk.path), local[chunk.index])
         return _create_batches(client, storage, manifest, local, outcome)
+
+
+def _reattach(client: InfronClient, manifest: Manifest, outcome: SubmitOutcome) -> None:
+    """Record batches that exist on the server (found by metadata) but not in the manifest."""
+    missing = {c.idempotency_key for c in manifest.chunks if not c.batch_id}
+    orphans = _orphans_by_key(client, missing) if missing else {}
+    for chunk in manifest.chunks:
+        if not chunk.batch_id and chunk.idempotency_key in orphans:
+            chunk.batch_id, chunk.uncertain = orphans[chunk.idempotency_key], False
+            outcome.reattached.append(chunk.batch_id)
+        elif not chunk.batch_id:
+            chunk.uncertain = False  # the list is authoritative: it was never created
 
 
 def _orphans_by_key(client: InfronClient, keys: set[str]) -> dict[str, str]:
@@ -227,12 +252,20 @@ def _create_batches(
         }
         try:
             batch = client.create_batch(
-                local_paths[chunk.index], endpoint=manifest.endpoint, metadata=metadata
+                local_paths[chunk.index],
+                endpoint=manifest.endpoint,
+                metadata=metadata,
+                idempotency_key=chunk.idempotency_key,
             )
         except InfronError as exc:
+            chunk.uncertain = exc.ambiguous
+            if exc.ambiguous and client.api_style == "openai":
+                _reattach(client, manifest, outcome)
             _save(storage, manifest)  # what was created so far stays on record
-            raise SubmitIncomplete(manifest, exc) from exc
-        chunk.batch_id, chunk.status = batch.id, batch.status.value
+            if not chunk.batch_id:
+                raise SubmitIncomplete(manifest, exc) from exc
+            continue
+        chunk.batch_id, chunk.status, chunk.uncertain = batch.id, batch.status.value, False
         outcome.created.append(batch.id)
         _save(storage, manifest)
         logger.info(

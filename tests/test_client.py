@@ -521,12 +521,16 @@ def test_rate_limits_are_retried_honouring_retry_after(
 def test_server_errors_are_retried_with_backoff_then_succeed(
     local_http: Callable[..., LocalHttp], api_style: str, tmp_path: Path
 ) -> None:
-    server = local_http(server_error_every=2)
+    # Every third request fails, so the (non-idempotent) create lands on a good slot and the
+    # idempotent calls after it meet the failures.
+    server = local_http(server_error_every=3)
     path = tmp_path / "requests.jsonl"
     ids = write_requests(path, 4)
     waits: list[float] = []
     with server.client(api_style, waits, retry=fast_retry()) as client:
-        batch = client.retrieve_batch(client.create_batch(path).id)
+        created = client.create_batch(path)
+        for _ in range(5):
+            batch = client.retrieve_batch(created.id)
         lines = all_result_lines(client, batch)
 
     assert batch.status is BatchStatus.COMPLETED
@@ -535,6 +539,21 @@ def test_server_errors_are_retried_with_backoff_then_succeed(
     assert {500, 503} <= set(failures)
     assert len(waits) == len(failures)
     assert all(0.05 <= wait <= 0.1 for wait in waits)  # first retries: within initial_delay
+
+
+def test_create_is_not_retried_after_an_ambiguous_server_error(
+    local_http: Callable[..., LocalHttp], tmp_path: Path
+) -> None:
+    server = local_http(server_error_every=2)  # upload passes, the create POST gets a 500
+    path = tmp_path / "requests.jsonl"
+    write_requests(path, 2)
+    waits: list[float] = []
+    client = server.client("openai", waits, retry=fast_retry())
+    with client, pytest.raises(InfronServerError) as info:
+        client.create_batch(path)
+    assert info.value.ambiguous and waits == []
+    posts = [hit for hit in server.hits if hit[:2] == ("POST", "/v1/batches")]
+    assert len(posts) == 1  # sent once: a retry might have paid for a second batch
 
 
 def test_permanent_server_error_gives_up_after_max_retries_with_growing_waits(
@@ -546,7 +565,11 @@ def test_permanent_server_error_gives_up_after_max_retries_with_growing_waits(
     waits: list[float] = []
     client = server.client(api_style, waits, retry=fast_retry(max_retries=3))
     with client, pytest.raises(InfronServerError) as caught:
-        client.create_batch(path)
+        # An idempotent call in each style: openai uploads the file, infron reads a batch.
+        if api_style == "openai":
+            client.upload_file(path)
+        else:
+            client.retrieve_batch("batch_x")
 
     assert len(server.hits) == 4  # max_retries + 1 attempts
     assert {s for s in server.statuses()} <= {500, 503}
@@ -556,7 +579,7 @@ def test_permanent_server_error_gives_up_after_max_retries_with_growing_waits(
         ceiling = 0.1 * 2**n
         assert ceiling / 2 <= wait <= ceiling
     assert caught.value.retryable and caught.value.status_code in (500, 503)
-    operation = "upload file requests.jsonl" if api_style == "openai" else "create batch"
+    operation = "upload file requests.jsonl" if api_style == "openai" else "retrieve batch batch_x"
     assert str(caught.value).startswith(f"{operation} failed (HTTP 50")
 
 

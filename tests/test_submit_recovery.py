@@ -3,12 +3,19 @@ attempts. Real local server (in-process WSGI), real files."""
 
 import json
 
+import httpx
 import pandas as pd
 import pytest
 from conftest import make_local_dir
 
-from infron_dagster import BatchStorage, RequestSpec, prepare_requests, submit_prepared
-from infron_dagster.local import LocalServerConfig, save_config
+from infron_dagster import (
+    BatchStorage,
+    InfronClient,
+    RequestSpec,
+    prepare_requests,
+    submit_prepared,
+)
+from infron_dagster.local import LocalServerConfig, create_app, save_config
 from infron_dagster.local.embedded import embedded_client
 from infron_dagster.submit import SubmitIncomplete, load_manifests
 
@@ -91,3 +98,61 @@ def test_force_resubmit_pays_again_on_purpose(tmp_path):
     forced = _submit(tmp_path, local_dir, _frame(["a", "b"]), force=True)
     assert not forced.reused and forced.manifest.attempt == 2 and len(forced.created) == 1
     assert _server_batches(local_dir) == 2
+
+
+class _LostAnswerTransport(httpx.WSGITransport):
+    """The real local app, but the first "create batch" answer is lost on the way back:
+    the server created the batch, the client saw a read timeout. No real server can be made
+    to drop exactly that answer, so the loss is injected here, at the transport."""
+
+    def __init__(self, app) -> None:
+        super().__init__(app=app)
+        self.dropped = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if request.method == "POST" and request.url.path.endswith("/batches") and not self.dropped:
+            self.dropped += 1
+            raise httpx.ReadTimeout("answer lost", request=request)
+        return response
+
+
+def _lossy_client(local_dir, style):
+    transport = _LostAnswerTransport(create_app(local_dir))
+    client = InfronClient("k", "http://infron.local/v1", style, transport=transport)
+    return client, transport
+
+
+def _submit_with(client, tmp_path, frame, **kwargs):
+    storage = BatchStorage(str(tmp_path / "lake"), "words")
+    work = tmp_path / f"work-{len(list(tmp_path.iterdir()))}"
+    prepared = prepare_requests(frame, SPEC, name="words", partition_key="p", workdir=work)
+    return submit_prepared(client, storage, prepared, spec=SPEC, partition_key="p", **kwargs)
+
+
+def test_a_lost_create_answer_is_reattached_not_paid_twice_openai(tmp_path):
+    local_dir = make_local_dir(str(tmp_path / "srv"), in_progress_seconds=3600)
+    client, transport = _lossy_client(local_dir, "openai")
+    outcome = _submit_with(client, tmp_path, _frame(["a", "b"]))
+    assert transport.dropped == 1 and len(outcome.reattached) == 1 and outcome.created == []
+    assert outcome.manifest.state == "submitted" and _server_batches(local_dir) == 1
+
+
+def test_a_lost_create_answer_in_infron_style_is_never_resent_blindly(tmp_path):
+    local_dir = make_local_dir(str(tmp_path / "srv"), in_progress_seconds=3600)
+    client, _transport = _lossy_client(local_dir, "infron")
+    with pytest.raises(SubmitIncomplete, match="resubmit_uncertain"):
+        _submit_with(client, tmp_path, _frame(["a", "b"]))
+    with pytest.raises(SubmitIncomplete, match="resubmit_uncertain"):
+        _submit_with(client, tmp_path, _frame(["a", "b"]))  # a plain re-run does not pay
+    assert _server_batches(local_dir) == 1
+    outcome = _submit_with(client, tmp_path, _frame(["a", "b"]), resubmit_uncertain=True)
+    assert len(outcome.created) == 1 and _server_batches(local_dir) == 2
+
+
+def test_an_api_key_with_a_trailing_newline_is_cleaned_and_never_echoed():
+    client = InfronClient("sk-secret-123\n", "http://infron.local/v1")
+    assert client._secret == "sk-secret-123"
+    with pytest.raises(ValueError) as info:
+        InfronClient("sk-se\x07cret", "http://infron.local/v1")
+    assert "sk-se" not in str(info.value)
