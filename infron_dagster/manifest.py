@@ -7,12 +7,13 @@ Example:
     >>> m = Manifest(name="reviews", partition_key="2026-11-24", attempt=1,
     ...              fingerprint="ab12", api_style="infron", endpoint="/v1/chat/completions",
     ...              model="gpt-4o-mini")
-    >>> m.run_key
+    >>> m.run_key.rsplit(":", 1)[0]
     'reviews:2026-11-24:1'
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -85,8 +86,13 @@ class Manifest:
 
     @property
     def run_key(self) -> str:
-        """Dedup key of this attempt's collection run: includes the attempt, by design."""
-        return f"{self.name}:{self.partition_key or ''}:{self.attempt}"
+        """Dedup key of this attempt's collection run: includes the attempt, by design.
+
+        Its last part hashes when the attempt was created, so attempt 1 of a lake that was
+        wiped is not mistaken (and silently skipped) for attempt 1 of the old one.
+        """
+        stamp = hashlib.sha256(f"{self.created_at}|{self.fingerprint}".encode()).hexdigest()
+        return f"{self.name}:{self.partition_key or ''}:{self.attempt}:{stamp[:8]}"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -251,7 +251,12 @@ class _Renderer:
             if _is_null(value):
                 return {}, f"{INVALID_INPUT}: column {column!r} is null", 0
             values[column] = value
-        prompt = self.spec.prompt_template.format_map(values)  # type: ignore[union-attr]
+        try:
+            prompt = self.spec.prompt_template.format_map(values)  # type: ignore[union-attr]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            columns = ", ".join(repr(c) for c in self.columns)
+            reason = f"template cannot render this row's {columns}: {type(exc).__name__}: {exc}"
+            return {}, f"{INVALID_INPUT}: {reason}", 0
         if not prompt.strip():
             return {}, f"{INVALID_INPUT}: prompt is empty after rendering", 0
         return self.spec.build_body(prompt), None, len(prompt)

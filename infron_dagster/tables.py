@@ -98,6 +98,28 @@ def build_tables(
     return results, failed
 
 
+# Names this library writes, plus the hive partition column: an input column with one of
+# these names is kept as ``input_<name>`` so the tables never hold two columns of one name.
+OUTPUT_NAMES = frozenset(
+    {
+        *RESULT_COLUMNS,
+        "response_text",
+        "embedding",
+        ERROR_CODE,
+        ERROR_MESSAGE,
+        "http_status",
+        "retryable",
+        "partition",
+    }
+)
+
+
+def _input_columns(table: pa.Table, keep: list[str]) -> pa.Table:
+    selected = table.select([*keep, CUSTOM_ID])
+    names = [f"input_{c}" if c in OUTPUT_NAMES else c for c in selected.column_names]
+    return selected.rename_columns(names)
+
+
 def _kept(inputs: pa.Table, keep_columns: Sequence[str] | None) -> list[str]:
     if keep_columns is None:
         return [c for c in inputs.column_names if c != CUSTOM_ID]
@@ -128,8 +150,45 @@ def _structured_outputs(outcomes: list[FinalOutcome | None], spec: RequestSpec) 
         if not isinstance(value, dict):
             parsed.bad[row] = "model output is JSON but not an object"
             continue
+        problem = _schema_mismatch(value, spec.response_schema)
+        if problem:
+            parsed.bad[row] = problem
+            continue
         parsed.values[row] = value
     return parsed
+
+
+_PY_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "array": (list,),
+    "object": (dict,),
+}
+
+
+def _schema_mismatch(value: dict[str, Any], schema: Mapping[str, Any]) -> str | None:
+    """Why a structured output does not fit the top-level property types, or None.
+
+    A value of the wrong type would otherwise change the column's type in one partition
+    (or be truncated, 2.5 -> 2) and break reading the whole table.
+    """
+    required = set(schema.get("required") or [])
+    for prop, sub in (schema.get("properties") or {}).items():
+        kinds = sub.get("type")
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds or [])
+        item = value.get(prop)
+        if item is None:
+            if prop in required and "null" not in kinds:
+                return f"model output lacks required field {prop!r}"
+            continue
+        allowed = tuple(t for k in kinds for t in _PY_TYPES.get(k, ()))
+        is_bool_as_number = isinstance(item, bool) and "boolean" not in kinds
+        whole_float = isinstance(item, float) and item.is_integer() and "integer" in kinds
+        if allowed and (not isinstance(item, allowed) or is_bool_as_number) and not whole_float:
+            return f"model output field {prop!r} is {type(item).__name__}, schema says {kinds}"
+    return None
 
 
 def _results_table(
@@ -141,7 +200,7 @@ def _results_table(
     spec: RequestSpec,
 ) -> pa.Table:
     idx = pa.array(rows, pa.int64())
-    table = inputs.select([*keep, CUSTOM_ID]).take(idx)
+    table = _input_columns(inputs, keep).take(idx)
     picked = [outcomes[r] for r in rows]
     out = [p.outcome for p in picked if p]
     if spec.endpoint == "/v1/embeddings":
@@ -177,7 +236,7 @@ def _schema_fields(spec: RequestSpec, taken: set[str]) -> list[tuple[tuple[str, 
     props = (spec.response_schema or {}).get("properties") or {}
     fields = []
     for prop, sub in props.items():
-        column = prop if prop not in taken and prop not in RESULT_COLUMNS else f"output_{prop}"
+        column = prop if prop not in taken and prop not in OUTPUT_NAMES else f"output_{prop}"
         fields.append(((column, prop), arrow_type_for_schema(sub)))
     return fields
 
@@ -199,7 +258,7 @@ def _failed_table(
     outcomes: list[FinalOutcome | None],
     bad_structured: dict[int, str],
 ) -> pa.Table:
-    table = inputs.select([*keep, CUSTOM_ID]).take(pa.array(rows, pa.int64()))
+    table = _input_columns(inputs, keep).take(pa.array(rows, pa.int64()))
     codes, messages, statuses, retryable, attempts, batches = [], [], [], [], [], []
     for row in rows:
         final = outcomes[row]
@@ -248,7 +307,7 @@ def _append_failure_columns(
 def _invalid_rows(invalid: pa.Table, keep: list[str], attempt: int) -> pa.Table:
     n = invalid.num_rows
     present = [c for c in keep if c in invalid.column_names]
-    table = invalid.select([*present, CUSTOM_ID])
+    table = _input_columns(invalid, present)
     return _append_failure_columns(
         table,
         invalid.column(ERROR_CODE).to_pylist() if n else [],

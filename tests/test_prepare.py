@@ -351,3 +351,13 @@ def test_spec_rejects_bad_combinations():
         RequestSpec(
             model="m", prompt_template="{x}", endpoint="/v1/embeddings", response_schema=SCHEMA
         )
+
+
+def test_a_row_the_template_cannot_format_is_invalid_not_a_crash(tmp_path):
+    spec = RequestSpec(model="m", prompt_template="Price {price:.2f}", key_columns=("id",))
+    frame = pd.DataFrame({"id": [1, 2], "price": ["9.50", "n/a"]})  # strings, not numbers
+    prepared = prepare_requests(frame, spec, name="n", partition_key="p", workdir=tmp_path)
+    assert prepared.valid.num_rows == 0 and prepared.chunks == []
+    messages = prepared.invalid.column("error_message").to_pylist()
+    assert len(messages) == 2
+    assert all("'price'" in m and "format code" in m for m in messages)

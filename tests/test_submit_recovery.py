@@ -2,6 +2,8 @@
 attempts. Real local server (in-process WSGI), real files."""
 
 import json
+import shutil
+import time
 
 import httpx
 import pandas as pd
@@ -156,3 +158,14 @@ def test_an_api_key_with_a_trailing_newline_is_cleaned_and_never_echoed():
     with pytest.raises(ValueError) as info:
         InfronClient("sk-se\x07cret", "http://infron.local/v1")
     assert "sk-se" not in str(info.value)
+
+
+def test_a_new_lake_gets_new_run_keys_so_dagster_does_not_skip_its_collections(tmp_path):
+    local_dir = make_local_dir(str(tmp_path / "srv"))
+    first = _submit(tmp_path, local_dir, _frame(["a", "b"])).manifest
+    time.sleep(1.1)  # created_at has one-second resolution
+    shutil.rmtree(tmp_path / "lake")  # the lake is wiped; the Dagster instance is not
+    second = _submit(tmp_path, local_dir, _frame(["a", "b"]), force=True).manifest
+    assert (first.attempt, second.attempt) == (1, 1)
+    assert first.run_key.startswith("words:p:1:") and second.run_key.startswith("words:p:1:")
+    assert first.run_key != second.run_key
