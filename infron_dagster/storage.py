@@ -23,6 +23,7 @@ import io
 import json
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -230,12 +231,13 @@ class BatchStorage:
         partition_key: str | None,
         *,
         wait_seconds: float = 120.0,
-        stale_seconds: float = 900.0,
+        stale_seconds: float = 300.0,
     ) -> Iterator[None]:
         """Hold the partition's lock: only one run submits or collects it at a time.
 
-        Uses an exclusive create (``O_EXCL`` locally, ``If-None-Match: *`` on S3); a lock
-        older than ``stale_seconds`` is taken to belong to a dead run and broken.
+        Uses an exclusive create (``O_EXCL`` locally, ``If-None-Match: *`` on S3). The holder
+        refreshes it every ``stale_seconds / 3``, so only a lock whose holder died goes stale
+        and is broken; a holder deletes the lock only while it still owns it.
         """
         path = self.partition_dir("locks", partition_key) / "lock.json"
         token = uuid.uuid4().hex
@@ -247,10 +249,31 @@ class BatchStorage:
             if time.monotonic() > deadline:
                 raise LockTimeout(f"partition {partition_key!r} is locked by another run ({path})")
             time.sleep(0.2)
+        stop = threading.Event()
+        beat = threading.Thread(
+            target=self._heartbeat, args=(path, token, stop, stale_seconds / 3), daemon=True
+        )
+        beat.start()
         try:
             yield
         finally:
-            self.delete(path)
+            stop.set()
+            beat.join()
+            if self._owner(path) == token:
+                self.delete(path)
+
+    def _heartbeat(self, path: UPath, token: str, stop: threading.Event, every: float) -> None:
+        while not stop.wait(every):
+            if self._owner(path) != token:
+                return  # broken by someone who judged us dead: do not fight over it
+            body = json.dumps({"token": token, "created": time.time()}).encode()
+            self.write_bytes(path, body)
+
+    def _owner(self, path: UPath) -> str | None:
+        try:
+            return json.loads(self.fresh(path).read_bytes()).get("token")
+        except (FileNotFoundError, ValueError):
+            return None
 
     def _try_create(self, path: UPath, token: str) -> bool:
         body = json.dumps({"token": token, "created": time.time()}).encode()
@@ -269,7 +292,7 @@ class BatchStorage:
 
     def _is_stale(self, path: UPath, stale_seconds: float) -> bool:
         try:
-            created = float(json.loads(path.read_bytes()).get("created", 0))
+            created = float(json.loads(self.fresh(path).read_bytes()).get("created", 0))
         except (FileNotFoundError, ValueError):
             return False
         return time.time() - created > stale_seconds
