@@ -27,13 +27,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .collect import CollectOutcome, active_attempts, collect_partition
-from .prepare import CUSTOM_ID, DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUESTS, prepare_requests
+from .prepare import (
+    CUSTOM_ID,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_REQUESTS,
+    HIDDEN_COLUMNS,
+    prepare_requests,
+)
 from .resources import InfronResource
 from .sensor import build_infron_batch_sensor
 from .sources import ParquetSource
 from .spec import RequestSpec
 from .storage import BatchStorage
-from .submit import SubmitOutcome, load_manifests, submit_prepared
+from .submit import SubmitOutcome, load_manifests, submit_prepared, succeeded_requests
 
 __all__ = ["InfronBatchPipeline", "build_infron_batch_assets"]
 
@@ -235,6 +241,8 @@ def _prepare_and_submit(
     config: SubmitConfig,
     run_id: str,
 ) -> SubmitOutcome:
+    carry = kind == "initial" and not config.force_resubmit
+    succeeded = succeeded_requests(s.storage, key) if carry else {}
     with tempfile.TemporaryDirectory(prefix="infron-prepare-") as workdir:
         prepared = prepare_requests(
             rows,
@@ -244,6 +252,7 @@ def _prepare_and_submit(
             workdir=workdir,
             max_requests_per_batch=s.max_requests,
             max_bytes_per_batch=s.max_bytes,
+            succeeded=succeeded,
         )
         with resource.get_client() as client:
             return submit_prepared(
@@ -280,7 +289,7 @@ def _retry_rows(s: _Settings, key: str | None) -> pa.Table:
     rows = inputs.filter(pc.is_in(inputs.column(CUSTOM_ID), value_set=retry_ids))
     if not rows.num_rows:
         raise dg.Failure(f"partition {key!r} of {s.name} has no retryable failed rows")
-    return rows.drop_columns([CUSTOM_ID])
+    return rows.drop_columns([CUSTOM_ID, *(c for c in HIDDEN_COLUMNS if c in rows.column_names)])
 
 
 def _submit_metadata(outcome: SubmitOutcome, resource: InfronResource) -> dict[str, Any]:
@@ -289,6 +298,7 @@ def _submit_metadata(outcome: SubmitOutcome, resource: InfronResource) -> dict[s
         "dagster/row_count": m.row_count,
         "valid_rows": m.row_count - m.invalid_count,
         "invalid_rows": m.invalid_count,
+        "carried_rows": m.carried_count,
         "chunks": len(m.chunks),
         "batch_ids": dg.MetadataValue.json(m.batch_ids),
         "batches_created": len(outcome.created),

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from .client import InfronClient
 from .manifest import Manifest, now_iso
 from .models import Batch, BatchStatus
-from .prepare import CUSTOM_ID
+from .prepare import CARRIED_FROM, CUSTOM_ID
 from .results import Outcome, ParseReport, read_outcomes
 from .spec import RequestSpec
 from .storage import BatchStorage
@@ -175,7 +175,7 @@ def _merge(
     storage: BatchStorage, attempts: list[Manifest], outcome: CollectOutcome
 ) -> dict[str, FinalOutcome]:
     """Per custom_id: the latest success of any attempt, else the latest failure."""
-    final: dict[str, FinalOutcome] = {}
+    final = _carried(storage, attempts[0])
     for manifest in attempts:
         for custom_id, result in _attempt_outcomes(storage, manifest, outcome).items():
             current = final.get(custom_id)
@@ -189,9 +189,7 @@ def _merge(
 def _attempt_outcomes(
     storage: BatchStorage, manifest: Manifest, collected: CollectOutcome
 ) -> dict[str, Outcome | None]:
-    key = manifest.partition_key
-    ids = storage.read_table(storage.attempt_file("inputs", key, manifest.attempt))
-    id_list = ids.column(CUSTOM_ID).to_pylist()
+    id_list, _ = _sent_and_carried(storage, manifest)
     by_id: dict[str, Outcome | None] = dict.fromkeys(id_list)
     batch_of = _batch_membership(manifest, id_list)
     report = collected.report
@@ -204,6 +202,45 @@ def _attempt_outcomes(
         if result is None:
             by_id[custom_id] = _missing(custom_id, batch_of.get(custom_id), collected.batches)
     return by_id
+
+
+def _sent_and_carried(
+    storage: BatchStorage, manifest: Manifest
+) -> tuple[list[str], dict[int, list[str]]]:
+    """The custom_ids an attempt sent (in chunk order), and those it carried, by source."""
+    snapshot = storage.read_table(
+        storage.attempt_file("inputs", manifest.partition_key, manifest.attempt)
+    )
+    ids = snapshot.column(CUSTOM_ID).to_pylist()
+    if CARRIED_FROM not in snapshot.column_names:
+        return ids, {}
+    sent: list[str] = []
+    carried: dict[int, list[str]] = {}
+    for custom_id, source in zip(ids, snapshot.column(CARRIED_FROM).to_pylist(), strict=True):
+        if source is None:
+            sent.append(custom_id)
+        else:
+            carried.setdefault(source, []).append(custom_id)
+    return sent, carried
+
+
+def _carried(storage: BatchStorage, base: Manifest) -> dict[str, FinalOutcome]:
+    """The paid-for answers a new attempt reused from earlier attempts, read from their files."""
+    _, carried = _sent_and_carried(storage, base)
+    if not carried:
+        return {}
+    by_attempt = {m.attempt: m for m in load_manifests(storage, base.partition_key)}
+    final: dict[str, FinalOutcome] = {}
+    for attempt, ids in carried.items():
+        source = by_attempt[attempt]
+        marker = storage.attempt_dir("raw", source.partition_key, attempt) / "batches.json"
+        scratch = CollectOutcome(ready=True, batches=storage.read_json(marker))
+        outcomes = _attempt_outcomes(storage, source, scratch)
+        for custom_id in ids:
+            earlier = outcomes.get(custom_id)
+            if earlier is not None and earlier.ok:
+                final[custom_id] = FinalOutcome(earlier, attempt)
+    return final
 
 
 def _record(by_id: dict[str, Outcome | None], result: Outcome, report: ParseReport) -> None:

@@ -66,6 +66,7 @@ class Manifest:
     collected_at: str | None = None
     row_count: int = 0
     invalid_count: int = 0
+    carried_count: int = 0
     estimated_input_tokens: int = 0
     chunks: list[ChunkRecord] = field(default_factory=list)
     run_id: str | None = None

@@ -20,7 +20,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -40,6 +40,10 @@ __all__ = [
 ]
 
 CUSTOM_ID = "custom_id"
+# Hidden bookkeeping columns of the input snapshot (never in results or failed):
+REQUEST_HASH = "__request_hash"  # hash of the exact request line sent for the row
+CARRIED_FROM = "__carried_from"  # attempt whose paid-for success this row reuses
+HIDDEN_COLUMNS = (REQUEST_HASH, CARRIED_FROM)
 ERROR_CODE = "error_code"
 ERROR_MESSAGE = "error_message"
 INVALID_INPUT = "invalid_input"
@@ -77,6 +81,7 @@ class PreparedRequests:
     estimated_input_tokens: int
     request_bytes: int = 0
     invalid_reasons: dict[str, int] = field(default_factory=dict)
+    carried: int = 0
 
 
 def make_custom_id(name: str, partition_key: str | None, key: str) -> str:
@@ -134,10 +139,17 @@ def prepare_requests(
     max_requests_per_batch: int = DEFAULT_MAX_REQUESTS,
     max_bytes_per_batch: int = DEFAULT_MAX_BYTES,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    succeeded: Mapping[str, tuple[str, int]] | None = None,
 ) -> PreparedRequests:
-    """Validate rows, render request lines, and write them to chunk files in ``workdir``."""
+    """Validate rows, render request lines, and write them to chunk files in ``workdir``.
+
+    ``succeeded`` maps custom_id -> (request hash, attempt) of requests already answered in
+    an earlier attempt: a row whose request is byte-for-byte the same is not sent again but
+    carried (``__carried_from``); only changed or new rows are paid for.
+    """
     table = to_arrow(data)
-    for reserved in (CUSTOM_ID, ERROR_CODE, ERROR_MESSAGE):
+    succeeded = succeeded or {}
+    for reserved in (CUSTOM_ID, ERROR_CODE, ERROR_MESSAGE, *HIDDEN_COLUMNS):
         if reserved in table.column_names:
             raise InputError(f"input column {reserved!r} is reserved; rename it")
     _require_columns(table, spec.key_columns, "key column")
@@ -148,6 +160,8 @@ def prepare_requests(
     writer = _ChunkWriter(workdir, max_requests_per_batch, max_bytes_per_batch)
     digest = hashlib.sha256(json.dumps(spec.identity(), sort_keys=True).encode())
     valid: list[int] = []
+    hashes: list[str] = []
+    carried: list[int | None] = []
     invalid: list[tuple[int, str]] = []
     tokens = 0
     with writer:
@@ -157,17 +171,26 @@ def prepare_requests(
                 invalid.append((row, problem))
                 continue
             digest.update(line)
-            writer.write(line)
+            line_hash = hashlib.sha256(line).hexdigest()[:32]
+            earlier = succeeded.get(custom_ids[row])
+            carried.append(earlier[1] if earlier and earlier[0] == line_hash else None)
+            if carried[-1] is None:
+                writer.write(line)
+                tokens += row_tokens
             valid.append(row)
-            tokens += row_tokens
+            hashes.append(line_hash)
+    snapshot = _with_ids(table, valid, custom_ids)
+    snapshot = snapshot.append_column(REQUEST_HASH, pa.array(hashes, pa.string()))
+    snapshot = snapshot.append_column(CARRIED_FROM, pa.array(carried, pa.int64()))
     return PreparedRequests(
-        valid=_with_ids(table, valid, custom_ids),
+        valid=snapshot,
         invalid=_invalid_table(table, invalid, custom_ids),
         chunks=writer.chunks,
         fingerprint=digest.hexdigest(),
         estimated_input_tokens=tokens,
         request_bytes=sum(c.bytes for c in writer.chunks),
         invalid_reasons=dict(Counter(reason.split(":")[0] for _, reason in invalid)),
+        carried=sum(1 for c in carried if c is not None),
     )
 
 

@@ -17,14 +17,22 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+
 from .client import InfronClient
 from .errors import InfronError
 from .manifest import ChunkRecord, Manifest, now_iso
-from .prepare import PreparedRequests
+from .prepare import CARRIED_FROM, CUSTOM_ID, REQUEST_HASH, PreparedRequests
 from .spec import RequestSpec
 from .storage import BatchStorage
 
-__all__ = ["SubmitIncomplete", "SubmitOutcome", "load_manifests", "submit_prepared"]
+__all__ = [
+    "SubmitIncomplete",
+    "SubmitOutcome",
+    "load_manifests",
+    "submit_prepared",
+    "succeeded_requests",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +83,34 @@ def load_manifests(storage: BatchStorage, partition_key: str | None) -> list[Man
         Manifest.from_dict(storage.read_json(storage.manifest_path(partition_key, attempt)))
         for attempt in storage.attempts(partition_key)
     ]
+
+
+def succeeded_requests(
+    storage: BatchStorage, partition_key: str | None
+) -> dict[str, tuple[str, int]]:
+    """custom_id -> (request hash, attempt) of every request the partition's collected
+    results answered: what a new attempt need not pay for again if its request is unchanged.
+    """
+    manifests = load_manifests(storage, partition_key)
+    if not manifests or manifests[-1].state != "collected":
+        return {}  # results are not settled yet: carry nothing rather than guess
+    results_path = storage.table_path("results", partition_key)
+    if not storage.exists(results_path):
+        return {}
+    results = storage.read_table(results_path).select([CUSTOM_ID, "attempt"]).to_pylist()
+    attempts = {row["attempt"] for row in results}
+    hashes: dict[tuple[int, str], str] = {}
+    for attempt in attempts:
+        snapshot = storage.read_table(storage.attempt_file("inputs", partition_key, attempt))
+        if REQUEST_HASH in snapshot.column_names:
+            ids = snapshot.column(CUSTOM_ID).to_pylist()
+            for cid, h in zip(ids, snapshot.column(REQUEST_HASH).to_pylist(), strict=True):
+                hashes[(attempt, cid)] = h
+    return {
+        row[CUSTOM_ID]: (hashes[(row["attempt"], row[CUSTOM_ID])], row["attempt"])
+        for row in results
+        if (row["attempt"], row[CUSTOM_ID]) in hashes
+    }
 
 
 def submit_prepared(
@@ -134,7 +170,14 @@ def _revive(
     manifest.chunks = [ChunkRecord(**vars(chunk)) for chunk in match.chunks]
     manifest.state, manifest.submitted_at = "submitted", now_iso()
     key, attempt = manifest.partition_key, manifest.attempt
-    storage.write_table(storage.attempt_file("inputs", key, attempt), prepared.valid)
+    # The old chunks hold every row, so none of them is carried in this attempt.
+    snapshot = prepared.valid
+    if CARRIED_FROM in snapshot.column_names:
+        index = snapshot.column_names.index(CARRIED_FROM)
+        nulls = pa.nulls(snapshot.num_rows, pa.int64())
+        snapshot = snapshot.set_column(index, CARRIED_FROM, nulls)
+    manifest.carried_count = 0
+    storage.write_table(storage.attempt_file("inputs", key, attempt), snapshot)
     storage.write_table(storage.attempt_file("invalid", key, attempt), prepared.invalid)
     manifest.api_style = match.api_style
     _save(storage, manifest)
@@ -176,6 +219,7 @@ def _new_manifest(
         base_attempt=base,
         row_count=prepared.valid.num_rows + prepared.invalid.num_rows,
         invalid_count=prepared.invalid.num_rows,
+        carried_count=prepared.carried,
         estimated_input_tokens=prepared.estimated_input_tokens,
         chunks=chunks,
         run_id=run_id,

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .prepare import CUSTOM_ID, ERROR_CODE, ERROR_MESSAGE
+from .prepare import CUSTOM_ID, ERROR_CODE, ERROR_MESSAGE, HIDDEN_COLUMNS
 from .results import Outcome
 from .spec import RequestSpec
 
@@ -122,7 +122,7 @@ def _input_columns(table: pa.Table, keep: list[str]) -> pa.Table:
 
 def _kept(inputs: pa.Table, keep_columns: Sequence[str] | None) -> list[str]:
     if keep_columns is None:
-        return [c for c in inputs.column_names if c != CUSTOM_ID]
+        return [c for c in inputs.column_names if c != CUSTOM_ID and c not in HIDDEN_COLUMNS]
     missing = [c for c in keep_columns if c not in inputs.column_names]
     if missing:
         raise ValueError(f"keep_columns names {missing[0]!r}, which is not an input column")

@@ -1,0 +1,97 @@
+"""A partition whose input changes in a few rows pays only for those rows: unchanged requests
+that were already answered are carried into the new attempt. Real Dagster runs, real files."""
+
+import dagster as dg
+import pandas as pd
+import pytest
+from conftest import make_local_dir
+
+from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
+
+PARTS = dg.StaticPartitionsDefinition(["a"])
+SPEC = RequestSpec(model="m", prompt_template="Review: {text}", key_columns=("id",))
+
+
+@pytest.fixture
+def setup(tmp_path, api_style):
+    texts = {"value": [f"review {i}" for i in range(20)]}
+
+    @dg.asset(partitions_def=PARTS)
+    def reviews() -> pd.DataFrame:
+        return pd.DataFrame({"id": range(20), "text": texts["value"]})
+
+    pipeline = build_infron_batch_assets(
+        name="rev",
+        spec=SPEC,
+        source=reviews,
+        partitions_def=PARTS,
+        storage_root=str(tmp_path / "lake"),
+        max_requests_per_batch=8,
+    )
+    local_dir = make_local_dir(str(tmp_path / "srv"))
+    resource = InfronResource(base_url=f"local://{local_dir}", api_style=api_style)
+    with dg.instance_for_test() as instance:
+        yield texts, reviews, pipeline, resource, instance
+
+
+def _submit(setup):
+    _, reviews, pipeline, resource, instance = setup
+    result = dg.materialize(
+        [reviews, pipeline.batches_asset],
+        partition_key="a",
+        resources={"infron": resource},
+        instance=instance,
+    )
+    return result.asset_materializations_for_node("rev_batches")[0].metadata
+
+
+def _collect(setup):
+    _, _, pipeline, resource, instance = setup
+    dg.materialize(
+        [pipeline.collect_assets],
+        partition_key="a",
+        resources={"infron": resource},
+        instance=instance,
+    )
+    results = pipeline.storage.read_table(pipeline.storage.table_path("results", "a"))
+    failed = pipeline.storage.read_table(pipeline.storage.table_path("failed", "a"))
+    return results.to_pandas(), failed.to_pandas()
+
+
+def test_one_changed_row_sends_one_request(setup):
+    texts = setup[0]
+    first = _submit(setup)
+    assert first["batches_created"].value == 3 and first["carried_rows"].value == 0
+    results, failed = _collect(setup)
+    assert len(results) == 20 and failed.empty
+
+    texts["value"] = [*texts["value"][:19], "review 19, edited"]
+    second = _submit(setup)
+    assert second["attempt"].value == 2 and second["carried_rows"].value == 19
+    assert second["batches_created"].value == 1
+    assert second["estimated_input_tokens"].value < first["estimated_input_tokens"].value / 10
+    results, failed = _collect(setup)
+    assert failed.empty and sorted(results["id"]) == list(range(20))
+    attempts = dict(zip(results["id"], results["attempt"], strict=True))
+    assert attempts[19] == 2 and {attempts[i] for i in range(19)} == {1}
+    assert results.loc[results["id"] == 19, "text"].item() == "review 19, edited"
+    assert "__request_hash" not in results.columns and "__carried_from" not in results.columns
+
+
+def test_an_unchanged_rerun_after_a_carry_pays_nothing_and_a_revert_revives(setup):
+    texts = setup[0]
+    _submit(setup)
+    _collect(setup)
+    original = list(texts["value"])
+    texts["value"] = [*original[:19], "changed"]
+    _submit(setup)
+    _collect(setup)
+    again = _submit(setup)
+    assert again["reused_existing_batches"].value and again["batches_created"].value == 0
+
+    texts["value"] = original  # back to the first input: its paid batches are revived
+    revived = _submit(setup)
+    assert revived["batches_created"].value == 0 and revived["attempt"].value == 3
+    results, failed = _collect(setup)
+    assert failed.empty and sorted(results["id"]) == list(range(20))
+    assert set(results["text"]) == set(original)
