@@ -45,6 +45,21 @@ def resource(local_dir, api_style) -> InfronResource:
     return InfronResource(base_url=f"local://{local_dir}", api_style=api_style, max_retries=3)
 
 
+@pytest.fixture
+def infron_resource(local_dir) -> InfronResource:
+    """For tests where the wire style does not matter: one style only, to keep the suite fast."""
+    return InfronResource(base_url=f"local://{local_dir}", api_style="infron", max_retries=3)
+
+
+@pytest.fixture(scope="module")
+def instance():
+    """One persistent Dagster instance per module: the library keeps no state in it."""
+    import dagster as dg
+
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -114,19 +114,6 @@ class Flow:
         return pq.read_table(str(self.store.table_path("failed", partition)))
 
 
-@pytest.fixture(scope="module")
-def instance():
-    """One persistent test instance for the module: the library keeps no state in it."""
-    with dg.instance_for_test() as inst:
-        yield inst
-
-
-@pytest.fixture
-def infron_resource(local_dir) -> InfronResource:
-    """For tests where the wire style does not matter: one style only, to keep the suite fast."""
-    return InfronResource(base_url=f"local://{local_dir}", api_style="infron", max_retries=3)
-
-
 @pytest.fixture
 def openai_resource(local_dir) -> InfronResource:
     return InfronResource(base_url=f"local://{local_dir}", api_style="openai", max_retries=3)

@@ -12,7 +12,6 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
-import pytest
 from conftest import INSTANT, make_local_dir
 
 from infron_dagster import InfronBatchPipeline, InfronResource, RequestSpec
@@ -69,19 +68,6 @@ class Flow:
             tags=request.tags,
             instance=self.instance,
         )
-
-
-@pytest.fixture(scope="module")
-def instance():
-    """One persistent test instance for the module: the sensor's state lives in storage."""
-    with dg.instance_for_test() as inst:
-        yield inst
-
-
-@pytest.fixture
-def infron_resource(local_dir) -> InfronResource:
-    """For tests where the wire style does not matter: one style only, to keep the suite fast."""
-    return InfronResource(base_url=f"local://{local_dir}", api_style="infron", max_retries=3)
 
 
 def make_flow(tmp_path, resource, instance, *, partitions_def=PARTS, rows=20) -> Flow:
