@@ -5,6 +5,7 @@ asks for collection, runs those collection runs, retries the retryable failures 
 prints a summary. No API key, no network: the embedded local server answers.
 """
 
+import json
 import os
 import shutil
 import sys
@@ -134,9 +135,12 @@ def _summarise(ds, pipeline) -> None:
     for code in failed.column("error_code").to_pylist():
         codes[code] = codes.get(code, 0) + 1
     total = results.num_rows + failed.num_rows
+    markers = (pipeline.storage.base / "raw").rglob("batches.json")
+    costs = [b.get("cost") or 0.0 for m in markers for b in json.loads(m.read_bytes()).values()]
     print(
         f"\n{pipeline.name}: {total} rows, {results.num_rows} succeeded, "
-        f"{failed.num_rows} failed {codes or ''}, {tokens} tokens"
+        f"{failed.num_rows} failed {codes or ''}, {tokens} tokens, "
+        f"reported cost ${sum(costs):.6f}"
     )
     print(f"  results: {pipeline.storage.table_root('results')}")
     print(f"  failed:  {pipeline.storage.table_root('failed')}")
