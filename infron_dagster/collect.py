@@ -120,8 +120,27 @@ def collect_partition(
         outcome.batches.update(batches)
     if not outcome.ready:
         return outcome
+    # Writing the tables and marking the attempts collected is one step: no submit or retry
+    # of this partition may slip in between (it would be marked collected unseen).
+    with storage.lock(partition_key):
+        now = active_attempts(load_manifests(storage, partition_key))
+        if [m.attempt for m in now] != outcome.attempts:
+            outcome.ready = False
+            outcome.waiting_on.append("a new attempt was submitted meanwhile")
+            return outcome
+        _write_tables(storage, spec, attempts, outcome, keep_columns)
+    return outcome
+
+
+def _write_tables(
+    storage: BatchStorage,
+    spec: RequestSpec,
+    attempts: list[Manifest],
+    outcome: CollectOutcome,
+    keep_columns: Sequence[str] | None,
+) -> None:
+    partition_key, base = attempts[0].partition_key, attempts[0]
     final = _merge(storage, attempts, outcome)
-    base = attempts[0]
     inputs = storage.read_table(storage.attempt_file("inputs", partition_key, base.attempt))
     invalid = storage.read_table(storage.attempt_file("invalid", partition_key, base.attempt))
     outcome.input_rows = inputs.num_rows + invalid.num_rows
@@ -131,7 +150,6 @@ def collect_partition(
     storage.write_table(storage.table_path("results", partition_key), outcome.results)
     storage.write_table(storage.table_path("failed", partition_key), outcome.failed)
     _mark_collected(storage, attempts, outcome.batches)
-    return outcome
 
 
 def _fetch_attempt(

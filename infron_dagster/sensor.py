@@ -98,6 +98,7 @@ def build_infron_batch_sensor(
     time_budget_seconds: float = 40.0,
     max_concurrent_polls: int = 16,
     default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
+    max_collect_reruns: int = 3,
 ) -> dg.SensorDefinition:
     """The ``<name>_sensor`` that polls batches and requests collection runs.
 
@@ -117,9 +118,8 @@ def build_infron_batch_sensor(
     def _sensor(context: dg.SensorEvaluationContext, **resources: Any) -> dg.SensorResult:
         started = time.monotonic()
         emitted = _load_cursor(context.cursor)
-        pending = [
-            p for p in find_in_flight(storage, partitioned) if p.latest.run_key not in emitted
-        ]
+        in_flight = find_in_flight(storage, partitioned)
+        pending = [p for p in in_flight if p.latest.run_key not in emitted]
         resource = resources.get(resource_key) or getattr(context.resources, resource_key)
         ids = [bid for p in pending for bid in p.batch_ids]
         with resource.get_client() as client:
@@ -129,6 +129,10 @@ def build_infron_batch_sensor(
             if _partition_done(context, partition, polled):
                 requests.append(_run_request(partition, collect_keys, name))
                 emitted[partition.latest.run_key] = time.time()
+        for partition in in_flight:
+            rerun = _rerun_number(context, partition, emitted, max_collect_reruns)
+            if rerun:
+                requests.append(_run_request(partition, collect_keys, name, rerun))
         live = (
             {p.latest.run_key for p in find_in_flight(storage, partitioned)} if requests else None
         )
@@ -159,12 +163,42 @@ def _partition_done(
     return len(batches) == len(states) and terminal == len(states)
 
 
+_COLLECT_TAG = "infron/collect_key"
+_GAVE_UP = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+
+
+def _rerun_number(
+    context: dg.SensorEvaluationContext,
+    partition: InFlight,
+    emitted: dict[str, float],
+    max_reruns: int,
+) -> int | None:
+    """The rerun to request when every collection run of an emitted attempt failed.
+
+    A failed run keeps its run_key forever, so a transient failure (an object store hiccup)
+    would otherwise leave the partition uncollected until someone notices.
+    """
+    key = partition.latest.run_key
+    if key not in emitted:
+        return None
+    runs = context.instance.get_runs(filters=dg.RunsFilter(tags={_COLLECT_TAG: key}))
+    if not runs or any(run.status not in _GAVE_UP for run in runs) or len(runs) > max_reruns:
+        return None
+    context.log.warning(f"collection of {key} failed {len(runs)} time(s); requesting it again")
+    return len(runs)
+
+
 def _run_request(
-    partition: InFlight, collect_keys: Sequence[dg.AssetKey], name: str
+    partition: InFlight, collect_keys: Sequence[dg.AssetKey], name: str, rerun: int = 0
 ) -> dg.RunRequest:
+    key = partition.latest.run_key
     return dg.RunRequest(
-        run_key=partition.latest.run_key,
+        run_key=f"{key}:rerun{rerun}" if rerun else key,
         partition_key=partition.partition_key,
         asset_selection=list(collect_keys),
-        tags={"infron/pipeline": name, "infron/attempt": str(partition.latest.attempt)},
+        tags={
+            "infron/pipeline": name,
+            "infron/attempt": str(partition.latest.attempt),
+            _COLLECT_TAG: key,
+        },
     )
