@@ -246,13 +246,16 @@ class InfronClient:
     def list_batches(self, *, page_size: int = 100) -> Iterator[Batch]:
         """Every batch of this key, newest first, following ``has_more`` pagination.
 
-        Only the openai style has a list operation.
+        Only the openai style has a list operation; infron style raises at once.
 
         Example:
             >>> [b.id for b in client.list_batches() if b.metadata.get("partition") == "a"]
         """
         if self.api_style != "openai":
             raise NotImplementedError("Infron's batch API has no documented list operation")
+        return self._pages(page_size)
+
+    def _pages(self, page_size: int) -> Iterator[Batch]:
         after: str | None = None
         while True:
             params: dict[str, Any] = {"limit": page_size}
@@ -403,6 +406,9 @@ class InfronClient:
                 request_kwargs["files"] = files()
             try:
                 request = http.build_request(method, url, **request_kwargs)
+            except httpx.InvalidURL as exc:
+                raise InfronProtocolError(operation, f"invalid URL: {exc}") from None
+            try:
                 response = http.send(request, stream=True)
             except httpx.TransportError as exc:
                 error: InfronError = InfronConnectionError(operation, self._redact(str(exc)))

@@ -365,7 +365,7 @@ def test_list_batches_is_not_implemented_in_infron_style(
 ) -> None:
     server = local_http()
     with server.client("infron") as client, pytest.raises(NotImplementedError):
-        list(client.list_batches())
+        client.list_batches()  # refused when called, not later when iterated
     assert server.hits == []  # refused before any call
 
 
