@@ -179,6 +179,8 @@ def prepare_requests(
                 tokens += row_tokens
             valid.append(row)
             hashes.append(line_hash)
+    for row, reason in sorted(invalid, key=lambda item: custom_ids[item[0]]):
+        digest.update(f"\n{custom_ids[row]}\x1f{reason}".encode())  # invalid rows count too
     snapshot = _with_ids(table, valid, custom_ids)
     snapshot = snapshot.append_column(REQUEST_HASH, pa.array(hashes, pa.string()))
     snapshot = snapshot.append_column(CARRIED_FROM, pa.array(carried, pa.int64()))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import threading
@@ -36,12 +37,36 @@ from upath import UPath
 
 __all__ = ["UNPARTITIONED", "BatchStorage", "LockTimeout", "decode_partition", "encode_partition"]
 
+logger = logging.getLogger(__name__)
+
 UNPARTITIONED = "__all__"
 _ATTEMPT_RE = re.compile(r"attempt=(\d+)\.json$")
 
 
 class LockTimeout(RuntimeError):
     """Another run holds the partition's lock for longer than we wait."""
+
+
+@contextlib.contextmanager
+def _local_lock(path: str, partition_key: str | None, wait_seconds: float) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path``: per open file, so threads and processes exclude."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    deadline = time.monotonic() + wait_seconds
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockTimeout(f"partition {partition_key!r} is locked ({path})") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def encode_partition(partition_key: str | None) -> str:
@@ -235,11 +260,16 @@ class BatchStorage:
     ) -> Iterator[None]:
         """Hold the partition's lock: only one run submits or collects it at a time.
 
-        Uses an exclusive create (``O_EXCL`` locally, ``If-None-Match: *`` on S3). The holder
-        refreshes it every ``stale_seconds / 3``, so only a lock whose holder died goes stale
-        and is broken; a holder deletes the lock only while it still owns it.
+        On local disk this is ``flock``: the kernel releases it when the holder dies. On an
+        object store it is an exclusive create (``If-None-Match: *``) that the holder refreshes
+        every ``stale_seconds / 3``, so only a lock whose holder died goes stale and is broken;
+        a holder deletes the lock only while it still owns it.
         """
         path = self.partition_dir("locks", partition_key) / "lock.json"
+        if self.is_local:
+            with _local_lock(path.path, partition_key, wait_seconds):
+                yield
+            return
         token = uuid.uuid4().hex
         deadline = time.monotonic() + wait_seconds
         while not self._try_create(path, token):
@@ -264,10 +294,14 @@ class BatchStorage:
 
     def _heartbeat(self, path: UPath, token: str, stop: threading.Event, every: float) -> None:
         while not stop.wait(every):
-            if self._owner(path) != token:
-                return  # broken by someone who judged us dead: do not fight over it
-            body = json.dumps({"token": token, "created": time.time()}).encode()
-            self.write_bytes(path, body)
+            try:
+                if self._owner(path) != token:
+                    logger.warning("lock %s was broken by another run", path)
+                    return  # judged dead by someone else: do not fight over it
+                body = json.dumps({"token": token, "created": time.time()}).encode()
+                self.write_bytes(path, body)
+            except OSError as exc:  # keep trying: a missed beat only risks staleness
+                logger.warning("could not refresh lock %s: %s", path, exc)
 
     def _owner(self, path: UPath) -> str | None:
         try:

@@ -91,9 +91,7 @@ def succeeded_requests(
     """custom_id -> (request hash, attempt) of every request the partition's collected
     results answered: what a new attempt need not pay for again if its request is unchanged.
     """
-    manifests = load_manifests(storage, partition_key)
-    if not manifests or manifests[-1].state != "collected":
-        return {}  # results are not settled yet: carry nothing rather than guess
+    # The results table holds only collected, paid-for answers, whatever is in flight now.
     results_path = storage.table_path("results", partition_key)
     if not storage.exists(results_path):
         return {}
@@ -137,8 +135,9 @@ def submit_prepared(
             return _resume(client, storage, match, resubmit_uncertain)
         if match is not None and (kind == "retry" or match is _latest_initial(manifests)):
             return SubmitOutcome(manifest=match, reused=True)
+        _warn_if_superseding(manifests, kind)
         manifest = _new_manifest(storage, manifests, prepared, spec, partition_key, kind, run_id)
-        if match is not None:
+        if match is not None and _revivable(manifests, match):
             return _revive(storage, prepared, manifest, match)
         _stage(storage, prepared, manifest)
         local = {c.index: c.path for c in prepared.chunks}
@@ -154,6 +153,9 @@ def _reusable(manifests: list[Manifest], fingerprint: str, kind: str) -> Manifes
             continue
         if kind == "retry" and manifest.state == "collected":
             return None  # the same rows failed again: a new attempt is the point of retrying
+        latest = _latest_initial(manifests)
+        if kind == "retry" and latest is not None and manifest.base_attempt != latest.attempt:
+            return None  # a retry of a replaced attempt: never collected, never reuse it
         return manifest
     return None
 
@@ -161,6 +163,23 @@ def _reusable(manifests: list[Manifest], fingerprint: str, kind: str) -> Manifes
 def _latest_initial(manifests: list[Manifest]) -> Manifest | None:
     initial = [m for m in manifests if m.kind == "initial" and m.state != "abandoned"]
     return initial[-1] if initial else None
+
+
+def _warn_if_superseding(manifests: list[Manifest], kind: str) -> None:
+    uncollected = [m.attempt for m in manifests if m.state in ("submitting", "submitted")]
+    if kind == "initial" and uncollected:
+        logger.warning(
+            "attempt(s) %s are still in flight and are replaced by a new attempt: their "
+            "answers will not be collected (already-collected answers are carried over)",
+            uncollected,
+        )
+
+
+def _revivable(manifests: list[Manifest], match: Manifest) -> bool:
+    """An old attempt's batches stand for the input again only if they sent every row and
+    nothing was retried on top of them (else its results are not in its batches alone)."""
+    retried = any(m.kind == "retry" and m.base_attempt == match.attempt for m in manifests)
+    return match.carried_count == 0 and not retried
 
 
 def _revive(

@@ -18,7 +18,7 @@ def setup(tmp_path, api_style):
 
     @dg.asset(partitions_def=PARTS)
     def reviews() -> pd.DataFrame:
-        return pd.DataFrame({"id": range(20), "text": texts["value"]})
+        return pd.DataFrame({"id": range(len(texts["value"])), "text": texts["value"]})
 
     pipeline = build_infron_batch_assets(
         name="rev",
@@ -95,3 +95,87 @@ def test_an_unchanged_rerun_after_a_carry_pays_nothing_and_a_revert_revives(setu
     results, failed = _collect(setup)
     assert failed.empty and sorted(results["id"]) == list(range(20))
     assert set(results["text"]) == set(original)
+
+
+def _retry(setup):
+    _, reviews, pipeline, resource, instance = setup
+    result = dg.materialize(
+        [reviews, pipeline.batches_asset],
+        selection=[pipeline.batches_asset],
+        partition_key="a",
+        resources={"infron": resource},
+        instance=instance,
+        run_config={"ops": {"rev_batches": {"config": {"retry_failed": True}}}},
+    )
+    return result.asset_materializations_for_node("rev_batches")[0].metadata
+
+
+def test_flipping_back_to_an_input_whose_attempt_carried_rows_keeps_every_answer(setup):
+    texts = setup[0]
+    base = list(texts["value"])
+    _submit(setup)
+    _collect(setup)
+    for last in ("B", "C", "B"):
+        texts["value"] = [*base[:19], last]
+        _submit(setup)
+        results, failed = _collect(setup)
+        assert failed.empty and sorted(results["id"]) == list(range(20)), last
+    assert results.loc[results["id"] == 19, "text"].item() == "B"
+
+
+def test_a_new_invalid_row_makes_a_new_attempt_that_sends_nothing(setup):
+    texts = setup[0]
+    _submit(setup)
+    _collect(setup)
+    texts["value"] = [*texts["value"][:19], None]  # row 19 loses its text
+    meta = _submit(setup)
+    assert not meta["reused_existing_batches"].value and meta["batches_created"].value == 0
+    assert meta["carried_rows"].value == 19 and meta["invalid_rows"].value == 1
+    results, failed = _collect(setup)
+    assert sorted(results["id"]) == list(range(19))
+    assert failed["id"].tolist() == [19] and failed["error_code"].tolist() == ["invalid_input"]
+
+
+@pytest.fixture
+def failing(tmp_path, setup):
+    """The same pipeline, on a server where every request fails."""
+    texts, reviews, pipeline, _, instance = setup
+    local_dir = make_local_dir(str(tmp_path / "failing"), failure_rate=1.0)
+    resource = InfronResource(base_url=f"local://{local_dir}")
+    return texts, reviews, pipeline, resource, instance
+
+
+def test_a_retry_of_a_replaced_attempt_is_never_reused(failing):
+    _submit(failing)
+    _collect(failing)
+    assert _retry(failing)["attempt"].value == 2  # in flight, never collected
+    _, _, _, resource, instance = failing
+    forced = (
+        dg.materialize(
+            [failing[1], failing[2].batches_asset],
+            partition_key="a",
+            resources={"infron": resource},
+            instance=instance,
+            run_config={"ops": {"rev_batches": {"config": {"force_resubmit": True}}}},
+        )
+        .asset_materializations_for_node("rev_batches")[0]
+        .metadata
+    )
+    assert forced["attempt"].value == 3
+    _collect(failing)
+    again = _retry(failing)
+    assert again["attempt"].value == 4 and not again["reused_existing_batches"].value
+
+
+def test_answers_collected_before_a_retry_in_flight_are_still_carried(tmp_path, setup):
+    texts, reviews, pipeline, _, instance = setup
+    local_dir = make_local_dir(str(tmp_path / "half"), failure_rate=0.5)
+    half = (texts, reviews, pipeline, InfronResource(base_url=f"local://{local_dir}"), instance)
+    _submit(half)
+    results, failed = _collect(half)
+    assert len(results) and len(failed)
+    _retry(half)  # submitted, not collected
+    texts["value"] = [*texts["value"], "a new review"]
+    meta = _submit(half)
+    assert meta["carried_rows"].value == len(results)  # every collected answer, not zero
+    assert meta["valid_rows"].value == 21

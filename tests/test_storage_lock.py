@@ -1,38 +1,62 @@
-"""The partition lock: exclusive, kept alive while held, never released by a non-owner."""
+"""The partition lock: exclusive across threads and processes; on S3 kept alive while held and
+broken only when its holder is gone."""
 
 import threading
 import time
+import uuid
+
+import pytest
 
 from infron_dagster import BatchStorage
 
 
-def test_a_long_holder_keeps_its_lock_alive_and_excludes_others(tmp_path):
-    storage = BatchStorage(str(tmp_path), "p")
+def _overlap(storage: BatchStorage, **lock_kwargs) -> list[str]:
+    """Two holders, the first holding longer than a stale lock lives: record who is inside."""
     events: list[str] = []
     holding = threading.Event()
 
     def long_holder() -> None:
-        with storage.lock("k", stale_seconds=0.6):
+        with storage.lock("k", **lock_kwargs):
             events.append("A in")
             holding.set()
-            time.sleep(1.5)  # longer than stale_seconds: only the heartbeat keeps it
+            time.sleep(1.5)
             events.append("A out")
 
     worker = threading.Thread(target=long_holder)
     worker.start()
-    holding.wait(5)
-    with storage.lock("k", stale_seconds=0.6, wait_seconds=10):
+    holding.wait(10)
+    with storage.lock("k", wait_seconds=20, **lock_kwargs):
         events.append("B in")
     worker.join()
-    assert events == ["A in", "A out", "B in"]
+    return events
 
 
-def test_a_dead_holders_lock_is_broken_and_not_deleted_by_it_later(tmp_path):
+def test_local_lock_excludes_a_second_holder(tmp_path):
+    assert _overlap(BatchStorage(str(tmp_path), "p")) == ["A in", "A out", "B in"]
+
+
+def test_local_lock_times_out_clearly(tmp_path):
+    from infron_dagster.storage import LockTimeout
+
     storage = BatchStorage(str(tmp_path), "p")
+    with (
+        storage.lock("k"),
+        pytest.raises(LockTimeout, match="'k'"),
+        storage.lock("k", wait_seconds=0.2),
+    ):
+        pass
+
+
+def test_s3_lock_heartbeat_keeps_a_long_holder_exclusive(moto_s3):
+    storage = BatchStorage(f"s3://lake/{uuid.uuid4().hex}", "p", moto_s3.storage_options)
+    # stale after 0.6 s: without the heartbeat B would break A's lock while A works.
+    assert _overlap(storage, stale_seconds=0.6) == ["A in", "A out", "B in"]
+
+
+def test_s3_lock_of_a_dead_holder_is_broken(moto_s3):
+    storage = BatchStorage(f"s3://lake/{uuid.uuid4().hex}", "p", moto_s3.storage_options)
     path = storage.partition_dir("locks", "k") / "lock.json"
-    path.parent.mkdir(parents=True)
-    path.write_text('{"token": "dead", "created": 0}')  # a run that died long ago
+    storage.write_bytes(path, b'{"token": "dead", "created": 0}')  # a run that died long ago
     with storage.lock("k", stale_seconds=1, wait_seconds=5):
-        owner = storage._owner(path)
-        assert owner not in (None, "dead")
-    assert not path.exists()
+        assert storage._owner(path) not in (None, "dead")
+    assert not storage.exists(path)
