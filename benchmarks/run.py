@@ -42,6 +42,16 @@ SPEC = dict(
 )
 
 
+def _speed(seconds: float, baseline_seconds: float, rss_kb: int) -> dict:
+    return {
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(ROWS / seconds),
+        "baseline_seconds": round(baseline_seconds, 3),
+        "baseline_rows_per_second": round(ROWS / baseline_seconds),
+        "peak_rss_growth_mb": round(rss_kb / 1024, 1),
+    }
+
+
 def bench_prepare() -> dict:
     from infron_dagster import RequestSpec, prepare_requests
 
@@ -83,11 +93,7 @@ def bench_prepare() -> dict:
         "rows": ROWS,
         "valid": prepared.valid.num_rows,
         "chunks": len(prepared.chunks),
-        "seconds": round(ours, 3),
-        "rows_per_second": round(ROWS / ours),
-        "baseline_seconds": round(naive, 3),
-        "baseline_rows_per_second": round(ROWS / naive),
-        "peak_rss_growth_mb": round((rss1 - rss0) / 1024, 1),
+        **_speed(ours, naive, rss1 - rss0),
     }
 
 
@@ -150,14 +156,7 @@ def bench_collect() -> dict:
         merged = frame.assign(custom_id=ids).merge(raw[["custom_id", "text"]], on="custom_id")
         naive = time.perf_counter() - t
     assert results.num_rows == ROWS and failed.num_rows == 0 and len(merged) == ROWS
-    return {
-        "rows": ROWS,
-        "seconds": round(ours, 3),
-        "rows_per_second": round(ROWS / ours),
-        "baseline_seconds": round(naive, 3),
-        "baseline_rows_per_second": round(ROWS / naive),
-        "peak_rss_growth_mb": round((rss1 - rss0) / 1024, 1),
-    }
+    return {"rows": ROWS, **_speed(ours, naive, rss1 - rss0)}
 
 
 def bench_collect_e2e() -> dict:
@@ -221,30 +220,14 @@ def _sensor_tick(workers: int) -> float:
     import dagster as dg
 
     from infron_dagster import BatchStorage, InfronClient, InfronResource, Manifest
+    from infron_dagster.local.process import serve_in_subprocess
     from infron_dagster.manifest import ChunkRecord
     from infron_dagster.sensor import build_infron_batch_sensor
 
     work = tempfile.mkdtemp()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "infron_dagster.local.cli",
-            "serve",
-            "--port",
-            "0",
-            "--data-dir",
-            os.path.join(work, "srv"),
-            "--in-progress-seconds",
-            "3600",
-            "--latency-seconds",
-            os.environ.get("BENCH_LATENCY", "0.02"),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url = server.stdout.readline().split(" on ")[1].split(" ")[0]
+    latency = os.environ.get("BENCH_LATENCY", "0.02")
+    flags = ("--in-progress-seconds", "3600", "--latency-seconds", latency)
+    with serve_in_subprocess(os.path.join(work, "srv"), *flags) as url:
         client = InfronClient(api_key="bench", base_url=url, api_style="infron")
         req = os.path.join(work, "r.jsonl")
         with open(req, "w") as fh:
@@ -294,8 +277,6 @@ def _sensor_tick(workers: int) -> float:
             t = time.perf_counter()
             sensor(ctx)
             return round(time.perf_counter() - t, 2)
-    finally:
-        server.terminate()
 
 
 def main() -> None:

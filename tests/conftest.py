@@ -4,7 +4,6 @@ and moto's S3 server. Everything is real: real HTTP, real files, real Dagster in
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from infron_dagster.local import LocalServerConfig, save_config
+from infron_dagster.local.process import serve_in_subprocess
 from infron_dagster.resources import InfronResource
 
 INSTANT = {"validating_seconds": 0.0, "in_progress_seconds": 0.0, "finalizing_seconds": 0.0}
@@ -71,7 +71,6 @@ class Served:
     base_url: str
     data_dir: str
     api_key: str
-    process: subprocess.Popen
 
 
 @pytest.fixture
@@ -79,41 +78,16 @@ def served_local(tmp_path) -> Iterator[Served]:
     """``infron-local serve`` as a real process on a free port, with an API key."""
     data_dir = str(tmp_path / "served")
     key = "sk-test-served-123456"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "infron_dagster.local.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--data-dir",
-            data_dir,
-            "--api-key",
-            key,
-            "--validating-seconds",
-            "0",
-            "--in-progress-seconds",
-            "0",
-            "--finalizing-seconds",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    line = proc.stdout.readline() if proc.stdout else ""
-    match = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)
-    if not match:
-        proc.kill()
-        raise RuntimeError(f"infron-local did not start: {line!r}")
-    try:
-        yield Served(match.group(1), data_dir, key, proc)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    instant = [
+        "--validating-seconds",
+        "0",
+        "--in-progress-seconds",
+        "0",
+        "--finalizing-seconds",
+        "0",
+    ]
+    with serve_in_subprocess(data_dir, "--api-key", key, *instant) as base_url:
+        yield Served(base_url, data_dir, key)
 
 
 @dataclass

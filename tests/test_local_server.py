@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import select
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +17,7 @@ from infron_dagster.local import LocalServerConfig, create_app, load_config, sav
 from infron_dagster.local import app as app_module
 from infron_dagster.local import engine as engine_module
 from infron_dagster.local import multipart as multipart_module
+from infron_dagster.local.process import serve_in_subprocess
 
 ZERO = {"validating_seconds": 0, "in_progress_seconds": 0, "finalizing_seconds": 0}
 CHAT = "/v1/chat/completions"
@@ -658,17 +654,7 @@ def test_multipart_parsing_across_chunk_boundaries(
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     data_dir = tmp_path_factory.mktemp("served")
-    command = [
-        sys.executable,
-        "-m",
-        "infron_dagster.local.cli",
-        "serve",
-        "--port",
-        "0",
-        "--data-dir",
-        str(data_dir),
-        "--api-key",
-        "sk-local",
+    timing = [
         "--validating-seconds",
         "0",
         "--in-progress-seconds",
@@ -676,16 +662,9 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         "--finalizing-seconds",
         "0",
     ]
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    assert ready, "server did not start"
-    line = proc.stdout.readline()
-    assert line.startswith("infron-local serving on http://127.0.0.1:"), line
-    yield line.split()[3]
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) == 0
+    with serve_in_subprocess(data_dir, "--api-key", "sk-local", *timing) as base_url:
+        assert base_url.startswith("http://127.0.0.1:")
+        yield base_url
 
 
 def test_openai_sdk_against_served_instance(served: str, tmp_path: Path) -> None:
