@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -33,6 +34,7 @@ from .errors import (
     error_for_status,
 )
 from .models import ApiStyle, Batch
+from .untrusted import check_provider_id, printable, safe_segment
 
 __all__ = ["DEFAULT_BASE_URL", "InfronClient", "ResultFile", "RetryPolicy"]
 
@@ -41,6 +43,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://llm.onerouter.pro/v1"
 _RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 _CHUNK = 1 << 20
+# Infron's create-batch params are Messages-style and require max_tokens; when a chat body
+# has none, this is sent (documented in the README).
+DEFAULT_INFRON_MAX_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -101,9 +106,9 @@ class ResultFile:
 
     @property
     def name(self) -> str:
-        """A stable file name to store it under."""
+        """A stable file name to store it under: one safe path segment, whatever the id."""
         ref = self.file_id or urlsplit(self.url or "").path.strip("/").replace("/", "_")
-        return f"{self.kind}-{ref}.jsonl"
+        return f"{self.kind}-{safe_segment(ref or 'file')}.jsonl"
 
 
 class InfronClient:
@@ -203,7 +208,7 @@ class InfronClient:
                 idempotent=False,
                 headers=_idempotency(idempotency_key),
             )
-            return Batch.from_openai(data)
+            return self._parse_batch("create batch", data, created=True)
         # A file, not a generator: its length is known, so no chunked upload is needed.
         with tempfile.TemporaryFile() as body:
             for part in _infron_body(requests_path, endpoint):
@@ -221,7 +226,7 @@ class InfronClient:
                 headers={"Content-Type": "application/json", **_idempotency(idempotency_key)},
                 idempotent=False,
             )
-        return Batch.from_infron(data)
+        return self._parse_batch("create batch", data, created=True)
 
     def retrieve_batch(self, batch_id: str) -> Batch:
         """Fetch the current state of one batch.
@@ -230,8 +235,9 @@ class InfronClient:
             >>> client.retrieve_batch("batch_abc").status
             <BatchStatus.IN_PROGRESS: 'in_progress'>
         """
-        data = self._json(f"retrieve batch {batch_id}", "GET", f"/batches/{batch_id}")
-        return self._parse_batch(data)
+        operation = f"retrieve batch {printable(batch_id, 80)}"
+        data = self._json(operation, "GET", f"/batches/{_path(batch_id)}")
+        return self._parse_batch(operation, data)
 
     def cancel_batch(self, batch_id: str) -> Batch:
         """Ask the server to cancel a batch; finished requests stay available.
@@ -240,8 +246,9 @@ class InfronClient:
             >>> client.cancel_batch("batch_abc").status
             <BatchStatus.CANCELLING: 'cancelling'>
         """
-        data = self._json(f"cancel batch {batch_id}", "POST", f"/batches/{batch_id}/cancel")
-        return self._parse_batch(data)
+        operation = f"cancel batch {printable(batch_id, 80)}"
+        data = self._json(operation, "POST", f"/batches/{_path(batch_id)}/cancel")
+        return self._parse_batch(operation, data)
 
     def list_batches(self, *, page_size: int = 100) -> Iterator[Batch]:
         """Every batch of this key, newest first, following ``has_more`` pagination.
@@ -262,11 +269,15 @@ class InfronClient:
             if after:
                 params["after"] = after
             page = self._json("list batches", "GET", "/batches", params=params)
-            rows = page.get("data") or []
-            yield from (Batch.from_openai(row) for row in rows)
-            if not page.get("has_more") or not rows:
+            rows = page.get("data")
+            if not isinstance(rows, list):
+                raise InfronProtocolError("list batches", "the page has no list of batches")
+            batches = [self._parse_batch("list batches", row) for row in rows]
+            yield from batches
+            if not page.get("has_more") or not batches:
                 return
-            after = page.get("last_id") or rows[-1]["id"]
+            last = page.get("last_id")
+            after = last if isinstance(last, str) and last else batches[-1].id
 
     # --- files ---------------------------------------------------------------------------
 
@@ -285,9 +296,10 @@ class InfronClient:
         data = self._json(
             f"upload file {name}", "POST", "/files", files=files, data={"purpose": purpose}
         )
-        if "id" not in data:
-            raise InfronProtocolError(f"upload file {name}", "the answer has no file id")
-        return str(data["id"])
+        try:
+            return check_provider_id(data.get("id"), "file id")
+        except ValueError as exc:
+            raise InfronProtocolError(f"upload file {name}", str(exc)) from None
 
     def result_files(self, batch: Batch) -> list[ResultFile]:
         """The files that hold a finished batch's results (output and errors).
@@ -347,37 +359,65 @@ class InfronClient:
     # --- plumbing ------------------------------------------------------------------------
 
     def _open_result(self, result: ResultFile) -> tuple[httpx.Response, str]:
-        if result.file_id:
-            target, http = f"/files/{result.file_id}/content", self._http
-        else:
-            target = result.url or ""
-            http = self._http if self._same_origin(target) else self._anonymous
         operation = f"download {result.kind} file"
+        if result.file_id:
+            target, http = f"/files/{_path(result.file_id)}/content", self._http
+        else:
+            target, http = self._route_url(operation, result.url or "")
         return self._send(operation, "GET", target, http=http, stream=True), operation
 
-    def _parse_batch(self, data: dict[str, Any]) -> Batch:
-        if self.api_style == "infron" and "batch_id" in data:
-            return Batch.from_infron(data)
-        if "batch_id" in data:
-            return Batch.from_infron(data)
-        return Batch.from_openai(data)
+    def _route_url(self, operation: str, url: str) -> tuple[str, httpx.Client]:
+        """Which client may fetch ``url``: the keyed one only for the configured origin.
 
-    def _same_origin(self, url: str) -> bool:
-        if not url.lower().startswith(("http://", "https://")):
-            return True  # a path relative to base_url
-        mine, theirs = urlsplit(self.base_url), urlsplit(url)
-        return (mine.scheme, mine.netloc) == (theirs.scheme, theirs.netloc)
+        Origins are compared parsed (scheme, host, port with defaults filled in); a scheme
+        other than http(s), or a host without a scheme, is refused: it could carry the key
+        in clear text to a host nobody configured.
+        """
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise InfronProtocolError(operation, f"invalid result URL: {exc}") from None
+        if not parsed.scheme and not parsed.host:
+            return url, self._http  # a path relative to base_url: our own server
+        if parsed.scheme.lower() not in ("http", "https") or not parsed.host:
+            shown = printable(f"{parsed.scheme}://{parsed.host}", 100)
+            raise InfronProtocolError(
+                operation, f"refusing a result URL that is not http(s): {shown}"
+            )
+        same = _origin(parsed) == _origin(httpx.URL(self.base_url))
+        return str(parsed), (self._http if same else self._anonymous)
 
-    def _json(self, operation: str, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
-        response = self._send(operation, method, url, **kwargs)
+    def _parse_batch(self, operation: str, data: dict[str, Any], *, created: bool = False) -> Batch:
+        """A batch object from the wire, or a protocol error naming what is wrong.
+
+        After a create call the batch may exist although its answer cannot be read: the
+        error is then ambiguous, so the chunk is never taken as "not sent".
+        """
+        try:
+            if "batch_id" in data:
+                return Batch.from_infron(data)
+            return Batch.from_openai(data)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            error = InfronProtocolError(operation, self._redact(f"unreadable batch object: {exc}"))
+            error.ambiguous = created
+            raise error from None
+
+    def _json(
+        self, operation: str, method: str, url: str, *, idempotent: bool = True, **kwargs: Any
+    ) -> dict[str, Any]:
+        response = self._send(operation, method, url, idempotent=idempotent, **kwargs)
         try:
             data = response.json()
-        except ValueError:
-            raise InfronProtocolError(
-                operation, f"expected JSON, got {response.text[:200]!r}"
-            ) from None
+        except (ValueError, RecursionError):
+            error = InfronProtocolError(
+                operation, self._redact(f"expected JSON, got {printable(response.text, 200)!r}")
+            )
+            error.ambiguous = not idempotent  # a 2xx to a create: it may well have happened
+            raise error from None
         if not isinstance(data, dict):
-            raise InfronProtocolError(operation, "expected a JSON object")
+            error = InfronProtocolError(operation, "expected a JSON object")
+            error.ambiguous = not idempotent
+            raise error
         return data
 
     def _send(
@@ -406,11 +446,14 @@ class InfronClient:
                 request_kwargs["files"] = files()
             try:
                 request = http.build_request(method, url, **request_kwargs)
-            except httpx.InvalidURL as exc:
-                raise InfronProtocolError(operation, f"invalid URL: {exc}") from None
+            except (httpx.InvalidURL, UnicodeEncodeError) as exc:
+                message = self._redact(f"cannot build the request: {exc}")
+                raise InfronProtocolError(operation, message) from None
             try:
                 response = http.send(request, stream=True)
-            except httpx.TransportError as exc:
+            except httpx.TooManyRedirects as exc:
+                raise InfronProtocolError(operation, self._redact(str(exc))) from None
+            except (httpx.TransportError, httpx.DecodingError) as exc:
                 error: InfronError = InfronConnectionError(operation, self._redact(str(exc)))
                 # Only a failed connect proves the server never saw the request.
                 error.ambiguous = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
@@ -446,8 +489,10 @@ class InfronClient:
         return error_for_status(operation, response.status_code, self._redact(message), code)
 
     def _redact(self, text: str) -> str:
+        """``text`` with every form of the key the server might echo replaced by ``***``."""
         if self._secret and len(self._secret) >= 4:
-            for form in (self._secret, repr(self._secret)[1:-1], self._secret.strip()):
+            forms = {self._secret, json.dumps(self._secret)[1:-1], quote(self._secret, safe="")}
+            for form in sorted(forms, key=len, reverse=True):
                 text = text.replace(form, "***")
         return text
 
@@ -462,23 +507,48 @@ def _clean_key(api_key: str | None) -> str | None:
     key = api_key.strip()
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
         raise ValueError("the API key contains control characters; check how it is stored")
+    if not all(33 <= ord(ch) <= 126 for ch in key):
+        # Never echo it: a pasted curly quote would otherwise put "Bearer <key>" into a
+        # UnicodeEncodeError from the HTTP layer.
+        raise ValueError(
+            "the API key contains a space or a non-ASCII character (a pasted curly quote?); "
+            "API keys are plain ASCII: check how it is stored"
+        )
     return key
 
 
 def _idempotency(key: str | None) -> dict[str, str]:
-    return {"Idempotency-Key": key} if key else {}
+    """The ``Idempotency-Key`` header: the key itself when it is short printable ASCII, else
+    its hash (a partition named ``Zürich`` cannot go into an HTTP header as it is)."""
+    if not key:
+        return {}
+    if not (len(key) <= 200 and all(33 <= ord(ch) <= 126 for ch in key)):
+        key = "idk-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+    return {"Idempotency-Key": key}
+
+
+def _path(provider_id: str) -> str:
+    """A provider's id as one URL path segment: ``../x`` must not climb the API's paths."""
+    return quote(provider_id, safe="")
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    scheme = url.scheme.lower()
+    default = {"http": 80, "https": 443}.get(scheme)
+    return scheme, url.host.lower(), url.port or default
 
 
 def _server_message(response: httpx.Response) -> tuple[str, str | None]:
     try:
         body = response.json()
-    except ValueError:
-        return (response.text[:500] or response.reason_phrase or "no message"), None
+    except (ValueError, RecursionError):
+        return printable(response.text or response.reason_phrase or "no message", 500), None
     err = body.get("error", body) if isinstance(body, dict) else body
     if isinstance(err, dict):
         message = err.get("message") or err.get("detail") or json.dumps(err)[:500]
-        return str(message), (str(err["code"]) if err.get("code") else None)
-    return str(err)[:500], None
+        code = printable(err["code"], 100) if err.get("code") else None
+        return printable(message, 500), code
+    return printable(err, 500), None
 
 
 def _close_files(files: Any) -> None:
@@ -492,10 +562,12 @@ def _close_files(files: Any) -> None:
 def _infron_body(requests_path: str | os.PathLike[str], endpoint: str) -> Iterator[bytes]:
     """Stream ``{"requests": [{"custom_id", "params"}, ...]}`` from OpenAI-style JSONL.
 
-    Infron documents chat-completion params only; another endpoint is named explicitly so
-    the server cannot mistake a Responses ``input`` for an embeddings one.
+    Chat bodies become Infron's documented Messages-style params (see
+    :func:`messages_params`). Another endpoint is named explicitly so the server cannot
+    mistake a Responses ``input`` for an embeddings one.
     """
-    if endpoint != "/v1/chat/completions":
+    chat = endpoint == "/v1/chat/completions"
+    if not chat:
         yield b'{"endpoint":' + json.dumps(endpoint).encode() + b","
     else:
         yield b"{"
@@ -506,7 +578,45 @@ def _infron_body(requests_path: str | os.PathLike[str], endpoint: str) -> Iterat
             if not raw.strip():
                 continue
             line = json.loads(raw)
-            item = {"custom_id": line["custom_id"], "params": line["body"]}
+            params = messages_params(line["body"]) if chat else line["body"]
+            item = {"custom_id": line["custom_id"], "params": params}
             yield (b"" if first else b",") + json.dumps(item, separators=(",", ":")).encode()
             first = False
     yield b"]}"
+
+
+def messages_params(body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI chat body as Infron's Messages-style params.
+
+    System messages become the top-level ``system`` string; ``max_tokens`` comes from
+    ``max_tokens`` or ``max_completion_tokens``, else :data:`DEFAULT_INFRON_MAX_TOKENS`
+    (Infron requires it); ``stop`` becomes ``stop_sequences``. Other keys pass through.
+
+    Example:
+        >>> messages_params({"model": "m", "messages": [
+        ...     {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]})
+        {'model': 'm', 'messages': [{'role': 'user', 'content': 'Hi'}], 'system': 'Be brief.', 'max_tokens': 4096}
+    """  # noqa: E501
+    params = dict(body)
+    messages = params.get("messages")
+    if isinstance(messages, list):
+        system = [m for m in messages if isinstance(m, dict) and m.get("role") in _SYSTEM_ROLES]
+        if system:
+            params["messages"] = [m for m in messages if m not in system]
+            texts = [_message_text(m.get("content")) for m in system]
+            params["system"] = "\n\n".join(t for t in texts if t)
+    limit = params.pop("max_completion_tokens", None)
+    params.setdefault("max_tokens", limit if limit is not None else DEFAULT_INFRON_MAX_TOKENS)
+    if "stop" in params:
+        stop = params.pop("stop")
+        params["stop_sequences"] = [stop] if isinstance(stop, str) else stop
+    return params
+
+
+_SYSTEM_ROLES = ("system", "developer")
+
+
+def _message_text(content: Any) -> str:
+    if isinstance(content, list):  # content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)

@@ -3,13 +3,17 @@ and moto's S3 server. Everything is real: real HTTP, real files, real Dagster in
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -136,3 +140,76 @@ def moto_s3() -> Iterator[S3]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# -- a scripted HTTP server, for answers the local emulator cannot give ---------------------
+
+
+@dataclass
+class Answer:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Scripted:
+    """A tiny real HTTP server: answers each path from a script, records every request."""
+
+    base: str
+    script: dict[str, list[Answer | Callable[[str | None], Answer]]]
+    seen: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[[dict[str, list[Any]]], Scripted]]:
+    """Real http.server instances on free ports. Used where the local emulator cannot answer
+    as needed (a foreign result host, redirects, 402/403/408/409, Retry-After alone, an error
+    body that echoes the key): faking the server is the only way to get those answers."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start(script: dict[str, list[Any]]) -> Scripted:
+        holder: list[Scripted] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                me = holder[0]
+                path = self.path.split("?")[0]
+                me.seen.append((self.command, path, self.headers.get("Authorization")))
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                queue = me.script.get(path) or [Answer(404, b'{"error": {"message": "nope"}}')]
+                answer = queue.pop(0) if len(queue) > 1 else queue[0]
+                if callable(answer):
+                    answer = answer(self.headers.get("Authorization"))
+                self.send_response(answer.status)
+                for name, value in answer.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(answer.body)))
+                self.end_headers()
+                self.wfile.write(answer.body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        holder.append(Scripted(f"http://127.0.0.1:{server.server_address[1]}", script))
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(server)
+        return holder[0]
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def json_answer(obj: Any, status: int = 200, **headers: str) -> Answer:
+    return Answer(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **headers})
