@@ -274,12 +274,15 @@ def _retry_rows(s: _Settings, key: str | None) -> pa.Table:
         raise dg.Failure(
             f"partition {key!r} of {s.name} has never been submitted; nothing to retry"
         )
-    if attempts[-1].state != "collected":
+    latest = attempts[-1]
+    # A retry whose create failed part-way is resumed with the same rows, not refused.
+    resuming = latest.kind == "retry" and not latest.fully_submitted
+    if latest.state != "collected" and not resuming:
         raise dg.Failure(
-            f"attempt {attempts[-1].attempt} of partition {key!r} is not collected yet; "
+            f"attempt {latest.attempt} of partition {key!r} is not collected yet; "
             "retry once the sensor has collected it"
         )
-    if len(attempts) >= s.max_attempts:
+    if len(attempts) >= s.max_attempts and not resuming:
         raise dg.Failure(
             f"partition {key!r} already had {len(attempts)} of max_attempts={s.max_attempts}"
         )

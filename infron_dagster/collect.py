@@ -23,14 +23,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .client import InfronClient
+from .errors import InfronError
 from .manifest import Manifest, now_iso
 from .models import Batch, BatchStatus
 from .prepare import CARRIED_FROM, CUSTOM_ID
-from .results import Outcome, ParseReport, read_outcomes
+from .results import DEFAULT_MAX_LINE_BYTES, Outcome, ParseReport, read_outcomes
 from .spec import RequestSpec
 from .storage import BatchStorage
 from .submit import load_manifests
 from .tables import FinalOutcome, build_tables
+from .untrusted import printable, safe_segment
 
 __all__ = ["CollectOutcome", "active_attempts", "collect_partition", "poll_manifest"]
 
@@ -55,6 +57,7 @@ class CollectOutcome:
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: ParseReport = field(default_factory=ParseReport)
     input_rows: int = 0
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
 
     @property
     def error_counts(self) -> dict[str, int]:
@@ -101,12 +104,21 @@ def collect_partition(
     partition_key: str | None,
     *,
     keep_columns: Sequence[str] | None = None,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> CollectOutcome:
-    """Collect one partition if every batch of every active attempt is terminal."""
+    """Collect one partition if every batch of every active attempt is terminal.
+
+    Whatever the provider sent, every input row ends in results or failed: a line that
+    cannot be read fails its row (``unparseable_result``), a line over ``max_line_bytes``
+    fails its row (``result_too_large``), a result file that cannot be fetched for good (a
+    refused URL, a 404) fails the rows it held as ``missing_result``. Only a transient
+    error (connection, 5xx) stops the run, to be collected again.
+    """
     attempts = active_attempts(load_manifests(storage, partition_key))
     if not attempts:
         raise ValueError(f"partition {partition_key!r} has no submitted attempt to collect")
     outcome = CollectOutcome(ready=True, attempts=[m.attempt for m in attempts])
+    outcome.max_line_bytes = max_line_bytes
     for manifest in attempts:
         if not manifest.fully_submitted:
             outcome.ready = False
@@ -165,23 +177,38 @@ def _fetch_attempt(
         return None
     info: dict[str, dict[str, Any]] = {}
     for batch_id, batch in batches.items():
-        files = []
-        for result_file in client.result_files(batch):
-            path = raw / batch_id / result_file.name
-            with storage.open_write(path) as fh:
-                client.download(result_file, fh)
-            files.append(storage.relative(path))
-        info[batch_id] = _batch_info(batch, files)
+        files, problems = _download_files(client, storage, raw / safe_segment(batch_id), batch)
+        info[batch_id] = _batch_info(batch, files, problems)
     storage.write_json(marker, info)
     return info
 
 
-def _batch_info(batch: Batch, files: list[str]) -> dict[str, Any]:
+def _download_files(
+    client: InfronClient, storage: BatchStorage, folder: Any, batch: Batch
+) -> tuple[list[str], list[str]]:
+    """Store a batch's result files; a file refused for good is a problem, not a crash."""
+    files, problems = [], []
+    for result_file in client.result_files(batch):
+        path = folder / result_file.name
+        try:
+            with storage.open_write(path) as fh:
+                client.download(result_file, fh)
+        except InfronError as exc:
+            if exc.retryable:
+                raise  # a later run may fetch it: do not fail its rows for a hiccup
+            problems.append(f"{result_file.kind} file could not be downloaded: {exc}")
+            logger.warning("batch %s: %s", printable(batch.id, 80), problems[-1])
+            continue
+        files.append(storage.relative(path))
+    return files, problems
+
+
+def _batch_info(batch: Batch, files: list[str], problems: list[str]) -> dict[str, Any]:
     return {
         "status": batch.status.value,
         "raw_status": batch.raw_status,
         "files": files,
-        "errors": list(batch.errors),
+        "errors": [*batch.errors, *problems],
         "cost": batch.cost,
         "total_requests": batch.total_requests,
         "completed_requests": batch.completed_requests,
@@ -193,7 +220,7 @@ def _merge(
     storage: BatchStorage, attempts: list[Manifest], outcome: CollectOutcome
 ) -> dict[str, FinalOutcome]:
     """Per custom_id: the latest success of any attempt, else the latest failure."""
-    final = _carried(storage, attempts[0])
+    final = _carried(storage, attempts[0], outcome.max_line_bytes)
     for manifest in attempts:
         for custom_id, result in _attempt_outcomes(storage, manifest, outcome).items():
             current = final.get(custom_id)
@@ -214,7 +241,8 @@ def _attempt_outcomes(
     for batch_id in manifest.batch_ids:
         for rel in collected.batches[batch_id]["files"]:
             with storage.resolve(rel).open("rb") as fh:
-                for result in read_outcomes(fh, report, batch_id):
+                lines = read_outcomes(fh, report, batch_id, max_line_bytes=collected.max_line_bytes)
+                for result in lines:
                     _record(by_id, result, report)
     for custom_id, result in by_id.items():
         if result is None:
@@ -242,7 +270,7 @@ def _sent_and_carried(
     return sent, carried
 
 
-def _carried(storage: BatchStorage, base: Manifest) -> dict[str, FinalOutcome]:
+def _carried(storage: BatchStorage, base: Manifest, max_line_bytes: int) -> dict[str, FinalOutcome]:
     """The paid-for answers a new attempt reused from earlier attempts, read from their files."""
     _, carried = _sent_and_carried(storage, base)
     if not carried:
@@ -253,6 +281,7 @@ def _carried(storage: BatchStorage, base: Manifest) -> dict[str, FinalOutcome]:
         source = by_attempt[attempt]
         marker = storage.attempt_dir("raw", source.partition_key, attempt) / "batches.json"
         scratch = CollectOutcome(ready=True, batches=storage.read_json(marker))
+        scratch.max_line_bytes = max_line_bytes
         outcomes = _attempt_outcomes(storage, source, scratch)
         for custom_id in ids:
             earlier = outcomes.get(custom_id)
@@ -292,6 +321,8 @@ def _missing(custom_id: str, batch_id: str | None, batches: dict[str, dict[str, 
     code = _MISSING_CODES.get(BatchStatus(info.get("status", "unknown")))
     if code is None:
         message = "the batch completed without a result line for this request"
+        if info.get("errors"):
+            message += ": " + "; ".join(info["errors"])
         return Outcome(
             custom_id,
             ok=False,

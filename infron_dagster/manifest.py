@@ -39,8 +39,10 @@ class ChunkRecord:
     batch_id: str | None = None
     status: str | None = None
     idempotency_key: str = ""
-    # A create call for this chunk failed in a way that may have created the batch anyway.
+    # A create call for this chunk was started and may have created the batch although its
+    # answer was never recorded (it failed ambiguously, or the process died during it).
     uncertain: bool = False
+    create_started_at: str | None = None
 
 
 @dataclass
@@ -104,7 +106,11 @@ class Manifest:
         """Parse what :meth:`to_dict` wrote (unknown keys are ignored for forward compat)."""
         known = {f for f in cls.__dataclass_fields__}
         values = {k: v for k, v in data.items() if k in known}
-        values["chunks"] = [ChunkRecord(**c) for c in data.get("chunks", [])]
+        chunk_fields = set(ChunkRecord.__dataclass_fields__)
+        values["chunks"] = [
+            ChunkRecord(**{k: v for k, v in c.items() if k in chunk_fields})
+            for c in data.get("chunks", [])
+        ]
         return cls(**values)
 
 

@@ -11,12 +11,32 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import json
+import math
+import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-__all__ = ["Outcome", "ParseReport", "is_retryable", "parse_line", "read_outcomes"]
+from .untrusted import printable
+
+__all__ = [
+    "DEFAULT_MAX_LINE_BYTES",
+    "Outcome",
+    "ParseReport",
+    "is_retryable",
+    "parse_line",
+    "read_outcomes",
+]
+
+# A result line longer than this fails its row instead of taking memory; the raw file is
+# kept, so collecting again with a higher bound recovers the answer without paying.
+DEFAULT_MAX_LINE_BYTES = 8 * 1024 * 1024
+UNPARSEABLE = "unparseable_result"
+TOO_LARGE = "result_too_large"
+EMPTY_RESPONSE = "empty_response"
 
 _RETRYABLE_CODES = frozenset(
     {
@@ -32,6 +52,9 @@ _RETRYABLE_CODES = frozenset(
         "invalid_structured_output",
         "expired",
         "canceled",
+        UNPARSEABLE,
+        EMPTY_RESPONSE,
+        "missing_response",
     }
 )
 
@@ -84,19 +107,131 @@ class ParseReport:
     unparseable: int = 0
     duplicates: int = 0
     unknown_ids: int = 0
+    too_large: int = 0
     samples: list[str] = field(default_factory=list)
 
     def note(self, what: str) -> None:
+        """Keep a few examples (printable, bounded) for the run's metadata."""
         if len(self.samples) < 5:
-            self.samples.append(what[:200])
+            self.samples.append(printable(what, 200))
+
+
+class _Unusable(ValueError):
+    """A line that is JSON with a custom_id but whose answer cannot be read."""
 
 
 def parse_line(raw: bytes | str) -> Outcome:
-    """One result line of any supported shape -> :class:`Outcome`. Raises ValueError."""
+    """One result line of any supported shape -> :class:`Outcome`.
+
+    Raises ValueError only when the line has no usable ``custom_id`` (then no row can be
+    blamed); any other problem with the line is that row's failure (``unparseable_result``).
+    """
     data = json.loads(raw)
-    if not isinstance(data, dict) or not data.get("custom_id"):
+    if not isinstance(data, dict):
+        raise ValueError("line is not a JSON object")
+    custom_id = data.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id or not _is_text(custom_id):
         raise ValueError("line has no custom_id")
-    custom_id = str(data["custom_id"])
+    try:
+        return _parse_object(custom_id, data)
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+        return _unparseable(custom_id, exc)
+
+
+def read_outcomes(
+    lines: IO[bytes] | Iterable[bytes],
+    report: ParseReport,
+    batch_id: str | None = None,
+    *,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> Iterator[Outcome]:
+    """Parse many lines; a bad line fails its own row (or is counted), never the file.
+
+    Example:
+        >>> report = ParseReport()
+        >>> [o.error_code for o in read_outcomes([b'{"custom_id":"a","response":5}'], report)]
+        ['unparseable_result']
+    """
+    for raw, whole in _bounded_lines(lines, max_line_bytes):
+        if not raw.strip():
+            continue
+        report.lines += 1
+        if not whole:
+            outcome = _too_large(raw, max_line_bytes, report)
+        else:
+            outcome = _parse_counted(raw, report)
+        if outcome is not None:
+            outcome.batch_id = batch_id
+            yield outcome
+
+
+def _parse_counted(raw: bytes, report: ParseReport) -> Outcome | None:
+    try:
+        outcome = parse_line(raw)
+    except (ValueError, TypeError, RecursionError) as exc:
+        custom_id = _sniff_custom_id(raw)
+        report.unparseable += 1
+        report.note(f"unparseable line: {type(exc).__name__}: {exc}")
+        return _unparseable(custom_id, exc) if custom_id else None
+    if outcome.error_code == UNPARSEABLE:
+        report.unparseable += 1
+        report.note(f"unusable answer for {outcome.custom_id}: {outcome.error_message}")
+    return outcome
+
+
+def _bounded_lines(source: IO[bytes] | Iterable[bytes], limit: int) -> Iterator[tuple[bytes, bool]]:
+    """(line, whole) pairs; a line over ``limit`` yields only its head, the rest is skipped."""
+    readline = getattr(source, "readline", None)
+    if readline is None:
+        for line in source:  # already in memory (tests, small inputs)
+            yield (line, True) if len(line) <= limit else (line[:4096], False)
+        return
+    while True:
+        line = readline(limit + 1)
+        if not line:
+            return
+        if len(line) <= limit or (line.endswith(b"\n") and len(line) == limit + 1):
+            yield line, True
+            continue
+        head = line[:4096]
+        while line and not line.endswith(b"\n"):
+            line = readline(1 << 20)  # drain the rest of the long line, never holding it
+        yield head, False
+
+
+_CUSTOM_ID_RE = re.compile(rb'"custom_id"\s*:\s*"([A-Za-z0-9_.:\-]{1,200})"')
+
+
+def _sniff_custom_id(raw: bytes) -> str | None:
+    """The custom_id of a line that does not parse, when it can be seen plainly."""
+    match = _CUSTOM_ID_RE.search(raw[:8192])
+    return match.group(1).decode() if match else None
+
+
+def _too_large(head: bytes, limit: int, report: ParseReport) -> Outcome | None:
+    report.too_large += 1
+    custom_id = _sniff_custom_id(head)
+    report.note(f"result line over {limit} bytes for {custom_id or 'an unknown request'}")
+    if custom_id is None:
+        return None
+    message = (
+        f"the result line is over max_result_line_bytes={limit}; the raw file is kept, "
+        "so collecting again with a higher bound recovers it without paying"
+    )
+    return Outcome(custom_id, ok=False, error_code=TOO_LARGE, error_message=message)
+
+
+def _unparseable(custom_id: str, exc: BaseException) -> Outcome:
+    message = f"the result line could not be read: {type(exc).__name__}: {printable(exc, 300)}"
+    return Outcome(custom_id, ok=False, error_code=UNPARSEABLE, error_message=message)
+
+
+def iter_lines(fh: IO[bytes]) -> Iterator[bytes]:
+    """Lines of a binary file, streamed."""
+    yield from fh
+
+
+def _parse_object(custom_id: str, data: dict[str, Any]) -> Outcome:
     if "result" in data and isinstance(data["result"], dict):
         return _anthropic(custom_id, data["result"])
     error = data.get("error")
@@ -106,42 +241,29 @@ def parse_line(raw: bytes | str) -> Outcome:
     if response is None and "body" in data:
         response = {"status_code": data.get("status_code", 200), "body": data["body"]}
     if error:
-        return _error(custom_id, error, (response or {}).get("status_code"))
-    if not isinstance(response, dict):
+        status = response.get("status_code") if isinstance(response, dict) else None
+        return _error(custom_id, error, status)
+    if response is None:
         return Outcome(
-            custom_id, ok=False, error_code="missing_response", error_message=str(data)[:300]
+            custom_id, ok=False, error_code="missing_response", error_message="no response"
         )
-    status = int(response.get("status_code") or 200)
+    if not isinstance(response, dict):
+        raise _Unusable(f"response is {type(response).__name__}, not an object")
+    status = _status(response.get("status_code", 200))
+    if status is None:
+        raise _Unusable(f"status_code {printable(response.get('status_code'), 40)} is not HTTP")
     body = response.get("body")
     if isinstance(body, str):
         body = _maybe_json(body)
-    if status >= 400 or (isinstance(body, dict) and "error" in body and "choices" not in body):
+    if status >= 400 or (isinstance(body, dict) and body.get("error") and "choices" not in body):
         err = body.get("error") if isinstance(body, dict) else body
         return _error(custom_id, err or f"HTTP {status}", status)
-    return _success(custom_id, body if isinstance(body, dict) else {})
-
-
-def read_outcomes(
-    lines: Iterable[bytes], report: ParseReport, batch_id: str | None = None
-) -> Iterator[Outcome]:
-    """Parse many lines, counting (not raising on) the ones that are not usable."""
-    for raw in lines:
-        if not raw.strip():
-            continue
-        report.lines += 1
-        try:
-            outcome = parse_line(raw)
-        except (ValueError, TypeError, KeyError) as exc:
-            report.unparseable += 1
-            report.note(f"unparseable line: {exc}")
-            continue
-        outcome.batch_id = batch_id
-        yield outcome
-
-
-def iter_lines(fh: IO[bytes]) -> Iterator[bytes]:
-    """Lines of a binary file, streamed."""
-    yield from fh
+    if body is None or body == {} or body == "":
+        message = f"HTTP {status} with no body: there is no answer to keep"
+        return Outcome(custom_id, ok=False, error_code=EMPTY_RESPONSE, error_message=message)
+    if not isinstance(body, dict):
+        raise _Unusable(f"body is {type(body).__name__}, not an object")
+    return _success(custom_id, body)
 
 
 def _maybe_json(text: str) -> Any:
@@ -151,65 +273,170 @@ def _maybe_json(text: str) -> Any:
         return text
 
 
+def _status(value: Any) -> int | None:
+    """An HTTP status from the wire (``200``, ``"200"``, ``200.0``), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and (not math.isfinite(value) or not value.is_integer()):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if 100 <= number <= 599 else None
+
+
 def _error(custom_id: str, err: Any, status: Any) -> Outcome:
     if isinstance(err, dict):
         inner = err.get("error") if isinstance(err.get("error"), dict) else err
         code = inner.get("code") or inner.get("type") or "error"
         message = inner.get("message") or json.dumps(inner)[:300]
     else:
-        code, message = "error", str(err)
-    http = int(status) if isinstance(status, (int, str)) and str(status).isdigit() else None
+        code, message = "error", err
     return Outcome(
-        custom_id, ok=False, error_code=str(code), error_message=str(message), http_status=http
+        custom_id,
+        ok=False,
+        error_code=printable(code, 100),
+        error_message=printable(message, 2000),
+        http_status=_status(status),
     )
 
 
 def _anthropic(custom_id: str, result: dict[str, Any]) -> Outcome:
     kind = result.get("type")
     if kind == "succeeded":
-        return _success(custom_id, result.get("message") or {})
+        message = result.get("message")
+        if not isinstance(message, dict) or not message:
+            raise _Unusable("a succeeded result without a message")
+        return _success(custom_id, message)
     if kind == "errored":
         return _error(custom_id, result.get("error") or {}, None)
-    code = {"canceled": "batch_cancelled", "expired": "batch_expired"}.get(str(kind), str(kind))
+    code = {"canceled": "batch_cancelled", "expired": "batch_expired"}.get(str(kind))
+    if code is None:
+        raise _Unusable(f"unknown result type {printable(kind, 40)!r}")
     return Outcome(custom_id, ok=False, error_code=code, error_message=f"request {kind}")
 
 
 def _success(custom_id: str, body: dict[str, Any]) -> Outcome:
-    usage = body.get("usage") or {}
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    usage = body.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
     outcome = Outcome(
         custom_id,
         ok=True,
-        model=body.get("model"),
-        prompt_tokens=prompt,
-        completion_tokens=completion,
+        model=_label(body.get("model")),
+        prompt_tokens=_tokens(usage.get("prompt_tokens", usage.get("input_tokens"))),
+        completion_tokens=_tokens(usage.get("completion_tokens", usage.get("output_tokens"))),
     )
     if "choices" in body:
-        choice = (body.get("choices") or [{}])[0]
-        message = choice.get("message") or {}
-        outcome.text = message.get("content") if message else choice.get("text")
-        outcome.finish_reason = choice.get("finish_reason")
-        if outcome.text is None and message.get("refusal"):
-            outcome.ok, outcome.error_code = False, "refusal"
-            outcome.error_message = str(message["refusal"])
+        _chat(outcome, body["choices"])
     elif "data" in body:
-        items = body.get("data") or [{}]
-        outcome.embedding = items[0].get("embedding")
+        outcome.embedding = _embedding(body["data"])
     elif "output" in body:
         outcome.text = _responses_text(body["output"])
-        outcome.finish_reason = body.get("status")
+        outcome.finish_reason = _label(body.get("status"))
     elif "content" in body:  # Anthropic message
-        parts = body.get("content") or []
-        outcome.text = "".join(p.get("text", "") for p in parts if isinstance(p, dict)) or None
-        outcome.finish_reason = body.get("stop_reason")
+        outcome.text = _parts_text(body["content"]) or None
+        outcome.finish_reason = _label(body.get("stop_reason"))
+    else:
+        raise _Unusable("the body has none of choices, data, output or content")
     return outcome
 
 
+def _chat(outcome: Outcome, choices: Any) -> None:
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise _Unusable("choices is not a list of objects")
+    choice = choices[0]
+    message = choice.get("message")
+    if message is not None and not isinstance(message, dict):
+        raise _Unusable("choices[0].message is not an object")
+    if message:
+        outcome.text = _content(message.get("content"))
+    else:
+        outcome.text = _optional_text(choice.get("text"))
+    outcome.finish_reason = _label(choice.get("finish_reason"))
+    if outcome.text is None and message and message.get("refusal"):
+        outcome.ok, outcome.error_code = False, "refusal"
+        outcome.error_message = printable(message["refusal"], 2000)
+
+
+def _content(content: Any) -> str | None:
+    if content is None or isinstance(content, str):
+        return _optional_text(content)
+    if isinstance(content, list):  # content parts
+        return _parts_text(content)
+    raise _Unusable(f"message content is {type(content).__name__}, not text")
+
+
+def _parts_text(parts: Any) -> str:
+    if not isinstance(parts, list):
+        raise _Unusable("content is not a list of parts")
+    texts = [p.get("text") for p in parts if isinstance(p, dict) and p.get("text") is not None]
+    return "".join(_text(t) for t in texts)
+
+
+def _embedding(items: Any) -> list[float]:
+    if not isinstance(items, list) or not items or not isinstance(items[0], dict):
+        raise _Unusable("data is not a list of embedding objects")
+    vector = items[0].get("embedding")
+    if isinstance(vector, str):  # encoding_format="base64": little-endian float32
+        raw = base64.b64decode(vector, validate=True)
+        if len(raw) % 4:
+            raise _Unusable("a base64 embedding whose length is not a multiple of 4")
+        import array
+
+        floats = array.array("f", raw)
+        if sys.byteorder != "little":
+            floats.byteswap()
+        return [float(x) for x in floats]
+    if not isinstance(vector, list) or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in vector
+    ):
+        raise _Unusable("embedding is not a list of numbers")
+    return [float(x) for x in vector]
+
+
 def _responses_text(output: Any) -> str | None:
+    if not isinstance(output, list):
+        raise _Unusable("output is not a list")
     texts = []
-    for item in output or []:
-        for part in item.get("content") or []:
-            if part.get("type") in ("output_text", "text"):
-                texts.append(part.get("text", ""))
+    for item in output:
+        parts = item.get("content") if isinstance(item, dict) else None
+        for part in parts if isinstance(parts, list) else []:
+            if isinstance(part, dict) and part.get("type") in ("output_text", "text"):
+                texts.append(_text(part.get("text", "")))
     return "".join(texts) if texts else None
+
+
+def _tokens(value: Any) -> int | None:
+    """A token count, or None when the provider sent something else (the answer is kept)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value) if 0 <= value < 2**53 else None
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape
+        return False
+    return True
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Unusable(f"expected text, got {type(value).__name__}")
+    if not _is_text(value):
+        raise _Unusable("text holds an unpaired surrogate (not valid Unicode)")
+    return value
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _label(value: Any) -> str | None:
+    """A descriptive field (model, finish reason): kept when it is sane text, else dropped,
+    never a reason to fail a paid-for answer."""
+    return printable(value, 200) if isinstance(value, str) and _is_text(value) else None

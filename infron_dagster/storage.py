@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -69,18 +70,52 @@ def _local_lock(path: str, partition_key: str | None, wait_seconds: float) -> It
         os.close(fd)  # closing releases the lock
 
 
+EMPTY_KEY = "__empty__"
+_MAX_SEGMENT = 120  # bytes of quoted key kept readable; with the hash, well under 255
+
+
 def encode_partition(partition_key: str | None) -> str:
-    """A partition key as a safe path segment (hive style, URL-quoted).
+    """A partition key as one safe path segment: injective, within file-name limits.
+
+    URL-quoting (hive style: readers decode it back) keeps every key a single segment with
+    no ``/``, glob or dot-segment meaning. Reserved names keep distinct keys apart: ``None``
+    (unpartitioned) is ``__all__``, ``""`` is ``__empty__``, and a key that itself starts
+    with ``__`` gets its first ``_`` quoted. A key whose quoted form is long (300 characters,
+    or 90 CJK characters) becomes a readable prefix, ``~`` and a hash of the key; ``~`` is
+    quoted everywhere else, so the two forms never meet.
 
     Example:
         >>> encode_partition("2026-11-24|eu")
         '2026-11-24%7Ceu'
+        >>> encode_partition(None), encode_partition(""), encode_partition("__all__")
+        ('__all__', '__empty__', '%5F_all__')
     """
-    return quote(partition_key or UNPARTITIONED, safe="-_.")
+    if partition_key is None:
+        return UNPARTITIONED
+    if partition_key == "":
+        return EMPTY_KEY
+    quoted = quote(partition_key, safe="-_.").replace("~", "%7E")
+    if quoted.startswith("__"):
+        quoted = "%5F" + quoted[1:]
+    if len(quoted) <= _MAX_SEGMENT:
+        return quoted
+    prefix = quoted[:_MAX_SEGMENT - 40]
+    prefix = prefix[: prefix.rfind("%")] if "%" in prefix[-2:] else prefix  # no cut escape
+    digest = hashlib.sha256(partition_key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{prefix}~{digest}"
 
 
-def decode_partition(segment: str) -> str:
-    """The inverse of :func:`encode_partition`."""
+def decode_partition(segment: str) -> str | None:
+    """The key of an encoded segment, or None when only a manifest can tell (a hashed key).
+
+    Example:
+        >>> decode_partition("2026-11-24%7Ceu"), decode_partition("__empty__")
+        ('2026-11-24|eu', '')
+    """
+    if segment == EMPTY_KEY:
+        return ""
+    if "~" in segment:
+        return None
     return unquote(segment)
 
 
@@ -158,15 +193,27 @@ class BatchStorage:
         return self.fresh(path).exists()
 
     def partitions_with_manifests(self) -> list[str]:
-        """Every partition key that has at least one manifest."""
+        """Every partition key that has at least one manifest (``__all__``: unpartitioned)."""
         root = self.fresh(self.base / "manifests")
         if not root.exists():
             return []
         keys = []
         for child in root.iterdir():
-            if child.name.startswith("partition="):
-                keys.append(decode_partition(child.name[len("partition=") :]))
+            if not child.name.startswith("partition="):
+                continue
+            key = decode_partition(child.name[len("partition=") :])
+            if key is None:  # a long key, stored hashed: its manifests hold it whole
+                key = self._key_from_manifest(child)
+            if key is not None:
+                keys.append(key)
         return sorted(keys)
+
+    def _key_from_manifest(self, folder: UPath) -> str | None:
+        for path in folder.iterdir():
+            if _ATTEMPT_RE.search(path.name):
+                key = self.read_json(path).get("partition_key")
+                return key if isinstance(key, str) else None
+        return None
 
     def attempts(self, partition_key: str | None) -> list[int]:
         """The attempt numbers with a manifest, ascending."""
@@ -193,8 +240,16 @@ class BatchStorage:
     def open_write(self, path: UPath) -> Iterator[IO[bytes]]:
         """A binary file to stream into; it appears at ``path`` only when complete."""
         if not self.is_local:
-            with path.open("wb") as fh:  # an object store PUTs the object on close
+            fh = path.open("wb")  # an object store PUTs the object on close
+            try:
                 yield fh
+            except BaseException:
+                # A half-downloaded file must not appear: closing would upload it.
+                with contextlib.suppress(Exception):
+                    fh.discard()
+                    fh.closed = True  # so that garbage collection does not close (upload) it
+                raise
+            fh.close()
             return
         os.makedirs(os.path.dirname(path.path), exist_ok=True)
         tmp = f"{path.path}.tmp-{uuid.uuid4().hex}"

@@ -12,10 +12,12 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import pyarrow as pa
 
@@ -36,6 +38,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# How long after a create call was started a batch missing from the provider's list is taken
+# as never created (openai style). A server may still be creating it when the client gave up.
+REATTACH_GRACE_SECONDS = 600
+
 
 class SubmitIncomplete(RuntimeError):
     """The API refused a chunk part-way; what was created is on record and a re-run resumes.
@@ -52,14 +58,24 @@ class SubmitIncomplete(RuntimeError):
         self.total = len(manifest.chunks)
         self.error = error
         uncertain = [c.index for c in manifest.chunks if c.uncertain and not c.batch_id]
-        advice = (
-            "materializing the partition again resumes with the remaining chunks and pays "
-            "for none twice."
-            if not uncertain
-            else f"chunk(s) {uncertain} may have been created although the call failed, and "
-            "this API cannot be asked. Check the provider's dashboard; run the partition "
-            "again with `resubmit_uncertain: true` only if those batches do not exist."
-        )
+        if not uncertain:
+            advice = (
+                "materializing the partition again resumes with the remaining chunks and pays "
+                "for none twice."
+            )
+        elif manifest.api_style == "openai":
+            advice = (
+                f"chunk(s) {uncertain} may have been created although the call failed, and the "
+                "provider does not list them yet. Materialize the partition again in a few "
+                "minutes: a batch that exists is re-attached by its metadata, and one that "
+                f"still is not listed after {REATTACH_GRACE_SECONDS // 60} minutes is sent."
+            )
+        else:
+            advice = (
+                f"chunk(s) {uncertain} may have been created although the call failed, and "
+                "this API cannot be asked. Check the provider's dashboard; run the partition "
+                "again with `resubmit_uncertain: true` only if those batches do not exist."
+            )
         super().__init__(
             f"partition {manifest.partition_key!r} attempt {manifest.attempt}: "
             f"{self.created} of {self.total} batch(es) created, then: {error}. "
@@ -134,6 +150,9 @@ def submit_prepared(
         if match is not None and not match.fully_submitted:
             return _resume(client, storage, match, resubmit_uncertain)
         if match is not None and (kind == "retry" or match is _latest_initial(manifests)):
+            partial = _partial_retry(manifests, match)
+            if partial is not None:  # a retry whose create failed part-way: finish it
+                return _resume(client, storage, partial, resubmit_uncertain)
             return SubmitOutcome(manifest=match, reused=True)
         _warn_if_superseding(manifests, kind)
         manifest = _new_manifest(storage, manifests, prepared, spec, partition_key, kind, run_id)
@@ -157,6 +176,19 @@ def _reusable(manifests: list[Manifest], fingerprint: str, kind: str) -> Manifes
         if kind == "retry" and latest is not None and manifest.base_attempt != latest.attempt:
             return None  # a retry of a replaced attempt: never collected, never reuse it
         return manifest
+    return None
+
+
+def _partial_retry(manifests: list[Manifest], initial: Manifest) -> Manifest | None:
+    """A retry of ``initial`` that is not fully submitted (its create failed part-way)."""
+    for manifest in reversed(manifests):
+        if (
+            manifest.kind == "retry"
+            and manifest.base_attempt == initial.attempt
+            and manifest.state != "abandoned"
+            and not manifest.fully_submitted
+        ):
+            return manifest
     return None
 
 
@@ -222,11 +254,10 @@ def _new_manifest(
             path=f"{requests_dir}/{os.path.basename(c.path)}",
             requests=c.requests,
             bytes=c.bytes,
-            idempotency_key=f"{storage.name}/{partition_key or ''}/{attempt}/{c.index}",
         )
         for c in prepared.chunks
     ]
-    return Manifest(
+    manifest = Manifest(
         name=storage.name,
         partition_key=partition_key,
         attempt=attempt,
@@ -243,6 +274,30 @@ def _new_manifest(
         chunks=chunks,
         run_id=run_id,
     )
+    for chunk in manifest.chunks:
+        chunk.idempotency_key = _chunk_key(manifest, chunk.index)
+    return manifest
+
+
+def _chunk_key(manifest: Manifest, index: int) -> str:
+    """The identity of one chunk of one attempt, as ASCII for headers and metadata.
+
+    A hash, not the raw partition key: ``Zürich`` cannot go into an HTTP header, and a long
+    key would overflow a provider's 512-character metadata values. The attempt's creation
+    time and fingerprint are in it, so attempt 1 of a wiped lake never re-attaches the
+    batches of the old lake's attempt 1.
+    """
+    raw = "\x1f".join(
+        [
+            manifest.name,
+            manifest.partition_key or "",
+            str(manifest.attempt),
+            str(index),
+            manifest.created_at,
+            manifest.fingerprint,
+        ]
+    )
+    return "idk-" + hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
 def _stage(storage: BatchStorage, prepared: PreparedRequests, manifest: Manifest) -> None:
@@ -266,7 +321,7 @@ def _resume(
     if client.api_style == "openai":
         _reattach(client, manifest, outcome)
         _save(storage, manifest)
-    elif not resubmit_uncertain and any(c.uncertain and not c.batch_id for c in manifest.chunks):
+    if not resubmit_uncertain and any(c.uncertain and not c.batch_id for c in manifest.chunks):
         raise SubmitIncomplete(manifest, "an earlier create call ended ambiguously")
     with tempfile.TemporaryDirectory(prefix="infron-resume-") as tmp:
         local = {}
@@ -285,8 +340,18 @@ def _reattach(client: InfronClient, manifest: Manifest, outcome: SubmitOutcome) 
         if not chunk.batch_id and chunk.idempotency_key in orphans:
             chunk.batch_id, chunk.uncertain = orphans[chunk.idempotency_key], False
             outcome.reattached.append(chunk.batch_id)
-        elif not chunk.batch_id:
-            chunk.uncertain = False  # the list is authoritative: it was never created
+        elif not chunk.batch_id and _past_grace(chunk.create_started_at):
+            chunk.uncertain = False  # long enough ago: the list is authoritative
+
+
+def _past_grace(started: str | None) -> bool:
+    if started is None:
+        return True
+    try:
+        when = datetime.fromisoformat(started)
+    except ValueError:
+        return True
+    return (datetime.now(timezone.utc) - when).total_seconds() > REATTACH_GRACE_SECONDS
 
 
 def _orphans_by_key(client: InfronClient, keys: set[str]) -> dict[str, str]:
@@ -313,6 +378,10 @@ def _create_batches(
             "infron_dagster_key": chunk.idempotency_key,
             "fingerprint": manifest.fingerprint[:16],
         }
+        # The intent, on storage before the paid call: a crash from here on (kill -9, a
+        # lost answer) leaves the chunk uncertain, never "not sent".
+        chunk.uncertain, chunk.create_started_at = True, now_iso()
+        _save(storage, manifest)
         try:
             batch = client.create_batch(
                 local_paths[chunk.index],

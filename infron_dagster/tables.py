@@ -144,7 +144,9 @@ def _structured_outputs(outcomes: list[FinalOutcome | None], spec: RequestSpec) 
             continue
         try:
             value = json.loads(final.outcome.text or "")
-        except ValueError:
+            # Lone surrogates (from \ud800 escapes) cannot be written to Parquet.
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except (ValueError, RecursionError, UnicodeEncodeError):
             parsed.bad[row] = "model output is not valid JSON for the response schema"
             continue
         if not isinstance(value, dict):
