@@ -175,8 +175,9 @@ class InfronClient:
 
     def create_batch(
         self,
-        requests_path: str | os.PathLike[str],
+        requests_path: str | os.PathLike[str] | None = None,
         *,
+        input_file_id: str | None = None,
         endpoint: str = "/v1/chat/completions",
         completion_window: str = "24h",
         metadata: dict[str, str] | None = None,
@@ -188,12 +189,13 @@ class InfronClient:
         Creating is not idempotent: it is retried only when the server surely did not act
         (429, or no connection); otherwise the error has ``ambiguous=True`` and the caller
         must check before sending again. ``idempotency_key`` goes out as ``Idempotency-Key``.
+        In openai style, ``input_file_id`` (from :meth:`upload_file`) replaces the path.
 
         Example:
             >>> client.create_batch("chunk-00000.jsonl", metadata={"partition": "2026-11-24"})
         """
         if self.api_style == "openai":
-            file_id = self.upload_file(requests_path)
+            file_id = input_file_id or self.upload_file(_required(requests_path))
             payload = {
                 "input_file_id": file_id,
                 "endpoint": endpoint,
@@ -211,7 +213,7 @@ class InfronClient:
             return self._parse_batch("create batch", data, created=True)
         # A file, not a generator: its length is known, so no chunked upload is needed.
         with tempfile.TemporaryFile() as body:
-            for part in _infron_body(requests_path, endpoint):
+            for part in _infron_body(_required(requests_path), endpoint):
                 body.write(part)
 
             def rewind() -> IO[bytes]:
@@ -525,6 +527,12 @@ def _idempotency(key: str | None) -> dict[str, str]:
     if not (len(key) <= 200 and all(33 <= ord(ch) <= 126 for ch in key)):
         key = "idk-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40]
     return {"Idempotency-Key": key}
+
+
+def _required(path: str | os.PathLike[str] | None) -> str | os.PathLike[str]:
+    if path is None:
+        raise ValueError("create_batch needs requests_path (or, in openai style, input_file_id)")
+    return path
 
 
 def _path(provider_id: str) -> str:

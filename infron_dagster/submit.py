@@ -378,13 +378,19 @@ def _create_batches(
             "infron_dagster_key": chunk.idempotency_key,
             "fingerprint": manifest.fingerprint[:16],
         }
-        # The intent, on storage before the paid call: a crash from here on (kill -9, a
-        # lost answer) leaves the chunk uncertain, never "not sent".
-        chunk.uncertain, chunk.create_started_at = True, now_iso()
-        _save(storage, manifest)
         try:
+            # Uploading costs nothing and creates no batch: its failure is not ambiguous.
+            file_id = _upload(client, local_paths[chunk.index])
+        except InfronError as exc:
+            raise SubmitIncomplete(manifest, exc) from exc
+        try:
+            # The intent, on storage before the paid call: a crash from here on (kill -9, a
+            # lost answer) leaves the chunk uncertain, never "not sent".
+            chunk.uncertain, chunk.create_started_at = True, now_iso()
+            _save(storage, manifest)
             batch = client.create_batch(
-                local_paths[chunk.index],
+                None if file_id else local_paths[chunk.index],
+                input_file_id=file_id,
                 endpoint=manifest.endpoint,
                 metadata=metadata,
                 idempotency_key=chunk.idempotency_key,
@@ -408,6 +414,10 @@ def _create_batches(
     _save(storage, manifest)
     outcome.manifest = manifest
     return outcome
+
+
+def _upload(client: InfronClient, path: str) -> str | None:
+    return client.upload_file(path) if client.api_style == "openai" else None
 
 
 def _save(storage: BatchStorage, manifest: Manifest) -> None:
