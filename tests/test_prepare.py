@@ -361,3 +361,32 @@ def test_a_row_the_template_cannot_format_is_invalid_not_a_crash(tmp_path):
     messages = prepared.invalid.column("error_message").to_pylist()
     assert len(messages) == 2
     assert all("'price'" in m and "format code" in m for m in messages)
+
+
+def test_request_bytes_and_fingerprint_of_valid_input_are_pinned(tmp_path):
+    """Request lines are fingerprinted: if these bytes change, every user pays twice after an
+    upgrade. The digests were taken before the input validation was added; keep them."""
+    import hashlib
+
+    request_spec = spec(
+        prompt_template='Rate {text} ({stars:.1f} stars) {{"x"}}',
+        system_prompt="Be terse.",
+        params={"temperature": 0},
+        response_schema=SCHEMA,
+    )
+    data = pd.DataFrame(
+        {
+            "id": [3, 1, 2, 4],
+            "text": ['naïve "quote"\nline', "emoji \N{GRINNING FACE}", "plain", None],
+            "stars": [4.0, 2.5, 5.0, 1.0],
+        }
+    )
+    prepared = prepare(data, tmp_path, request_spec, name="gold", partition_key="2026-11-24")
+    with open(prepared.chunks[0].path, "rb") as fh:
+        raw = fh.read()
+    assert hashlib.sha256(raw).hexdigest() == (
+        "f75698e20b16e00c6137f57c49f1846466d9371997aa7c55f776c6f4ab2fc873"
+    )
+    assert prepared.fingerprint == (
+        "9e113854f990eb28bf73103e9d4213c0a81e3405c6b4cd04c17845c1d79d3f2c"
+    )

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 
+import pandas as pd
+import pyarrow as pa
 import pytest
 
-from infron_dagster import RequestSpec, prepare_requests
+from infron_dagster import InputError, RequestSpec, prepare_requests
+from infron_dagster.prepare import to_arrow
 
 SCHEMA = {
     "type": "object",
@@ -270,3 +273,143 @@ def test_the_template_check_agrees_with_pythons_own_parser():
         if all(not f[2] for f in fields):  # a format spec's validity depends on the value
             template.format_map(dict.fromkeys(request_spec.template_columns, "v"))
     assert accepted > 100
+
+
+# --- the input as a whole: prepare raises InputError before any chunk is written ----------------
+
+
+def no_chunks_written(tmp_path) -> bool:
+    return not any(name.endswith(".jsonl") for _, _, files in os.walk(tmp_path) for name in files)
+
+
+def test_an_upstream_asset_that_returned_none_is_named(tmp_path):
+    with pytest.raises(InputError, match=r"no data \(None\).*DataFrame or .*Table"):
+        to_arrow(None)
+    with pytest.raises(InputError, match=r"upstream asset produced no data \(None\).*'p1'"):
+        prepare(None, tmp_path)
+
+
+def test_keep_columns_naming_a_missing_column_fails_before_any_chunk(tmp_path):
+    data = pd.DataFrame({"id": [1, 2], "text": ["a", "b"], "stars": [4, 5]})
+    with pytest.raises(InputError, match=r"keep_columns names 'author'.*not in the input"):
+        prepare(data, tmp_path, keep_columns=["stars", "author"])
+    assert no_chunks_written(tmp_path)
+    with pytest.raises(InputError, match="keep_columns must be a list"):
+        prepare(data, tmp_path, keep_columns="stars")
+    with pytest.raises(InputError, match="keep_columns lists 'stars' twice"):
+        prepare(data, tmp_path, keep_columns=["stars", "stars"])
+    kept = prepare(data, tmp_path, keep_columns=["stars"])
+    assert kept.valid.num_rows == 2  # naming columns that exist changes nothing
+
+
+def test_column_names_that_are_not_strings_are_named(tmp_path):
+    data = pd.DataFrame({"id": [1], "text": ["a"], 7: ["x"], ("a", "b"): ["y"]})
+    with pytest.raises(InputError) as raised:
+        prepare(data, tmp_path)
+    message = str(raised.value)
+    assert "7 (int)" in message and "('a', 'b') (tuple)" in message
+    assert no_chunks_written(tmp_path)
+
+
+def test_duplicate_column_names_are_named(tmp_path):
+    data = pd.DataFrame([[1, "a", "b"]], columns=["id", "text", "text"])
+    with pytest.raises(InputError, match=r"duplicate column name\(s\) \['text'\]"):
+        prepare(data, tmp_path)
+    table = pa.table([[1], ["a"], ["b"]], names=["id", "text", "text"])
+    with pytest.raises(InputError, match=r"duplicate column name\(s\) \['text'\]"):
+        prepare(table, tmp_path)
+    # 1 and "1" would both become "1" if names were converted, so they are refused, not merged.
+    with pytest.raises(InputError, match="1 \\(int\\)"):
+        prepare(pd.DataFrame([[1, "a", "b"]], columns=["id", "text", 1]), tmp_path)
+
+
+def test_a_key_held_in_the_index_gets_a_hint(tmp_path):
+    data = pd.DataFrame({"id": [1, 2], "text": ["a", "b"]}).set_index("id")
+    with pytest.raises(InputError, match=r"key column 'id'.*index.*reset_index\(\)"):
+        prepare(data, tmp_path)
+
+
+# --- odd values: that row fails as invalid_input, naming the column -----------------------------
+
+
+def test_a_binary_template_column_is_decoded_and_undecodable_rows_are_named(tmp_path):
+    data = pa.table({"id": [1, 2, 3], "text": pa.array([b"caf\xc3\xa9", b"\xff\xfe", None])})
+    prepared = prepare(data, tmp_path)
+    (line,) = sent_lines(prepared)
+    assert line["body"]["messages"][0]["content"] == "Sentiment of café"  # not "b'caf\\xc3..'"
+    invalid = invalid_by_key(prepared)
+    assert invalid[2][0] == "invalid_input"
+    assert "'text'" in invalid[2][1] and "UTF-8" in invalid[2][1]
+    assert invalid[3] == ("invalid_input", "column 'text' is null")
+
+
+def test_a_lone_surrogate_in_a_text_column_fails_that_row_only(tmp_path):
+    data = pd.DataFrame(
+        {
+            "id": [1, 2, 3],
+            "text": pd.Series(["fine", "bad \ud800 text", "also fine"], dtype=object),
+            "note": pd.Series(["n1", "n2", "n3 \udfff"], dtype=object),
+        }
+    )
+    prepared = prepare(data, tmp_path)
+    assert prepared.valid.column("id").to_pylist() == [1]
+    assert [line["body"]["messages"][0]["content"] for line in sent_lines(prepared)] == [
+        "Sentiment of fine"
+    ]
+    invalid = invalid_by_key(prepared)
+    assert invalid[2][0] == invalid[3][0] == "invalid_input"
+    assert "'text'" in invalid[2][1] and "surrogate" in invalid[2][1]
+    assert "'note'" in invalid[3][1] and "surrogate" in invalid[3][1]
+    rows = {row["id"]: row for row in prepared.invalid.to_pylist()}
+    assert rows[2]["text"] == "bad \\ud800 text"  # the failed row is stored, visibly escaped
+    assert prepared.invalid_reasons == {"invalid_input": 2}
+
+
+def test_a_lone_surrogate_in_a_key_column_names_the_key_column_and_row(tmp_path):
+    data = pd.DataFrame(  # "text" comes first and is bad in the same row: the key still counts
+        {
+            "text": pd.Series(["x", "y\udfff", "z"], dtype=object),
+            "id": pd.Series(["a", "b\ud800", "c"], dtype=object),
+        }
+    )
+    with pytest.raises(InputError, match=r"key column 'id'.*not valid Unicode.*rows? \[1\]"):
+        prepare(data, tmp_path)
+    assert no_chunks_written(tmp_path)
+
+
+def test_a_lone_surrogate_in_body_fn_output_fails_that_row(tmp_path):
+    def body(row):
+        text = "odd \udc80" if row["id"] == 2 else row["text"]
+        return {"model": "m", "input": text}
+
+    data = pd.DataFrame({"id": [1, 2], "text": ["a", "b"]})
+    prepared = prepare(data, tmp_path, spec(prompt_template=None, body_fn=body))
+    assert prepared.valid.column("id").to_pylist() == [1]
+    code, message = invalid_by_key(prepared)[2]
+    assert code == "invalid_input" and "not valid Unicode" in message and "body_fn" in message
+
+
+def test_to_arrow_names_the_column_and_row_of_a_surrogate(tmp_path):
+    data = pd.DataFrame({"id": [1, 2], "text": pd.Series(["ok", "\ud800"], dtype=object)})
+    with pytest.raises(InputError, match=r"column 'text'.*not valid Unicode.*row 1"):
+        to_arrow(data)
+
+
+def test_a_lone_surrogate_nested_in_a_list_cell_is_found_and_escaped(tmp_path):
+    import numpy as np
+
+    data = pd.DataFrame(
+        {
+            "id": [1, 2, 3],
+            "text": ["a", "b", "c"],
+            "tags": pd.Series([["x"], ["y", "\ud83d"], np.array(["z"])], dtype=object),
+            "mixed": pd.Series([np.int64(1), "two", 3.0], dtype=object),
+        }
+    )
+    prepared = prepare(data.drop(columns="mixed"), tmp_path)
+    assert sorted(prepared.valid.column("id").to_pylist()) == [1, 3]
+    code, message = invalid_by_key(prepared)[2]
+    assert code == "invalid_input" and "'tags'" in message and "'\\ud83d'" in message
+    for order in (["id", "text", "tags", "mixed"], ["id", "text", "mixed", "tags"]):
+        with pytest.raises(InputError, match="column 'mixed' cannot be stored"):
+            prepare(data[order], tmp_path)  # named whichever error Arrow meets first
