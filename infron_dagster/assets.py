@@ -35,6 +35,7 @@ from .prepare import (
     prepare_requests,
 )
 from .resources import InfronResource
+from .results import DEFAULT_MAX_LINE_BYTES
 from .sensor import build_infron_batch_sensor
 from .sources import ParquetSource
 from .spec import RequestSpec
@@ -110,6 +111,7 @@ def build_infron_batch_assets(
     max_bytes_per_batch: int = DEFAULT_MAX_BYTES,
     max_attempts: int = 3,
     max_failure_rate: float = 0.05,
+    max_result_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     resource_key: str = "infron",
     group_name: str | None = None,
     sensor_interval_seconds: int = 30,
@@ -119,8 +121,11 @@ def build_infron_batch_assets(
     ``<name>_retry`` for one batch inference step.
 
     ``source`` is an upstream asset (its DataFrame or Arrow table for the partition is loaded
-    by its IO manager) or a :class:`ParquetSource`.
+    by its IO manager) or a :class:`ParquetSource`. ``max_result_line_bytes`` bounds one
+    result line: a longer one fails its row (``result_too_large``) instead of taking memory.
     """
+    if max_result_line_bytes < 1024:
+        raise ValueError("max_result_line_bytes must be at least 1024")
     storage = BatchStorage(storage_root, name, storage_options)
     settings = _Settings(
         name,
@@ -132,6 +137,7 @@ def build_infron_batch_assets(
         max_attempts,
         max_failure_rate,
         resource_key,
+        max_result_line_bytes,
     )
     batches = _batches_asset(settings, source, partitions_def, group_name)
     collect = _collect_assets(settings, batches.key, partitions_def, group_name)
@@ -166,6 +172,7 @@ class _Settings:
     max_attempts: int
     max_failure_rate: float
     resource_key: str
+    max_line_bytes: int
 
 
 # --- submit ------------------------------------------------------------------------------
@@ -379,7 +386,14 @@ def _collect_waiting(
     deadline = time.monotonic() + config.wait_seconds
     with resource.get_client() as client:
         while True:
-            outcome = collect_partition(client, s.storage, s.spec, key, keep_columns=s.keep_columns)
+            outcome = collect_partition(
+                client,
+                s.storage,
+                s.spec,
+                key,
+                keep_columns=s.keep_columns,
+                max_line_bytes=s.max_line_bytes,
+            )
             if outcome.ready:
                 return outcome
             if time.monotonic() >= deadline:
@@ -406,6 +420,7 @@ def _collect_results(
         "succeeded": ok,
         "failed": bad,
         "unparseable_lines": outcome.report.unparseable,
+        "oversized_lines": outcome.report.too_large,
         "duplicate_lines": outcome.report.duplicates,
         "unknown_custom_ids": outcome.report.unknown_ids,
     }

@@ -330,7 +330,7 @@ class InfronClient:
         try:
             for line in response.iter_lines():
                 if line:
-                    yield line.encode()
+                    yield self._redact(line).encode()
         except httpx.TransportError as exc:
             raise InfronConnectionError(operation, self._redact(str(exc))) from None
         finally:
@@ -349,7 +349,7 @@ class InfronClient:
         response, operation = self._open_result(result)
         written = 0
         try:
-            for chunk in response.iter_bytes(_CHUNK):
+            for chunk in self._redact_stream(response.iter_bytes(_CHUNK)):
                 dest.write(chunk)
                 written += len(chunk)
         except httpx.TransportError as exc:
@@ -489,6 +489,22 @@ class InfronClient:
     def _error(self, operation: str, response: httpx.Response) -> InfronError:
         message, code = _server_message(response)
         return error_for_status(operation, response.status_code, self._redact(message), code)
+
+    def _redact_stream(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """``chunks`` with the key replaced, even when it straddles two chunks: a provider
+        that echoes it into a result file must not put it on our storage."""
+        secret = self._secret.encode() if len(self._secret) >= 4 else b""
+        if not secret:
+            yield from chunks
+            return
+        keep, pending = len(secret) - 1, b""
+        for chunk in chunks:
+            data = (pending + chunk).replace(secret, b"***")
+            pending, ready = data[-keep:], data[:-keep]
+            if ready:
+                yield ready
+        if pending:
+            yield pending
 
     def _redact(self, text: str) -> str:
         """``text`` with every form of the key the server might echo replaced by ``***``."""

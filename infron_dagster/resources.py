@@ -8,8 +8,9 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field
@@ -18,6 +19,27 @@ from .client import DEFAULT_BASE_URL, InfronClient, RetryPolicy
 from .local.embedded import embedded_client, parse_local_url
 
 __all__ = ["InfronResource"]
+
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_if_literal_key(api_key: str | None) -> None:
+    """A literal ``api_key="sk-..."`` is stored in the code location's snapshot, which the
+    UI serves to anyone who can open it.
+
+    ``dg.EnvVar`` keeps it out. At run time Dagster rebuilds the resource with the resolved
+    value, a plain string equal to an environment variable: that is not warned about.
+    """
+    if not api_key or isinstance(api_key, dg.EnvVar) or "literal" in _warned:
+        return
+    if api_key in os.environ.values():
+        return
+    _warned.add("literal")
+    logger.warning(
+        "InfronResource(api_key=...) is given as a literal string: Dagster stores it in the "
+        "code location snapshot that the UI shows. Use api_key=dg.EnvVar('INFRON_API_KEY')."
+    )
 
 
 def default_local_dir() -> str:
@@ -69,6 +91,11 @@ class InfronResource(dg.ConfigurableResource):
     local_data_dir: str | None = Field(
         default=None, description="State folder of the embedded local server."
     )
+
+    def model_post_init(self, context: Any, /) -> None:
+        """Warn (once, never showing it) when the key is written into the code."""
+        super().model_post_init(context)
+        _warn_if_literal_key(self.api_key)
 
     @property
     def is_local(self) -> bool:

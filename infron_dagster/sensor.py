@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -22,13 +23,15 @@ import dagster as dg
 
 from .client import InfronClient
 from .collect import active_attempts
-from .errors import InfronError
 from .manifest import Manifest
 from .models import Batch
 from .storage import UNPARTITIONED, BatchStorage
 from .submit import load_manifests
+from .untrusted import printable
 
 __all__ = ["build_infron_batch_sensor", "find_in_flight"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,12 +50,25 @@ class InFlight:
         return [bid for m in self.attempts if m.state != "collected" for bid in m.batch_ids]
 
 
-def find_in_flight(storage: BatchStorage, partitioned: bool) -> list[InFlight]:
-    """Every partition with a submitted, uncollected attempt, from storage alone."""
+def find_in_flight(
+    storage: BatchStorage, partitioned: bool, log: logging.Logger | None = None
+) -> list[InFlight]:
+    """Every partition with a submitted, uncollected attempt, from storage alone.
+
+    A partition whose manifests cannot be read is logged and skipped: one bad file must not
+    stall every other partition's collection.
+    """
     found = []
     for key in storage.partitions_with_manifests():
         partition_key = key if partitioned or key != UNPARTITIONED else None
-        attempts = active_attempts(load_manifests(storage, partition_key))
+        try:
+            attempts = active_attempts(load_manifests(storage, partition_key))
+        except Exception as exc:  # a corrupt or half-synced manifest: this partition only
+            (log or logger).error(
+                f"partition {printable(partition_key, 100)!r}: cannot read its manifests "
+                f"({type(exc).__name__}: {printable(exc)}); skipped this tick"
+            )
+            continue
         if not attempts or attempts[-1].state == "collected":
             continue
         if not all(m.fully_submitted for m in attempts):
@@ -69,7 +85,7 @@ def _poll_all(
     def poll(batch_id: str) -> None:
         try:
             results[batch_id] = client.retrieve_batch(batch_id)
-        except InfronError as exc:
+        except Exception as exc:  # any failure is this batch's, reported, retried next tick
             results[batch_id] = exc
 
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
@@ -118,7 +134,7 @@ def build_infron_batch_sensor(
     def _sensor(context: dg.SensorEvaluationContext, **resources: Any) -> dg.SensorResult:
         started = time.monotonic()
         emitted = _load_cursor(context.cursor)
-        in_flight = find_in_flight(storage, partitioned)
+        in_flight = find_in_flight(storage, partitioned, context.log)
         pending = [p for p in in_flight if p.latest.run_key not in emitted]
         resource = resources.get(resource_key) or getattr(context.resources, resource_key)
         ids = [bid for p in pending for bid in p.batch_ids]
@@ -154,12 +170,16 @@ def _partition_done(
     done = sum((b.completed_requests or 0) + (b.failed_requests or 0) for b in batches)
     total = sum(b.total_requests or 0 for b in batches)
     terminal = sum(1 for b in batches if b.is_terminal)
-    errors = [s for s in states if isinstance(s, Exception)]
-    context.log.info(
-        f"partition {partition.partition_key or '-'} attempt {partition.latest.attempt}: "
-        f"{done}/{total} requests, {terminal}/{len(states)} batches finished"
-        + (f", {len(errors)} poll error(s): {errors[0]}" if errors else "")
-    )
+    polled_states = zip(partition.batch_ids, states, strict=True)
+    errors = {bid: s for bid, s in polled_states if isinstance(s, Exception)}
+    where = f"partition {printable(partition.partition_key or '-', 100)} attempt "
+    where += str(partition.latest.attempt)
+    context.log.info(f"{where}: {done}/{total} requests, {terminal}/{len(states)} batches finished")
+    for batch_id, exc in errors.items():
+        context.log.warning(
+            f"{where}: polling batch {printable(batch_id, 80)} failed "
+            f"({type(exc).__name__}: {printable(exc)}); it is polled again next tick"
+        )
     return len(batches) == len(states) and terminal == len(states)
 
 

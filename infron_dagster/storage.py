@@ -99,10 +99,21 @@ def encode_partition(partition_key: str | None) -> str:
         quoted = "%5F" + quoted[1:]
     if len(quoted) <= _MAX_SEGMENT:
         return quoted
-    prefix = quoted[:_MAX_SEGMENT - 40]
-    prefix = prefix[: prefix.rfind("%")] if "%" in prefix[-2:] else prefix  # no cut escape
+    prefix = _quoted_prefix(partition_key, _MAX_SEGMENT - 40)
     digest = hashlib.sha256(partition_key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return f"{prefix}~{digest}"
+
+
+def _quoted_prefix(key: str, limit: int) -> str:
+    """The quoted form of the longest leading part of ``key`` that fits ``limit``, cut
+    between characters: readers URL-decode the segment and need whole UTF-8 sequences."""
+    out = ""
+    for ch in key:
+        part = quote(ch, safe="-_.").replace("~", "%7E")
+        if len(out) + len(part) > limit:
+            break
+        out += part
+    return "%5F" + out[1:] if out.startswith("__") else out
 
 
 def decode_partition(segment: str) -> str | None:

@@ -271,3 +271,16 @@ def test_infron_create_body_on_the_wire(tmp_path: Path) -> None:
     assert sent["params"]["max_tokens"] == 4096
     assert sent["params"]["stop_sequences"] == ["END"]
     assert [m["role"] for m in sent["params"]["messages"]] == ["user"]
+
+
+def test_a_key_echoed_into_a_result_file_is_redacted_even_across_chunks(
+    scripted: Callable[..., Scripted],
+) -> None:
+    echoed = (b"x" * ((1 << 20) - 5)) + f"Bearer {KEY} and {KEY}\n".encode()
+    server = scripted({"/v1/files/f1/content": [Answer(200, echoed)]})
+    buf = io.BytesIO()
+    with _client(server) as client:
+        client.download(ResultFile("output", file_id="f1"), buf)
+        lines = list(client.iter_lines(ResultFile("output", file_id="f1")))
+    assert KEY.encode() not in buf.getvalue() and buf.getvalue().endswith(b"Bearer *** and ***\n")
+    assert all(KEY.encode() not in line for line in lines)

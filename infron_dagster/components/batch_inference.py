@@ -25,6 +25,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..assets import InfronBatchPipeline, build_infron_batch_assets
 from ..prepare import DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUESTS
+from ..results import DEFAULT_MAX_LINE_BYTES
 from ..sources import ParquetSource
 from ..spec import RequestSpec
 
@@ -286,6 +287,7 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
     max_bytes_per_batch: int = DEFAULT_MAX_BYTES
     max_attempts: int = 3
     max_failure_rate: float = 0.05
+    max_result_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     resource_key: str = "infron"
     group_name: str | None = None
     sensor_interval_seconds: int = 30
@@ -334,6 +336,7 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
             max_bytes_per_batch=self.max_bytes_per_batch,
             max_attempts=self.max_attempts,
             max_failure_rate=self.max_failure_rate,
+            max_result_line_bytes=self.max_result_line_bytes,
             resource_key=self.resource_key,
             group_name=self.group_name,
             sensor_interval_seconds=self.sensor_interval_seconds,
