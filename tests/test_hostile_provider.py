@@ -84,7 +84,8 @@ def result_lines(custom_id: str, shape: str) -> list[bytes]:
             line({"response": {"status_code": 200, "body": {**_ok("ok")["body"], "usage": [1]}}})
         ],
         "status_1e999": [
-            f'{{"custom_id": "{custom_id}", "response": {{"status_code": 1e999, "body": {{}}}}}}'.encode()
+            b'{"custom_id": "%s", "response": {"status_code": 1e999, "body": {}}}'
+            % custom_id.encode()
         ],
         "tokens_12abc": [line({"response": _ok("ok", prompt_tokens="12abc")})],
         "content_object": [line({"response": _ok({"not": "text"})})],
