@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,24 +17,48 @@ from upath import UPath
 
 __all__ = ["ParquetSource"]
 
+PLACEHOLDER = "{partition_key}"
+# A key holding one of these would become a path step or a glob once put in the template.
+_PATH_CHARACTERS = "/\\"
+_GLOB_CHARACTERS = "*?[]{}"
+
 
 @dataclass(frozen=True)
 class ParquetSource:
     """Parquet input named by a path template with ``{partition_key}``: a file, folder or glob.
 
+    A partition key is an identity, never a path or a pattern: the key is put into the
+    template as one literal piece of one path step. A key that would change which files are
+    read, one holding ``/`` or ``\\``, a glob character (``* ? [ ] { }``), a control
+    character, or equal to ``.``, ``..`` or the empty string, is refused with a ValueError
+    naming it, so ``../../secret/x`` cannot read outside the source and ``*`` cannot read
+    (and send, and pay for) every partition. Globbing comes from the template only.
+
     Example:
         >>> ParquetSource("/data/reviews/{partition_key}.parquet").path_for("2026-11-24")
         '/data/reviews/2026-11-24.parquet'
+        >>> ParquetSource("/data/{partition_key}.parquet").path_for("../x")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: partition key '../x' cannot be put into a path: it holds '/' ...
     """
 
     path_template: str
     storage_options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.path_template, str) or not self.path_template:
+            raise ValueError(
+                f"path_template must be a non-empty path string, not {self.path_template!r}"
+            )
+
     def path_for(self, partition_key: str | None) -> str:
-        """The template with the partition key filled in."""
-        if "{partition_key}" in self.path_template and partition_key is None:
+        """The template with the partition key filled in (refused if the key is not safe)."""
+        if PLACEHOLDER not in self.path_template:
+            return self.path_template
+        if partition_key is None:
             raise ValueError("path_template uses {partition_key} but the asset is unpartitioned")
-        return self.path_template.replace("{partition_key}", partition_key or "")
+        _check_key(partition_key)
+        return self.path_template.replace(PLACEHOLDER, partition_key)
 
     def files(self, partition_key: str | None) -> list[UPath]:
         """The Parquet files for a partition, sorted; empty when nothing matches."""
@@ -60,3 +85,30 @@ class ParquetSource:
             with file.open("rb") as fh:
                 tables.append(pq.read_table(fh))
         return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _check_key(key: str) -> None:
+    """Refuse a partition key that would be more than one literal piece of a path step."""
+    problem = _key_problem(key)
+    if problem is not None:
+        raise ValueError(
+            f"partition key {key!r} cannot be put into a path: it {problem}; a partition key "
+            "names one partition and must never become a path or a glob"
+        )
+
+
+def _key_problem(key: object) -> str | None:
+    if not isinstance(key, str):
+        return f"is a {type(key).__name__}, not a string"
+    if key in ("", ".", ".."):
+        return "would name the folder itself or its parent"
+    for ch in key:
+        if ch in _PATH_CHARACTERS:
+            return f"holds {ch!r}, a path separator"
+        if ch in _GLOB_CHARACTERS:
+            return f"holds {ch!r}, a glob character"
+        if unicodedata.category(ch) == "Cc":  # NUL, newline, DEL: never part of a real name
+            return f"holds the control character {ch!r}"
+        if unicodedata.category(ch) == "Cs":  # a lone surrogate cannot be encoded as a path
+            return f"holds {ch!a}, which is not valid text"
+    return None
