@@ -92,10 +92,10 @@ class InfronResource(dg.ConfigurableResource):
         default=None, description="State folder of the embedded local server."
     )
 
-    def model_post_init(self, context: Any, /) -> None:
-        """Warn (once, never showing it) when the key is written into the code."""
-        super().model_post_init(context)
-        _warn_if_literal_key(self.api_key)
+    def __init__(self, **data: Any) -> None:
+        super().__init__(**data)
+        # The value as given: an EnvVar is still an EnvVar here, not its name or value.
+        _warn_if_literal_key(data.get("api_key"))
 
     @property
     def is_local(self) -> bool:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_local_dir
+from conftest import INSTANT, make_local_dir
 
 from infron_dagster import (
     InfronBatchPipeline,
@@ -30,6 +30,7 @@ from infron_dagster import (
     build_infron_batch_assets,
     make_custom_id,
 )
+from infron_dagster.local import LocalServerConfig, save_config
 
 SCHEMA = {
     "type": "object",
@@ -662,3 +663,33 @@ def test_empty_pandas_partition_keeps_the_whole_table_readable(tmp_path, infron_
         f"select count(text) from read_parquet('{root}/*/*.parquet', hive_partitioning=true)"
     ).fetchall()
     assert count == [(20,)]
+
+
+@pytest.mark.parametrize("resume_with", ["retry job", "materialize"])
+def test_a_retry_whose_create_was_refused_resumes_as_the_same_attempt(
+    tmp_path, instance, resume_with
+):
+    folder = make_local_dir(str(tmp_path / "faulty"), failure_rate=0.3)
+    resource = InfronResource(base_url=f"local://{folder}", max_retries=0)
+    flow = make_flow(tmp_path, resource, instance)
+    flow.submit()
+    flow.collect()
+    failed_before = ids(flow.failed())
+    assert failed_before
+    # The provider's queue is full: the retry's create call is refused.
+    save_config(folder, LocalServerConfig(**INSTANT, failure_rate=0.3, enqueued_token_limit=1))
+    refused = flow.retry(raise_on_error=False)
+    assert refused.success is False and "Enqueued token limit" in step_error(refused)
+    batches_before = len(server_batches(resource))
+
+    save_config(folder, LocalServerConfig(**INSTANT, failure_rate=0.3))
+    resumed = flow.retry() if resume_with == "retry job" else flow.resubmit()
+    assert resumed.success
+    manifests = sorted(os.listdir(flow.store.partition_dir("manifests", "a").path))
+    assert manifests == ["attempt=1.json", "attempt=2.json"]  # resumed, not a third attempt
+    attempt2 = flow.store.read_json(flow.store.manifest_path("a", 2))
+    assert attempt2["state"] == "submitted" and attempt2["kind"] == "retry"
+    assert len(server_batches(resource)) == batches_before + len(attempt2["chunks"])
+    flow.collect()
+    assert_partitioned_exactly(flow, set(range(20)))
+    assert ids(flow.failed()) <= failed_before

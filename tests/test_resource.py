@@ -245,3 +245,18 @@ def test_env_var_key_resolves_in_a_run_and_never_reaches_the_event_log(
         assert wrong not in text and served_local.api_key not in text
 
     assert served_local.api_key not in caplog.text and wrong not in caplog.text
+
+
+def test_a_literal_api_key_is_warned_about_once_without_showing_it(caplog, monkeypatch):
+    import infron_dagster.resources as resources
+
+    monkeypatch.setattr(resources, "_warned", set())
+    monkeypatch.setenv("INFRON_TEST_KEY", "sk-from-the-environment-42")
+    with caplog.at_level("WARNING", logger="infron_dagster.resources"):
+        InfronResource(api_key=dg.EnvVar("INFRON_TEST_KEY"))
+        InfronResource(api_key="sk-from-the-environment-42")  # Dagster's run-time rebuild
+        assert caplog.records == []
+        InfronResource(api_key="sk-literal-in-code-1234")
+        InfronResource(api_key="sk-literal-in-code-5678")
+    [record] = caplog.records
+    assert "dg.EnvVar" in record.getMessage() and "sk-literal" not in caplog.text

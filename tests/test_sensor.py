@@ -7,6 +7,7 @@ state it reads is the manifests on disk and the local batch server's folder.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +36,16 @@ class Flow:
     def collect_keys(self) -> list[dg.AssetKey]:
         return [self.pipeline.results_key, self.pipeline.failed_key]
 
-    def tick(self, cursor: str | None = None) -> dg.SensorResult:
+    def tick(self, cursor: str | None = None, log: list[str] | None = None) -> dg.SensorResult:
+        """One evaluation; ``log`` (when given) receives the tick's log lines."""
         context = dg.build_sensor_context(
             instance=self.instance,
             definitions=self.defs,
             resources={"infron": self.resource},
             cursor=cursor,
         )
+        if log is not None:
+            context.log.addHandler(_ListHandler(log))
         result = self.pipeline.sensor(context)
         assert isinstance(result, dg.SensorResult)
         return result
@@ -68,6 +72,15 @@ class Flow:
             tags=request.tags,
             instance=self.instance,
         )
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
 
 
 def make_flow(tmp_path, resource, instance, *, partitions_def=PARTS, rows=20) -> Flow:
@@ -264,3 +277,51 @@ def test_unpartitioned_pipeline_sensor(tmp_path, infron_resource, instance):
     assert flow.run_request(request).success
     assert flow.pipeline.storage.table_path("results", None).exists()
     assert flow.tick().run_requests == []
+
+
+class _PollExplodes(InfronResource):
+    """The real client, whose status calls fail with a non-API error (a bug, a decoder crash):
+    no real server can make the client raise anything but its own errors any more."""
+
+    def get_client(self):
+        client = super().get_client()
+
+        def explode(batch_id: str):
+            raise RuntimeError("decoder crashed\nFORGED log line")
+
+        client.retrieve_batch = explode  # type: ignore[method-assign]
+        return client
+
+
+def test_any_poll_failure_is_logged_with_partition_and_batch_then_retried(
+    tmp_path, local_dir, instance
+):
+    flow = make_flow(tmp_path, InfronResource(base_url=f"local://{local_dir}"), instance)
+    flow.submit("a")
+    store = flow.pipeline.storage
+    batch_id = store.read_json(store.manifest_path("a", 1))["chunks"][0]["batch_id"]
+    good = flow.resource
+    flow.resource = _PollExplodes(base_url=f"local://{local_dir}")
+    log: list[str] = []
+    first = flow.tick(log=log)
+    assert first.run_requests == []
+    warnings = [line for line in log if "polling batch" in line]
+    assert len(warnings) == 3  # one per batch of the partition (20 rows, 7 per batch)
+    assert any(batch_id in line for line in warnings)
+    for line in warnings:
+        assert line.startswith("WARNING partition a attempt 1: polling batch")
+        assert "RuntimeError" in line and "\nFORGED" not in line  # one line, escaped
+    flow.resource = good
+    assert keys(flow.tick(first.cursor)) == [("a", "rev:a:1")]
+
+
+def test_an_unreadable_manifest_stalls_only_its_own_partition(tmp_path, infron_resource, instance):
+    flow = make_flow(tmp_path, infron_resource, instance)
+    flow.submit("a")
+    flow.submit("b")
+    store = flow.pipeline.storage
+    store.write_bytes(store.manifest_path("a", 1), b'{"truncated": ')
+    log: list[str] = []
+    result = flow.tick(log=log)
+    assert keys(result) == [("b", "rev:b:1")]
+    assert any(line.startswith("ERROR partition 'a'") for line in log)
