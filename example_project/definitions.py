@@ -4,6 +4,8 @@ Configuration comes from the environment:
 
 - ``INFRON_API_KEY``: use real Infron (otherwise the embedded local server, no network).
 - ``INFRON_BASE_URL`` / ``INFRON_API_STYLE``: point at another OpenAI-compatible batch API.
+- ``INFRON_CHAT_MODEL`` / ``INFRON_EMBEDDING_MODEL``: the models; on Infron the chat model
+  defaults to its batch name ``openai/gpt-4o-mini-batch``.
 - ``INFRON_STORAGE_ROOT``: where results go (``s3://bucket/prefix`` works), default
   ``.infron_data/lake``.
 """
@@ -22,6 +24,10 @@ from .data import reviews_for_day
 daily = dg.DailyPartitionsDefinition(start_date="2026-11-01", end_offset=0)
 STORAGE_ROOT = os.environ.get("INFRON_STORAGE_ROOT", os.path.abspath(".infron_data/lake"))
 SENSOR_INTERVAL = int(os.environ.get("INFRON_SENSOR_INTERVAL_SECONDS", "30"))
+
+ON_INFRON = bool(os.environ.get("INFRON_API_KEY")) and not os.environ.get("INFRON_BASE_URL")
+# Infron names its batch models with a "-batch" suffix (billed at 50 % of standard prices).
+DEFAULT_CHAT_MODEL = "openai/gpt-4o-mini-batch" if ON_INFRON else "gpt-4o-mini"
 
 SENTIMENT_SCHEMA = {
     "type": "object",
@@ -46,7 +52,7 @@ def reviews(context: dg.AssetExecutionContext) -> pd.DataFrame:
 review_sentiment = build_infron_batch_assets(
     name="review_sentiment",
     spec=RequestSpec(
-        model=os.environ.get("INFRON_CHAT_MODEL", "gpt-4o-mini"),
+        model=os.environ.get("INFRON_CHAT_MODEL", DEFAULT_CHAT_MODEL),
         system_prompt="You label product reviews. Answer with JSON only.",
         prompt_template="Product: {product}\nStars: {stars}\nReview: {review_text}",
         key_columns=("review_id",),
