@@ -199,9 +199,13 @@ def _batches_asset(
         kind = "retry" if config.retry_failed else "initial"
         if config.retry_failed:
             rows = _retry_rows(s, key)
-        elif rows is None:
-            assert isinstance(source, ParquetSource)
+        elif isinstance(source, ParquetSource):
             rows = source.read(key)
+        elif rows is None:
+            raise dg.Failure(
+                f"the upstream asset {upstream.to_user_string()} produced no data (None) for "
+                f"partition {key!r}: it must return a pandas DataFrame or a pyarrow Table"
+            )
         outcome = _prepare_and_submit(s, resource, rows, key, kind, config, context.run_id)
         return dg.MaterializeResult(metadata=_submit_metadata(outcome, resource))
 
@@ -260,6 +264,7 @@ def _prepare_and_submit(
             max_requests_per_batch=s.max_requests,
             max_bytes_per_batch=s.max_bytes,
             succeeded=succeeded,
+            keep_columns=s.keep_columns,  # a typo is named before any money is spent
         )
         with resource.get_client() as client:
             return submit_prepared(

@@ -693,3 +693,20 @@ def test_a_retry_whose_create_was_refused_resumes_as_the_same_attempt(
     flow.collect()
     assert_partitioned_exactly(flow, set(range(20)))
     assert ids(flow.failed()) <= failed_before
+
+
+def test_bad_keep_columns_or_a_none_upstream_fail_the_submit_before_any_paid_call(
+    tmp_path, infron_resource, instance
+):
+    flow = make_flow(tmp_path, infron_resource, instance, keep_columns=["id", "no_such"])
+    typo = flow.submit(raise_on_error=False)
+    assert typo.success is False and "keep_columns names 'no_such'" in step_error(typo)
+
+    flow = make_flow(tmp_path / "none", infron_resource, instance)
+    flow.rows["a"] = None
+    forgot = flow.submit(raise_on_error=False)
+    assert forgot.success is False and "produced no data (None)" in step_error(forgot)
+    folder = infron_resource.base_url.removeprefix("local://")
+    assert (
+        not os.path.exists(os.path.join(folder, "batches")) or server_batches(infron_resource) == []
+    )
