@@ -179,24 +179,44 @@ def _parse_counted(raw: bytes, report: ParseReport) -> Outcome | None:
     return outcome
 
 
-def _bounded_lines(source: IO[bytes] | Iterable[bytes], limit: int) -> Iterator[tuple[bytes, bool]]:
-    """(line, whole) pairs; a line over ``limit`` yields only its head, the rest is skipped."""
-    readline = getattr(source, "readline", None)
-    if readline is None:
-        for line in source:  # already in memory (tests, small inputs)
+def _bounded_lines(
+    source: IO[bytes] | Iterable[bytes], limit: int
+) -> Iterator[tuple[bytes, bool]]:
+    """(line, whole) pairs; a line over ``limit`` yields only its head, the rest is skipped.
+
+    Reads fixed-size blocks (object-store files have no bounded ``readline``), so memory is
+    set by ``limit``, never by the longest line a provider sends.
+    """
+    read = getattr(source, "read", None)
+    if read is None:
+        for line in source:  # type: ignore[union-attr]  # already in memory
             yield (line, True) if len(line) <= limit else (line[:4096], False)
         return
-    while True:
-        line = readline(limit + 1)
-        if not line:
-            return
-        if len(line) <= limit or (line.endswith(b"\n") and len(line) == limit + 1):
-            yield line, True
-            continue
-        head = line[:4096]
-        while line and not line.endswith(b"\n"):
-            line = readline(1 << 20)  # drain the rest of the long line, never holding it
+    pending = bytearray()
+    head: bytes | None = None  # set while skipping the rest of an over-long line
+    while block := read(1 << 20):
+        start = 0
+        while start <= len(block):
+            end = block.find(b"\n", start)
+            piece = block[start : end if end >= 0 else len(block)]
+            if head is None:
+                pending += piece
+                if len(pending) > limit:
+                    head = bytes(pending[:4096])
+                    pending.clear()
+            if end < 0:
+                break
+            if head is not None:
+                yield head, False
+                head = None
+            else:
+                yield bytes(pending), True
+                pending.clear()
+            start = end + 1
+    if head is not None:
         yield head, False
+    elif pending:
+        yield bytes(pending), True
 
 
 _CUSTOM_ID_RE = re.compile(rb'"custom_id"\s*:\s*"([A-Za-z0-9_.:\-]{1,200})"')
