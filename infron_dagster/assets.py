@@ -126,6 +126,7 @@ def build_infron_batch_assets(
     """
     if max_result_line_bytes < 1024:
         raise ValueError("max_result_line_bytes must be at least 1024")
+    _check_source(source, partitions_def)
     storage = BatchStorage(storage_root, name, storage_options)
     settings = _Settings(
         name,
@@ -159,6 +160,16 @@ def build_infron_batch_assets(
         description=f"Resubmit the retryable failed rows of {name} as a new attempt.",
     )
     return InfronBatchPipeline(name, batches, collect, sensor, retry_job, storage)
+
+
+def _check_source(source: Any, partitions_def: dg.PartitionsDefinition | None) -> None:
+    unkeyed = isinstance(source, ParquetSource) and "{partition_key}" not in source.path_template
+    if unkeyed and partitions_def is not None:
+        # Every partition would read (and pay for) the same rows.
+        raise ValueError(
+            f"ParquetSource path_template {source.path_template!r} has no "
+            "{partition_key} placeholder, but the pipeline is partitioned"
+        )
 
 
 @dataclass(frozen=True)

@@ -76,3 +76,18 @@ def test_a_folder_template_reads_only_its_partition(lake):
 def test_the_path_template_must_be_a_non_empty_string(template):
     with pytest.raises(ValueError, match="path_template"):
         ParquetSource(template)
+
+
+def test_a_partitioned_pipeline_needs_the_key_in_its_parquet_template(tmp_path):
+    import dagster as dg
+
+    from infron_dagster import RequestSpec, build_infron_batch_assets
+
+    with pytest.raises(ValueError, match=r"no \{partition_key\} placeholder"):
+        build_infron_batch_assets(
+            name="p",
+            spec=RequestSpec(model="m", prompt_template="{t}", key_columns=("id",)),
+            source=ParquetSource(str(tmp_path / "all.parquet")),
+            partitions_def=dg.StaticPartitionsDefinition(["a", "b"]),
+            storage_root=str(tmp_path / "lake"),
+        )
