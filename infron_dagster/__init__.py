@@ -18,7 +18,13 @@ Example:
 """
 
 from .assets import CollectConfig, InfronBatchPipeline, SubmitConfig, build_infron_batch_assets
-from .client import DEFAULT_BASE_URL, InfronClient, ResultFile, RetryPolicy
+from .client import (
+    DEFAULT_BASE_URL,
+    DEFAULT_INFRON_MAX_TOKENS,
+    InfronClient,
+    ResultFile,
+    RetryPolicy,
+)
 from .collect import CollectOutcome, collect_partition
 from .components import InfronBatchInferenceComponent
 from .errors import (
@@ -40,12 +46,15 @@ from .sensor import build_infron_batch_sensor
 from .sources import ParquetSource
 from .spec import RequestSpec
 from .storage import BatchStorage
-from .submit import SubmitOutcome, submit_prepared
+from .results import DEFAULT_MAX_LINE_BYTES
+from .submit import SubmitIncomplete, SubmitOutcome, submit_prepared
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "DEFAULT_INFRON_MAX_TOKENS",
+    "DEFAULT_MAX_LINE_BYTES",
     "ApiStyle",
     "Batch",
     "BatchStatus",
@@ -74,6 +83,7 @@ __all__ = [
     "ResultFile",
     "RetryPolicy",
     "SubmitConfig",
+    "SubmitIncomplete",
     "SubmitOutcome",
     "build_infron_batch_assets",
     "build_infron_batch_sensor",
