@@ -42,11 +42,11 @@ from .manifest import ChunkRecord, Manifest
 from .models import ApiStyle, Batch, BatchStatus, normalise_status
 from .prepare import InputError, PreparedRequests, make_custom_id, prepare_requests
 from .resources import InfronResource
+from .results import DEFAULT_MAX_LINE_BYTES
 from .sensor import build_infron_batch_sensor
 from .sources import ParquetSource
 from .spec import RequestSpec
 from .storage import BatchStorage
-from .results import DEFAULT_MAX_LINE_BYTES
 from .submit import SubmitIncomplete, SubmitOutcome, submit_prepared
 
 __version__ = "0.1.0"
