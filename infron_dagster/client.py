@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -252,19 +253,23 @@ class InfronClient:
         data = self._json(operation, "POST", f"/batches/{_path(batch_id)}/cancel")
         return self._parse_batch(operation, data)
 
-    def list_batches(self, *, page_size: int = 100) -> Iterator[Batch]:
+    def list_batches(
+        self, *, page_size: int = 100, skipped: list[str] | None = None
+    ) -> Iterator[Batch]:
         """Every batch of this key, newest first, following ``has_more`` pagination.
 
-        Only the openai style has a list operation; infron style raises at once.
+        Only the openai style has a list operation; infron style raises at once. A listed
+        object that cannot be read is skipped (one odd batch must not hide all the others),
+        and the reason appended to ``skipped`` when given.
 
         Example:
             >>> [b.id for b in client.list_batches() if b.metadata.get("partition") == "a"]
         """
         if self.api_style != "openai":
             raise NotImplementedError("Infron's batch API has no documented list operation")
-        return self._pages(page_size)
+        return self._pages(page_size, skipped if skipped is not None else [])
 
-    def _pages(self, page_size: int) -> Iterator[Batch]:
+    def _pages(self, page_size: int, skipped: list[str]) -> Iterator[Batch]:
         after: str | None = None
         while True:
             params: dict[str, Any] = {"limit": page_size}
@@ -274,12 +279,22 @@ class InfronClient:
             rows = page.get("data")
             if not isinstance(rows, list):
                 raise InfronProtocolError("list batches", "the page has no list of batches")
-            batches = [self._parse_batch("list batches", row) for row in rows]
+            batches = []
+            for row in rows:
+                try:
+                    batches.append(self._parse_batch("list batches", _as_dict(row)))
+                except InfronProtocolError as exc:
+                    skipped.append(str(exc))
             yield from batches
-            if not page.get("has_more") or not batches:
-                return
             last = page.get("last_id")
-            after = last if isinstance(last, str) and last else batches[-1].id
+            after = (
+                last if isinstance(last, str) and last else (batches[-1].id if batches else None)
+            )
+            if not page.get("has_more") or not rows:
+                return
+            if after is None:
+                skipped.append("list batches: a page with no readable id to continue from")
+                return
 
     # --- files ---------------------------------------------------------------------------
 
@@ -331,7 +346,7 @@ class InfronClient:
             for line in response.iter_lines():
                 if line:
                     yield self._redact(line).encode()
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, httpx.DecodingError) as exc:
             raise InfronConnectionError(operation, self._redact(str(exc))) from None
         finally:
             response.close()
@@ -352,7 +367,7 @@ class InfronClient:
             for chunk in self._redact_stream(response.iter_bytes(_CHUNK)):
                 dest.write(chunk)
                 written += len(chunk)
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, httpx.DecodingError) as exc:
             raise InfronConnectionError(operation, self._redact(str(exc))) from None
         finally:
             response.close()
@@ -396,9 +411,10 @@ class InfronClient:
         error is then ambiguous, so the chunk is never taken as "not sent".
         """
         try:
-            if "batch_id" in data:
-                return Batch.from_infron(data)
-            return Batch.from_openai(data)
+            batch = Batch.from_infron(data) if "batch_id" in data else Batch.from_openai(data)
+            # A provider that echoes the key into a batch's error text must not put it into
+            # manifests or failed rows.
+            return dataclasses.replace(batch, errors=tuple(self._redact(e) for e in batch.errors))
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             error = InfronProtocolError(operation, self._redact(f"unreadable batch object: {exc}"))
             error.ambiguous = created
@@ -411,9 +427,8 @@ class InfronClient:
         try:
             data = response.json()
         except (ValueError, RecursionError):
-            error = InfronProtocolError(
-                operation, self._redact(f"expected JSON, got {printable(response.text, 200)!r}")
-            )
+            shown = printable(self._redact(response.text[:_MESSAGE_CAP]), 200)
+            error = InfronProtocolError(operation, f"expected JSON, got {shown!r}")
             error.ambiguous = not idempotent  # a 2xx to a create: it may well have happened
             raise error from None
         if not isinstance(data, dict):
@@ -451,21 +466,26 @@ class InfronClient:
             except (httpx.InvalidURL, UnicodeEncodeError) as exc:
                 message = self._redact(f"cannot build the request: {exc}")
                 raise InfronProtocolError(operation, message) from None
+            response = None
+            error: InfronError
             try:
-                response = http.send(request, stream=True)
+                # A redirect may repeat a paid POST elsewhere: a create follows none.
+                response = http.send(request, stream=True, follow_redirects=idempotent)
+                if response.status_code >= 400 or not stream:
+                    response.read()  # inside the try: a body cut off is a transport error
             except httpx.TooManyRedirects as exc:
-                raise InfronProtocolError(operation, self._redact(str(exc))) from None
+                error = InfronProtocolError(operation, self._redact(str(exc)))
+                error.ambiguous = not idempotent
+                raise error from None
             except (httpx.TransportError, httpx.DecodingError) as exc:
-                error: InfronError = InfronConnectionError(operation, self._redact(str(exc)))
+                if response is not None:
+                    response.close()
+                error = InfronConnectionError(operation, self._redact(str(exc)))
                 # Only a failed connect proves the server never saw the request.
                 error.ambiguous = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
-                response = None
             else:
                 if response.status_code < 400:
-                    if not stream:
-                        response.read()
                     return response
-                response.read()
                 error = self._error(operation, response)
                 error.ambiguous = response.status_code >= 500 or response.status_code in (408, 409)
             finally:
@@ -488,7 +508,19 @@ class InfronClient:
 
     def _error(self, operation: str, response: httpx.Response) -> InfronError:
         message, code = _server_message(response)
-        return error_for_status(operation, response.status_code, self._redact(message), code)
+        # Redact before cutting: a key across the cut would otherwise leave its head behind.
+        text = printable(self._redact(message), 500)
+        return error_for_status(operation, response.status_code, text, code)
+
+    def redact(self, text: str) -> str:
+        """``text`` with this client's key replaced by ``***`` (for what the provider sends
+        back: batch errors, result lines).
+
+        Example:
+            >>> client.redact("bad key sk-...")
+            'bad key ***'
+        """
+        return self._redact(text)
 
     def _redact_stream(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
         """``chunks`` with the key replaced, even when it straddles two chunks: a provider
@@ -545,6 +577,10 @@ def _idempotency(key: str | None) -> dict[str, str]:
     return {"Idempotency-Key": key}
 
 
+def _as_dict(row: Any) -> dict[str, Any]:
+    return row if isinstance(row, dict) else {"id": None}
+
+
 def _required(path: str | os.PathLike[str] | None) -> str | os.PathLike[str]:
     if path is None:
         raise ValueError("create_batch needs requests_path (or, in openai style, input_file_id)")
@@ -566,13 +602,17 @@ def _server_message(response: httpx.Response) -> tuple[str, str | None]:
     try:
         body = response.json()
     except (ValueError, RecursionError):
-        return printable(response.text or response.reason_phrase or "no message", 500), None
+        return (response.text or response.reason_phrase or "no message")[:_MESSAGE_CAP], None
     err = body.get("error", body) if isinstance(body, dict) else body
     if isinstance(err, dict):
-        message = err.get("message") or err.get("detail") or json.dumps(err)[:500]
+        message = err.get("message") or err.get("detail") or json.dumps(err)
         code = printable(err["code"], 100) if err.get("code") else None
-        return printable(message, 500), code
-    return printable(err, 500), None
+        return str(message)[:_MESSAGE_CAP], code
+    return str(err)[:_MESSAGE_CAP], None
+
+
+# Server messages are cut here before redaction, then to 500 characters after it.
+_MESSAGE_CAP = 20_000
 
 
 def _close_files(files: Any) -> None:

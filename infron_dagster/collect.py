@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,17 @@ class CollectOutcome:
     report: ParseReport = field(default_factory=ParseReport)
     input_rows: int = 0
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    key_redactor: Callable[[str], str] | None = None
+
+    def redact(self, outcome: Outcome) -> Outcome:
+        """An outcome with the API key taken out of its texts (a provider may echo it,
+        escaped in ways a byte-level filter on the download cannot see)."""
+        if self.key_redactor is not None:
+            for name in ("text", "error_message", "error_code"):
+                value = getattr(outcome, name)
+                if value:
+                    setattr(outcome, name, self.key_redactor(value))
+        return outcome
 
     @property
     def error_counts(self) -> dict[str, int]:
@@ -119,6 +130,7 @@ def collect_partition(
         raise ValueError(f"partition {partition_key!r} has no submitted attempt to collect")
     outcome = CollectOutcome(ready=True, attempts=[m.attempt for m in attempts])
     outcome.max_line_bytes = max_line_bytes
+    outcome.key_redactor = client.redact
     for manifest in attempts:
         if not manifest.fully_submitted:
             outcome.ready = False
@@ -183,10 +195,21 @@ def _fetch_attempt(
     return info
 
 
+# A result file refused this many times (a 403 or 404 that outlives a few collection runs)
+# is given up: its rows fail as missing_result rather than block the partition for good.
+MAX_DOWNLOAD_REFUSALS = 3
+
+
 def _download_files(
     client: InfronClient, storage: BatchStorage, folder: Any, batch: Batch
 ) -> tuple[list[str], list[str]]:
-    """Store a batch's result files; a file refused for good is a problem, not a crash."""
+    """Store a batch's result files; a file refused for good is a problem, not a crash.
+
+    A transient error (connection, 5xx) and the first refusals of a file (a pre-signed link
+    not valid yet, a 404 from an eventually consistent store) stop the run, so the next
+    collection downloads again instead of failing paid-for rows. A URL that is refused on
+    sight (not http(s)) is a problem at once.
+    """
     files, problems = [], []
     for result_file in client.result_files(batch):
         path = folder / result_file.name
@@ -194,13 +217,24 @@ def _download_files(
             with storage.open_write(path) as fh:
                 client.download(result_file, fh)
         except InfronError as exc:
-            if exc.retryable:
-                raise  # a later run may fetch it: do not fail its rows for a hiccup
+            if exc.retryable or _refused_again(storage, folder, result_file.name, exc):
+                raise
             problems.append(f"{result_file.kind} file could not be downloaded: {exc}")
             logger.warning("batch %s: %s", printable(batch.id, 80), problems[-1])
             continue
         files.append(storage.relative(path))
     return files, problems
+
+
+def _refused_again(storage: BatchStorage, folder: Any, name: str, exc: InfronError) -> bool:
+    """Count a refusal on storage; True while the file deserves another try later."""
+    if exc.status_code is None:
+        return False  # refused by us (a foreign scheme, a malformed URL): it will not change
+    marker = folder / "refusals.json"
+    counts = storage.read_json(marker) if storage.exists(marker) else {}
+    counts[name] = int(counts.get(name, 0)) + 1
+    storage.write_json(marker, counts)
+    return counts[name] < MAX_DOWNLOAD_REFUSALS
 
 
 def _batch_info(batch: Batch, files: list[str], problems: list[str]) -> dict[str, Any]:
@@ -220,7 +254,7 @@ def _merge(
     storage: BatchStorage, attempts: list[Manifest], outcome: CollectOutcome
 ) -> dict[str, FinalOutcome]:
     """Per custom_id: the latest success of any attempt, else the latest failure."""
-    final = _carried(storage, attempts[0], outcome.max_line_bytes)
+    final = _carried(storage, attempts[0], outcome)
     for manifest in attempts:
         for custom_id, result in _attempt_outcomes(storage, manifest, outcome).items():
             current = final.get(custom_id)
@@ -242,7 +276,7 @@ def _attempt_outcomes(
         for rel in collected.batches[batch_id]["files"]:
             with storage.resolve(rel).open("rb") as fh:
                 lines = read_outcomes(fh, report, batch_id, max_line_bytes=collected.max_line_bytes)
-                for result in lines:
+                for result in map(collected.redact, lines):
                     _record(by_id, result, report)
     for custom_id, result in by_id.items():
         if result is None:
@@ -270,7 +304,9 @@ def _sent_and_carried(
     return sent, carried
 
 
-def _carried(storage: BatchStorage, base: Manifest, max_line_bytes: int) -> dict[str, FinalOutcome]:
+def _carried(
+    storage: BatchStorage, base: Manifest, parent: CollectOutcome
+) -> dict[str, FinalOutcome]:
     """The paid-for answers a new attempt reused from earlier attempts, read from their files."""
     _, carried = _sent_and_carried(storage, base)
     if not carried:
@@ -281,7 +317,8 @@ def _carried(storage: BatchStorage, base: Manifest, max_line_bytes: int) -> dict
         source = by_attempt[attempt]
         marker = storage.attempt_dir("raw", source.partition_key, attempt) / "batches.json"
         scratch = CollectOutcome(ready=True, batches=storage.read_json(marker))
-        scratch.max_line_bytes = max_line_bytes
+        scratch.max_line_bytes = parent.max_line_bytes
+        scratch.key_redactor = parent.key_redactor
         outcomes = _attempt_outcomes(storage, source, scratch)
         for custom_id in ids:
             earlier = outcomes.get(custom_id)

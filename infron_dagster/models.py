@@ -164,6 +164,7 @@ class Batch:
             True
         """
         counts = _dict(data.get("request_counts"))
+        problems: list[str] = []
         errors = _dict(data.get("errors")).get("data")
         finished = (
             data.get("completed_at")
@@ -179,11 +180,14 @@ class Batch:
             total_requests=_int(counts.get("total")),
             completed_requests=_int(counts.get("completed")),
             failed_requests=_int(counts.get("failed")),
-            output_file_id=_file_id(data.get("output_file_id"), "output_file_id"),
-            error_file_id=_file_id(data.get("error_file_id"), "error_file_id"),
+            output_file_id=_file_id(data.get("output_file_id"), "output_file_id", problems),
+            error_file_id=_file_id(data.get("error_file_id"), "error_file_id", problems),
             created_at=_time(data.get("created_at")),
             finished_at=_time(finished),
-            errors=tuple(_describe_error(e) for e in (errors if isinstance(errors, list) else [])),
+            errors=(
+                *(_describe_error(e) for e in (errors if isinstance(errors, list) else [])),
+                *problems,
+            ),
             metadata={str(k): printable(v, 600) for k, v in _dict(data.get("metadata")).items()},
             raw=data,
         )
@@ -229,8 +233,16 @@ def _text(value: Any) -> str:
     return printable(value, 200) if value is not None else ""
 
 
-def _file_id(value: Any, what: str) -> str | None:
-    return None if value in (None, "") else check_provider_id(value, what)
+def _file_id(value: Any, what: str, problems: list[str]) -> str | None:
+    """A file id, or None with the reason noted: one odd field must not hide the batch's
+    state (its rows then fail as missing_result, naming the reason)."""
+    if value is None or value == "":
+        return None
+    try:
+        return check_provider_id(value, what)
+    except ValueError as exc:
+        problems.append(f"unusable {what}: {exc}")
+        return None
 
 
 def _percent(value: Any) -> float | None:

@@ -94,7 +94,10 @@ def encode_partition(partition_key: str | None) -> str:
         return UNPARTITIONED
     if partition_key == "":
         return EMPTY_KEY
-    quoted = quote(partition_key, safe="-_.").replace("~", "%7E")
+    try:
+        quoted = quote(partition_key, safe="-_.").replace("~", "%7E")
+    except UnicodeEncodeError:  # a lone surrogate: not text a reader could decode
+        quoted = "~" * (_MAX_SEGMENT + 1)  # so it is hashed below
     if quoted.startswith("__"):
         quoted = "%5F" + quoted[1:]
     if len(quoted) <= _MAX_SEGMENT:
@@ -109,6 +112,8 @@ def _quoted_prefix(key: str, limit: int) -> str:
     between characters: readers URL-decode the segment and need whole UTF-8 sequences."""
     out = ""
     for ch in key:
+        if 0xD800 <= ord(ch) <= 0xDFFF:
+            break
         part = quote(ch, safe="-_.").replace("~", "%7E")
         if len(out) + len(part) > limit:
             break

@@ -333,15 +333,27 @@ def _resume(
 
 
 def _reattach(client: InfronClient, manifest: Manifest, outcome: SubmitOutcome) -> None:
-    """Record batches that exist on the server (found by metadata) but not in the manifest."""
+    """Record batches that exist on the server (found by metadata) but not in the manifest.
+
+    A chunk missing from the list is taken as never created only when the list can be
+    trusted: it was read whole, and it shows our metadata on some batch (a provider that
+    drops metadata would otherwise make every lost create look unsent), and the call was
+    long enough ago. Otherwise the chunk stays uncertain.
+    """
     missing = {c.idempotency_key for c in manifest.chunks if not c.batch_id}
-    orphans = _orphans_by_key(client, missing) if missing else {}
+    if not missing:
+        return
+    try:
+        orphans, trusted = _orphans_by_key(client, missing)
+    except InfronError as exc:
+        logger.warning("cannot list batches to re-attach orphans (%s); chunks stay uncertain", exc)
+        return
     for chunk in manifest.chunks:
         if not chunk.batch_id and chunk.idempotency_key in orphans:
             chunk.batch_id, chunk.uncertain = orphans[chunk.idempotency_key], False
             outcome.reattached.append(chunk.batch_id)
-        elif not chunk.batch_id and _past_grace(chunk.create_started_at):
-            chunk.uncertain = False  # long enough ago: the list is authoritative
+        elif not chunk.batch_id and trusted and _past_grace(chunk.create_started_at):
+            chunk.uncertain = False
 
 
 def _past_grace(started: str | None) -> bool:
@@ -354,13 +366,19 @@ def _past_grace(started: str | None) -> bool:
     return (datetime.now(timezone.utc) - when).total_seconds() > REATTACH_GRACE_SECONDS
 
 
-def _orphans_by_key(client: InfronClient, keys: set[str]) -> dict[str, str]:
+def _orphans_by_key(client: InfronClient, keys: set[str]) -> tuple[dict[str, str], bool]:
+    """(key -> batch id of our orphans, whether absence from this list means anything)."""
     found: dict[str, str] = {}
-    for batch in client.list_batches():
+    skipped: list[str] = []
+    echoes_metadata = False
+    for batch in client.list_batches(skipped=skipped):
         key = batch.metadata.get("infron_dagster_key")
+        echoes_metadata = echoes_metadata or key is not None
         if key in keys and key not in found:
             found[key] = batch.id
-    return found
+    if skipped:
+        logger.warning("%d listed batch(es) could not be read: %s", len(skipped), skipped[0])
+    return found, echoes_metadata and not skipped
 
 
 def _create_batches(

@@ -157,7 +157,42 @@ def _structured_outputs(outcomes: list[FinalOutcome | None], spec: RequestSpec) 
             parsed.bad[row] = problem
             continue
         parsed.values[row] = value
+    _drop_untypable(parsed, spec)
     return parsed
+
+
+_ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError)
+
+
+def _drop_untypable(parsed: _Structured, spec: RequestSpec) -> None:
+    """Rows whose value cannot take its field's Arrow type fail as invalid_structured_output.
+
+    One such row (an integer past int64, ``1e300`` for an integer, a nested mismatch) would
+    otherwise change the column's type in this partition and break reading the whole table.
+    Each column is tried whole first; rows are tried one by one only when it fails.
+    """
+    props = (spec.response_schema or {}).get("properties") or {}
+    for prop, sub in props.items():
+        typ = arrow_type_for_schema(sub)
+        rows = list(parsed.values)
+        values = [_for_arrow(parsed.values[r].get(prop), typ) for r in rows]
+        try:
+            pa.array(values, typ)
+            continue
+        except _ARROW_ERRORS:
+            pass
+        for row, value in zip(rows, values, strict=True):
+            try:
+                pa.array([value], typ)
+            except _ARROW_ERRORS:
+                del parsed.values[row]
+                parsed.bad[row] = f"model output field {prop!r} does not fit the schema's type"
+
+
+def _for_arrow(value: Any, typ: pa.DataType) -> Any:
+    if pa.types.is_string(typ) and value is not None and not isinstance(value, str):
+        return json.dumps(value)
+    return value
 
 
 _PY_TYPES: dict[str, tuple[type, ...]] = {
@@ -244,11 +279,10 @@ def _schema_fields(spec: RequestSpec, taken: set[str]) -> list[tuple[tuple[str, 
 
 
 def _typed(values: list[Any], typ: pa.DataType) -> pa.Array:
-    if pa.types.is_string(typ):
-        values = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
+    values = [_for_arrow(v, typ) for v in values]
     try:
         return pa.array(values, typ)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+    except _ARROW_ERRORS:
         # A value the schema did not promise: keep it, as JSON text, rather than lose the row.
         return pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
 

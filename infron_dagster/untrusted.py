@@ -79,6 +79,8 @@ def check_provider_id(value: object, what: str) -> str:
     text = str(value)
     if not text or len(text) > MAX_ID_LENGTH:
         raise ValueError(f"{what} is empty or longer than {MAX_ID_LENGTH} characters")
+    if text in (".", ".."):  # would climb one level of the API's paths, quoted or not
+        raise ValueError(f"{what} {text!r} is a dot segment")
     if any(ord(ch) < 32 or ord(ch) == 127 or 0xD800 <= ord(ch) <= 0xDFFF for ch in text):
         raise ValueError(f"{what} {printable(text, 80)!r} contains control characters")
     return text

@@ -194,7 +194,7 @@ def test_component_from_python_and_its_yaml_schema():
         name="py",
         model="gpt-4o-mini",
         prompt_template="{text}",
-        source=ParquetSource("/tmp/x.parquet"),
+        source=ParquetSource("/tmp/{partition_key}.parquet"),
         partitions=dg.StaticPartitionsDefinition(["a"]),
     )
     defs = dg.build_defs_for_component(component)

@@ -112,3 +112,46 @@ def test_unreadable_lines_without_a_visible_id_are_counted_not_raised() -> None:
     lines = [b"not json at all", b'{"no_id": 1}', b"[" * 5000, b'{"custom_id": 5}']
     assert list(read_outcomes(lines, report)) == []
     assert report.unparseable == 4 and len(report.samples) == 4
+
+
+def test_structured_values_that_cannot_take_their_type_fail_their_row_only() -> None:
+    import pyarrow as pa
+
+    from infron_dagster import RequestSpec
+    from infron_dagster.results import Outcome
+    from infron_dagster.tables import FinalOutcome, build_tables
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer"},
+            "tags": {"type": "array", "items": {"type": "integer"}},
+        },
+        "required": ["n"],
+    }
+    spec = RequestSpec(
+        model="m", prompt_template="{t}", key_columns=("id",), response_schema=schema
+    )
+    answers = {
+        "a": {"n": 1, "tags": [1, 2]},
+        "b": {"n": 2**70},  # past int64
+        "c": {"n": 1e300},  # a whole float, far past int64
+        "d": {"n": 3, "tags": ["x"]},  # a nested mismatch
+        "e": {"n": 4},
+    }
+    ids = sorted(answers)
+    inputs = pa.table({"id": ids, "custom_id": ids})
+    invalid = pa.table(
+        {"id": pa.array([], pa.string()), "custom_id": pa.array([], pa.string()),
+         "error_code": pa.array([], pa.string()), "error_message": pa.array([], pa.string())}
+    )  # fmt: skip
+    final = {
+        cid: FinalOutcome(Outcome(cid, ok=True, text=json.dumps(value)), 1)
+        for cid, value in answers.items()
+    }
+    results, failed = build_tables(inputs, invalid, final, spec=spec)
+    assert results.column("id").to_pylist() == ["a", "e"]
+    assert results.schema.field("n").type == pa.int64()
+    assert results.schema.field("tags").type == pa.list_(pa.int64())
+    assert sorted(failed.column("id").to_pylist()) == ["b", "c", "d"]
+    assert set(failed.column("error_code").to_pylist()) == {"invalid_structured_output"}
