@@ -17,8 +17,14 @@ from typing import Any
 import pytest
 from conftest import Answer, Scripted, json_answer
 
-from infron_dagster.client import InfronClient, ResultFile, messages_params
-from infron_dagster.errors import InfronAuthError, InfronNotFoundError, InfronProtocolError
+from infron_dagster.client import InfronClient, ResultFile, RetryPolicy, messages_params
+from infron_dagster.errors import (
+    InfronAuthError,
+    InfronBadRequestError,
+    InfronConnectionError,
+    InfronNotFoundError,
+    InfronProtocolError,
+)
 from infron_dagster.models import Batch, BatchStatus
 from infron_dagster.untrusted import safe_segment
 
@@ -284,3 +290,76 @@ def test_a_key_echoed_into_a_result_file_is_redacted_even_across_chunks(
         lines = list(client.iter_lines(ResultFile("output", file_id="f1")))
     assert KEY.encode() not in buf.getvalue() and buf.getvalue().endswith(b"Bearer *** and ***\n")
     assert all(KEY.encode() not in line for line in lines)
+
+
+# -- review findings: redirects, broken bodies, odd lists, cut messages ----------------------------
+
+
+def test_a_create_follows_no_redirect_and_the_answer_is_ambiguous(
+    scripted: Callable[..., Scripted], tmp_path: Path
+) -> None:
+    server = scripted(
+        {
+            "/v1/batches": [Answer(307, b"", {"Location": "/v1/batches2"})],
+            "/v1/batches2": [json_answer({"batch_id": "b1", "status": "PENDING"})],
+        }
+    )
+    with _client(server) as client, pytest.raises(InfronProtocolError) as caught:
+        client.create_batch(_requests(tmp_path))
+    assert caught.value.ambiguous is True
+    assert [path for _, path, _ in server.seen] == ["/v1/batches"]  # never sent twice
+
+
+def test_a_body_that_fails_to_decode_is_a_typed_retryable_error(
+    scripted: Callable[..., Scripted],
+) -> None:
+    broken = Answer(200, b"not gzip at all", {"Content-Encoding": "gzip"})
+    server = scripted({"/v1/batches/b1": [broken]})
+    client = InfronClient(KEY, server.url("/v1"), "infron", retry=RetryPolicy(max_retries=1),
+                          sleep=lambda s: None)  # fmt: skip
+    with client, pytest.raises(InfronConnectionError) as caught:
+        client.retrieve_batch("b1")
+    assert caught.value.retryable and len(server.seen) == 2  # retried once, then typed
+
+
+def test_an_unreadable_listed_batch_is_skipped_not_fatal(scripted: Callable[..., Scripted]) -> None:
+    page = {"data": [{"id": None}, "junk", {"id": "b2", "status": "completed"}], "has_more": False}
+    server = scripted({"/v1/batches": [json_answer(page)]})
+    skipped: list[str] = []
+    with _client(server, "openai") as client:
+        listed = list(client.list_batches(skipped=skipped))
+    assert [b.id for b in listed] == ["b2"] and len(skipped) == 2
+
+
+def test_a_key_straddling_the_message_cut_leaves_no_trace(
+    scripted: Callable[..., Scripted],
+) -> None:
+    body = json.dumps({"error": {"message": "x" * 495 + KEY + "y" * 100}}).encode()
+    server = scripted({"/v1/batches/b1": [Answer(400, body)]})
+    with _client(server) as client, pytest.raises(InfronBadRequestError) as caught:
+        client.retrieve_batch("b1")
+    assert KEY[:6] not in str(caught.value)
+
+
+@pytest.mark.parametrize("bad", [".", ".."])
+def test_dot_ids_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="dot segment"):
+        Batch.from_openai({"id": bad, "status": "completed"})
+
+
+def test_odd_file_ids_leave_the_batch_readable_and_say_why() -> None:
+    batch = Batch.from_openai(
+        {"id": "b1", "status": "completed", "output_file_id": ["f"], "error_file_id": "e\n1"}
+    )
+    assert batch.is_terminal and batch.output_file_id is None and batch.error_file_id is None
+    assert len(batch.errors) == 2 and all("unusable" in e for e in batch.errors)
+
+
+def test_batch_error_text_that_echoes_the_key_is_redacted(
+    scripted: Callable[..., Scripted],
+) -> None:
+    obj = {"batch_id": "b1", "status": "FAILED", "fail_reason": f"auth Bearer {KEY} refused"}
+    server = scripted({"/v1/batches/b1": [json_answer(obj)]})
+    with _client(server) as client:
+        batch = client.retrieve_batch("b1")
+    assert batch.errors == ("auth Bearer *** refused",)

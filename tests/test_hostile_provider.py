@@ -65,6 +65,7 @@ SHAPES: list[tuple[str, str | None]] = [
     ("lone_surrogate", "unparseable_result"),
     ("error_echoing_key", "server_error"),
     ("model_is_a_number", None),
+    ("error_echoing_escaped_key", "server_error"),  # \u-escaped: only parsing reveals it
 ]
 
 
@@ -104,6 +105,11 @@ def result_lines(custom_id: str, shape: str) -> list[bytes]:
         "error_echoing_key": [
             line({"error": {"code": "server_error", "message": f"bad auth Bearer {KEY}"}})
         ],
+        "error_echoing_escaped_key": [
+            line({"error": {"code": "server_error", "message": "KEYHERE"}}).replace(
+                b"KEYHERE", b"Bearer \\u0073" + KEY[1:].encode()
+            )
+        ],
         "model_is_a_number": [
             line({"response": {"status_code": 200, "body": {**_ok("ok")["body"], "model": 5}}})
         ],
@@ -119,6 +125,8 @@ class HostileProvider:
     base_url: str = ""
     requests: list[str] = field(default_factory=list)
     batches: int = 0
+    refuse_downloads: int = 0  # answer 404 to this many result downloads first
+    good_lines_only: bool = False
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
         method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
@@ -141,6 +149,9 @@ class HostileProvider:
         if method == "GET" and path.startswith("/v1/batches/"):
             return "200 OK", self._batch("SUCCESS" if self.style == "infron" else "completed")
         if method == "GET" and path.startswith(("/v1/results", "/v1/files/")):
+            if self.refuse_downloads > 0:
+                self.refuse_downloads -= 1
+                return "404 Not Found", {"error": {"message": "not there yet"}}
             return "200 OK", self._results(path)
         return "404 Not Found", {"error": {"message": f"no route; your key was Bearer {KEY}"}}
 
@@ -173,8 +184,8 @@ class HostileProvider:
         want_errors = "escaped-errors" in path
         lines: list[bytes] = [b'{"custom_id": "req-unknown", "response": {"status_code": 200}}']
         for i, custom_id in enumerate(sorted(self.requests)):
-            shape = SHAPES[i % len(SHAPES)][0]
-            is_error = shape in ("error_echoing_key",)
+            shape = "good" if self.good_lines_only else SHAPES[i % len(SHAPES)][0]
+            is_error = shape.startswith("error_echoing")
             if self.style == "infron" or want_errors == is_error:
                 lines += result_lines(custom_id, shape)
         return b"\n".join(lines) + b"\n"
@@ -205,7 +216,7 @@ def test_hostile_provider_cannot_lose_rows_escape_the_root_or_leak_the_key(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     root = tmp_path / "a" / "b" / "c" / "lake"
-    rows = pd.DataFrame({"id": range(len(SHAPES) * 2), "text": [f"t{i}" for i in range(30)]})
+    rows = pd.DataFrame({"id": range(len(SHAPES) * 2), "text": [f"t{i}" for i in range(len(SHAPES) * 2)]})
 
     @dg.asset(partitions_def=dg.StaticPartitionsDefinition(["Zürich"]))
     def reviews() -> pd.DataFrame:
@@ -252,6 +263,9 @@ def test_hostile_provider_cannot_lose_rows_escape_the_root_or_leak_the_key(
     got |= dict(zip(failed["custom_id"], failed["error_code"], strict=True))
     assert got == expected
     assert failed["error_message"].map(bool).all()
+    # Parquet is compressed, so the byte scan below cannot see into it: read the cells.
+    assert not failed["error_message"].str.contains(KEY, regex=False).any()
+    assert failed["error_message"].str.contains("Bearer ***", regex=False).sum() == 4
     flaky = failed[failed["error_code"] != "result_too_large"]
     assert flaky["retryable"].all()
 
@@ -267,3 +281,58 @@ def test_hostile_provider_cannot_lose_rows_escape_the_root_or_leak_the_key(
 
 def test_default_line_bound_is_documented_and_sane() -> None:
     assert 1 << 20 <= DEFAULT_MAX_LINE_BYTES <= 64 << 20
+
+
+@pytest.mark.parametrize("provider", ["infron"], indirect=True)
+def test_a_result_file_refused_at_first_is_downloaded_by_a_later_collection(
+    provider: HostileProvider, tmp_path: Path
+) -> None:
+    from infron_dagster.client import InfronClient
+    from infron_dagster.collect import MAX_DOWNLOAD_REFUSALS, collect_partition
+    from infron_dagster.errors import InfronNotFoundError
+    from infron_dagster.prepare import prepare_requests
+    from infron_dagster.storage import BatchStorage
+    from infron_dagster.submit import submit_prepared
+
+    spec = RequestSpec(model="m", prompt_template="{text}", key_columns=("id",))
+    rows = pd.DataFrame({"id": range(6), "text": [f"t{i}" for i in range(6)]})
+    storage = BatchStorage(tmp_path / "lake", "late")
+    provider.good_lines_only = True
+    provider.refuse_downloads = MAX_DOWNLOAD_REFUSALS - 1
+    with InfronClient(KEY, f"{provider.base_url}/v1", "infron", sleep=lambda s: None) as client:
+        prepared = prepare_requests(rows, spec, name="late", partition_key="p", workdir=tmp_path)
+        submit_prepared(client, storage, prepared, spec=spec, partition_key="p")
+        for _ in range(MAX_DOWNLOAD_REFUSALS - 1):  # a link not valid yet: the run stops
+            with pytest.raises(InfronNotFoundError):
+                collect_partition(client, storage, spec, "p")
+        outcome = collect_partition(client, storage, spec, "p")
+    assert outcome.results is not None and outcome.results.num_rows == 6  # nothing paid twice
+
+
+@pytest.mark.parametrize("provider", ["infron"], indirect=True)
+def test_a_result_file_refused_for_good_fails_its_rows_as_missing(
+    provider: HostileProvider, tmp_path: Path
+) -> None:
+    from infron_dagster.client import InfronClient
+    from infron_dagster.collect import MAX_DOWNLOAD_REFUSALS, collect_partition
+    from infron_dagster.errors import InfronNotFoundError
+    from infron_dagster.prepare import prepare_requests
+    from infron_dagster.storage import BatchStorage
+    from infron_dagster.submit import submit_prepared
+
+    spec = RequestSpec(model="m", prompt_template="{text}", key_columns=("id",))
+    rows = pd.DataFrame({"id": range(4), "text": [f"t{i}" for i in range(4)]})
+    storage = BatchStorage(tmp_path / "lake", "gone")
+    provider.refuse_downloads = 10**6
+    with InfronClient(KEY, f"{provider.base_url}/v1", "infron", sleep=lambda s: None) as client:
+        prepared = prepare_requests(rows, spec, name="gone", partition_key="p", workdir=tmp_path)
+        submit_prepared(client, storage, prepared, spec=spec, partition_key="p")
+        for _ in range(MAX_DOWNLOAD_REFUSALS - 1):
+            with pytest.raises(InfronNotFoundError):
+                collect_partition(client, storage, spec, "p")
+        outcome = collect_partition(client, storage, spec, "p")
+    assert outcome.failed is not None and outcome.failed.num_rows == 4
+    assert set(outcome.failed.column("error_code").to_pylist()) == {"missing_result"}
+    assert all(
+        "could not be downloaded" in m for m in outcome.failed.column("error_message").to_pylist()
+    )
