@@ -169,3 +169,73 @@ def test_a_new_lake_gets_new_run_keys_so_dagster_does_not_skip_its_collections(t
     assert (first.attempt, second.attempt) == (1, 1)
     assert first.run_key.startswith("words:p:1:") and second.run_key.startswith("words:p:1:")
     assert first.run_key != second.run_key
+
+
+class _ForgetfulTransport(httpx.WSGITransport):
+    """The real local app behind a provider that loses the first create's answer (timeout)
+    and, when ``echo_metadata`` is off, lists batches without their metadata, as some
+    OpenAI-compatible servers do. Only a transport can shape answers this precisely."""
+
+    def __init__(self, app, *, echo_metadata: bool, create_reaches_server: bool) -> None:
+        super().__init__(app=app)
+        self.echo_metadata = echo_metadata
+        self.create_reaches_server = create_reaches_server
+        self.creates = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        is_create = request.method == "POST" and request.url.path.endswith("/batches")
+        if is_create and self.creates == 0:
+            self.creates += 1
+            if self.create_reaches_server:
+                super().handle_request(request)
+            raise httpx.ReadTimeout("answer lost", request=request)
+        response = super().handle_request(request)
+        if request.method == "GET" and request.url.path.endswith("/batches"):
+            page = json.loads(response.read())
+            for row in page["data"]:
+                if not self.echo_metadata:
+                    row["metadata"] = {}
+            return httpx.Response(200, json=page)
+        return response
+
+
+def _age_intents(tmp_path, seconds: float) -> None:
+    """Pretend the create calls of attempt 1 were started ``seconds`` ago."""
+    storage = BatchStorage(str(tmp_path / "lake"), "words")
+    path = storage.manifest_path("p", 1)
+    manifest = storage.read_json(path)
+    when = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - seconds))
+    for chunk in manifest["chunks"]:
+        chunk["create_started_at"] = when if chunk["create_started_at"] else None
+    storage.write_json(path, manifest)
+
+
+def test_a_provider_that_drops_metadata_never_makes_a_lost_create_look_unsent(tmp_path):
+    local_dir = make_local_dir(str(tmp_path / "srv"), in_progress_seconds=3600)
+    transport = _ForgetfulTransport(
+        create_app(local_dir), echo_metadata=False, create_reaches_server=True
+    )
+    client = InfronClient("k", "http://infron.local/v1", "openai", transport=transport)
+    with pytest.raises(SubmitIncomplete, match="re-attached by its metadata"):
+        _submit_with(client, tmp_path, _frame(["a", "b"]))
+    _age_intents(tmp_path, 3600)  # long past the grace period
+    with pytest.raises(SubmitIncomplete):
+        _submit_with(client, tmp_path, _frame(["a", "b"]))
+    assert _server_batches(local_dir) == 1  # the lost create was never paid for again
+
+
+def test_a_create_that_never_arrived_is_sent_once_the_list_is_trusted(tmp_path):
+    local_dir = make_local_dir(str(tmp_path / "srv"), in_progress_seconds=3600)
+    (tmp_path / "other").mkdir()
+    _submit(tmp_path / "other", local_dir, _frame(["x"]))  # a batch with our metadata
+    transport = _ForgetfulTransport(
+        create_app(local_dir), echo_metadata=True, create_reaches_server=False
+    )
+    client = InfronClient("k", "http://infron.local/v1", "openai", transport=transport)
+    with pytest.raises(SubmitIncomplete):  # within the grace period: wait, do not resend
+        _submit_with(client, tmp_path, _frame(["a", "b"]))
+    assert _server_batches(local_dir) == 1
+    _age_intents(tmp_path, 3600)
+    outcome = _submit_with(client, tmp_path, _frame(["a", "b"]))
+    assert len(outcome.created) == 1 and outcome.reattached == []
+    assert _server_batches(local_dir) == 2
