@@ -29,7 +29,7 @@ CHAT = "/v1/chat/completions"
 def client_for(app: Any, token: str | None = "test-key") -> httpx.Client:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.Client(
-        transport=httpx.WSGITransport(app=app), base_url="http://local/v1", headers=headers
+        transport=httpx.WSGITransport(app=app), base_url="http://infron.local/v1", headers=headers
     )
 
 
@@ -219,7 +219,7 @@ def test_wrong_api_key_is_401_without_echoing_it(tmp_path: Path) -> None:
 def test_paths_outside_v1_and_unknown_ids_are_json_404(tmp_path: Path) -> None:
     client = make(tmp_path)
     outside = httpx.Client(transport=httpx.WSGITransport(app=create_app(tmp_path)))
-    response = outside.get("http://local/health", headers={"Authorization": "Bearer x"})
+    response = outside.get("http://infron.local/health", headers={"Authorization": "Bearer x"})
     assert response.status_code == 404 and "error" in response.json()
     assert client.get("/batches/batch_nope").status_code == 404
     assert client.get("/files/file-nope/content").status_code == 404
@@ -415,7 +415,12 @@ def infron_requests(n: int) -> list[dict[str, Any]]:
     return [
         {
             "custom_id": f"in-{i}",
-            "params": {"model": "mock-1", "messages": [{"role": "user", "content": f"infron {i}"}]},
+            # Infron's documented Messages-style params: max_tokens is required.
+            "params": {
+                "model": "mock-1",
+                "max_tokens": 64,
+                "messages": [{"role": "user", "content": f"infron {i}"}],
+            },
         }
         for i in range(n)
     ]
@@ -437,7 +442,7 @@ def test_infron_style_completes_with_one_combined_result_file(tmp_path: Path) ->
     fees = (batch["prompt_tokens"] * 0.15 + batch["completion_tokens"] * 0.60) / 1e6 * 0.5
     assert batch["fees"] == f"{fees:.6f}"
     assert batch["submit_time"].endswith("Z") and batch["finish_time"].endswith("Z")
-    assert batch["result_url"].startswith("http://local/v1/files/")
+    assert batch["result_url"].startswith("http://infron.local/v1/files/")
     # result_url is fetchable without the Authorization header, like a presigned URL.
     lines = by_id(
         [

@@ -24,6 +24,7 @@ from urllib.parse import parse_qs
 from . import engine, multipart
 from .config import LocalServerConfig, load_config
 from .errors import ApiError
+from .hosts import EMBEDDED_HOST, host_allowed
 from .store import Store
 from .views import infron_view, openai_view
 
@@ -58,23 +59,96 @@ class Request:
         return f"{env.get('wsgi.url_scheme', 'http')}://{host}{env.get('SCRIPT_NAME', '')}"
 
     def content_length(self) -> int | None:
-        """The declared body length, or None when absent."""
-        raw = self.environ.get("CONTENT_LENGTH") or ""
-        return int(raw) if raw.strip().isdigit() else None
+        """The declared body length, or None when absent; a malformed one is a 400."""
+        raw = (self.environ.get("CONTENT_LENGTH") or "").strip()
+        if not raw:
+            return None
+        if not raw.isdigit() or not raw.isascii():
+            raise ApiError(400, "Content-Length must be a non-negative integer.")
+        return int(raw)
 
-    def json(self) -> dict[str, Any]:
-        """The body parsed as a JSON object (empty body -> {})."""
+    def body_stream(self, cap: int) -> BodyInput:
+        """The body as a stream that ends after Content-Length bytes and refuses over `cap`.
+
+        A declared length over the cap is refused before a byte is read, so a client cannot
+        make the server spool (or allocate) what it will refuse anyway.
+        """
         length = self.content_length()
-        data = self.environ["wsgi.input"].read(length) if length else b""
+        if length is not None and length > cap:
+            raise _too_large(cap)
+        return BodyInput(self.environ["wsgi.input"], length, cap)
+
+    def json(self, cap: int) -> dict[str, Any]:
+        """The body parsed as a JSON object (empty body -> {})."""
+        data = self.body_stream(cap).read_all()
         if not data.strip():
             return {}
         try:
             body = json.loads(data)
+        except RecursionError:
+            raise ApiError(400, "The request body is nested too deeply.") from None
         except ValueError as exc:
             raise ApiError(400, f"The request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "The request body must be a JSON object.")
         return body
+
+
+class BodyInput:
+    """``wsgi.input`` bounded by Content-Length and by the body cap.
+
+    Reading past Content-Length is undefined in WSGI (on a kept-alive socket it would read
+    the next request), so the stream ends there; without a length it reads to the end,
+    which the WSGI transport and infron-local's own socket handler both provide.
+    """
+
+    def __init__(self, stream: Any, length: int | None, cap: int) -> None:
+        self._stream = stream
+        self._left = length
+        self._cap = cap
+        self.received = 0
+
+    def read(self, size: int = _CHUNK) -> bytes:
+        """Up to `size` bytes; b"" at the end of the body."""
+        if self._left is not None:
+            size = min(size, self._left)
+        if size <= 0:
+            return b""
+        try:
+            data = self._stream.read(size)
+        except TimeoutError:
+            raise ApiError(408, "Timed out reading the request body.", code="timeout") from None
+        except (OSError, ValueError) as exc:
+            raise ApiError(400, f"The request body could not be read: {exc}") from None
+        self.received += len(data)
+        if self._left is not None:
+            self._left -= len(data)
+        if self.received > self._cap:
+            raise _too_large(self._cap)
+        return data
+
+    def read_all(self) -> bytes:
+        """The whole body; a 400 when it ends before its declared length."""
+        chunks = []
+        while data := self.read(_CHUNK):
+            chunks.append(data)
+        if self._left:
+            raise ApiError(400, "The body ended before Content-Length bytes arrived.")
+        return b"".join(chunks)
+
+    @property
+    def short(self) -> bool:
+        """Whether the body ended before its declared length."""
+        return bool(self._left)
+
+
+def _too_large(cap: int) -> ApiError:
+    return ApiError(
+        413,
+        f"The request body is larger than this server accepts ({cap} bytes; "
+        "infron-local serve --max-body-bytes raises it).",
+        code="body_too_large",
+    )
 
 
 @dataclass
@@ -102,16 +176,23 @@ class LocalBatchApp:
         >>> import tempfile, httpx
         >>> app = LocalBatchApp(tempfile.mkdtemp())
         >>> client = httpx.Client(transport=httpx.WSGITransport(app=app),
-        ...                       base_url="http://local/v1", headers={"Authorization": "Bearer x"})
+        ...                       base_url="http://localhost/v1",
+        ...                       headers={"Authorization": "Bearer x"})
         >>> client.get("/batches").json()["data"]
         []
     """
 
     def __init__(
-        self, data_dir: str | os.PathLike[str], config: LocalServerConfig | None = None
+        self,
+        data_dir: str | os.PathLike[str],
+        config: LocalServerConfig | None = None,
+        *,
+        embedded_host: str | None = EMBEDDED_HOST,
     ) -> None:
         self.store = Store(data_dir)
         self.config = config or load_config(data_dir) or LocalServerConfig()
+        # The in-process transport's host name; None when a socket serves the app.
+        self._trusted_hosts = (embedded_host,) if embedded_host else ()
         self._requests_seen = 0
         self._counter_lock = threading.Lock()
         self._routes: list[tuple[str, re.Pattern[str], Callable[..., Response]]] = [
@@ -147,6 +228,8 @@ class LocalBatchApp:
     # -- plumbing ----------------------------------------------------------------------------
 
     def _dispatch(self, environ: dict[str, Any]) -> Response:
+        # First of all: a page rebinding its own name to this server learns nothing.
+        self._check_host(environ.get("HTTP_HOST"))
         if self.config.latency_seconds:
             time.sleep(self.config.latency_seconds)
         request, handler = self._route(environ)
@@ -169,6 +252,19 @@ class LocalBatchApp:
                 405, f"Method {method} is not allowed on {path}.", code="method_not_allowed"
             )
         raise ApiError(404, f"Unknown path {path}.", code="unknown_url")
+
+    def _check_host(self, header: str | None) -> None:
+        if host_allowed(header, self.config.allowed_hosts, self._trusted_hosts):
+            return
+        shown = (header or "")[:100].encode("ascii", "replace").decode()
+        raise ApiError(
+            403,
+            f"Host {shown!r} is not allowed: infron-local answers loopback host names "
+            "(localhost, 127.0.0.0/8, ::1) and the names it is told to. To serve this one, "
+            f"start it with --allowed-host {shown.rsplit(':', 1)[0] or 'NAME'} "
+            "(or --allowed-host '*' for any).",
+            code="host_not_allowed",
+        )
 
     def _authenticate(self, environ: dict[str, Any]) -> None:
         header = environ.get("HTTP_AUTHORIZATION", "")
@@ -234,10 +330,12 @@ class LocalBatchApp:
             boundary = multipart.boundary_of(request.environ.get("CONTENT_TYPE", ""))
         except multipart.MultipartError as exc:
             raise ApiError(400, str(exc)) from None
+        stream = request.body_stream(self.config.max_body_bytes)
         raw = self.store.tmp_path(".upload")
+        # Filled as parts are written, so every temp file goes whatever fails where.
         parts: dict[str, multipart.Part] = {}
         try:
-            parts = self._receive_parts(request, raw, boundary)
+            self._receive_parts(stream, raw, boundary, parts)
             content, filename = self._file_part(parts)
             purpose = (parts["purpose"].value or b"").decode("utf-8", "replace").strip()
             meta = self.store.add_file(content, filename=filename, purpose=purpose)
@@ -249,19 +347,17 @@ class LocalBatchApp:
         return json_response(_public_file(meta))
 
     def _receive_parts(
-        self, request: Request, raw: Path, boundary: bytes
-    ) -> dict[str, multipart.Part]:
-        length = request.content_length()
-        received = multipart.spool(request.environ["wsgi.input"], raw, length)
-        if length is not None and received < length:
+        self, stream: BodyInput, raw: Path, boundary: bytes, parts: dict[str, multipart.Part]
+    ) -> None:
+        multipart.spool(stream, raw, None)
+        if stream.short:
             raise ApiError(400, "The upload ended before Content-Length bytes arrived.")
         try:
-            parts = multipart.parse(raw, boundary, lambda: self.store.tmp_path(".part"))
+            multipart.parse(raw, boundary, lambda: self.store.tmp_path(".part"), parts)
         except multipart.MultipartError as exc:
             raise ApiError(400, f"Invalid multipart body: {exc}") from None
         if "purpose" not in parts or parts["purpose"].value is None:
             raise ApiError(400, "Missing required parameter: 'purpose'.", param="purpose")
-        return parts
 
     def _file_part(self, parts: dict[str, multipart.Part]) -> tuple[Path, str]:
         part = parts.get("file")
@@ -309,7 +405,7 @@ class LocalBatchApp:
 
     def create_batch(self, request: Request) -> Response:
         """POST /batches: OpenAI style (input_file_id) or Infron style (inline requests)."""
-        body = request.json()
+        body = request.json(self.config.max_body_bytes)
         inline = "requests" in body
         record = self._create_infron(body) if inline else self._create_openai(body)
         # Every batch answers its creation as validating, even with zero timings.
@@ -329,23 +425,27 @@ class LocalBatchApp:
                 code="file_not_found",
                 param="input_file_id",
             )
-        window = body.get("completion_window") or "24h"
+        window = _window(body.get("completion_window"))
         return self._register(
-            "openai", endpoint, file_id, str(window), _metadata(body.get("metadata")), mixed=False
+            "openai", endpoint, file_id, window, _metadata(body.get("metadata")), mixed=False
         )
 
     def _create_infron(self, body: dict[str, Any]) -> dict[str, Any]:
         requests = body["requests"]
         if not isinstance(requests, list) or not requests:
             raise ApiError(400, "'requests' must be a non-empty list.", param="requests")
-        explicit = body.get("endpoint")
-        endpoint = _endpoint(explicit or "/v1/chat/completions")
+        explicit = body.get("endpoint") is not None
+        endpoint = _endpoint(body["endpoint"] if explicit else "/v1/chat/completions")
+        metadata = _metadata(body.get("metadata"))
         tmp = self.store.tmp_path(".jsonl")
-        with open(tmp, "w", encoding="utf-8") as out:
-            for item in requests:
-                out.write(json.dumps(_infron_line(item, endpoint, bool(explicit))) + "\n")
-        meta = self.store.add_file(tmp, filename="infron_requests.jsonl", purpose="batch")
-        return self._register("infron", endpoint, meta["id"], "24h", None, mixed=True)
+        try:
+            with open(tmp, "w", encoding="utf-8") as out:
+                for item in requests:
+                    out.write(_dump_line(_infron_line(item, endpoint, explicit)) + "\n")
+            meta = self.store.add_file(tmp, filename="infron_requests.jsonl", purpose="batch")
+        finally:
+            tmp.unlink(missing_ok=True)  # gone already when the store took it
+        return self._register("infron", endpoint, meta["id"], "24h", metadata, mixed=True)
 
     def _register(
         self,
@@ -440,11 +540,16 @@ class LocalBatchApp:
 
 
 def create_app(
-    data_dir: str | os.PathLike[str], config: LocalServerConfig | None = None
+    data_dir: str | os.PathLike[str],
+    config: LocalServerConfig | None = None,
+    *,
+    embedded_host: str | None = EMBEDDED_HOST,
 ) -> LocalBatchApp:
     """The WSGI app over `data_dir` (created if missing).
 
     Without `config`, the one persisted in `data_dir/config.json` applies, else the defaults.
+    `embedded_host` is the in-process transport's host name, answered besides loopback
+    names and ``config.allowed_hosts``; a socket server passes None.
 
     Example:
         >>> import tempfile
@@ -452,7 +557,7 @@ def create_app(
         >>> app.config.validating_seconds
         0
     """
-    return LocalBatchApp(data_dir, config)
+    return LocalBatchApp(data_dir, config, embedded_host=embedded_host)
 
 
 def _public_file(meta: dict[str, Any]) -> dict[str, Any]:
@@ -474,6 +579,27 @@ def _endpoint(value: Any) -> str:
             code="invalid_endpoint",
         )
     return str(value)
+
+
+def _window(value: Any) -> str:
+    # OpenAI offers "24h" only; any whole number of hours is accepted here, nothing else.
+    if value is None:
+        return "24h"
+    if not isinstance(value, str) or not re.fullmatch(r"[1-9][0-9]{0,3}h", value):
+        raise ApiError(
+            400,
+            f"completion_window must be a number of hours such as '24h', got {value!r:.100}.",
+            param="completion_window",
+        )
+    return value
+
+
+def _dump_line(line: Any) -> str:
+    try:
+        return json.dumps(line)
+    except (RecursionError, ValueError):
+        # Parsed, yet too deep to write back: refuse the create rather than fail later.
+        raise ApiError(400, "A request in 'requests' is nested too deeply.") from None
 
 
 def _metadata(value: Any) -> dict[str, str] | None:

@@ -2,6 +2,12 @@
 
 Example:
     infron-local serve --port 8765 --data-dir .infron-local --failure-rate 0.05
+
+It answers only requests whose Host header is a loopback name (localhost, 127.0.0.0/8,
+::1), the address it is bound to, or a name given with ``--allowed-host`` (``*`` for any):
+otherwise a web page could read it by DNS rebinding. Request bodies over
+``--max-body-bytes`` (default 256 MiB: a 200 MB batch file plus overhead) are refused
+with 413. See server.py for the connection limits (threads, read timeout, backlog).
 """
 
 from __future__ import annotations
@@ -11,25 +17,23 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from .app import create_app
 from .config import LocalServerConfig, save_config
+from .hosts import host_name, is_loopback
+from .server import (
+    DEFAULT_READ_TIMEOUT,
+    DEFAULT_THREADS,
+    BoundedWSGIServer,
+    KeepAliveHandler,
+    build_server,
+)
 
-
-class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    """wsgiref's server, one daemon thread per connection so a slow client blocks no one."""
-
-    daemon_threads = True
-
-
-class QuietHandler(WSGIRequestHandler):
-    """Logs nothing: request lines are noise, and headers (Authorization) must never leak."""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+# The names other modules (and tests) build their own servers from.
+ThreadingWSGIServer = BoundedWSGIServer
+QuietHandler = KeepAliveHandler
+_WILDCARDS = ("", "0.0.0.0", "::")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,22 +67,67 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument(flag, type=kind, default=getattr(defaults, name), dest=name)
     serve.add_argument("--expire", action="store_true")
     serve.add_argument("--validation-failure", action="store_true")
+    _add_hardening(serve, defaults)
     return parser
+
+
+def _add_hardening(serve: argparse.ArgumentParser, defaults: LocalServerConfig) -> None:
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        dest="allowed_hosts",
+        metavar="NAME",
+        help="also answer this Host name (repeatable; '*' answers any); loopback names "
+        "and the bound address are always answered",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=defaults.max_body_bytes,
+        dest="max_body_bytes",
+        help="refuse larger request bodies with 413 (default: %(default)s, 256 MiB)",
+    )
+    serve.add_argument(
+        "--no-require-max-tokens",
+        action="store_false",
+        dest="infron_require_max_tokens",
+        help="accept Infron-style chat params without max_tokens",
+    )
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help="connections served at once; more wait in the listen backlog (%(default)s)",
+    )
+    serve.add_argument(
+        "--read-timeout",
+        type=float,
+        default=DEFAULT_READ_TIMEOUT,
+        help="seconds a socket read may wait, idle keep-alive included (%(default)s)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> LocalServerConfig:
     """The LocalServerConfig the parsed arguments describe."""
     names = set(LocalServerConfig().to_dict())
-    return LocalServerConfig.from_dict({k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    host = getattr(args, "host", "")
+    # The address it is bound to is what its clients put in Host: answer it too.
+    name = host_name(host) if host not in _WILDCARDS else None
+    if "allowed_hosts" in values and name and not is_loopback(name):
+        values["allowed_hosts"] = [*values["allowed_hosts"], name]
+    return LocalServerConfig.from_dict(values)
 
 
 def serve(args: argparse.Namespace) -> None:
     """Serve until SIGTERM or Ctrl-C."""
     config = config_from_args(args)
     save_config(args.data_dir, config)
-    app = create_app(args.data_dir, config)
-    server = make_server(
-        args.host, args.port, app, server_class=ThreadingWSGIServer, handler_class=QuietHandler
+    # No embedded host name on a socket: only the in-process transport may use it.
+    app = create_app(args.data_dir, config, embedded_host=None)
+    server = build_server(
+        app, args.host, args.port, threads=args.threads, read_timeout=args.read_timeout
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)
     print(

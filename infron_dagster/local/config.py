@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_FILENAME = "config.json"
+# Enough for a 200 MB batch file (the client's chunk limit) plus multipart overhead.
+DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
 
 _RATES = ("failure_rate", "lost_rate", "expire_fraction")
 _NON_NEGATIVE = (
@@ -47,6 +49,12 @@ class LocalServerConfig:
     validation_failure: bool = False
     latency_seconds: float = 0.0
     enqueued_token_limit: int | None = None
+    # Host names answered besides loopback ones ("*": every host); see hosts.py.
+    allowed_hosts: tuple[str, ...] = ()
+    # Larger request bodies are refused with 413 before they are read.
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Infron's Messages-style chat params require max_tokens; False accepts bodies without it.
+    infron_require_max_tokens: bool = True
     # repr=False: a config printed in a log must not leak the key.
     api_key: str | None = field(default=None, repr=False)
 
@@ -61,6 +69,14 @@ class LocalServerConfig:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if self.enqueued_token_limit is not None and self.enqueued_token_limit < 0:
             raise ValueError("enqueued_token_limit must be >= 0 or None")
+        hosts = self.allowed_hosts
+        if not isinstance(hosts, (list, tuple)) or not all(isinstance(h, str) and h for h in hosts):
+            raise ValueError(f"allowed_hosts must be a list of host names, got {hosts!r}")
+        # JSON hands back a list; a tuple keeps the frozen config hashable and comparable.
+        object.__setattr__(self, "allowed_hosts", tuple(hosts))
+        cap = self.max_body_bytes
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+            raise ValueError(f"max_body_bytes must be a positive integer, got {cap!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as plain JSON-able values.

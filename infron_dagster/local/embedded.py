@@ -17,10 +17,12 @@ from ..client import InfronClient, RetryPolicy
 from ..models import ApiStyle
 from .app import create_app
 from .config import LocalServerConfig
+from .hosts import EMBEDDED_HOST
 
 __all__ = ["EMBEDDED_BASE_URL", "embedded_client", "parse_local_url"]
 
-EMBEDDED_BASE_URL = "http://infron.local/v1"
+# The app answers this host name only through the in-process transport (see hosts.py).
+EMBEDDED_BASE_URL = f"http://{EMBEDDED_HOST}/v1"
 _EMBEDDED_TOKEN = "local-embedded"
 
 

@@ -10,7 +10,9 @@ under the batch's lock.
 from __future__ import annotations
 
 import json
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,7 @@ def _check_line(
 ) -> tuple[str, str] | dict[str, Any]:
     try:
         request = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         request = None
     if not isinstance(request, dict):
         return "invalid_json_line", "This line is not a valid JSON object."
@@ -169,6 +171,8 @@ def new_record(
         "validation_errors": errors,
         "cancel_ts": None,
         "cancel_fraction": None,
+        # Request checks decided now, so every process answers the batch the same way.
+        "checks": {"infron_max_tokens": config.infron_require_max_tokens},
         "final": None,
     }
 
@@ -240,34 +244,41 @@ def _finalize(store: Store, record: dict[str, Any], state: State) -> None:
     }
     if state.status != "failed":
         if store.get_file(record["input_file_id"]) is None:
-            record["validation_errors"] = [
-                {
-                    "code": "input_file_deleted",
-                    "param": None,
-                    "line": None,
-                    "message": "The input file was deleted.",
-                }
-            ]
-            final["status"] = "failed"
+            _fail(record, final, "input_file_deleted", "The input file was deleted.")
         else:
-            code = "batch_cancelled" if state.status == "cancelled" else "batch_expired"
-            outcome = run_batch(store, record, state.fraction, code, int(state.ended_at or 0))
-            final.update(
-                {
-                    k: getattr(outcome, k)
-                    for k in (
-                        "output_file_id",
-                        "error_file_id",
-                        "completed",
-                        "failed",
-                        "lost",
-                        "prompt_tokens",
-                        "completion_tokens",
-                    )
-                }
-            )
+            _run(store, record, state, final)
     record["final"] = final
     store.put_batch(record)
+
+
+_OUTCOME_FIELDS = (
+    "output_file_id",
+    "error_file_id",
+    "completed",
+    "failed",
+    "lost",
+    "prompt_tokens",
+    "completion_tokens",
+)
+
+
+def _run(store: Store, record: dict[str, Any], state: State, final: dict[str, Any]) -> None:
+    code = "batch_cancelled" if state.status == "cancelled" else "batch_expired"
+    try:
+        outcome = run_batch(store, record, state.fraction, code, int(state.ended_at or 0))
+    except OSError:
+        raise  # the disk: a 500 now, and the next read tries again
+    except Exception:
+        # A bug must cost this batch, not every later GET and list of every batch.
+        traceback.print_exc(file=sys.stderr)
+        _fail(record, final, "internal_error", "The local server failed to run this batch.")
+        return
+    final.update({k: getattr(outcome, k) for k in _OUTCOME_FIELDS})
+
+
+def _fail(record: dict[str, Any], final: dict[str, Any], code: str, message: str) -> None:
+    record["validation_errors"] = [{"code": code, "param": None, "line": None, "message": message}]
+    final["status"] = "failed"
 
 
 def cancel(store: Store, batch_id: str, now: float | None = None) -> tuple[dict[str, Any], State]:

@@ -2,6 +2,10 @@
 
 It answers chat completions (plain text, JSON object, or JSON valid against a JSON schema),
 embeddings (stable unit vectors), the Responses API and legacy completions.
+
+A body it cannot answer (a field of the wrong type, a JSON schema it cannot honour, an ask
+over a cap) raises :class:`MockRequestError`, which the batch reports as that one request's
+400 ``invalid_request`` line; nothing a client sends may fail the batch as a whole.
 """
 
 from __future__ import annotations
@@ -11,41 +15,32 @@ import json
 import math
 from typing import Any
 
+from .schema_values import Dice, SchemaError, value_for_schema
+
+__all__ = [
+    "DEFAULT_EMBEDDING_DIMENSIONS",
+    "DEFAULT_MODEL",
+    "MAX_EMBEDDING_DIMENSIONS",
+    "MAX_EMBEDDING_INPUTS",
+    "Dice",
+    "MockRequestError",
+    "embedding_vector",
+    "estimate_prompt_tokens",
+    "estimate_tokens",
+    "prompt_text",
+    "respond",
+    "value_for_schema",
+]
+
 DEFAULT_MODEL = "mock-model"
 DEFAULT_EMBEDDING_DIMENSIONS = 8
-_WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india")
-_MAX_DEPTH = 12
+# OpenAI's own limits: text-embedding-3-large has 3072 dimensions, a request 2048 inputs.
+MAX_EMBEDDING_DIMENSIONS = 4096
+MAX_EMBEDDING_INPUTS = 2048
 
 
 class MockRequestError(ValueError):
     """The request body is unusable; the batch reports it as a 400 for that request."""
-
-
-class Dice:
-    """A deterministic stream of numbers drawn from a sha256 chain (stable across Pythons).
-
-    Example:
-        >>> Dice("seed").integer(0, 9) == Dice("seed").integer(0, 9)
-        True
-    """
-
-    def __init__(self, seed: str) -> None:
-        self._seed = hashlib.sha256(seed.encode("utf-8")).digest()
-        self._counter = 0
-
-    def unit(self) -> float:
-        """A float in [0, 1)."""
-        self._counter += 1
-        digest = hashlib.sha256(self._seed + self._counter.to_bytes(8, "big")).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64
-
-    def integer(self, low: int, high: int) -> int:
-        """An int in [low, high]."""
-        return low + int(self.unit() * (high - low + 1))
-
-    def choice(self, options: list[Any] | tuple[Any, ...]) -> Any:
-        """One of `options`."""
-        return options[int(self.unit() * len(options))]
 
 
 def estimate_tokens(text: str) -> int:
@@ -59,16 +54,21 @@ def estimate_tokens(text: str) -> int:
 
 
 def prompt_text(body: dict[str, Any]) -> str:
-    """All the prompt text of a request body, whatever its endpoint.
+    """All the prompt text of a request body, whatever its endpoint; never raises.
+
+    It also runs on bodies not validated yet (token estimates at create time), so it skips
+    whatever has an unexpected type instead of failing on it.
 
     Example:
         >>> prompt_text({"messages": [{"role": "user", "content": "hi"}]})
         'hi'
     """
     parts: list[str] = []
-    if isinstance(body.get("instructions"), str):
-        parts.append(body["instructions"])
-    for message in body.get("messages") or []:
+    for key in ("system", "instructions"):
+        if isinstance(body.get(key), str):
+            parts.append(body[key])
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else []:
         if isinstance(message, dict):
             parts.append(_content_text(message.get("content")))
     for key in ("input", "prompt"):
@@ -104,6 +104,11 @@ def respond(url: str, body: dict[str, Any], custom_id: str, created: int = 0) ->
     }
     if url not in handlers:
         raise MockRequestError(f"unsupported url {url!r}")
+    if not isinstance(body, dict):
+        raise MockRequestError("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise MockRequestError("'model' must be a string")
     return handlers[url](body, custom_id, created)
 
 
@@ -111,9 +116,10 @@ def respond(url: str, body: dict[str, Any], custom_id: str, created: int = 0) ->
 
 
 def _chat(body: dict[str, Any], custom_id: str, created: int) -> dict[str, Any]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise MockRequestError("'messages' must be a non-empty list")
+    messages = _chat_messages(body.get("messages"))
+    for key in ("max_tokens", "max_completion_tokens"):
+        if body.get(key) is not None and not _positive_int(body[key]):
+            raise MockRequestError(f"'{key}' must be a positive integer")
     prompt = prompt_text(body)
     content = _answer(body.get("response_format"), custom_id, prompt, _last_user_text(messages))
     prompt_tokens, completion_tokens = estimate_tokens(prompt), estimate_tokens(content)
@@ -137,8 +143,12 @@ def _chat(body: dict[str, Any], custom_id: str, created: int) -> dict[str, Any]:
 def _responses(body: dict[str, Any], custom_id: str, created: int) -> dict[str, Any]:
     if "input" not in body:
         raise MockRequestError("'input' is required")
+    if not isinstance(body["input"], (str, list)):
+        raise MockRequestError("'input' must be a string or a list of input items")
+    if body.get("instructions") is not None and not isinstance(body["instructions"], str):
+        raise MockRequestError("'instructions' must be a string")
     prompt = prompt_text(body)
-    text_format = (body.get("text") or {}).get("format")
+    text_format = _optional_dict(body.get("text"), "text").get("format")
     content = _answer(text_format, custom_id, prompt, _last_input_text(body["input"]))
     input_tokens, output_tokens = estimate_tokens(prompt), estimate_tokens(content)
     digest = _digest(custom_id, prompt)
@@ -166,8 +176,8 @@ def _responses(body: dict[str, Any], custom_id: str, created: int) -> dict[str, 
 
 
 def _completions(body: dict[str, Any], custom_id: str, created: int) -> dict[str, Any]:
-    if "prompt" not in body:
-        raise MockRequestError("'prompt' is required")
+    if not isinstance(body.get("prompt"), (str, list)):
+        raise MockRequestError("'prompt' is required: a string or a list")
     prompt = prompt_text(body)
     text = f"Mock completion of: {prompt[:60]}"
     return {
@@ -181,14 +191,14 @@ def _completions(body: dict[str, Any], custom_id: str, created: int) -> dict[str
 
 
 def _embeddings(body: dict[str, Any], custom_id: str, created: int) -> dict[str, Any]:
-    raw = body.get("input")
-    texts = [raw] if isinstance(raw, str) else raw
-    if not isinstance(texts, list) or not texts:
-        raise MockRequestError("'input' must be a string or a non-empty list")
-    dimensions = body.get("dimensions") or DEFAULT_EMBEDDING_DIMENSIONS
-    if not isinstance(dimensions, int) or dimensions < 1:
-        raise MockRequestError("'dimensions' must be a positive integer")
-    texts = [t if isinstance(t, str) else json.dumps(t) for t in texts]
+    texts = _embedding_texts(body.get("input"))
+    dimensions = body.get("dimensions")
+    dimensions = DEFAULT_EMBEDDING_DIMENSIONS if dimensions is None else dimensions
+    if not _positive_int(dimensions) or dimensions > MAX_EMBEDDING_DIMENSIONS:
+        raise MockRequestError(
+            f"'dimensions' must be an integer from 1 to {MAX_EMBEDDING_DIMENSIONS}, "
+            f"got {dimensions!r:.40}"
+        )
     data = [
         {"object": "embedding", "index": i, "embedding": embedding_vector(t, dimensions)}
         for i, t in enumerate(texts)
@@ -200,6 +210,22 @@ def _embeddings(body: dict[str, Any], custom_id: str, created: int) -> dict[str,
         "model": body.get("model") or DEFAULT_MODEL,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
+
+
+def _embedding_texts(raw: Any) -> list[str]:
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not texts:
+        raise MockRequestError("'input' must be a string or a non-empty list")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise MockRequestError(
+            f"'input' holds {len(texts)} items; at most {MAX_EMBEDDING_INPUTS} are allowed"
+        )
+    for text in texts:
+        # A string, or a list of token ids (OpenAI accepts both).
+        tokens = isinstance(text, list) and all(_is_int(t) for t in text)
+        if not isinstance(text, str) and not tokens:
+            raise MockRequestError("each 'input' item must be a string or a list of token ids")
+    return [t if isinstance(t, str) else json.dumps(t) for t in texts]
 
 
 def embedding_vector(text: str, dimensions: int = DEFAULT_EMBEDDING_DIMENSIONS) -> list[float]:
@@ -220,189 +246,55 @@ def embedding_vector(text: str, dimensions: int = DEFAULT_EMBEDDING_DIMENSIONS) 
 
 
 def _answer(response_format: Any, custom_id: str, prompt: str, last_user: str) -> str:
-    fmt = response_format if isinstance(response_format, dict) else {}
+    fmt = _optional_dict(response_format, "response_format")
     dice = Dice(f"{custom_id}{prompt}")
     if fmt.get("type") == "json_schema":
         # Chat nests the schema under "json_schema"; the Responses API puts it at top level.
-        schema = (fmt.get("json_schema") or fmt).get("schema") or {}
-        return json.dumps(value_for_schema(schema, dice))
+        holder = _optional_dict(fmt.get("json_schema"), "json_schema") or fmt
+        try:
+            return json.dumps(value_for_schema(holder.get("schema") or {}, dice))
+        except SchemaError as exc:
+            raise MockRequestError(f"invalid or oversized JSON schema: {exc}") from None
     if fmt.get("type") == "json_object":
         answer = f"Mock answer to: {last_user[:60]}"
         return json.dumps({"answer": answer, "score": dice.integer(0, 10)})
     return f"Mock answer to: {last_user[:60]}"
 
 
-def value_for_schema(
-    schema: dict[str, Any],
-    dice: Dice,
-    root: dict[str, Any] | None = None,
-    depth: int = 0,
-    name: str = "value",
-) -> Any:
-    """A value valid against the JSON schema `schema`, drawn from `dice`.
-
-    Example:
-        >>> schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 3}},
-        ...           "required": ["n"]}
-        >>> 0 <= value_for_schema(schema, Dice("x"))["n"] <= 3
-        True
-    """
-    root = schema if root is None else root
-    schema = _resolve(schema, root)
-    if "const" in schema:
-        return schema["const"]
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return dice.choice(schema["enum"])
-    for key in ("anyOf", "oneOf", "allOf"):
-        if isinstance(schema.get(key), list) and schema[key]:
-            return value_for_schema(_pick_branch(schema[key], root), dice, root, depth + 1, name)
-    kind = _schema_type(schema)
-    if depth > _MAX_DEPTH or kind == "null":
-        return None
-    return _GENERATORS[kind](schema, dice, root, depth, name)
-
-
-def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
-    # Only local refs ("#/$defs/X"): Pydantic-generated schemas use nothing else.
-    seen = 0
-    while isinstance(schema.get("$ref"), str) and schema["$ref"].startswith("#/") and seen < 32:
-        target: Any = root
-        for part in schema["$ref"][2:].split("/"):
-            target = target.get(part, {}) if isinstance(target, dict) else {}
-        schema, seen = target if isinstance(target, dict) else {}, seen + 1
-    return schema
-
-
-def _pick_branch(branches: list[Any], root: dict[str, Any]) -> dict[str, Any]:
-    # Prefer a non-null branch so Optional[...] fields carry data.
-    for branch in branches:
-        if isinstance(branch, dict) and _schema_type(_resolve(branch, root)) != "null":
-            return branch
-    return branches[0] if isinstance(branches[0], dict) else {}
-
-
-def _schema_type(schema: dict[str, Any]) -> str:
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        non_null = [k for k in kind if k != "null"]
-        kind = non_null[0] if non_null else "null"
-    if kind in _GENERATORS or kind == "null":
-        return kind
-    if "properties" in schema:
-        return "object"
-    if "items" in schema:
-        return "array"
-    return "string"
-
-
-def _gen_object(
-    schema: dict[str, Any], dice: Dice, root: dict[str, Any], depth: int, name: str
-) -> dict[str, Any]:
-    properties = dict(schema.get("properties") or {})
-    # A required key without a declared schema still has to be present.
-    for key in schema.get("required") or []:
-        properties.setdefault(key, {})
-    return {
-        key: value_for_schema(sub if isinstance(sub, dict) else {}, dice, root, depth + 1, key)
-        for key, sub in properties.items()
-    }
-
-
-def _gen_array(
-    schema: dict[str, Any], dice: Dice, root: dict[str, Any], depth: int, name: str
-) -> list[Any]:
-    cap = schema.get("maxItems")
-    low = int(schema.get("minItems", 1 if cap is None else min(1, int(cap))))
-    high = int(cap) if cap is not None else max(low, 3)
-    items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
-    count = dice.integer(low, max(low, high))
-    values = [value_for_schema(items, dice, root, depth + 1, name) for _ in range(count)]
-    if schema.get("uniqueItems"):
-        unique = {json.dumps(v, sort_keys=True): v for v in values}
-        values = list(unique.values())
-    return values
-
-
-def _gen_string(
-    schema: dict[str, Any], dice: Dice, root: dict[str, Any], depth: int, name: str
-) -> str:
-    fmt = schema.get("format")
-    if fmt == "date":
-        text = f"2024-{dice.integer(1, 12):02d}-{dice.integer(1, 28):02d}"
-    elif fmt == "date-time":
-        text = f"2024-{dice.integer(1, 12):02d}-{dice.integer(1, 28):02d}T12:00:00Z"
-    elif fmt == "email":
-        text = f"{dice.choice(_WORDS)}@example.com"
-    elif fmt == "uuid":
-        text = hashlib.sha256(str(dice.unit()).encode()).hexdigest()[:32]
-        text = f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
-    else:
-        text = f"{name} {dice.choice(_WORDS)}"
-    low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
-    text = text.ljust(low, "x")
-    return text[: int(high)] if high is not None else text
-
-
-def _gen_integer(
-    schema: dict[str, Any], dice: Dice, root: dict[str, Any], depth: int, name: str
-) -> int:
-    low, high = _bounds(schema, 0, 100)
-    low_i, high_i = math.ceil(low), math.floor(high)
-    if "exclusiveMinimum" in schema and low_i == low:
-        low_i += 1
-    if "exclusiveMaximum" in schema and high_i == high:
-        high_i -= 1
-    return dice.integer(low_i, max(low_i, high_i))
-
-
-def _gen_number(
-    schema: dict[str, Any], dice: Dice, root: dict[str, Any], depth: int, name: str
-) -> float:
-    low, high = _bounds(schema, 0.0, 1.0)
-    if low >= high:
-        return low
-    # Stay off the bounds so exclusive limits hold too.
-    value = low + (high - low) * (0.05 + 0.9 * dice.unit())
-    rounded = round(value, 2)
-    return rounded if low < rounded < high else value
-
-
-def _gen_boolean(
-    schema: dict[str, Any], dice: Dice, root: dict[str, Any], depth: int, name: str
-) -> bool:
-    return dice.unit() < 0.5
-
-
-def _bounds(schema: dict[str, Any], low: float, high: float) -> tuple[float, float]:
-    """The [low, high] range to draw from: the schema's limits, else the default range,
-    shifted only as far as a one-sided limit requires."""
-    lows = [schema[k] for k in ("minimum", "exclusiveMinimum") if _is_num(schema.get(k))]
-    highs = [schema[k] for k in ("maximum", "exclusiveMaximum") if _is_num(schema.get(k))]
-    width = high - low
-    new_low = max(lows) if lows else None
-    new_high = min(highs) if highs else None
-    if new_low is None:
-        new_low = low if new_high is None or low <= new_high else new_high - width
-    if new_high is None:
-        new_high = high if high >= new_low else new_low + width
-    return new_low, new_high
-
-
-def _is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-_GENERATORS = {
-    "object": _gen_object,
-    "array": _gen_array,
-    "string": _gen_string,
-    "integer": _gen_integer,
-    "number": _gen_number,
-    "boolean": _gen_boolean,
-}
-
-
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _chat_messages(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise MockRequestError("'messages' must be a non-empty list")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise MockRequestError(f"messages[{index}] must be an object with a string 'role'")
+        content = message.get("content")
+        # An assistant turn may carry tool calls instead of content.
+        if content is None and message["role"] == "assistant":
+            continue
+        if not isinstance(content, (str, list)):
+            raise MockRequestError(
+                f"messages[{index}].content must be a string or a list of content parts"
+            )
+    return messages
+
+
+def _optional_dict(value: Any, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MockRequestError(f"'{name}' must be an object, got {type(value).__name__}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return _is_int(value) and value >= 1
 
 
 def _content_text(content: Any) -> str:

@@ -63,8 +63,16 @@ def spool(stream: BinaryIO, dest: Path, length: int | None) -> int:
     return written
 
 
-def parse(raw: Path, boundary: bytes, new_path: Callable[[], Path]) -> dict[str, Part]:
+def parse(
+    raw: Path,
+    boundary: bytes,
+    new_path: Callable[[], Path],
+    into: dict[str, Part] | None = None,
+) -> dict[str, Part]:
     """Split the spooled body `raw` into its parts; file parts go to paths from `new_path`.
+
+    Parts are added to `into` (a fresh dict by default) as they are read, so a caller that
+    passes its own dict can remove every file written even when a later part is malformed.
 
     Example:
         >>> import tempfile, pathlib
@@ -74,11 +82,16 @@ def parse(raw: Path, boundary: bytes, new_path: Callable[[], Path]) -> dict[str,
         >>> parse(d / "raw", b"b", lambda: d / "part")["x"].value
         b'hi'
     """
-    parts: dict[str, Part] = {}
+    parts: dict[str, Part] = {} if into is None else into
     with open(raw, "rb") as handle:
         for start, end in _part_spans(handle, boundary):
             part = _read_part(handle, start, end, new_path)
-            parts.setdefault(part.name, part)
+            if part.name in parts:
+                # The first of a repeated field wins; the copy must not linger on disk.
+                if part.path is not None:
+                    part.path.unlink(missing_ok=True)
+                continue
+            parts[part.name] = part
     return parts
 
 
@@ -94,7 +107,13 @@ def _part_spans(handle: BinaryIO, boundary: bytes) -> list[tuple[int, int]]:
         line = handle.readline(1024)
         if line.startswith(b"--"):
             break
-        spans.append((here + len(delimiter) + len(line), after))
+        start = here + len(delimiter) + len(line)
+        # A delimiter line must end in a newline before the next delimiter starts; a body
+        # of bare delimiters ("--b\r\n--b\r\n") would otherwise give parts that end
+        # before they begin.
+        if not line.endswith(b"\n") or start > after:
+            raise MultipartError("malformed multipart delimiter line")
+        spans.append((start, after))
     if not spans:
         raise MultipartError("no parts found in multipart body")
     return spans

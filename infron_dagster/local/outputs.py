@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .infron_params import chat_body_from_params
 from .mock_model import MockRequestError, respond
 from .store import Store
 
@@ -70,12 +71,13 @@ class ShuffledWriter:
         self.count = 0
 
     def add(self, key: str, line: dict[str, Any]) -> None:
-        """Queue one line; `key` is a hex digest."""
+        """Queue one line; `key` is a hex digest. Nothing is written if `line` cannot be."""
+        text = json.dumps(line)
         bucket = int(key[0], 16) * _BUCKETS // 16
         if bucket not in self._buckets:
             path = self._store.tmp_path(".bucket")
             self._buckets[bucket] = (path, open(path, "w", encoding="utf-8"))  # noqa: SIM115
-        self._buckets[bucket][1].write(f"{key}\t{json.dumps(line)}\n")
+        self._buckets[bucket][1].write(f"{key}\t{text}\n")
         self.count += 1
 
     def commit(self, filename: str, purpose: str) -> str | None:
@@ -176,26 +178,33 @@ def _run_one(
         )
         outcome.failed += 1
     else:
-        _answer(request, record["id"], key, created, out, err, outcome)
+        _answer(request, record, key, created, out, err, outcome)
 
 
 def _answer(
     request: dict[str, Any],
-    batch_id: str,
+    record: dict[str, Any],
     key: str,
     created: int,
     out: ShuffledWriter,
     err: ShuffledWriter,
     outcome: Outcome,
 ) -> None:
-    custom_id = request["custom_id"]
+    custom_id, batch_id = request["custom_id"], record["id"]
     try:
-        body = respond(request["url"], request["body"], custom_id, created)
-    except MockRequestError as exc:
+        body = respond(request["url"], _model_body(request, record), custom_id, created)
+        response = {"status_code": 200, "request_id": _request_id(batch_id, custom_id)}
+        out.add(key, _line(batch_id, custom_id, {**response, "body": body}, None))
+    except OSError:
+        raise  # the disk, not the request: let the batch's finalization report it
+    except Exception as exc:
+        # Whatever one request makes the mock model do (a MockRequestError, or a body
+        # it trips on), it is that request's 400: a batch must never stop finishing.
+        message = str(exc) if isinstance(exc, MockRequestError) else _unanswerable(exc)
         err.add(
             key,
             _error_line(
-                batch_id, custom_id, 400, str(exc), "invalid_request_error", "invalid_request"
+                batch_id, custom_id, 400, message, "invalid_request_error", "invalid_request"
             ),
         )
         outcome.failed += 1
@@ -204,15 +213,21 @@ def _answer(
     outcome.prompt_tokens += prompt
     outcome.completion_tokens += completion
     outcome.completed += 1
-    out.add(
-        key,
-        _line(
-            batch_id,
-            custom_id,
-            {"status_code": 200, "request_id": _request_id(batch_id, custom_id), "body": body},
-            None,
-        ),
-    )
+
+
+def _model_body(request: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI-shaped body the mock model answers for this request."""
+    if record["style"] != "infron" or request["url"] != "/v1/chat/completions":
+        return request["body"]
+    # Infron's chat params are Messages-style; the checks decided at creation apply.
+    required = (record.get("checks") or {}).get("infron_max_tokens", True)
+    return chat_body_from_params(request["body"], require_max_tokens=required)
+
+
+def _unanswerable(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "The request body is nested too deeply for the mock model to answer."
+    return f"The mock model cannot answer this request ({type(exc).__name__}: {exc!s:.200})."
 
 
 def _tokens(usage: dict[str, Any]) -> tuple[int, int]:
