@@ -61,7 +61,8 @@ def test_dynamic_partition_with_odd_key_round_trips(tmp_path, infron_resource, k
 
 
 def test_partition_keys_encode_injectively_into_one_short_segment(tmp_path):
-    odd = ["", "__empty__", "%5F_all__", "a%7Eb", "%2A", *KEYS, "k" * 301, "東" * 91, "a\ud800", "a\udfff"]
+    odd = ["", "__empty__", "%5F_all__", "a%7Eb", "%2A", *KEYS, "k" * 301, "東" * 91]
+    odd += ["a\ud800", "a\udfff"]
     keys = [None, *dict.fromkeys(odd)]
     encoded = [encode_partition(k) for k in keys]
     assert len(set(encoded)) == len(keys)

@@ -216,7 +216,8 @@ def test_hostile_provider_cannot_lose_rows_escape_the_root_or_leak_the_key(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     root = tmp_path / "a" / "b" / "c" / "lake"
-    rows = pd.DataFrame({"id": range(len(SHAPES) * 2), "text": [f"t{i}" for i in range(len(SHAPES) * 2)]})
+    n = len(SHAPES) * 2
+    rows = pd.DataFrame({"id": range(n), "text": [f"t{i}" for i in range(n)]})
 
     @dg.asset(partitions_def=dg.StaticPartitionsDefinition(["Zürich"]))
     def reviews() -> pd.DataFrame:
