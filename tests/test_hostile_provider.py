@@ -29,7 +29,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
+from infron_dagster.client import InfronClient
+from infron_dagster.collect import MAX_DOWNLOAD_REFUSALS, collect_partition
+from infron_dagster.errors import InfronNotFoundError
+from infron_dagster.prepare import prepare_requests
 from infron_dagster.results import DEFAULT_MAX_LINE_BYTES
+from infron_dagster.storage import BatchStorage
+from infron_dagster.submit import submit_prepared
 
 KEY = "sk-hostile-test-key-0123456789"
 LINE_LIMIT = 16384
@@ -284,29 +290,27 @@ def test_default_line_bound_is_documented_and_sane() -> None:
     assert 1 << 20 <= DEFAULT_MAX_LINE_BYTES <= 64 << 20
 
 
-@pytest.mark.parametrize("provider", ["infron"], indirect=True)
-def test_a_result_file_refused_at_first_is_downloaded_by_a_later_collection(
-    provider: HostileProvider, tmp_path: Path
-) -> None:
-    from infron_dagster.client import InfronClient
-    from infron_dagster.collect import MAX_DOWNLOAD_REFUSALS, collect_partition
-    from infron_dagster.errors import InfronNotFoundError
-    from infron_dagster.prepare import prepare_requests
-    from infron_dagster.storage import BatchStorage
-    from infron_dagster.submit import submit_prepared
-
+def _collect_through_refusals(provider: HostileProvider, tmp_path: Path, rows: int) -> Any:
+    """Submit ``rows`` rows, then collect until the refusals run out; the last outcome."""
     spec = RequestSpec(model="m", prompt_template="{text}", key_columns=("id",))
-    rows = pd.DataFrame({"id": range(6), "text": [f"t{i}" for i in range(6)]})
+    frame = pd.DataFrame({"id": range(rows), "text": [f"t{i}" for i in range(rows)]})
     storage = BatchStorage(tmp_path / "lake", "late")
-    provider.good_lines_only = True
-    provider.refuse_downloads = MAX_DOWNLOAD_REFUSALS - 1
     with InfronClient(KEY, f"{provider.base_url}/v1", "infron", sleep=lambda s: None) as client:
-        prepared = prepare_requests(rows, spec, name="late", partition_key="p", workdir=tmp_path)
+        prepared = prepare_requests(frame, spec, name="late", partition_key="p", workdir=tmp_path)
         submit_prepared(client, storage, prepared, spec=spec, partition_key="p")
         for _ in range(MAX_DOWNLOAD_REFUSALS - 1):  # a link not valid yet: the run stops
             with pytest.raises(InfronNotFoundError):
                 collect_partition(client, storage, spec, "p")
-        outcome = collect_partition(client, storage, spec, "p")
+        return collect_partition(client, storage, spec, "p")
+
+
+@pytest.mark.parametrize("provider", ["infron"], indirect=True)
+def test_a_result_file_refused_at_first_is_downloaded_by_a_later_collection(
+    provider: HostileProvider, tmp_path: Path
+) -> None:
+    provider.good_lines_only = True
+    provider.refuse_downloads = MAX_DOWNLOAD_REFUSALS - 1
+    outcome = _collect_through_refusals(provider, tmp_path, 6)
     assert outcome.results is not None and outcome.results.num_rows == 6  # nothing paid twice
 
 
@@ -314,26 +318,9 @@ def test_a_result_file_refused_at_first_is_downloaded_by_a_later_collection(
 def test_a_result_file_refused_for_good_fails_its_rows_as_missing(
     provider: HostileProvider, tmp_path: Path
 ) -> None:
-    from infron_dagster.client import InfronClient
-    from infron_dagster.collect import MAX_DOWNLOAD_REFUSALS, collect_partition
-    from infron_dagster.errors import InfronNotFoundError
-    from infron_dagster.prepare import prepare_requests
-    from infron_dagster.storage import BatchStorage
-    from infron_dagster.submit import submit_prepared
-
-    spec = RequestSpec(model="m", prompt_template="{text}", key_columns=("id",))
-    rows = pd.DataFrame({"id": range(4), "text": [f"t{i}" for i in range(4)]})
-    storage = BatchStorage(tmp_path / "lake", "gone")
     provider.refuse_downloads = 10**6
-    with InfronClient(KEY, f"{provider.base_url}/v1", "infron", sleep=lambda s: None) as client:
-        prepared = prepare_requests(rows, spec, name="gone", partition_key="p", workdir=tmp_path)
-        submit_prepared(client, storage, prepared, spec=spec, partition_key="p")
-        for _ in range(MAX_DOWNLOAD_REFUSALS - 1):
-            with pytest.raises(InfronNotFoundError):
-                collect_partition(client, storage, spec, "p")
-        outcome = collect_partition(client, storage, spec, "p")
+    outcome = _collect_through_refusals(provider, tmp_path, 4)
     assert outcome.failed is not None and outcome.failed.num_rows == 4
     assert set(outcome.failed.column("error_code").to_pylist()) == {"missing_result"}
-    assert all(
-        "could not be downloaded" in m for m in outcome.failed.column("error_message").to_pylist()
-    )
+    messages = outcome.failed.column("error_message").to_pylist()
+    assert all("could not be downloaded" in m for m in messages)
