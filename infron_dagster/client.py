@@ -670,7 +670,8 @@ def messages_params(body: dict[str, Any]) -> dict[str, Any]:
             texts = [_message_text(m.get("content")) for m in system]
             params["system"] = "\n\n".join(t for t in texts if t)
     limit = params.pop("max_completion_tokens", None)
-    params.setdefault("max_tokens", limit if limit is not None else DEFAULT_INFRON_MAX_TOKENS)
+    if params.get("max_tokens") is None:  # absent, or an explicit None: Infron requires it
+        params["max_tokens"] = limit if limit is not None else DEFAULT_INFRON_MAX_TOKENS
     if "stop" in params:
         stop = params.pop("stop")
         params["stop_sequences"] = [stop] if isinstance(stop, str) else stop

@@ -255,6 +255,7 @@ def test_infron_style_sends_messages_params() -> None:
     }
     assert messages_params({**body, "max_completion_tokens": 50})["max_tokens"] == 50
     assert messages_params({**body, "max_tokens": 7})["max_tokens"] == 7
+    assert messages_params({**body, "max_tokens": None})["max_tokens"] == 4096
     assert "system" not in messages_params({"model": "m", "messages": []})
 
 
