@@ -279,6 +279,10 @@ def test_hostile_provider_cannot_lose_rows_escape_the_root_or_leak_the_key(
     # Nothing outside the storage root, and the key in no file, message or event.
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and root not in p.parents]
     assert outside == []
+    # ... nor outside this partition's own attempt folder, where the provider's bytes go.
+    raw = pipeline.storage.attempt_dir("raw", "Zürich", 1)
+    stray = [p for p in (root / "hostile" / "raw").rglob("*") if p.is_file()]
+    assert stray and all(str(p).startswith(raw.path + "/") for p in stray)
     for path in root.rglob("*"):
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), path
