@@ -90,7 +90,7 @@ def _collect_until_done(dg, instance, pipelines, resources, timeout: float = 120
             for request in result.run_requests or []:
                 _run(
                     dg.materialize(
-                        [pipeline.collect_assets],
+                        pipeline.collect_definitions,
                         partition_key=request.partition_key,
                         instance=instance,
                         resources=resources,

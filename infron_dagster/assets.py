@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .checks import build_collect_checks
 from .collect import CollectOutcome, active_attempts, collect_partition
 from .prepare import (
     CUSTOM_ID,
@@ -41,6 +41,7 @@ from .sources import ParquetSource
 from .spec import RequestSpec
 from .storage import BatchStorage
 from .submit import SubmitOutcome, load_manifests, submit_prepared, succeeded_requests
+from .untrusted import printable
 
 __all__ = ["InfronBatchPipeline", "build_infron_batch_assets"]
 
@@ -56,12 +57,14 @@ class SubmitConfig(dg.Config):
 
 
 class CollectConfig(dg.Config):
-    """Run config of ``<name>_results`` / ``<name>_failed``."""
+    """Run config of ``<name>_results`` / ``<name>_failed``.
 
-    wait_seconds: float = 60.0
+    A collection whose batches are still running waits at most ``wait_seconds`` (default: not
+    at all), then ends without collecting; the sensor collects the partition later.
+    """
+
+    wait_seconds: float = 0.0
     poll_interval_seconds: float = 5.0
-    retry_after_seconds: int = 300
-    max_run_retries: int = 48
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class InfronBatchPipeline:
     name: str
     batches_asset: dg.AssetsDefinition
     collect_assets: dg.AssetsDefinition
+    collect_checks: dg.AssetChecksDefinition
     sensor: dg.SensorDefinition
     retry_job: Any  # what dg.define_asset_job returns (an unresolved asset job)
     storage: BatchStorage
@@ -93,9 +97,15 @@ class InfronBatchPipeline:
         """The assets, sensor and job, ready to merge with your resources."""
         return dg.Definitions(
             assets=[self.batches_asset, self.collect_assets],
+            asset_checks=[self.collect_checks],
             sensors=[self.sensor],
             jobs=[self.retry_job],
         )
+
+    @property
+    def collect_definitions(self) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
+        """The collect assets and their checks, e.g. for ``dg.materialize``."""
+        return [self.collect_assets, self.collect_checks]
 
 
 def build_infron_batch_assets(
@@ -114,6 +124,10 @@ def build_infron_batch_assets(
     max_result_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     resource_key: str = "infron",
     group_name: str | None = None,
+    owners: Sequence[str] | None = None,
+    tags: dict[str, str] | None = None,
+    automation_condition: dg.AutomationCondition | None = None,
+    block_on_failure_rate: bool = False,
     sensor_interval_seconds: int = 30,
     sensor_default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
 ) -> InfronBatchPipeline:
@@ -123,6 +137,10 @@ def build_infron_batch_assets(
     ``source`` is an upstream asset (its DataFrame or Arrow table for the partition is loaded
     by its IO manager) or a :class:`ParquetSource`. ``max_result_line_bytes`` bounds one
     result line: a longer one fails its row (``result_too_large``) instead of taking memory.
+    ``owners``, ``tags`` and ``automation_condition`` apply to the batches asset (the
+    condition decides when to submit) and the first two to the collected tables as well.
+    ``block_on_failure_rate`` makes the ``failure_rate`` check blocking: downstream assets
+    of a partition over ``max_failure_rate`` do not run.
     """
     if max_result_line_bytes < 1024:
         raise ValueError("max_result_line_bytes must be at least 1024")
@@ -139,10 +157,20 @@ def build_infron_batch_assets(
         max_failure_rate,
         resource_key,
         max_result_line_bytes,
+        {"owners": list(owners or []), "tags": dict(tags or {})},
     )
-    batches = _batches_asset(settings, source, partitions_def, group_name)
+    batches = _batches_asset(settings, source, partitions_def, group_name, automation_condition)
     collect = _collect_assets(settings, batches.key, partitions_def, group_name)
     results_key, failed_key = dg.AssetKey(f"{name}_results"), dg.AssetKey(f"{name}_failed")
+    checks = build_collect_checks(
+        name=name,
+        storage=storage,
+        results_key=results_key,
+        failed_key=failed_key,
+        partitions_def=partitions_def,
+        max_failure_rate=max_failure_rate,
+        blocking=block_on_failure_rate,
+    )
     sensor = build_infron_batch_sensor(
         name=name,
         storage=storage,
@@ -159,7 +187,7 @@ def build_infron_batch_assets(
         config={"ops": {batches.op.name: {"config": {"retry_failed": True}}}},
         description=f"Resubmit the retryable failed rows of {name} as a new attempt.",
     )
-    return InfronBatchPipeline(name, batches, collect, sensor, retry_job, storage)
+    return InfronBatchPipeline(name, batches, collect, checks, sensor, retry_job, storage)
 
 
 def _check_source(source: Any, partitions_def: dg.PartitionsDefinition | None) -> None:
@@ -184,6 +212,7 @@ class _Settings:
     max_failure_rate: float
     resource_key: str
     max_line_bytes: int
+    asset_options: dict[str, Any]
 
 
 # --- submit ------------------------------------------------------------------------------
@@ -194,6 +223,7 @@ def _batches_asset(
     source: dg.AssetKey | str | dg.AssetsDefinition | ParquetSource,
     partitions_def: dg.PartitionsDefinition | None,
     group_name: str | None,
+    automation_condition: dg.AutomationCondition | None,
 ) -> dg.AssetsDefinition:
     upstream = _upstream_key(source)
     ins = {"rows": dg.AssetIn(key=upstream)} if upstream is not None else {}
@@ -228,6 +258,8 @@ def _batches_asset(
         group_name=group_name,
         required_resource_keys={s.resource_key},
         description=description,
+        automation_condition=automation_condition,
+        **s.asset_options,
     )
     if upstream is None:
 
@@ -349,8 +381,8 @@ def _collect_assets(
     group_name: str | None,
 ) -> dg.AssetsDefinition:
     results_key, failed_key = dg.AssetKey(f"{s.name}_results"), dg.AssetKey(f"{s.name}_failed")
-    table = {"deps": [batches_key], "kinds": {"infron", "parquet"}}
-    table |= {"partitions_def": partitions_def, "group_name": group_name}
+    table = {"deps": [batches_key], "kinds": {"infron", "parquet"}, "skippable": True}
+    table |= {"partitions_def": partitions_def, "group_name": group_name, **s.asset_options}
     specs = [
         dg.AssetSpec(
             results_key,
@@ -363,23 +395,10 @@ def _collect_assets(
             **table,
         ),
     ]
-    checks = [
-        dg.AssetCheckSpec(
-            "completeness",
-            asset=results_key,
-            description="results + failed rows equal the input rows",
-        ),
-        dg.AssetCheckSpec(
-            "failure_rate",
-            asset=failed_key,
-            description=f"at most {s.max_failure_rate:.0%} of rows failed",
-        ),
-    ]
 
     @dg.multi_asset(
         name=f"{s.name}_collect",
         specs=specs,
-        check_specs=checks,
         required_resource_keys={s.resource_key},
         can_subset=False,
     )
@@ -387,7 +406,8 @@ def _collect_assets(
         key = context.partition_key if context.has_partition_key else None
         resource: InfronResource = getattr(context.resources, s.resource_key)
         outcome = _collect_waiting(s, resource, key, config, context)
-        yield from _collect_results(s, key, outcome, results_key, failed_key)
+        if outcome is not None:  # else still in flight: nothing is materialized or failed
+            yield from _collect_results(s, key, outcome, results_key, failed_key)
 
     return _collect
 
@@ -398,7 +418,18 @@ def _collect_waiting(
     key: str | None,
     config: CollectConfig,
     context: dg.AssetExecutionContext,
-) -> CollectOutcome:
+) -> CollectOutcome | None:
+    """The collected partition, or None when its batches are still running.
+
+    A collection never holds a worker for the hours a batch takes: after at most
+    ``wait_seconds`` it logs where the batches stand and ends, and the sensor collects the
+    partition when they finish. The run succeeds and the partition is not marked failed.
+    """
+    if not load_manifests(s.storage, key):
+        raise dg.Failure(
+            f"partition {key!r} of {s.name} was never submitted: materialize "
+            f"{s.name}_batches for it first (the sensor then collects it)"
+        )
     deadline = time.monotonic() + config.wait_seconds
     with resource.get_client() as client:
         while True:
@@ -413,12 +444,18 @@ def _collect_waiting(
             if outcome.ready:
                 return outcome
             if time.monotonic() >= deadline:
-                # Free the worker; Dagster retries the step later (bounded).
-                raise dg.RetryRequested(
-                    max_retries=config.max_run_retries, seconds_to_wait=config.retry_after_seconds
+                context.log.info(
+                    f"partition {key!r} is not finished ({_waiting_summary(outcome)}); nothing "
+                    f"collected now: {s.name}_sensor collects it when its batches end"
                 )
-            context.log.info(f"waiting on {len(outcome.waiting_on)} batch(es) of {key!r}")
+                return None
             time.sleep(config.poll_interval_seconds)
+
+
+def _waiting_summary(outcome: CollectOutcome) -> str:
+    shown = ", ".join(printable(w, 80) for w in outcome.waiting_on[:5])
+    more = len(outcome.waiting_on) - 5
+    return f"waiting on {shown}" + (f" and {more} more" if more > 0 else "")
 
 
 def _collect_results(
@@ -449,7 +486,8 @@ def _collect_results(
             "dagster/uri": str(s.storage.table_path("results", key)),
             "table_root": str(s.storage.table_root("results")),
             **tokens,
-            **({"cost": outcome.cost} if outcome.cost is not None else {}),
+            **({"cost": round(outcome.cost, 6)} if outcome.cost is not None else {}),
+            "dagster/column_schema": _column_schema(outcome.results),
             "summary": dg.MetadataValue.md(_summary_md(key, outcome)),
         },
     )
@@ -459,38 +497,17 @@ def _collect_results(
             **common,
             "dagster/row_count": bad,
             "dagster/uri": str(s.storage.table_path("failed", key)),
+            "dagster/column_schema": _column_schema(outcome.failed),
             "error_codes": dg.MetadataValue.json(outcome.error_counts),
             "retryable": int(pc.sum(outcome.failed.column("retryable")).as_py() or 0) if bad else 0,
         },
     )
-    yield _completeness_check(s, key, outcome, results_key)
-    rate = bad / outcome.input_rows if outcome.input_rows else 0.0
-    yield dg.AssetCheckResult(
-        asset_key=failed_key,
-        check_name="failure_rate",
-        passed=rate <= s.max_failure_rate,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={"failure_rate": rate, "threshold": s.max_failure_rate},
-    )
 
 
-def _completeness_check(
-    s: _Settings, key: str | None, outcome: CollectOutcome, results_key: dg.AssetKey
-) -> dg.AssetCheckResult:
-    """Re-read what was written: every input row is in exactly one of the two files."""
-    written_ok = s.storage.read_table(s.storage.table_path("results", key)).column(CUSTOM_ID)
-    written_bad = s.storage.read_table(s.storage.table_path("failed", key)).column(CUSTOM_ID)
-    ids = pd.Series(written_ok.to_pylist() + written_bad.to_pylist(), dtype="object")
-    passed = len(ids) == outcome.input_rows and ids.is_unique
-    return dg.AssetCheckResult(
-        asset_key=results_key,
-        check_name="completeness",
-        passed=passed,
-        metadata={
-            "input_rows": outcome.input_rows,
-            "accounted_rows": len(ids),
-            "duplicated_rows": int(ids.duplicated().sum()),
-        },
+def _column_schema(table: pa.Table) -> dg.TableSchema:
+    """The table's columns and Arrow types (structured-output fields included), for the UI."""
+    return dg.TableSchema(
+        columns=[dg.TableColumn(field.name, str(field.type)) for field in table.schema]
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -101,7 +102,7 @@ class Flow:
 
     def collect(self, partition: str | None = "a", **kw):
         return dg.materialize(
-            [self.pipeline.collect_assets],
+            self.pipeline.collect_definitions,
             partition_key=partition,
             instance=self.instance,
             resources=self.resources,
@@ -349,7 +350,7 @@ def test_collect_waits_in_the_run_for_batches_still_running(tmp_path, instance):
 
     early = flow.collect(raise_on_error=False)
     assert early.success is False
-    assert "has no submitted attempt to collect" in step_error(early)
+    assert "was never submitted: materialize rev_batches for it first" in step_error(early)
 
     flow.submit()
     config = {
@@ -359,6 +360,51 @@ def test_collect_waits_in_the_run_for_batches_still_running(tmp_path, instance):
     assert [e.event_type_value for e in result.all_events].count("STEP_UP_FOR_RETRY") == 0
     assert flow.results().num_rows == 20
     assert checks(result)["completeness"].passed is True
+
+
+def test_a_manual_collect_of_a_partition_in_flight_ends_at_once_and_fails_nothing(
+    tmp_path, instance
+):
+    resource = faulty_resource(tmp_path, "infron", in_progress_seconds=600)
+    flow = make_flow(tmp_path, resource, instance)
+    flow.submit()
+    started = time.monotonic()
+    result = flow.collect()
+    assert time.monotonic() - started < 10
+    assert result.success  # the run ends well: the partition is not marked failed
+    events = [e.event_type_value for e in result.all_events]
+    assert "ASSET_MATERIALIZATION" not in events and "STEP_UP_FOR_RETRY" not in events
+    assert result.get_asset_check_evaluations() == []  # no check result claims anything
+    logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any("rev_sensor collects it when its batches end" in m for m in logs)
+    assert not flow.store.table_path("results", "a").exists()
+    assert result.asset_materializations_for_node("rev_collect") == []
+
+
+def test_failure_rate_is_a_check_per_partition_and_can_block(tmp_path, instance):
+    folder = make_local_dir(str(tmp_path / "srv"))
+    resource = InfronResource(base_url=f"local://{folder}", max_retries=0)
+    flow = make_flow(tmp_path, resource, instance, block_on_failure_rate=True)
+    flow.rows["a"] = reviews_frame()
+    bad = reviews_frame()
+    bad.loc[:9, "text"] = None  # half the rows invalid: 50 % failed
+    flow.rows["b"] = bad
+    for partition in ("b", "a"):
+        flow.submit(partition)
+    failing = flow.collect("b", raise_on_error=False)
+    passing = flow.collect("a")
+    # Blocking: the run fails at the check, after the tables are written and recorded.
+    assert failing.success is False and flow.failed("b").num_rows == 10
+    assert checks(failing)["failure_rate"].passed is False
+    assert checks(failing)["failure_rate"].severity == dg.AssetCheckSeverity.ERROR
+    assert checks(passing)["failure_rate"].passed is True
+    # On the instance, each partition keeps its own result: b stays failed after a passed.
+    key = dg.AssetCheckKey(dg.AssetKey("rev_failed"), "failure_rate")
+    history = instance.event_log_storage.get_asset_check_execution_history(key, limit=10)
+    latest = {}
+    for record in sorted(history, key=lambda r: r.id):
+        latest[record.partition] = record.status.value
+    assert latest == {"a": "SUCCEEDED", "b": "FAILED"}
 
 
 # --- faults ------------------------------------------------------------------------------------
@@ -710,3 +756,25 @@ def test_bad_keep_columns_or_a_none_upstream_fail_the_submit_before_any_paid_cal
     assert (
         not os.path.exists(os.path.join(folder, "batches")) or server_batches(infron_resource) == []
     )
+
+
+def test_owners_tags_and_automation_condition_reach_the_assets(tmp_path):
+    condition = dg.AutomationCondition.on_cron("0 6 * * *")
+    pipeline = build_infron_batch_assets(
+        name="rev",
+        spec=SPEC,
+        source="reviews",
+        partitions_def=PARTS,
+        storage_root=str(tmp_path / "lake"),
+        owners=["team:analytics"],
+        tags={"tier": "gold"},
+        automation_condition=condition,
+    )
+    batches = pipeline.batches_asset.specs_by_key[dg.AssetKey("rev_batches")]
+    assert batches.owners == ["team:analytics"] and batches.tags["tier"] == "gold"
+    assert batches.automation_condition == condition
+    for key in (pipeline.results_key, pipeline.failed_key):
+        spec = pipeline.collect_assets.specs_by_key[key]
+        assert spec.owners == ["team:analytics"] and spec.tags["tier"] == "gold"
+    check_keys = {key.name for key in pipeline.collect_checks.check_keys}
+    assert check_keys == {"completeness", "failure_rate"}

@@ -288,6 +288,11 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
     max_attempts: int = 3
     max_failure_rate: float = 0.05
     max_result_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    owners: list[str] | None = None
+    tags: dict[str, str] | None = None
+    block_on_failure_rate: bool = Field(
+        default=False, description="Make the failure_rate check blocking for downstream assets."
+    )
     resource_key: str = "infron"
     group_name: str | None = None
     sensor_interval_seconds: int = 30
@@ -339,6 +344,9 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
             max_result_line_bytes=self.max_result_line_bytes,
             resource_key=self.resource_key,
             group_name=self.group_name,
+            owners=self.owners,
+            tags=self.tags,
+            block_on_failure_rate=self.block_on_failure_rate,
             sensor_interval_seconds=self.sensor_interval_seconds,
             sensor_default_status=dg.DefaultSensorStatus(self.sensor_default_status.upper()),
         )

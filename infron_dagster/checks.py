@@ -1,0 +1,120 @@
+"""Asset checks of a pipeline's collected tables, one result per partition.
+
+They read what collection wrote (the tables and the manifests on storage), so a partition's
+result stays its own: a partition with 53 % failed rows stays failed whatever another
+partition does. They run in the collection run, after the tables, and are skipped when the
+run collected nothing (batches still in flight).
+
+Example:
+    >>> checks = build_collect_checks(name="reviews", storage=storage,
+    ...     results_key=dg.AssetKey("reviews_results"), failed_key=dg.AssetKey("reviews_failed"),
+    ...     partitions_def=daily, max_failure_rate=0.05, blocking=True)
+"""
+
+from collections.abc import Iterator
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .collect import active_attempts
+from .prepare import CUSTOM_ID
+from .storage import BatchStorage
+from .submit import load_manifests
+
+__all__ = ["build_collect_checks"]
+
+
+def build_collect_checks(
+    *,
+    name: str,
+    storage: BatchStorage,
+    results_key: dg.AssetKey,
+    failed_key: dg.AssetKey,
+    partitions_def: dg.PartitionsDefinition | None,
+    max_failure_rate: float,
+    blocking: bool = False,
+) -> dg.AssetChecksDefinition:
+    """``completeness`` on ``<name>_results`` and ``failure_rate`` on ``<name>_failed``.
+
+    With ``blocking=True`` a failure rate over ``max_failure_rate`` is an error that stops
+    downstream assets of that partition from running; otherwise it is a warning.
+
+    Example:
+        >>> build_collect_checks(name="r", storage=BatchStorage("/lake", "r"),
+        ...     results_key=dg.AssetKey("r_results"), failed_key=dg.AssetKey("r_failed"),
+        ...     partitions_def=None, max_failure_rate=0.05)
+    """
+    specs = [
+        dg.AssetCheckSpec(
+            "completeness",
+            asset=results_key,
+            partitions_def=partitions_def,
+            description="results + failed rows equal the input rows, each row once",
+        ),
+        dg.AssetCheckSpec(
+            "failure_rate",
+            asset=failed_key,
+            partitions_def=partitions_def,
+            blocking=blocking,
+            description=f"at most {max_failure_rate:.1%} of the partition's rows failed",
+        ),
+    ]
+
+    @dg.multi_asset_check(specs=specs, name=f"{name}_checks", can_subset=False)
+    def _checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
+        op = context.op_execution_context
+        key = op.partition_key if op.has_partition_key else None
+        input_rows = _input_rows(storage, key)
+        ok = storage.read_table(storage.table_path("results", key)).column(CUSTOM_ID)
+        failed = storage.read_table(storage.table_path("failed", key))
+        yield _completeness(results_key, input_rows, ok.to_pylist(), failed)
+        yield _failure_rate(failed_key, input_rows, failed, max_failure_rate, blocking)
+
+    return _checks
+
+
+def _input_rows(storage: BatchStorage, key: str | None) -> int:
+    attempts = active_attempts(load_manifests(storage, key))
+    if not attempts:
+        raise dg.Failure(f"partition {key!r} has no submitted attempt to check")
+    return attempts[0].row_count
+
+
+def _completeness(
+    asset: dg.AssetKey, input_rows: int, ok_ids: list[str], failed: pa.Table
+) -> dg.AssetCheckResult:
+    ids = ok_ids + failed.column(CUSTOM_ID).to_pylist()
+    duplicated = len(ids) - len(set(ids))
+    return dg.AssetCheckResult(
+        asset_key=asset,
+        check_name="completeness",
+        passed=len(ids) == input_rows and duplicated == 0,
+        metadata={
+            "input_rows": input_rows,
+            "accounted_rows": len(ids),
+            "duplicated_rows": duplicated,
+        },
+    )
+
+
+def _failure_rate(
+    asset: dg.AssetKey, input_rows: int, failed: pa.Table, threshold: float, blocking: bool
+) -> dg.AssetCheckResult:
+    bad = failed.num_rows
+    rate = bad / input_rows if input_rows else 0.0
+    retryable = failed.column("retryable") if bad else None
+    return dg.AssetCheckResult(
+        asset_key=asset,
+        check_name="failure_rate",
+        passed=rate <= threshold,
+        severity=dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN,
+        metadata={
+            "failure_rate": dg.MetadataValue.float(round(rate, 4)),
+            "failure_rate_pct": dg.MetadataValue.text(f"{rate:.1%}"),
+            "failed_rows": bad,
+            "retryable_rows": int(pc.sum(retryable).as_py() or 0) if retryable is not None else 0,
+            "input_rows": input_rows,
+            "threshold": dg.MetadataValue.float(threshold),
+        },
+    )
