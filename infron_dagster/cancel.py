@@ -1,0 +1,382 @@
+"""CANCEL: stop a partition's in-flight batches, from the Dagster UI.
+
+``cancel_partition`` asks the API to cancel every batch of the partition's active attempts
+(the latest initial attempt and its retries) that are not collected yet and not finished.
+It writes nothing to storage: the sensor then sees the batches end as ``cancelled`` and
+collects them as usual, keeping the rows that finished (paid for) and failing the others as
+``batch_cancelled`` (retryable). ``build_cancel_job`` wraps it in the ``<name>_cancel`` job,
+partitioned like the pipeline, so the launchpad lets you pick the partition(s).
+
+Cancelling is idempotent: a batch that already finished is skipped, one being cancelled is
+left alone, and a batch whose cancel call fails does not stop the others (the run fails at
+the end, naming it, and running the job again retries it).
+
+Example:
+    >>> with InfronResource().get_client() as client:
+    ...     outcome = cancel_partition(client, storage, "2026-11-24")
+    >>> outcome.cancelled_ids, outcome.message
+    (['batch_abc'], "partition '2026-11-24': cancelled 1 batch(es) ...")
+"""
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import dagster as dg
+
+from .client import InfronClient
+from .collect import active_attempts
+from .manifest import ChunkRecord, Manifest
+from .models import Batch, BatchStatus
+from .resources import InfronResource
+from .storage import BatchStorage
+from .submit import load_manifests
+from .untrusted import printable
+
+__all__ = ["BatchCancel", "CancelOutcome", "build_cancel_job", "cancel_partition"]
+
+CancelAction = Literal["cancelled", "already_cancelling", "already_finished", "failed"]
+
+
+@dataclass(frozen=True)
+class BatchCancel:
+    """What cancelling one batch did.
+
+    ``action`` is ``cancelled`` (the API accepted the cancel), ``already_cancelling`` (a
+    cancel was asked before; nothing sent), ``already_finished`` (terminal: skipped) or
+    ``failed`` (``error`` says why). ``status`` is the batch's status afterwards, when known.
+
+    Example:
+        >>> BatchCancel("batch_abc", 1, "already_finished", "completed").ok
+        True
+    """
+
+    batch_id: str
+    attempt: int
+    action: CancelAction
+    status: str | None = None
+    error: str | None = None
+    finished_requests: int | None = None
+    total_requests: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True unless the batch may still be running because its cancel failed."""
+        return self.action != "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (for run metadata)."""
+        row: dict[str, Any] = {"batch_id": self.batch_id, "attempt": self.attempt}
+        row |= {"action": self.action, "status": self.status}
+        if self.error:
+            row["error"] = self.error
+        if self.total_requests is not None:
+            row["finished_requests"] = self.finished_requests
+            row["total_requests"] = self.total_requests
+        return row
+
+
+@dataclass
+class CancelOutcome:
+    """Everything one cancel of one partition did, and a plain sentence saying it.
+
+    Example:
+        >>> outcome = CancelOutcome(partition_key="a", submitted=False)
+        >>> outcome.nothing_in_flight, outcome.message
+        (True, "partition 'a' was never submitted: nothing to cancel")
+    """
+
+    partition_key: str | None
+    submitted: bool = True
+    attempts: list[int] = field(default_factory=list)
+    collected_attempts: list[int] = field(default_factory=list)
+    batches: list[BatchCancel] = field(default_factory=list)
+    unsent_chunks: dict[int, int] = field(default_factory=dict)
+    uncertain_chunks: dict[int, int] = field(default_factory=dict)
+
+    def ids(self, *actions: CancelAction) -> list[str]:
+        """Ids of the batches whose action is one of ``actions``."""
+        return [b.batch_id for b in self.batches if b.action in actions]
+
+    @property
+    def cancelled_ids(self) -> list[str]:
+        """Batches this call cancelled."""
+        return self.ids("cancelled")
+
+    @property
+    def failed(self) -> list[BatchCancel]:
+        """Batches whose cancel failed: they may still be running."""
+        return [b for b in self.batches if not b.ok]
+
+    @property
+    def nothing_in_flight(self) -> bool:
+        """True when no batch was running (or being cancelled) when asked."""
+        return not self.ids("cancelled", "already_cancelling", "failed")
+
+    @property
+    def message(self) -> str:
+        """One plain sentence for the run log."""
+        where = f"partition {printable(self.partition_key or '-', 100)!r}"
+        if not self.submitted:
+            return f"{where} was never submitted: nothing to cancel"
+        if not self.attempts and not self.batches and not self.collected_attempts:
+            return f"{where} has no active attempt (all were abandoned): nothing to cancel"
+        if not self.attempts and not self.batches:
+            return (
+                f"{where} has nothing in flight: attempt(s) {self.collected_attempts} "
+                "are already collected; nothing to cancel"
+            )
+        parts = []
+        if self.cancelled_ids:
+            parts.append(f"cancelled {len(self.cancelled_ids)} batch(es)")
+        if self.ids("already_cancelling"):
+            parts.append(f"{len(self.ids('already_cancelling'))} already being cancelled")
+        if self.ids("already_finished"):
+            parts.append(f"{len(self.ids('already_finished'))} already finished (skipped)")
+        if self.failed:
+            parts.append(f"{len(self.failed)} could not be cancelled")
+        if self.nothing_in_flight:
+            done = f" ({', '.join(parts)})" if parts else ""
+            text = f"{where} has nothing in flight{done}; nothing to cancel"
+        else:
+            text = f"{where}: {', '.join(parts)}"
+            if self.ids("cancelled", "already_cancelling"):
+                text += "; the sensor collects the finished rows and fails the rest as retryable"
+        if self.unsent_chunks:
+            text += (
+                f"; chunks not sent yet ({_per_attempt(self.unsent_chunks)}) have no batch to "
+                "cancel: a submission still running sends them (run this job again after it), "
+                "and the attempt is collected only once every chunk is sent"
+            )
+        if self.uncertain_chunks:
+            text += (
+                f"; chunks whose create call failed ambiguously "
+                f"({_per_attempt(self.uncertain_chunks)}) may have batches that are not on "
+                "record: check the provider's dashboard and cancel them there"
+            )
+        return text
+
+    def metadata(self) -> dict[str, Any]:
+        """Run metadata: counts, ids and a Markdown table of every batch."""
+        return {
+            "partition": self.partition_key or "",
+            "attempts": dg.MetadataValue.json(self.attempts),
+            "cancelled": len(self.cancelled_ids),
+            "already_cancelling": len(self.ids("already_cancelling")),
+            "already_finished": len(self.ids("already_finished")),
+            "could_not_cancel": len(self.failed),
+            "nothing_in_flight": self.nothing_in_flight,
+            "cancelled_batch_ids": dg.MetadataValue.json(self.cancelled_ids),
+            "failed_batch_ids": dg.MetadataValue.json([b.batch_id for b in self.failed]),
+            "unsent_chunks": dg.MetadataValue.json(_json_keys(self.unsent_chunks)),
+            "uncertain_chunks": dg.MetadataValue.json(_json_keys(self.uncertain_chunks)),
+            "batches": dg.MetadataValue.json([b.to_dict() for b in self.batches]),
+            "summary": dg.MetadataValue.md(self._summary_md()),
+        }
+
+    def _summary_md(self) -> str:
+        lines = [self.message, ""]
+        if self.batches:
+            lines += ["| batch | attempt | action | status | finished |", "|---|---|---|---|---|"]
+        for b in self.batches:
+            done = f"{b.finished_requests}/{b.total_requests}" if b.total_requests else "-"
+            action = f"{b.action}: {b.error}" if b.error else b.action
+            name = printable(b.batch_id, 80).replace("|", "\\|")
+            action = action.replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| `{name}` | {b.attempt} | {action} | {b.status or '-'} | {done} |")
+        return "\n".join(lines)
+
+
+def _per_attempt(counts: dict[int, int]) -> str:
+    return ", ".join(f"attempt {a}: {n}" for a, n in sorted(counts.items()))
+
+
+def _json_keys(counts: dict[int, int]) -> dict[str, int]:
+    return {str(a): n for a, n in sorted(counts.items())}
+
+
+def cancel_partition(
+    client: InfronClient,
+    storage: BatchStorage,
+    partition_key: str | None,
+    *,
+    on_batch: Callable[[BatchCancel], None] | None = None,
+) -> CancelOutcome:
+    """Cancel every unfinished batch of the partition's active, uncollected attempts.
+
+    The manifests are read again after each round, so batches a running submission records
+    meanwhile are cancelled too (one it creates after the last read is not: run it again).
+    Never raises for one batch: each failure is recorded in the outcome and the next batch is
+    tried (check ``outcome.failed``). ``on_batch`` is called after each batch, for logging.
+    Nothing is written to storage; the sensor collects the cancelled batches.
+
+    Example:
+        >>> outcome = cancel_partition(client, storage, "2026-11-24", on_batch=print)
+        >>> [b.action for b in outcome.batches]
+        ['cancelled', 'already_finished']
+    """
+    manifests = load_manifests(storage, partition_key)
+    outcome = CancelOutcome(partition_key, submitted=bool(manifests))
+    seen: set[str] = set()
+    while True:  # each round handles at least one new batch: it ends with the submissions
+        pending = _pending(outcome, active_attempts(manifests), seen)
+        if not pending:
+            break
+        for attempt, batch_id in pending:
+            seen.add(batch_id)
+            result = _cancel_one(client, batch_id, attempt)
+            outcome.batches.append(result)
+            if on_batch is not None:
+                on_batch(result)
+        manifests = load_manifests(storage, partition_key)
+    return outcome
+
+
+def _pending(
+    outcome: CancelOutcome, attempts: Sequence[Manifest], seen: set[str]
+) -> list[tuple[int, str]]:
+    """The (attempt, batch id) not handled yet; updates the outcome's view of the attempts."""
+    live = [m for m in attempts if m.state != "collected"]
+    outcome.collected_attempts = [m.attempt for m in attempts if m.state == "collected"]
+    outcome.attempts = [m.attempt for m in live]
+    unsent = {m.attempt: [c for c in m.chunks if not c.batch_id] for m in live}
+    outcome.unsent_chunks = {a: n for a, cs in unsent.items() if (n := _count(cs, False))}
+    outcome.uncertain_chunks = {a: n for a, cs in unsent.items() if (n := _count(cs, True))}
+    return [(m.attempt, bid) for m in live for bid in m.batch_ids if bid not in seen]
+
+
+def _count(chunks: Sequence[ChunkRecord], uncertain: bool) -> int:
+    return sum(1 for c in chunks if c.uncertain == uncertain)
+
+
+def _cancel_one(client: InfronClient, batch_id: str, attempt: int) -> BatchCancel:
+    """Cancel one batch unless it is finished or being cancelled; never raises."""
+    try:
+        before: Batch | None = client.retrieve_batch(batch_id)
+    except Exception:  # the cancel call below still decides; its error is the one reported
+        before = None
+    if before is not None and (skipped := _already(before, batch_id, attempt)) is not None:
+        return skipped
+    try:
+        after = client.cancel_batch(batch_id)
+    except Exception as exc:
+        # A batch that finished between the two calls cannot be cancelled, and need not be.
+        try:
+            now = client.retrieve_batch(batch_id)
+        except Exception:
+            now = None
+        if now is not None and (skipped := _already(now, batch_id, attempt)) is not None:
+            return skipped
+        error = f"{type(exc).__name__}: {printable(exc)}"
+        status = now.status.value if now is not None else None
+        return BatchCancel(batch_id, attempt, "failed", status, error)
+    return _with_counts(BatchCancel(batch_id, attempt, "cancelled", after.status.value), after)
+
+
+def _already(batch: Batch, batch_id: str, attempt: int) -> BatchCancel | None:
+    if batch.is_terminal:
+        action: CancelAction = "already_finished"
+    elif batch.status is BatchStatus.CANCELLING:
+        action = "already_cancelling"
+    else:
+        return None
+    return _with_counts(BatchCancel(batch_id, attempt, action, batch.status.value), batch)
+
+
+def _with_counts(result: BatchCancel, batch: Batch) -> BatchCancel:
+    if not batch.total_requests:
+        return result
+    done = (batch.completed_requests or 0) + (batch.failed_requests or 0)
+    return BatchCancel(
+        result.batch_id,
+        result.attempt,
+        result.action,
+        result.status,
+        result.error,
+        finished_requests=done,
+        total_requests=batch.total_requests,
+    )
+
+
+def _log_line(name: str, key: str | None, result: BatchCancel) -> tuple[int, str]:
+    where = f"{name} partition {printable(key or '-', 100)} attempt {result.attempt}"
+    batch = f"batch {printable(result.batch_id, 80)}"
+    done = ""
+    if result.total_requests:
+        done = f" ({result.finished_requests}/{result.total_requests} requests finished)"
+    if result.action == "cancelled":
+        return logging.INFO, f"{where}: cancelled {batch}, now {result.status}{done}"
+    if result.action == "already_cancelling":
+        return logging.INFO, f"{where}: {batch} is already being cancelled{done}"
+    if result.action == "already_finished":
+        return logging.INFO, f"{where}: {batch} already ended {result.status}; skipped{done}"
+    return logging.ERROR, f"{where}: could not cancel {batch}: {result.error}"
+
+
+def build_cancel_job(
+    *,
+    name: str,
+    storage: BatchStorage,
+    partitions_def: dg.PartitionsDefinition | None,
+    resource_key: str = "infron",
+) -> dg.JobDefinition:
+    """The ``<name>_cancel`` job: cancel the in-flight batches of the chosen partition(s).
+
+    An op job (it materializes no asset), partitioned like the pipeline so the launchpad and
+    backfills pick partitions. Each batch cancelled is logged; the step output's metadata
+    lists what was cancelled, skipped and refused. A partition with nothing in flight
+    succeeds and says so; a batch whose cancel failed fails the run at the end, by name,
+    after every other batch was tried.
+
+    Example:
+        >>> job = build_cancel_job(name="reviews", storage=BatchStorage("/lake", "reviews"),
+        ...                        partitions_def=dg.StaticPartitionsDefinition(["a", "b"]))
+        >>> job.execute_in_process(partition_key="a", resources={"infron": InfronResource()})
+    """
+
+    @dg.op(
+        name=f"{name}_cancel_batches",
+        required_resource_keys={resource_key},
+        out=dg.Out(dg.Nothing),
+        description=f"Cancels the in-flight batches of one partition of {name}.",
+    )
+    def _cancel(context: dg.OpExecutionContext) -> dg.Output[None]:
+        key = context.partition_key if context.has_partition_key else None
+        resource: InfronResource = getattr(context.resources, resource_key)
+
+        def log(result: BatchCancel) -> None:
+            level, text = _log_line(name, key, result)
+            context.log.log(level, text)
+
+        with resource.get_client() as client:
+            outcome = cancel_partition(client, storage, key, on_batch=log)
+        context.log.info(outcome.message)
+        if outcome.failed:
+            named = "; ".join(
+                f"{printable(b.batch_id, 80)} (attempt {b.attempt}): {b.error}"
+                for b in outcome.failed
+            )
+            raise dg.Failure(
+                description=(
+                    f"could not cancel {len(outcome.failed)} batch(es) of {name} partition "
+                    f"{printable(key or '-', 100)!r}: {named}. The others were handled; "
+                    "running this job again retries only what is still in flight."
+                ),
+                metadata=outcome.metadata(),
+            )
+        return dg.Output(None, metadata=outcome.metadata())
+
+    @dg.job(
+        name=f"{name}_cancel",
+        partitions_def=partitions_def,
+        tags={"infron/pipeline": name, "infron/action": "cancel"},
+        description=(
+            f"Cancel the in-flight batches of the chosen partition(s) of {name}; the sensor "
+            "then collects the finished rows and fails the rest as batch_cancelled (retryable)."
+        ),
+    )
+    def _job() -> None:
+        _cancel()
+
+    return _job

@@ -1,0 +1,359 @@
+"""CANCEL: the ``<name>_cancel`` job, end to end with the sensor, collection and retry.
+
+The embedded local server runs on a settable clock (its ``time`` module is swapped, as in
+test_local_server.py), so a batch is cancelled exactly half-way through: half its requests
+finished and are kept, the other half fail as ``batch_cancelled``. Dagster and the client keep
+the real clock.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_local_dir
+
+import infron_dagster.local.app as app_module
+import infron_dagster.local.engine as engine_module
+from infron_dagster import InfronBatchPipeline, InfronResource, RequestSpec
+from infron_dagster import build_infron_batch_assets as build
+from infron_dagster.cancel import BatchCancel, CancelOutcome, build_cancel_job, cancel_partition
+from infron_dagster.submit import load_manifests
+
+SPEC = RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of {text}", key_columns="id")
+PARTS = dg.StaticPartitionsDefinition(["a", "b"])
+ROWS = 20
+
+
+class Clock:
+    """A settable clock standing in for time.time inside the local server."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(app_module, "time", fake)
+    monkeypatch.setattr(engine_module, "time", fake)
+    return fake
+
+
+@dataclass
+class Flow:
+    pipeline: InfronBatchPipeline
+    cancel_job: dg.JobDefinition
+    resource: InfronResource
+    instance: dg.DagsterInstance
+    defs: dg.Definitions
+    resources: dict[str, Any]
+
+    @property
+    def store(self):
+        return self.pipeline.storage
+
+    def submit(self, partition: str | None = "a") -> None:
+        upstream = self.defs.resolve_assets_def("reviews")
+        dg.materialize(
+            [upstream, self.pipeline.batches_asset],
+            partition_key=partition,
+            instance=self.instance,
+            resources=self.resources,
+        )
+
+    def cancel(self, partition: str | None = "a", **kw: Any) -> dg.ExecuteInProcessResult:
+        """Run the cancel job as the UI would: resolved from the definitions."""
+        job = self.defs.resolve_job_def("rev_cancel")
+        return job.execute_in_process(partition_key=partition, instance=self.instance, **kw)
+
+    def retry(self, partition: str | None = "a") -> None:
+        job = self.defs.resolve_job_def("rev_retry")
+        job.execute_in_process(partition_key=partition, instance=self.instance)
+
+    def sensor_collects(self) -> list[dg.ExecuteInProcessResult]:
+        """One sensor tick, and the collection runs it requests executed like the daemon."""
+        context = dg.build_sensor_context(
+            instance=self.instance, definitions=self.defs, resources=self.resources
+        )
+        result = self.pipeline.sensor(context)
+        assert isinstance(result, dg.SensorResult)
+        job = self.defs.resolve_implicit_global_asset_job_def()
+        return [
+            job.execute_in_process(
+                partition_key=request.partition_key,
+                asset_selection=request.asset_selection,
+                tags=request.tags,
+                instance=self.instance,
+            )
+            for request in result.run_requests
+        ]
+
+    def table(self, kind: str, partition: str | None = "a") -> pd.DataFrame:
+        return pq.read_table(str(self.store.table_path(kind, partition))).to_pandas()
+
+    def server_status(self, batch_id: str) -> str:
+        with self.resource.get_client() as client:
+            return client.retrieve_batch(batch_id).status.value
+
+
+def make_flow(
+    tmp_path, resource: InfronResource, instance, *, partitions_def=PARTS, key: str = "infron"
+) -> Flow:
+    @dg.asset(name="reviews", partitions_def=partitions_def)
+    def reviews() -> pd.DataFrame:
+        return pd.DataFrame({"id": range(ROWS), "text": [f"review {i}" for i in range(ROWS)]})
+
+    pipeline = build(
+        name="rev",
+        spec=SPEC,
+        source="reviews",
+        partitions_def=partitions_def,
+        storage_root=str(tmp_path / "lake"),
+        max_requests_per_batch=7,
+        resource_key=key,
+    )
+    cancel_job = getattr(pipeline, "cancel_job", None)
+    extra_jobs = []
+    if cancel_job is None:  # the factory does not build it: add it as a user would
+        cancel_job = build_cancel_job(
+            name="rev", storage=pipeline.storage, partitions_def=partitions_def, resource_key=key
+        )
+        extra_jobs = [cancel_job]
+    resources = {key: resource, "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
+    defs = dg.Definitions.merge(
+        pipeline.definitions,
+        dg.Definitions(assets=[reviews], jobs=extra_jobs, resources=resources),
+    )
+    return Flow(pipeline, cancel_job, resource, instance, defs, resources)
+
+
+def slow_resource(tmp_path, api_style: str, **knobs: Any) -> InfronResource:
+    folder = make_local_dir(str(tmp_path / "slow"), in_progress_seconds=60, **knobs)
+    return InfronResource(base_url=f"local://{folder}", api_style=api_style, max_retries=2)
+
+
+def cancel_meta(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
+    (event,) = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+    return {k: v.value for k, v in event.step_output_data.metadata.items()}
+
+
+def run_logs(flow: Flow, result: dg.ExecuteInProcessResult) -> list[str]:
+    """What the op logged (context.log), from the run's event log."""
+    records = flow.instance.all_logs(result.run_id)
+    return [r.user_message for r in records if r.dagster_event is None]
+
+
+def batch_ids(flow: Flow, partition: str | None = "a") -> dict[int, list[str]]:
+    return {m.attempt: m.batch_ids for m in load_manifests(flow.store, partition)}
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def test_cancel_keeps_finished_rows_and_fails_the_rest_retryable(
+    tmp_path, api_style, instance, clock
+):
+    flow = make_flow(tmp_path, slow_resource(tmp_path, api_style), instance)
+    flow.submit("a")
+    first_ids = batch_ids(flow)[1]
+    assert len(first_ids) == 3
+    assert flow.sensor_collects() == []  # in flight: nothing to collect
+
+    clock.now += 30  # half-way through in_progress_seconds=60
+    result = flow.cancel("a")
+    assert result.success
+    meta = cancel_meta(result)
+    assert meta["cancelled"] == 3 and meta["could_not_cancel"] == 0
+    assert sorted(meta["cancelled_batch_ids"]) == sorted(first_ids)
+    assert meta["attempts"] == [1] and meta["nothing_in_flight"] is False
+    assert {b["status"] for b in meta["batches"]} == {"cancelling"}
+    logs = run_logs(flow, result)
+    for batch_id in first_ids:
+        assert any(f"cancelled batch {batch_id}" in line for line in logs), logs
+    assert any("cancelled 3 batch(es)" in line for line in logs)
+    assert {flow.server_status(b) for b in first_ids} == {"cancelled"}
+
+    # Again: harmless, every batch is skipped as already finished, nothing is sent.
+    again = flow.cancel("a")
+    assert again.success
+    meta = cancel_meta(again)
+    assert meta["cancelled"] == 0 and meta["already_finished"] == 3
+    assert meta["nothing_in_flight"] is True
+    assert any("has nothing in flight" in line for line in run_logs(flow, again))
+
+    # The sensor collects: what finished is kept, the rest fails as batch_cancelled.
+    (collected,) = flow.sensor_collects()
+    assert collected.success
+    results, failed = flow.table("results"), flow.table("failed")
+    assert 0 < len(results) < ROWS and len(failed) > 0
+    assert sorted([*results["id"], *failed["id"]]) == list(range(ROWS))
+    assert set(failed["error_code"]) == {"batch_cancelled"}
+    assert failed["retryable"].all()
+    assert set(results["attempt"]) == {1}
+
+    # Collected: nothing in flight any more, and the run says why.
+    after = flow.cancel("a")
+    assert after.success and cancel_meta(after)["attempts"] == []
+    assert any("already collected" in line for line in run_logs(flow, after))
+
+    # The retry resubmits the cancelled rows; cancelling again touches only the new attempt.
+    cancelled_rows = set(failed["id"])
+    flow.retry("a")
+    retry_ids = batch_ids(flow)[2]
+    clock.now += 30
+    meta = cancel_meta(flow.cancel("a"))
+    assert meta["attempts"] == [2]
+    assert sorted(meta["cancelled_batch_ids"]) == sorted(retry_ids)
+    assert not set(retry_ids) & set(first_ids)
+    (collected,) = flow.sensor_collects()
+    results, failed = flow.table("results"), flow.table("failed")
+    assert sorted([*results["id"], *failed["id"]]) == list(range(ROWS))
+    assert set(results.loc[results["attempt"] == 2, "id"]) <= cancelled_rows
+    assert (results["attempt"] == 2).any()  # half of the retry finished before its cancel
+    assert set(failed["error_code"]) == {"batch_cancelled"} and failed["retryable"].all()
+
+
+def test_one_refused_cancel_fails_the_run_after_trying_the_others(tmp_path, instance, clock):
+    flow = make_flow(tmp_path, slow_resource(tmp_path, "openai"), instance)
+    flow.submit("a")
+    ids = batch_ids(flow)[1]
+    # The server does not know the first batch any more: its cancel (and lookups) are 404.
+    path = flow.store.manifest_path("a", 1)
+    manifest = flow.store.read_json(path)
+    manifest["chunks"][0]["batch_id"] = "batch_gone"
+    flow.store.write_json(path, manifest)
+
+    result = flow.cancel("a", raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    text = failure.step_failure_data.error.to_string()
+    assert "could not cancel 1 batch(es)" in text and "batch_gone" in text
+    assert ids[1] not in text and ids[2] not in text
+    meta = {k: v.value for k, v in failure.step_failure_data.user_failure_data.metadata.items()}
+    assert meta["failed_batch_ids"] == ["batch_gone"]
+    assert sorted(meta["cancelled_batch_ids"]) == sorted(ids[1:])
+    assert any("could not cancel batch batch_gone" in line for line in run_logs(flow, result))
+    assert {flow.server_status(b) for b in ids[1:]} == {"cancelled"}
+
+    # Running it again still names the unknown batch and does not touch the others.
+    meta_again = cancel_partition_outcome(flow, "a")
+    assert [b.batch_id for b in meta_again.failed] == ["batch_gone"]
+    assert meta_again.ids("already_finished") == ids[1:]
+
+
+def cancel_partition_outcome(flow: Flow, partition: str | None) -> CancelOutcome:
+    with flow.resource.get_client() as client:
+        return cancel_partition(client, flow.store, partition)
+
+
+def test_a_batch_being_cancelled_is_left_alone(tmp_path, instance, clock):
+    resource = slow_resource(tmp_path, "openai", finalizing_seconds=10)
+    flow = make_flow(tmp_path, resource, instance)
+    flow.submit("a")
+    clock.now += 30
+    first = cancel_partition_outcome(flow, "a")
+    assert [b.action for b in first.batches] == ["cancelled"] * 3
+    second = cancel_partition_outcome(flow, "a")
+    assert [b.action for b in second.batches] == ["already_cancelling"] * 3
+    assert not second.nothing_in_flight and not second.failed
+    assert "3 already being cancelled" in second.message
+    clock.now += 10
+    third = cancel_partition_outcome(flow, "a")
+    assert [b.status for b in third.batches] == ["cancelled"] * 3
+    assert third.nothing_in_flight
+
+
+def test_a_batch_that_finishes_before_its_cancel_is_skipped(tmp_path, instance, clock, monkeypatch):
+    flow = make_flow(tmp_path, slow_resource(tmp_path, "infron"), instance)
+    flow.submit("a")
+    clock.now += 59.5
+    with flow.resource.get_client() as client:
+        cancel = client.cancel_batch
+
+        def late_cancel(batch_id: str):
+            clock.now += 1  # the batch completes between the lookup and the cancel
+            return cancel(batch_id)
+
+        monkeypatch.setattr(client, "cancel_batch", late_cancel)
+        outcome = cancel_partition(client, flow.store, "a")
+    assert [b.action for b in outcome.batches] == ["already_finished"] * 3
+    assert {b.status for b in outcome.batches} == {"completed"}
+    assert not outcome.failed and outcome.nothing_in_flight
+
+
+# --- nothing in flight --------------------------------------------------------------------------
+
+
+def test_nothing_in_flight_succeeds_and_says_so(tmp_path, infron_resource, instance):
+    flow = make_flow(tmp_path, infron_resource, instance)  # instant server: batches end at once
+
+    never = flow.cancel("b")
+    assert never.success
+    assert cancel_meta(never)["nothing_in_flight"] is True
+    assert any("was never submitted: nothing to cancel" in line for line in run_logs(flow, never))
+
+    flow.submit("a")
+    finished = flow.cancel("a")
+    assert finished.success
+    meta = cancel_meta(finished)
+    assert meta["cancelled"] == 0 and meta["already_finished"] == 3
+    assert {b["status"] for b in meta["batches"]} == {"completed"}
+    assert any(
+        "has nothing in flight (3 already finished (skipped))" in line
+        for line in run_logs(flow, finished)
+    )
+
+    assert not flow.store.table_path("results", "a").exists()  # collecting is the sensor's job
+
+
+def test_unpartitioned_pipeline_and_custom_resource_key(tmp_path, instance, clock):
+    flow = make_flow(
+        tmp_path, slow_resource(tmp_path, "infron"), instance, partitions_def=None, key="llm"
+    )
+    assert flow.cancel_job.partitions_def is None
+    flow.submit(None)
+    clock.now += 30
+    meta = cancel_meta(flow.cancel(None))
+    assert meta["cancelled"] == 3 and meta["partition"] == ""
+    (collected,) = flow.sensor_collects()
+    assert collected.success
+    ok, bad = flow.table("results", None), flow.table("failed", None)
+    assert len(ok) + len(bad) == ROWS and set(bad["error_code"]) == {"batch_cancelled"}
+
+
+def test_the_job_is_an_op_job_partitioned_like_the_pipeline(tmp_path, infron_resource, instance):
+    flow = make_flow(tmp_path, infron_resource, instance)
+    job = flow.defs.resolve_job_def("rev_cancel")
+    assert job.partitions_def == PARTS
+    assert job.asset_layer.executable_asset_keys == set()  # it materializes nothing
+    assert job.tags["infron/pipeline"] == "rev"
+    assert [node.name for node in job.nodes] == ["rev_cancel_batches"]
+
+
+def test_outcome_message_and_markdown_escape_provider_text():
+    outcome = CancelOutcome(partition_key="a", attempts=[1])
+    outcome.batches = [
+        BatchCancel("batch|1", 1, "failed", None, "InfronError: no\nway | here"),
+        BatchCancel("batch_2", 1, "cancelled", "cancelling", None, 3, 7),
+    ]
+    outcome.unsent_chunks = {1: 2}
+    assert outcome.message.startswith("partition 'a': cancelled 1 batch(es), 1 could not be")
+    assert "chunks not sent yet (attempt 1: 2)" in outcome.message
+    assert "dashboard" not in outcome.message
+    outcome.uncertain_chunks = {2: 1}
+    assert "failed ambiguously (attempt 2: 1)" in outcome.message
+    table = outcome.metadata()["summary"].value
+    assert "`batch\\|1`" in table and "no way \\| here" in table
+    assert "| `batch_2` | 1 | cancelled | cancelling | 3/7 |" in table
