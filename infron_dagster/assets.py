@@ -1,5 +1,5 @@
 """The Dagster side: one factory that builds the submit asset, the collect assets, the sensor
-and the retry job of a batch inference pipeline.
+and the retry and cancel jobs of a batch inference pipeline.
 
 Example:
     >>> import dagster as dg
@@ -25,6 +25,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .cancel import build_cancel_job
 from .checks import build_collect_checks
 from .collect import CollectOutcome, active_attempts, collect_partition
 from .prepare import (
@@ -82,6 +83,7 @@ class InfronBatchPipeline:
     collect_checks: dg.AssetChecksDefinition
     sensor: dg.SensorDefinition
     retry_job: Any  # what dg.define_asset_job returns (an unresolved asset job)
+    cancel_job: dg.JobDefinition
     storage: BatchStorage
 
     @property
@@ -94,12 +96,12 @@ class InfronBatchPipeline:
 
     @property
     def definitions(self) -> dg.Definitions:
-        """The assets, sensor and job, ready to merge with your resources."""
+        """The assets, sensor and jobs, ready to merge with your resources."""
         return dg.Definitions(
             assets=[self.batches_asset, self.collect_assets],
             asset_checks=[self.collect_checks],
             sensors=[self.sensor],
-            jobs=[self.retry_job],
+            jobs=[self.retry_job, self.cancel_job],
         )
 
     @property
@@ -131,8 +133,8 @@ def build_infron_batch_assets(
     sensor_interval_seconds: int = 30,
     sensor_default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
 ) -> InfronBatchPipeline:
-    """Build ``<name>_batches``, ``<name>_results``/``<name>_failed``, ``<name>_sensor`` and
-    ``<name>_retry`` for one batch inference step.
+    """Build ``<name>_batches``, ``<name>_results``/``<name>_failed``, ``<name>_sensor``,
+    ``<name>_retry`` and ``<name>_cancel`` for one batch inference step.
 
     ``source`` is an upstream asset (its DataFrame or Arrow table for the partition is loaded
     by its IO manager) or a :class:`ParquetSource`. ``max_result_line_bytes`` bounds one
@@ -187,7 +189,12 @@ def build_infron_batch_assets(
         config={"ops": {batches.op.name: {"config": {"retry_failed": True}}}},
         description=f"Resubmit the retryable failed rows of {name} as a new attempt.",
     )
-    return InfronBatchPipeline(name, batches, collect, checks, sensor, retry_job, storage)
+    cancel_job = build_cancel_job(
+        name=name, storage=storage, partitions_def=partitions_def, resource_key=resource_key
+    )
+    return InfronBatchPipeline(
+        name, batches, collect, checks, sensor, retry_job, cancel_job, storage
+    )
 
 
 def _check_source(source: Any, partitions_def: dg.PartitionsDefinition | None) -> None:

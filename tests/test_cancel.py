@@ -22,7 +22,7 @@ import infron_dagster.local.app as app_module
 import infron_dagster.local.engine as engine_module
 from infron_dagster import InfronBatchPipeline, InfronResource, RequestSpec
 from infron_dagster import build_infron_batch_assets as build
-from infron_dagster.cancel import BatchCancel, CancelOutcome, build_cancel_job, cancel_partition
+from infron_dagster.cancel import BatchCancel, CancelOutcome, cancel_partition
 from infron_dagster.submit import load_manifests
 
 SPEC = RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of {text}", key_columns="id")
@@ -124,17 +124,11 @@ def make_flow(
         max_requests_per_batch=7,
         resource_key=key,
     )
-    cancel_job = getattr(pipeline, "cancel_job", None)
-    extra_jobs = []
-    if cancel_job is None:  # the factory does not build it: add it as a user would
-        cancel_job = build_cancel_job(
-            name="rev", storage=pipeline.storage, partitions_def=partitions_def, resource_key=key
-        )
-        extra_jobs = [cancel_job]
+    cancel_job = pipeline.cancel_job  # the factory builds it and its definitions hold it
     resources = {key: resource, "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
     defs = dg.Definitions.merge(
         pipeline.definitions,
-        dg.Definitions(assets=[reviews], jobs=extra_jobs, resources=resources),
+        dg.Definitions(assets=[reviews], resources=resources),
     )
     return Flow(pipeline, cancel_job, resource, instance, defs, resources)
 
