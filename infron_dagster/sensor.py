@@ -4,6 +4,11 @@ It reads the manifests on storage (its cursor is only a cache), polls every in-f
 concurrently inside a time budget, and emits one RunRequest per finished attempt with a
 run_key that includes the attempt.
 
+While batches run, each tick reports where every in-flight partition stands as an asset
+observation on ``<name>_batches`` (only when that changed since the last one) and says it in
+one line as the tick's skip reason, so the asset pages and the sensor's tick list show
+progress instead of "0 runs requested".
+
 Example:
     >>> sensor = build_infron_batch_sensor(name="reviews", storage=storage,
     ...     collect_keys=[dg.AssetKey("reviews_results"), dg.AssetKey("reviews_failed")])
@@ -11,12 +16,14 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import dagster as dg
@@ -103,6 +110,17 @@ def _load_cursor(raw: str | None) -> dict[str, float]:
         return {}  # a corrupt cursor is only a cache: start over from storage
 
 
+def _load_progress(raw: str | None) -> dict[str, str]:
+    """The progress signature last observed per partition slot; {} when unreadable."""
+    try:
+        data = json.loads(raw or "{}").get("progress", {})
+        if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
+            return {str(k): v for k, v in data.items()}
+    except (ValueError, AttributeError, TypeError):
+        pass
+    return {}  # at worst every in-flight partition is observed once more
+
+
 def build_infron_batch_sensor(
     *,
     name: str,
@@ -115,13 +133,18 @@ def build_infron_batch_sensor(
     max_concurrent_polls: int = 16,
     default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
     max_collect_reruns: int = 3,
+    batches_key: dg.AssetKey | None = None,
 ) -> dg.SensorDefinition:
     """The ``<name>_sensor`` that polls batches and requests collection runs.
+
+    ``batches_key`` (default ``<name>_batches``) is the submit asset that receives an
+    observation with each in-flight partition's progress whenever it changes.
 
     Example:
         >>> build_infron_batch_sensor(name="reviews", storage=BatchStorage("/lake", "reviews"),
         ...                           collect_keys=[dg.AssetKey("reviews_results")])
     """
+    observed_key = batches_key or dg.AssetKey(f"{name}_batches")
 
     @dg.sensor(
         name=f"{name}_sensor",
@@ -134,6 +157,7 @@ def build_infron_batch_sensor(
     def _sensor(context: dg.SensorEvaluationContext, **resources: Any) -> dg.SensorResult:
         started = time.monotonic()
         emitted = _load_cursor(context.cursor)
+        observed = _load_progress(context.cursor)
         in_flight = find_in_flight(storage, partitioned, context.log)
         pending = [p for p in in_flight if p.latest.run_key not in emitted]
         resource = resources.get(resource_key) or getattr(context.resources, resource_key)
@@ -152,12 +176,29 @@ def build_infron_batch_sensor(
         live = (
             {p.latest.run_key for p in find_in_flight(storage, partitioned)} if requests else None
         )
-        cursor = {k: v for k, v in emitted.items() if live is None or k in live}
+        cursor: dict[str, Any] = {
+            "emitted": {k: v for k, v in emitted.items() if live is None or k in live}
+        }
+        pending_keys = {p.latest.run_key for p in pending}
+        now = time.time()
+        progress = [
+            _progress(p, polled, now) if p.latest.run_key in pending_keys else None
+            for p in in_flight
+        ]
+        events, signatures = _observations(in_flight, progress, observed, observed_key)
+        if signatures:  # only partitions in flight now: the cursor never outgrows them
+            cursor["progress"] = signatures
         context.log.info(
             f"{name}: {len(pending)} partition(s) in flight, {len(polled)}/{len(ids)} batch(es) "
-            f"polled in {time.monotonic() - started:.1f}s, {len(requests)} collection(s) requested"
+            f"polled in {time.monotonic() - started:.1f}s, {len(requests)} collection(s) "
+            f"requested, {len(events)} progress observation(s)"
         )
-        return dg.SensorResult(run_requests=requests, cursor=json.dumps({"emitted": cursor}))
+        return dg.SensorResult(
+            run_requests=requests,
+            cursor=json.dumps(cursor),
+            asset_events=events,
+            skip_reason=None if requests else _skip_reason(in_flight, progress, partitioned),
+        )
 
     return _sensor
 
@@ -222,3 +263,191 @@ def _run_request(
             _COLLECT_TAG: key,
         },
     )
+
+
+@dataclass
+class Progress:
+    """Where one in-flight partition stands this tick, as the provider reports it.
+
+    A batch that is terminal counts all of its requests as settled (what it did not finish
+    never will: collection fails those rows); a live batch counts what it completed or failed.
+    ``known`` is False when some batch did not answer this tick.
+    """
+
+    attempt: int
+    run_key: str
+    known: bool
+    requests_total: int
+    completed: int
+    failed: int
+    settled: int
+    batches_total: int
+    batches_finished: int
+    elapsed: float | None
+
+    @property
+    def percent(self) -> float:
+        """Settled share of the requests, one decimal, rounded down: 100.0 only when done."""
+        return (1000 * self.settled // self.requests_total) / 10 if self.requests_total else 100.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left by linear extrapolation since submission; None when unknown."""
+        if self.batches_finished == self.batches_total:
+            return 0.0
+        if not self.elapsed or not 0 < self.settled < self.requests_total:
+            return None
+        return self.elapsed * (self.requests_total - self.settled) / self.settled
+
+    @property
+    def signature(self) -> str:
+        """What must change for a new observation: not the clock, only the work done."""
+        stamp = self.run_key.rsplit(":", 1)[-1]
+        return (
+            f"{self.attempt}.{stamp}:{self.completed}+{self.failed}={self.settled}"
+            f"/{self.requests_total}:{self.batches_finished}/{self.batches_total}"
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        """Numbers for people: ints, a one-decimal percent, and a one-line summary."""
+        summary = (
+            f"{self.settled}/{self.requests_total} requests ({self.percent} %), "
+            f"{self.failed} failed, {self.batches_finished}/{self.batches_total} batches finished"
+        )
+        values: dict[str, Any] = {
+            "attempt": self.attempt,
+            "requests_completed": self.completed,
+            "requests_failed": self.failed,
+            "requests_settled": self.settled,
+            "requests_total": self.requests_total,
+            "progress_percent": dg.MetadataValue.float(self.percent),
+            "batches_finished": self.batches_finished,
+            "batches_total": self.batches_total,
+        }
+        if self.elapsed is not None:
+            values["elapsed_seconds"] = round(self.elapsed)
+            summary += f", {_duration(self.elapsed)} since submission"
+        eta = self.eta
+        if eta is not None:
+            values["eta_seconds"] = round(eta)
+            summary += ", finished" if eta == 0 else f", about {_duration(eta)} left"
+        return {"progress": summary, **values}
+
+
+def _progress(partition: InFlight, polled: dict[str, Batch | Exception], now: float) -> Progress:
+    uncollected = [m for m in partition.attempts if m.state != "collected"]
+    sizes = {c.batch_id: c.requests for m in uncollected for c in m.chunks if c.batch_id}
+    known, completed, failed, settled, finished = True, 0, 0, 0, 0
+    for batch_id in partition.batch_ids:
+        size = max(0, sizes.get(batch_id, 0))
+        batch = polled.get(batch_id)
+        if not isinstance(batch, Batch):
+            known = False
+            continue
+        # A provider's counts are input, not truth: bounded by what this batch was sent.
+        ok = min(size, max(0, batch.completed_requests or 0))
+        bad = min(size - ok, max(0, batch.failed_requests or 0))
+        completed, failed = completed + ok, failed + bad
+        if batch.is_terminal:
+            finished += 1
+            settled += size
+        else:
+            settled += ok + bad
+    starts = [_timestamp(m.submitted_at or m.created_at) for m in uncollected]
+    known_starts = [t for t in starts if t is not None]
+    return Progress(
+        attempt=partition.latest.attempt,
+        run_key=partition.latest.run_key,
+        known=known,
+        requests_total=sum(max(0, n) for n in sizes.values()),
+        completed=completed,
+        failed=failed,
+        settled=settled,
+        batches_total=len(partition.batch_ids),
+        batches_finished=finished,
+        elapsed=max(0.0, now - min(known_starts)) if known_starts else None,
+    )
+
+
+def _timestamp(text: str | None) -> float | None:
+    try:
+        when = datetime.fromisoformat(text or "")
+    except (TypeError, ValueError):
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``7 min``, ``3 h 05 min``, ``2 d 4 h``."""
+    total = round(seconds)
+    if total < 60:
+        return f"{total} s"
+    minutes = round(total / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min"
+    return f"{hours // 24} d {hours % 24} h"
+
+
+def _slot(partition_key: str | None) -> str:
+    """A partition's short, fixed-size key in the cursor (partition keys may be long)."""
+    return hashlib.sha256((partition_key or "").encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _observations(
+    in_flight: Sequence[InFlight],
+    progress: Sequence[Progress | None],
+    observed: dict[str, str],
+    asset_key: dg.AssetKey,
+) -> tuple[list[dg.AssetObservation], dict[str, str]]:
+    """Observations of the partitions whose progress changed, and the signatures to keep.
+
+    A partition not polled this tick (collection already requested) or not fully answered
+    keeps its last signature, so a flaky poll does not make the UI flicker.
+    """
+    events, signatures = [], {}
+    for partition, state in zip(in_flight, progress, strict=True):
+        slot = _slot(partition.partition_key)
+        if state is None or not state.known:
+            if slot in observed:
+                signatures[slot] = observed[slot]
+            continue
+        signatures[slot] = state.signature
+        if observed.get(slot) != state.signature:
+            events.append(
+                dg.AssetObservation(
+                    asset_key=asset_key,
+                    partition=partition.partition_key,
+                    metadata=state.metadata(),
+                    description="Progress of the in-flight batches, reported by the sensor.",
+                )
+            )
+    return events, signatures
+
+
+_SHOWN = 5
+
+
+def _skip_reason(
+    in_flight: Sequence[InFlight], progress: Sequence[Progress | None], partitioned: bool
+) -> str:
+    """One bounded line: how many partitions are in flight and how far the first few are."""
+    if not in_flight:
+        return "No batches in flight."
+    parts = []
+    for partition, state in list(zip(in_flight, progress, strict=True))[:_SHOWN]:
+        if state is None:
+            where = "finished, collection requested"
+        elif not state.known:
+            where = f"?/{state.requests_total} (not every batch answered)"
+        else:
+            where = f"{state.settled}/{state.requests_total}"
+        key = partition.partition_key
+        label = printable(key, 40) if partitioned else f"attempt {partition.latest.attempt}"
+        parts.append(f"{label} {where}")
+    more = f", +{len(in_flight) - _SHOWN} more" if len(in_flight) > _SHOWN else ""
+    what = "partition" if partitioned else "attempt"
+    plural = "" if len(in_flight) == 1 else "s"
+    return f"{len(in_flight)} {what}{plural} in flight: {', '.join(parts)}{more}"
