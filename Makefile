@@ -23,9 +23,13 @@ test: $(STAMP) lint
 demo: $(STAMP)
 	$(PY) -m example_project.demo
 
+PORT ?= 3000
+
 dev: $(STAMP)
+	@echo "Dagster UI: http://127.0.0.1:$(PORT)  (another port: make dev PORT=3001)"
 	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.dagster_home} ; mkdir -p $$DAGSTER_HOME ; \
-	DAGSTER_HOME=$$DAGSTER_HOME $(VENV)/bin/dagster dev -m example_project.definitions
+	DAGSTER_HOME=$$DAGSTER_HOME $(VENV)/bin/dagster dev -m example_project.definitions \
+	  -h 127.0.0.1 -p $(PORT)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
