@@ -88,6 +88,23 @@ review_embeddings = build_infron_batch_assets(
 )
 
 
+@dg.asset(partitions_def=daily, kinds={"pandas"}, group_name="reviews")
+def review_topics(
+    context: dg.AssetExecutionContext, review_sentiment_results: pd.DataFrame
+) -> pd.DataFrame:
+    """Reviews per topic and sentiment for the day, from the labelled results.
+
+    The results load as a DataFrame for the partition: no paths to read by hand.
+    """
+    counts = (
+        review_sentiment_results.groupby(["topic", "sentiment"]).size().rename("reviews")
+    ).reset_index()
+    context.add_output_metadata(
+        {"dagster/row_count": len(counts), "labelled_reviews": len(review_sentiment_results)}
+    )
+    return counts
+
+
 def infron_resource() -> InfronResource:
     """Real Infron with a key, otherwise the embedded local server with a small failure rate."""
     style = os.environ.get("INFRON_API_STYLE", "infron")
@@ -117,5 +134,5 @@ def infron_resource() -> InfronResource:
 defs = dg.Definitions.merge(
     review_sentiment.definitions,
     review_embeddings.definitions,
-    dg.Definitions(assets=[reviews], resources={"infron": infron_resource()}),
+    dg.Definitions(assets=[reviews, review_topics], resources={"infron": infron_resource()}),
 )

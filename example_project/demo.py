@@ -61,6 +61,17 @@ def main() -> int:
         _collect_until_done(dg, instance, pipelines, resources)
         for pipeline in pipelines:
             _summarise(ds, pipeline)
+        topics = dg.materialize(
+            [ex.review_sentiment.collect_assets, ex.review_topics],
+            selection=[ex.review_topics],
+            partition_key=DEMO_DAYS[-1],
+            instance=instance,
+            resources=resources,
+        )
+        _run(topics, "review_topics")
+        table = topics.output_for_node("review_topics")
+        print(f"\nreview_topics {DEMO_DAYS[-1]} (loaded from the results):")
+        print(table.sort_values("reviews", ascending=False).head(5).to_string(index=False))
     print(f"demo finished in {time.monotonic() - started:.1f}s")
     return 0
 

@@ -17,6 +17,7 @@ Example:
 
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ from .sources import ParquetSource
 from .spec import RequestSpec
 from .storage import BatchStorage
 from .submit import SubmitOutcome, load_manifests, submit_prepared, succeeded_requests
+from .table_loader import InfronTableIOManager, tables_io_manager_key
 from .untrusted import printable
 
 __all__ = ["InfronBatchPipeline", "build_infron_batch_assets"]
@@ -93,6 +95,12 @@ class InfronBatchPipeline:
     @property
     def failed_key(self) -> dg.AssetKey:
         return dg.AssetKey(f"{self.name}_failed")
+
+    @property
+    def tables_key(self) -> str:
+        """The resource key of the IO manager that loads ``<name>_results``/``<name>_failed``
+        into downstream assets; it is bound to the collect assets, so nothing to supply."""
+        return tables_io_manager_key(self.name)
 
     @property
     def definitions(self) -> dg.Definitions:
@@ -402,13 +410,20 @@ def _collect_assets(
             **table,
         ),
     ]
+    # Downstream assets load the tables through this IO manager; it only reads, since
+    # collection writes the files itself (a MaterializeResult has no value to store).
+    tables_key = tables_io_manager_key(s.name)
+    specs = [spec.with_io_manager_key(tables_key) for spec in specs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)  # resource_defs on a multi_asset
+        decorator = dg.multi_asset(
+            name=f"{s.name}_collect",
+            specs=specs,
+            required_resource_keys={s.resource_key},
+            resource_defs={tables_key: InfronTableIOManager(s.storage)},
+            can_subset=False,
+        )
 
-    @dg.multi_asset(
-        name=f"{s.name}_collect",
-        specs=specs,
-        required_resource_keys={s.resource_key},
-        can_subset=False,
-    )
     def _collect(context: dg.AssetExecutionContext, config: CollectConfig):
         key = context.partition_key if context.has_partition_key else None
         resource: InfronResource = getattr(context.resources, s.resource_key)
@@ -416,7 +431,7 @@ def _collect_assets(
         if outcome is not None:  # else still in flight: nothing is materialized or failed
             yield from _collect_results(s, key, outcome, results_key, failed_key)
 
-    return _collect
+    return decorator(_collect)
 
 
 def _collect_waiting(
