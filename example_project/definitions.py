@@ -131,8 +131,27 @@ def infron_resource() -> InfronResource:
     return InfronResource(base_url=base_url, api_style=style)  # type: ignore[arg-type]
 
 
+# Nightly: load yesterday's reviews and submit their batches; the sensors collect them as they
+# finish, so the results (and a failure-rate breach) are there in the morning.
+nightly_submit_job = dg.define_asset_job(
+    "nightly_submit",
+    selection=[reviews, review_sentiment.batches_asset, review_embeddings.batches_asset],
+    partitions_def=daily,
+    description="Load the day's reviews and submit their batch requests.",
+)
+nightly_submit = dg.build_schedule_from_partitioned_job(
+    nightly_submit_job,
+    hour_of_day=2,
+    default_status=dg.DefaultScheduleStatus.STOPPED,  # turn it on in the UI: Automation
+)
+
 defs = dg.Definitions.merge(
     review_sentiment.definitions,
     review_embeddings.definitions,
-    dg.Definitions(assets=[reviews, review_topics], resources={"infron": infron_resource()}),
+    dg.Definitions(
+        assets=[reviews, review_topics],
+        jobs=[nightly_submit_job],
+        schedules=[nightly_submit],
+        resources={"infron": infron_resource()},
+    ),
 )
