@@ -213,3 +213,55 @@ def scripted() -> Iterator[Callable[[dict[str, list[Any]]], Scripted]]:
 
 def json_answer(obj: Any, status: int = 200, **headers: str) -> Answer:
     return Answer(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **headers})
+
+
+# -- the review pipeline most Dagster-level tests build -------------------------------------------
+
+
+@dataclass
+class ReviewPipeline:
+    """An upstream ``reviews`` asset, the ``rev`` pipeline on it, its resources and definitions."""
+
+    pipeline: Any
+    upstream: Any
+    resources: dict[str, Any]
+    defs: Any
+
+
+def review_pipeline(
+    tmp_path,
+    resource: InfronResource,
+    partitions_def: Any,
+    *,
+    rows: int = 20,
+    resource_key: str = "infron",
+) -> ReviewPipeline:
+    """``rows`` reviews per partition, 7 requests per batch, the lake and IO under tmp_path."""
+    import dagster as dg
+    import pandas as pd
+
+    from infron_dagster import RequestSpec, build_infron_batch_assets
+
+    @dg.asset(name="reviews", partitions_def=partitions_def)
+    def reviews():  # no annotation: under postponed annotations Dagster cannot resolve it here
+        return pd.DataFrame({"id": range(rows), "text": [f"review {i}" for i in range(rows)]})
+
+    pipeline = build_infron_batch_assets(
+        name="rev",
+        spec=RequestSpec(
+            model="gpt-4o-mini", prompt_template="Sentiment of {text}", key_columns="id"
+        ),
+        source="reviews",
+        partitions_def=partitions_def,
+        storage_root=str(tmp_path / "lake"),
+        max_requests_per_batch=7,
+        resource_key=resource_key,
+    )
+    resources = {
+        resource_key: resource,
+        "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
+    }
+    defs = dg.Definitions.merge(
+        pipeline.definitions, dg.Definitions(assets=[reviews], resources=resources)
+    )
+    return ReviewPipeline(pipeline, reviews, resources, defs)

@@ -16,12 +16,11 @@ import dagster as dg
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_local_dir
+from conftest import make_local_dir, review_pipeline
 
 import infron_dagster.local.app as app_module
 import infron_dagster.local.engine as engine_module
 from infron_dagster import InfronBatchPipeline, InfronResource, RequestSpec
-from infron_dagster import build_infron_batch_assets as build
 from infron_dagster.cancel import BatchCancel, CancelOutcome, cancel_partition
 from infron_dagster.submit import load_manifests
 
@@ -111,25 +110,9 @@ class Flow:
 def make_flow(
     tmp_path, resource: InfronResource, instance, *, partitions_def=PARTS, key: str = "infron"
 ) -> Flow:
-    @dg.asset(name="reviews", partitions_def=partitions_def)
-    def reviews() -> pd.DataFrame:
-        return pd.DataFrame({"id": range(ROWS), "text": [f"review {i}" for i in range(ROWS)]})
-
-    pipeline = build(
-        name="rev",
-        spec=SPEC,
-        source="reviews",
-        partitions_def=partitions_def,
-        storage_root=str(tmp_path / "lake"),
-        max_requests_per_batch=7,
-        resource_key=key,
-    )
+    built = review_pipeline(tmp_path, resource, partitions_def, rows=ROWS, resource_key=key)
+    pipeline, defs, resources = built.pipeline, built.defs, built.resources
     cancel_job = pipeline.cancel_job  # the factory builds it and its definitions hold it
-    resources = {key: resource, "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
-    defs = dg.Definitions.merge(
-        pipeline.definitions,
-        dg.Definitions(assets=[reviews], resources=resources),
-    )
     return Flow(pipeline, cancel_job, resource, instance, defs, resources)
 
 

@@ -12,11 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
-import pandas as pd
-from conftest import INSTANT, make_local_dir
+from conftest import INSTANT, make_local_dir, review_pipeline
 
 from infron_dagster import InfronBatchPipeline, InfronResource, RequestSpec
-from infron_dagster import build_infron_batch_assets as build
 from infron_dagster.local import LocalServerConfig, save_config
 
 SPEC = RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of {text}", key_columns="id")
@@ -84,26 +82,8 @@ class _ListHandler(logging.Handler):
 
 
 def make_flow(tmp_path, resource, instance, *, partitions_def=PARTS, rows=20) -> Flow:
-    @dg.asset(name="reviews", partitions_def=partitions_def)
-    def reviews():
-        return pd.DataFrame({"id": range(rows), "text": [f"review {i}" for i in range(rows)]})
-
-    pipeline = build(
-        name="rev",
-        spec=SPEC,
-        source="reviews",
-        partitions_def=partitions_def,
-        storage_root=str(tmp_path / "lake"),
-        max_requests_per_batch=7,
-    )
-    resources = {
-        "infron": resource,
-        "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
-    }
-    defs = dg.Definitions.merge(
-        pipeline.definitions, dg.Definitions(assets=[reviews], resources=resources)
-    )
-    return Flow(pipeline, reviews, resource, instance, defs, resources)
+    built = review_pipeline(tmp_path, resource, partitions_def, rows=rows)
+    return Flow(built.pipeline, built.upstream, resource, instance, built.defs, built.resources)
 
 
 def emitted(result: dg.SensorResult) -> set[str]:

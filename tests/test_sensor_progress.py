@@ -14,11 +14,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import dagster as dg
-import pandas as pd
-from conftest import make_local_dir
+from conftest import make_local_dir, review_pipeline
 
 from infron_dagster import InfronBatchPipeline, InfronResource, RequestSpec
-from infron_dagster import build_infron_batch_assets as build
 
 SPEC = RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of {text}", key_columns="id")
 KEYS = ["2026-11-23", "2026-11-24", "2026-11-25"]
@@ -81,26 +79,8 @@ def make_flow(
     else:
         partitions_def = dg.StaticPartitionsDefinition(keys) if keys else None
 
-    @dg.asset(name="reviews", partitions_def=partitions_def)
-    def reviews():
-        return pd.DataFrame({"id": range(rows), "text": [f"review {i}" for i in range(rows)]})
-
-    pipeline = build(
-        name="rev",
-        spec=SPEC,
-        source="reviews",
-        partitions_def=partitions_def,
-        storage_root=str(tmp_path / "lake"),
-        max_requests_per_batch=7,
-    )
-    resources = {
-        "infron": resource,
-        "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
-    }
-    defs = dg.Definitions.merge(
-        pipeline.definitions, dg.Definitions(assets=[reviews], resources=resources)
-    )
-    return Flow(pipeline, reviews, resource, instance, defs, resources)
+    built = review_pipeline(tmp_path, resource, partitions_def, rows=rows)
+    return Flow(built.pipeline, built.upstream, resource, instance, built.defs, built.resources)
 
 
 def meta(event: dg.AssetObservation) -> dict[str, Any]:
