@@ -24,9 +24,7 @@ def test_the_nightly_schedule_submits_yesterdays_partition(monkeypatch, tmp_path
     schedule = example.defs.resolve_schedule_def("nightly_submit_schedule")
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED  # on by choice
     tick = datetime(2026, 11, 26, 2, 0, tzinfo=timezone.utc)
-    with dg.instance_for_test() as instance:
-        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=tick)
-        result = schedule.evaluate_tick(context)
+    result = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=tick))
     [request] = result.run_requests
     assert request.partition_key == "2026-11-25"
     job = example.defs.resolve_job_def("nightly_submit")
