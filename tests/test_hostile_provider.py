@@ -33,7 +33,6 @@ from infron_dagster.client import InfronClient
 from infron_dagster.collect import MAX_DOWNLOAD_REFUSALS, collect_partition
 from infron_dagster.errors import InfronNotFoundError
 from infron_dagster.prepare import prepare_requests
-from infron_dagster.results import DEFAULT_MAX_LINE_BYTES
 from infron_dagster.storage import BatchStorage
 from infron_dagster.submit import submit_prepared
 
@@ -288,10 +287,6 @@ def test_hostile_provider_cannot_lose_rows_escape_the_root_or_leak_the_key(
             assert KEY.encode() not in path.read_bytes(), path
     assert KEY not in caplog.text
     assert all(KEY not in event for event in events)
-
-
-def test_default_line_bound_is_documented_and_sane() -> None:
-    assert 1 << 20 <= DEFAULT_MAX_LINE_BYTES <= 64 << 20
 
 
 def _collect_through_refusals(provider: HostileProvider, tmp_path: Path, rows: int) -> Any:
