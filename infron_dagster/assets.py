@@ -137,6 +137,8 @@ def build_infron_batch_assets(
     owners: Sequence[str] | None = None,
     tags: dict[str, str] | None = None,
     automation_condition: dg.AutomationCondition | None = None,
+    backfill_policy: dg.BackfillPolicy | None = None,
+    pool: str | None = None,
     block_on_failure_rate: bool = False,
     sensor_interval_seconds: int = 30,
     sensor_default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
@@ -149,6 +151,10 @@ def build_infron_batch_assets(
     result line: a longer one fails its row (``result_too_large``) instead of taking memory.
     ``owners``, ``tags`` and ``automation_condition`` apply to the batches asset (the
     condition decides when to submit) and the first two to the collected tables as well.
+    ``backfill_policy`` applies to the batches asset: ``dg.BackfillPolicy.single_run()``
+    submits a backfill's whole range in one run, each partition its own attempt and manifest.
+    ``pool`` puts submit and collect runs in a Dagster concurrency pool, so a large backfill
+    does not open one connection to the provider per partition at once.
     ``block_on_failure_rate`` makes the ``failure_rate`` check blocking: downstream assets
     of a partition over ``max_failure_rate`` do not run.
     """
@@ -168,8 +174,11 @@ def build_infron_batch_assets(
         resource_key,
         max_result_line_bytes,
         {"owners": list(owners or []), "tags": dict(tags or {})},
+        pool,
     )
-    batches = _batches_asset(settings, source, partitions_def, group_name, automation_condition)
+    batches = _batches_asset(
+        settings, source, partitions_def, group_name, automation_condition, backfill_policy
+    )
     collect = _collect_assets(settings, batches.key, partitions_def, group_name)
     results_key, failed_key = dg.AssetKey(f"{name}_results"), dg.AssetKey(f"{name}_failed")
     checks = build_collect_checks(
@@ -228,6 +237,7 @@ class _Settings:
     resource_key: str
     max_line_bytes: int
     asset_options: dict[str, Any]
+    pool: str | None
 
 
 # --- submit ------------------------------------------------------------------------------
@@ -239,6 +249,7 @@ def _batches_asset(
     partitions_def: dg.PartitionsDefinition | None,
     group_name: str | None,
     automation_condition: dg.AutomationCondition | None,
+    backfill_policy: dg.BackfillPolicy | None,
 ) -> dg.AssetsDefinition:
     upstream = _upstream_key(source)
     ins = {"rows": dg.AssetIn(key=upstream)} if upstream is not None else {}
@@ -247,22 +258,12 @@ def _batches_asset(
         f"(model {s.spec.model}); never pays twice for the same rendered requests."
     )
 
-    def run(
-        context: dg.AssetExecutionContext, config: SubmitConfig, rows: Any
-    ) -> dg.MaterializeResult:
-        key = context.partition_key if context.has_partition_key else None
+    def run(context: dg.AssetExecutionContext, config: SubmitConfig, rows: Any):
         resource: InfronResource = getattr(context.resources, s.resource_key)
-        kind = "retry" if config.retry_failed else "initial"
-        if config.retry_failed:
-            rows = _retry_rows(s, key)
-        elif isinstance(source, ParquetSource):
-            rows = source.read(key)
-        elif rows is None:
-            raise dg.Failure(
-                f"the upstream asset {upstream.to_user_string()} produced no data (None) for "
-                f"partition {key!r}: it must return a pandas DataFrame or a pyarrow Table"
-            )
-        outcome = _prepare_and_submit(s, resource, rows, key, kind, config, context.run_id)
+        if context.has_partition_key_range and not context.has_partition_key:
+            return _submit_range(s, source, resource, rows, config, context)
+        key = context.partition_key if context.has_partition_key else None
+        outcome = _submit_partition(s, source, resource, rows, key, config, context.run_id)
         return dg.MaterializeResult(metadata=_submit_metadata(outcome, resource))
 
     decorator = dg.asset(
@@ -274,6 +275,8 @@ def _batches_asset(
         required_resource_keys={s.resource_key},
         description=description,
         automation_condition=automation_condition,
+        backfill_policy=backfill_policy,
+        pool=s.pool,
         **s.asset_options,
     )
     if upstream is None:
@@ -291,6 +294,84 @@ def _batches_asset(
         return run(context, config, rows)
 
     return decorator(_from_upstream)
+
+
+def _submit_partition(
+    s: _Settings,
+    source: Any,
+    resource: InfronResource,
+    rows: Any,
+    key: str | None,
+    config: SubmitConfig,
+    run_id: str,
+) -> SubmitOutcome:
+    """Prepare and submit one partition: its own attempt, manifest and batches."""
+    kind = "retry" if config.retry_failed else "initial"
+    if config.retry_failed:
+        rows = _retry_rows(s, key)
+    elif isinstance(source, ParquetSource):
+        rows = source.read(key)
+    elif rows is None:
+        raise dg.Failure(
+            f"the upstream asset {_upstream_key(source).to_user_string()} produced no data "
+            f"(None) for partition {key!r}: it must return a pandas DataFrame or a pyarrow Table"
+        )
+    return _prepare_and_submit(s, resource, rows, key, kind, config, run_id)
+
+
+def _submit_range(
+    s: _Settings,
+    source: Any,
+    resource: InfronResource,
+    rows: Any,
+    config: SubmitConfig,
+    context: dg.AssetExecutionContext,
+) -> dg.MaterializeResult:
+    """A single-run backfill: each partition of the range submitted on its own.
+
+    One partition's failure does not stop the others (their money is already committed or
+    not); the partitions that succeeded are recorded as materialized, and the run then fails
+    naming the ones that did not.
+    """
+    done: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+    for key in context.partition_keys:
+        try:
+            part = _range_rows(s, source, rows, key, config)
+            outcome = _submit_partition(s, source, resource, part, key, config, context.run_id)
+        except Exception as exc:  # reported below with its partition; the rest go on
+            context.log.error(f"partition {key!r}: {type(exc).__name__}: {printable(exc)}")
+            failures[key] = f"{type(exc).__name__}: {printable(exc, 300)}"
+            continue
+        done[key] = _submit_metadata(outcome, resource)
+    batches_key = context.assets_def.key
+    if failures:
+        for key, metadata in done.items():
+            context.log_event(
+                dg.AssetMaterialization(batches_key, partition=key, metadata=metadata)
+            )
+        raise dg.Failure(
+            f"{len(failures)} of {len(context.partition_keys)} partitions were not submitted: "
+            + "; ".join(f"{k}: {why}" for k, why in list(failures.items())[:5]),
+            metadata={"failed_partitions": dg.MetadataValue.json(failures)},
+        )
+    for key, metadata in done.items():
+        context.add_asset_metadata(metadata, partition_key=key)
+    return dg.MaterializeResult()
+
+
+def _range_rows(s: _Settings, source: Any, rows: Any, key: str, config: SubmitConfig) -> Any:
+    """The upstream value of one partition of a range (IO managers load a range as a dict)."""
+    if config.retry_failed or isinstance(source, ParquetSource):
+        return None
+    if isinstance(rows, dict):
+        return rows.get(key)
+    raise dg.Failure(
+        f"{s.name}_batches ran over a partition range, but the upstream IO manager loaded "
+        f"one {type(rows).__name__} for the whole range, so rows cannot be told apart by "
+        "partition: use an IO manager that loads a dict per partition (Dagster's default "
+        "and filesystem IO managers do), a ParquetSource, or a multi-run backfill policy"
+    )
 
 
 def _upstream_key(source: Any) -> dg.AssetKey | None:
@@ -419,6 +500,7 @@ def _collect_assets(
         decorator = dg.multi_asset(
             name=f"{s.name}_collect",
             specs=specs,
+            pool=s.pool,
             required_resource_keys={s.resource_key},
             resource_defs={tables_key: InfronTableIOManager(s.storage)},
             can_subset=False,

@@ -175,6 +175,32 @@ def test_yaml_attributes_reach_the_factory():
         assert "emb_sensor" in {s.name for s in defs.sensors or []}
 
 
+def test_yaml_scheduling_options_reach_the_assets():
+    yaml_text = defs_yaml(
+        """
+        name: nightly
+        model: m
+        prompt_template: "{text}"
+        source: reviews
+        partitions: {daily: {start_date: 2026-11-01}}
+        automation_condition: "{{ automation_condition.on_cron('0 2 * * *') }}"
+        backfill_policy: {type: single_run}
+        pool: infron_provider
+        owners: [team:analytics]
+        tags: {tier: nightly}
+        """
+    )
+    with load_yaml(yaml_text) as (component, _):
+        pipeline = component.build_pipeline()
+        batches = pipeline.batches_asset
+        condition = batches.automation_conditions_by_key[batches.key]
+        assert condition == dg.AutomationCondition.on_cron("0 2 * * *")
+        assert batches.backfill_policy == dg.BackfillPolicy.single_run()
+        assert batches.op.pool == pipeline.collect_assets.op.pool == "infron_provider"
+        assert batches.specs_by_key[batches.key].owners == ["team:analytics"]
+        assert batches.specs_by_key[batches.key].tags["tier"] == "nightly"
+
+
 def test_body_fn_from_an_import_path():
     yaml_text = defs_yaml(
         """

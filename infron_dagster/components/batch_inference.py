@@ -21,6 +21,11 @@ from typing import Annotated, Any, Literal
 
 import dagster as dg
 from dagster.components.component_scaffolding import scaffold_component
+from dagster.components.resolved.core_models import (
+    MultiRunBackfillPolicyModel,
+    SingleRunBackfillPolicyModel,
+    resolve_backfill_policy,
+)
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..assets import InfronBatchPipeline, build_infron_batch_assets
@@ -293,6 +298,24 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
     block_on_failure_rate: bool = Field(
         default=False, description="Make the failure_rate check blocking for downstream assets."
     )
+    automation_condition: Annotated[
+        dg.AutomationCondition | None,
+        dg.Resolver.default(
+            model_field_type=str | None,
+            description="When to submit, e.g. \"{{ automation_condition.on_cron('0 2 * * *') }}\".",
+        ),
+    ] = None
+    backfill_policy: Annotated[
+        dg.BackfillPolicy | None,
+        dg.Resolver(
+            resolve_backfill_policy,
+            model_field_type=SingleRunBackfillPolicyModel | MultiRunBackfillPolicyModel | None,
+            description="{type: single_run} submits a backfill's range in one run.",
+        ),
+    ] = None
+    pool: str | None = Field(
+        default=None, description="Dagster concurrency pool of the submit and collect runs."
+    )
     resource_key: str = "infron"
     group_name: str | None = None
     sensor_interval_seconds: int = 30
@@ -346,6 +369,9 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
             group_name=self.group_name,
             owners=self.owners,
             tags=self.tags,
+            automation_condition=self.automation_condition,
+            backfill_policy=self.backfill_policy,
+            pool=self.pool,
             block_on_failure_rate=self.block_on_failure_rate,
             sensor_interval_seconds=self.sensor_interval_seconds,
             sensor_default_status=dg.DefaultSensorStatus(self.sensor_default_status.upper()),
