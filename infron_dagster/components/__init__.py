@@ -6,9 +6,11 @@ from .batch_inference import (
     SourceModel,
     TimeWindowModel,
 )
+from .resource import InfronResourceComponent
 
 __all__ = [
     "InfronBatchInferenceComponent",
+    "InfronResourceComponent",
     "PartitionsModel",
     "SourceModel",
     "TimeWindowModel",

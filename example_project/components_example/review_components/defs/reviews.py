@@ -3,7 +3,7 @@
 import dagster as dg
 import pandas as pd
 
-from example_project.data import reviews_for_day
+from ..data import reviews_for_day
 
 
 @dg.asset(

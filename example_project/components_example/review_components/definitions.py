@@ -1,4 +1,4 @@
-"""Everything under ``defs/``: the YAML component, the upstream asset and the resource."""
+"""Everything under ``defs/``: the pipeline and resource components and the upstream asset."""
 
 from pathlib import Path
 
