@@ -25,6 +25,7 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
 from .cancel import build_cancel_job
 from .checks import build_collect_checks
@@ -52,11 +53,23 @@ KINDS = {"infron"}
 
 
 class SubmitConfig(dg.Config):
-    """Run config of ``<name>_batches``."""
+    """Run config of ``<name>_batches`` (the launchpad shows each field's description)."""
 
-    force_resubmit: bool = False
-    retry_failed: bool = False
-    resubmit_uncertain: bool = False
+    force_resubmit: bool = Field(
+        default=False,
+        description="Send every row again as a new attempt, even rows already answered "
+        "(pays again). Default: unchanged input reuses its batches and answered rows.",
+    )
+    retry_failed: bool = Field(
+        default=False,
+        description="Retry failed rows: resubmit only the retryable failed rows of the "
+        "collected partition as a new attempt (what the <name>_retry job sets).",
+    )
+    resubmit_uncertain: bool = Field(
+        default=False,
+        description="A create call whose answer was lost may have created a batch: send "
+        "those chunks again anyway (may pay twice). Default: refuse and say so.",
+    )
 
 
 class CollectConfig(dg.Config):
@@ -66,8 +79,12 @@ class CollectConfig(dg.Config):
     at all), then ends without collecting; the sensor collects the partition later.
     """
 
-    wait_seconds: float = 0.0
-    poll_interval_seconds: float = 5.0
+    wait_seconds: float = Field(
+        default=0.0,
+        description="How long to wait for running batches before ending without collecting "
+        "(the sensor collects them later). Default: do not hold a worker.",
+    )
+    poll_interval_seconds: float = Field(default=5.0, description="Seconds between polls.")
 
 
 @dataclass(frozen=True)
@@ -204,7 +221,8 @@ def build_infron_batch_assets(
         selection=[batches.key],
         partitions_def=partitions_def,
         config={"ops": {batches.op.name: {"config": {"retry_failed": True}}}},
-        description=f"Resubmit the retryable failed rows of {name} as a new attempt.",
+        description=f"Retry failed rows of {name}: resubmits only the retryable failed rows "
+        "of the chosen partitions as a new attempt (nothing answered is paid for again).",
     )
     cancel_job = build_cancel_job(
         name=name, storage=storage, partitions_def=partitions_def, resource_key=resource_key
@@ -483,11 +501,13 @@ def _collect_assets(
         dg.AssetSpec(
             results_key,
             description=f"Successful responses of {s.name}, hive-partitioned Parquet.",
+            metadata=_table_metadata(s.storage, "results"),
             **table,
         ),
         dg.AssetSpec(
             failed_key,
             description=f"Rows of {s.name} that failed, with error_code and retryable.",
+            metadata=_table_metadata(s.storage, "failed"),
             **table,
         ),
     ]
@@ -514,6 +534,12 @@ def _collect_assets(
             yield from _collect_results(s, key, outcome, results_key, failed_key)
 
     return decorator(_collect)
+
+
+def _table_metadata(storage: BatchStorage, kind: str) -> dict[str, Any]:
+    """Where the whole table lives: a hive-partitioned Parquet dataset, one folder per
+    partition (``partition=<key>``), readable as one table by DuckDB, pyarrow or Spark."""
+    return {"dagster/table_name": str(storage.table_root(kind))}
 
 
 def _collect_waiting(

@@ -305,6 +305,13 @@ def test_collect_writes_typed_hive_partitioned_parquet(tmp_path, resource, insta
     assert results_mat.metadata["dagster/row_count"].value == 8
     prompt_tokens = sum(flow.results("b").column("prompt_tokens").to_pylist())
     assert results_mat.metadata["prompt_tokens"].value == prompt_tokens > 0
+    # The UI's schema tab lists the structured-output fields with their types.
+    schema = results_mat.metadata["dagster/column_schema"].value
+    types = {column.name: column.type for column in schema.columns}
+    assert types["sentiment"] == "string" and types["score"] == "double"
+    assert types["id"] == "int64" and "partition" not in types
+    spec = flow.pipeline.collect_assets.specs_by_key[flow.pipeline.results_key]
+    assert spec.metadata["dagster/table_name"] == root  # the hive root DuckDB reads below
 
     rows = duckdb.sql(
         f"select partition, count(*), count(distinct custom_id), min(typeof(score)) "
