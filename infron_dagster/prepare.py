@@ -16,17 +16,23 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from .render import ColumnRenderer, RenderedSlice, line_buffer, with_newlines
 from .spec import RequestSpec
 
 __all__ = [
@@ -70,18 +76,26 @@ class LocalChunk:
 class PreparedRequests:
     """The outcome of preparing one partition.
 
-    ``valid`` holds every input column plus ``custom_id`` for the rows that were rendered;
-    ``invalid`` holds the rest plus ``error_code`` and ``error_message``.
+    ``valid`` (read from the snapshot file ``snapshot_path`` in the workdir, so that memory
+    is set by a slice, not the partition) holds every input column plus ``custom_id`` for
+    the rows that were rendered; ``invalid`` holds the rest plus ``error_code`` and
+    ``error_message``.
     """
 
-    valid: pa.Table
     invalid: pa.Table
     chunks: list[LocalChunk]
     fingerprint: str
     estimated_input_tokens: int
+    snapshot_path: str
+    valid_rows: int
     request_bytes: int = 0
     invalid_reasons: dict[str, int] = field(default_factory=dict)
     carried: int = 0
+
+    @property
+    def valid(self) -> pa.Table:
+        """The snapshot of the rows sent or carried, read whole (for small partitions)."""
+        return pq.read_table(self.snapshot_path)
 
 
 def make_custom_id(name: str, partition_key: str | None, key: str) -> str:
@@ -290,72 +304,253 @@ def prepare_requests(
     a null, duplicate or non-Unicode key. A row's own problem fails only that row
     (``invalid_input``, naming the column): a null template value, text that is not valid
     Unicode (a lone surrogate), bytes that are not UTF-8, a body that cannot be serialised.
+
+    Memory is set by the slice, not the partition: rows are taken, rendered, hashed and
+    written ``SLICE_ROWS`` at a time in ``custom_id`` order, the snapshot of the rows sent
+    is a Parquet file in ``workdir`` (a row group per slice), and only the ids are held whole.
     """
-    table, bad_text = _input_table(data, f"for partition {partition_key!r}")
-    succeeded = succeeded or {}
+    source = _Source(data, f"for partition {partition_key!r}")
     for reserved in (CUSTOM_ID, ERROR_CODE, ERROR_MESSAGE, *HIDDEN_COLUMNS):
-        if reserved in table.column_names:
+        if reserved in source.column_names:
             raise InputError(f"input column {reserved!r} is reserved; rename it")
     index = _index_names(data)
-    _require_columns(table, spec.key_columns, "key column", index)
-    _require_columns(table, spec.template_columns, "template column", index)
-    _check_keep_columns(table, keep_columns, index)
-    _check_key_text(bad_text, spec.key_columns)
-    custom_ids = _custom_ids(table, spec.key_columns, name, partition_key)
-    order = sorted(range(table.num_rows), key=custom_ids.__getitem__)
-    renderer = _Renderer(table, spec, max_request_bytes=min(max_request_bytes, max_bytes_per_batch))
-    writer = _ChunkWriter(workdir, max_requests_per_batch, max_bytes_per_batch)
-    digest = hashlib.sha256(json.dumps(spec.identity(), sort_keys=True).encode())
-    valid: list[int] = []
-    hashes: list[str] = []
-    carried: list[int | None] = []
-    invalid: list[tuple[int, str]] = []
-    tokens = 0
-    with writer:
-        for row in order:
-            if row in bad_text:  # its text was escaped to be storable: never send it
-                invalid.append((row, f"{INVALID_INPUT}: {bad_text[row][0].message}"))
-                continue
-            line, problem, row_tokens = renderer.render(row, custom_ids[row])
-            if problem is not None:
-                invalid.append((row, problem))
-                continue
-            digest.update(line)
-            line_hash = hashlib.sha256(line).hexdigest()[:32]
-            earlier = succeeded.get(custom_ids[row])
-            carried.append(earlier[1] if earlier and earlier[0] == line_hash else None)
-            if carried[-1] is None:
-                writer.write(line)
-                tokens += row_tokens
-            valid.append(row)
-            hashes.append(line_hash)
-    for row, reason in sorted(invalid, key=lambda item: custom_ids[item[0]]):
-        digest.update(f"\n{custom_ids[row]}\x1f{reason}".encode())  # invalid rows count too
-    snapshot = _with_ids(table, valid, custom_ids)
-    snapshot = snapshot.append_column(REQUEST_HASH, pa.array(hashes, pa.string()))
-    snapshot = snapshot.append_column(CARRIED_FROM, pa.array(carried, pa.int64()))
-    return PreparedRequests(
-        valid=snapshot,
-        invalid=_invalid_table(table, invalid, custom_ids),
-        chunks=writer.chunks,
-        fingerprint=digest.hexdigest(),
-        estimated_input_tokens=tokens,
-        request_bytes=sum(c.bytes for c in writer.chunks),
-        invalid_reasons=dict(Counter(reason.split(":")[0] for _, reason in invalid)),
-        carried=sum(1 for c in carried if c is not None),
+    _require_columns(source.column_names, spec.key_columns, "key column", index)
+    _require_columns(source.column_names, spec.template_columns, "template column", index)
+    _check_keep_columns(source.column_names, keep_columns, index)
+    keys, key_bad_text = source.key_table(spec.key_columns)
+    _check_key_text(key_bad_text, spec.key_columns)
+    custom_ids = pa.array(_custom_ids(keys, spec.key_columns, name, partition_key), pa.string())
+    del keys
+    request_bytes = min(max_request_bytes, max_bytes_per_batch)
+    renderer = ColumnRenderer.for_spec(spec, max_request_bytes=request_bytes) or _RowRenderer(
+        spec, max_request_bytes=request_bytes
     )
+    run = _Run(spec, succeeded or {}, source.snapshot_schema())
+    snapshot_path = os.path.join(os.fspath(workdir), "inputs.parquet")
+    writer = _ChunkWriter(workdir, max_requests_per_batch, max_bytes_per_batch)
+    snapshot = pq.ParquetWriter(snapshot_path, run.snapshot_schema, compression="zstd")
+    with writer, snapshot as out, run:
+        order = pc.sort_indices(custom_ids).to_numpy()  # requests go out in custom_id order
+        for start in range(0, len(order), SLICE_ROWS):
+            rows = pa.array(order[start : start + SLICE_ROWS])
+            part, bad_text = source.take(rows)
+            ids = custom_ids.take(rows)
+            problems = {row: f"{INVALID_INPUT}: {bad[0].message}" for row, bad in bad_text.items()}
+            rendered = renderer.render(part, ids, problems)
+            run.add(part, ids, rendered, writer, out)
+    return run.prepared(writer.chunks, snapshot_path)
+
+
+# Rows rendered, hashed and written at a time: memory is set by this, not by the partition.
+SLICE_ROWS = 16_384
+
+
+class _Run:
+    """What one prepare accumulates over its slices: the fingerprint, the invalid rows,
+    token and carry counts. Lines and snapshot rows are written out slice by slice."""
+
+    def __init__(
+        self, spec: RequestSpec, succeeded: Mapping[str, tuple[str, int]], schema: pa.Schema
+    ) -> None:
+        self.succeeded = succeeded
+        self.digest = hashlib.sha256(json.dumps(spec.identity(), sort_keys=True).encode())
+        self.snapshot_schema = schema
+        self.invalid: list[pa.Table] = []
+        self.invalid_reasons: list[tuple[str, str]] = []  # (custom_id, reason), in id order
+        self.tokens = self.valid_rows = self.carried = 0
+        # One thread, so that its tasks run in order: the fingerprint is a running hash.
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="infron-prepare")
+        self._background: list[Future[None]] = []
+
+    def add(
+        self,
+        part: pa.Table,
+        ids: pa.Array,
+        rendered: RenderedSlice,
+        writer: _ChunkWriter,
+        snapshot: pq.ParquetWriter,
+    ) -> None:
+        """Hash, carry, write and snapshot one rendered slice."""
+        data, offsets = line_buffer(rendered.lines)
+        # The fingerprint is a hash of the lines one after the other: one call over the
+        # slice's buffer, in a thread (hashlib lets go of the GIL) while lines are hashed here.
+        whole = data[offsets[0] : offsets[-1]]
+        self._background.append(self._hasher.submit(self.digest.update, whole))
+        kept_ids = ids.take(pa.array(rendered.rows, pa.int64()))
+        hashes, carried = self._hash_lines(data, offsets, kept_ids)
+        sent = np.fromiter((c is None for c in carried), bool, len(carried))
+        lines = rendered.lines if sent.all() else rendered.lines.filter(pa.array(sent))
+        if len(lines):
+            writer.write_block(*line_buffer(with_newlines(lines)))
+        self.tokens += int(rendered.tokens[sent].sum())
+        self.carried += int(len(carried) - sent.sum())
+        self.valid_rows += len(rendered.rows)
+        taken = part.take(pa.array(rendered.rows, pa.int64())).append_column(CUSTOM_ID, kept_ids)
+        taken = taken.append_column(REQUEST_HASH, pa.array(hashes, pa.string()))
+        taken = taken.append_column(CARRIED_FROM, pa.array(carried, pa.int64()))
+        # Parquet encoding lets go of the GIL too: in the same (ordered) thread
+        self._background.append(
+            self._hasher.submit(snapshot.write_table, taken.cast(self.snapshot_schema))
+        )
+        if rendered.problems:
+            self._add_invalid(part, ids, rendered.problems)
+        self._wait_for_background(keep=2)
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """Finish the background work (even after an error: it writes to open files)."""
+        try:
+            self._wait_for_background(keep=0)
+        except Exception:
+            if kind is None:  # else the error that stopped the run is the one to see
+                raise
+        finally:
+            for task in self._background:
+                task.cancel()
+            self._hasher.shutdown(wait=True)
+
+    def _wait_for_background(self, keep: int) -> None:
+        """Let at most ``keep`` tasks (one slice) wait in the background thread: each holds
+        a slice's lines or rows in memory. Errors of the background work raise here."""
+        while len(self._background) > keep:
+            self._background.pop(0).result()
+
+    def _hash_lines(
+        self, data: memoryview, offsets: np.ndarray, ids: pa.Array
+    ) -> tuple[list[str], list[int | None]]:
+        """Each line's request hash, and the attempt it is carried from (None: sent)."""
+        sha256 = hashlib.sha256
+        lines = [data[start:end] for start, end in itertools.pairwise(offsets.tolist())]
+        hashes = [sha256(line).hexdigest()[:32] for line in lines]
+        if not self.succeeded:
+            return hashes, [None] * len(hashes)
+        carried: list[int | None] = []
+        for custom_id, line_hash in zip(ids.to_pylist(), hashes, strict=True):
+            earlier = self.succeeded.get(custom_id)
+            carried.append(earlier[1] if earlier and earlier[0] == line_hash else None)
+        return hashes, carried
+
+    def _add_invalid(self, part: pa.Table, ids: pa.Array, problems: dict[int, str]) -> None:
+        rows = sorted(problems)  # slice order is custom_id order
+        taken = part.take(pa.array(rows, pa.int64())).append_column(
+            CUSTOM_ID, ids.take(pa.array(rows, pa.int64()))
+        )
+        reasons = [problems[r] for r in rows]
+        codes = [reason.split(":", 1)[0] for reason in reasons]
+        messages = [reason.split(":", 1)[1].strip() for reason in reasons]
+        taken = taken.append_column(ERROR_CODE, pa.array(codes, pa.string()))
+        self.invalid.append(taken.append_column(ERROR_MESSAGE, pa.array(messages, pa.string())))
+        self.invalid_reasons += zip(taken.column(CUSTOM_ID).to_pylist(), reasons, strict=True)
+
+    def prepared(self, chunks: list[LocalChunk], snapshot_path: str) -> PreparedRequests:
+        """The outcome, once every slice is in (and the run's context has ended)."""
+        for custom_id, reason in self.invalid_reasons:
+            self.digest.update(f"\n{custom_id}\x1f{reason}".encode())  # invalid rows count too
+        schema = _invalid_schema(self.snapshot_schema)
+        invalid = pa.concat_tables([t.cast(schema) for t in self.invalid] or [schema.empty_table()])
+        return PreparedRequests(
+            invalid=invalid,
+            chunks=chunks,
+            fingerprint=self.digest.hexdigest(),
+            estimated_input_tokens=self.tokens,
+            snapshot_path=snapshot_path,
+            valid_rows=self.valid_rows,
+            request_bytes=sum(c.bytes for c in chunks),
+            invalid_reasons=dict(Counter(r.split(":")[0] for _, r in self.invalid_reasons)),
+            carried=self.carried,
+        )
+
+
+def _invalid_schema(snapshot: pa.Schema) -> pa.Schema:
+    fields = [f for f in snapshot if f.name not in HIDDEN_COLUMNS]
+    fields += [pa.field(ERROR_CODE, pa.string()), pa.field(ERROR_MESSAGE, pa.string())]
+    return pa.schema(fields, metadata=snapshot.metadata)
+
+
+class _Source:
+    """The input, taken a slice at a time: a pandas DataFrame converts only the rows taken
+    (under the type the whole frame gives each column), a pyarrow Table is taken as is."""
+
+    def __init__(self, data: pd.DataFrame | pa.Table | None, which: str) -> None:
+        self.frame: pd.DataFrame | None = None
+        self.bad_text: dict[int, list[_BadText]] = {}
+        if isinstance(data, pd.DataFrame):
+            frame = data.reset_index(drop=True)  # copy-on-write: no data is copied
+            _check_column_names(list(frame.columns))
+            frame.columns = [str(c) for c in frame.columns]
+            schema = _frame_schema(frame)
+            if schema is not None:
+                self.frame, self.schema = frame, schema
+                return
+        # A table, or a frame whose types only a whole conversion can settle (or name)
+        self.table, self.bad_text = _input_table(data, which)
+        self.schema = self.table.schema
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.schema.names)
+
+    def snapshot_schema(self) -> pa.Schema:
+        """The schema of the snapshot of the rows sent: the input's plus the bookkeeping."""
+        extra = [
+            pa.field(CUSTOM_ID, pa.string()),
+            pa.field(REQUEST_HASH, pa.string()),
+            pa.field(CARRIED_FROM, pa.int64()),
+        ]
+        return pa.schema([*self.schema, *extra], metadata=self.schema.metadata)
+
+    def key_table(self, key_columns: Sequence[str]) -> tuple[pa.Table, dict[int, list[_BadText]]]:
+        """The key columns of every row (what custom_ids are made of)."""
+        if self.frame is None:
+            bad = {r: [b for b in v if b.column in key_columns] for r, v in self.bad_text.items()}
+            return self.table.select(list(key_columns)), bad
+        return _input_table(self.frame[list(key_columns)], "")
+
+    def take(self, rows: pa.Array) -> tuple[pa.Table, dict[int, list[_BadText]]]:
+        """The rows at ``rows`` (positions), and those whose text had to be escaped."""
+        if self.frame is None:
+            taken = self.table.take(rows)
+            if not self.bad_text:
+                return taken, {}
+            bad = self.bad_text
+            return taken, {i: bad[r] for i, r in enumerate(rows.to_pylist()) if r in bad}
+        part, bad_text = _to_table(self.frame.take(rows.to_numpy()))
+        part = _no_null_types(part)
+        if not part.schema.equals(self.schema, check_metadata=False):
+            try:
+                part = part.cast(self.schema)
+            except _ARROW_ERRORS as exc:
+                raise InputError(
+                    f"the input's rows do not share one type per column: {exc}"
+                ) from None
+        return part, bad_text
+
+
+def _frame_schema(frame: pd.DataFrame) -> pa.Schema | None:
+    """The Arrow schema of the whole frame (all-null columns as text), without converting it;
+    None when only converting it can tell (mixed types, which the conversion names)."""
+    try:
+        schema = pa.Schema.from_pandas(frame, preserve_index=False)
+    except (*_ARROW_ERRORS, UnicodeEncodeError, TypeError, ValueError):
+        return None
+    for i, field_ in enumerate(schema):
+        if pa.types.is_null(field_.type):
+            schema = schema.set(i, field_.with_type(pa.string()))
+    return schema
 
 
 def _require_columns(
-    table: pa.Table, columns: Iterable[str], what: str, index: Sequence[str] = ()
+    names: Sequence[str], columns: Iterable[str], what: str, index: Sequence[str] = ()
 ) -> None:
-    missing = [c for c in columns if c not in table.column_names]
+    missing = [c for c in columns if c not in names]
     if missing:
         hint = ""
         if missing[0] in index:  # the DataFrame's index is dropped, so say where it went
             hint = f"; {missing[0]!r} is the DataFrame's index: reset_index() before returning it"
         raise InputError(
-            f"{what} {missing[0]!r} is not in the input; columns are {table.column_names}{hint}"
+            f"{what} {missing[0]!r} is not in the input; columns are {list(names)}{hint}"
         )
 
 
@@ -366,7 +561,7 @@ def _index_names(data: Any) -> list[str]:
 
 
 def _check_keep_columns(
-    table: pa.Table, keep_columns: Sequence[str] | None, index: Sequence[str]
+    names: Sequence[str], keep_columns: Sequence[str] | None, index: Sequence[str]
 ) -> None:
     if keep_columns is None:
         return
@@ -376,8 +571,8 @@ def _check_keep_columns(
     if twice:  # the results table would get two columns of one name
         raise InputError(f"keep_columns lists {twice[0]!r} twice")
     for column in keep_columns:
-        if column not in table.column_names:
-            _require_columns(table, [column], "keep_columns names", index)
+        if column not in names:
+            _require_columns(names, [column], "keep_columns names", index)
 
 
 def _check_key_text(bad_text: Mapping[int, list[_BadText]], key_columns: Sequence[str]) -> None:
@@ -397,26 +592,78 @@ def _is_null(value: Any) -> bool:
 
 
 def _custom_ids(
-    table: pa.Table, key_columns: Sequence[str], name: str, partition_key: str | None
+    keys: pa.Table, key_columns: Sequence[str], name: str, partition_key: str | None
 ) -> list[str]:
-    columns = [table.column(c).to_pylist() for c in key_columns]
-    keys: list[str] = []
-    null_rows: list[int] = []
-    for row, values in enumerate(zip(*columns, strict=True)):
-        if any(_is_null(v) for v in values):
-            null_rows.append(row)
-        keys.append(str(values[0]) if len(values) == 1 else json.dumps([str(v) for v in values]))
-    if null_rows:
-        raise InputError(
-            f"key column(s) {list(key_columns)} are null in {len(null_rows)} row(s), "
-            f"first rows {null_rows[:10]}; every row needs a key to be tracked"
-        )
-    duplicates = [k for k, n in Counter(keys).items() if n > 1]
-    if duplicates:
+    texts = _key_texts(keys, key_columns)
+    if len(set(texts)) != len(texts):
+        duplicates = [k for k, n in Counter(texts).items() if n > 1]
         raise InputError(
             f"{len(duplicates)} duplicate key(s) in {list(key_columns)}: {sorted(duplicates)[:10]}"
         )
-    return [make_custom_id(name, partition_key, k) for k in keys]
+    prefix = f"{name}\x1f{partition_key or ''}\x1f".encode()
+    sha256 = hashlib.sha256
+    return ["req-" + sha256(prefix + k.encode()).hexdigest()[:32] for k in texts]
+
+
+def _key_texts(keys: pa.Table, key_columns: Sequence[str]) -> list[str]:
+    """Each row's key as the text its custom_id is derived from (see make_custom_id)."""
+    null = None
+    for column in key_columns:
+        values = keys.column(column)
+        missing = values.is_null()
+        if pa.types.is_floating(values.type):
+            missing = pc.or_kleene(missing, pc.is_nan(values))
+        null = missing if null is None else pc.or_(null, missing)
+    assert null is not None
+    if pc.any(null).as_py():
+        rows = np.flatnonzero(null.to_numpy(zero_copy_only=False)).tolist()
+        raise InputError(
+            f"key column(s) {list(key_columns)} are null in {len(rows)} row(s), "
+            f"first rows {rows[:10]}; every row needs a key to be tracked"
+        )
+    columns = [_texts(keys.column(c)) for c in key_columns]
+    if len(columns) == 1:
+        return columns[0]
+    return [json.dumps(list(values)) for values in zip(*columns, strict=True)]
+
+
+def _texts(values: pa.ChunkedArray) -> list[str]:
+    """``str()`` of each value (Arrow casts integers to the same text, faster)."""
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        return values.to_pylist()
+    if pa.types.is_integer(values.type):
+        return values.cast(pa.string()).to_pylist()
+    return [str(v) for v in values.to_pylist()]
+
+
+class _RowRenderer:
+    """The per-row renderer over a slice, for what :class:`ColumnRenderer` cannot render
+    (``body_fn``, format specs and conversions in the template)."""
+
+    def __init__(self, spec: RequestSpec, *, max_request_bytes: int) -> None:
+        self.spec, self.max_bytes = spec, max_request_bytes
+
+    def render(
+        self, rows: pa.Table, custom_ids: pa.Array, problems: dict[int, str]
+    ) -> RenderedSlice:
+        renderer = _Renderer(rows, self.spec, max_request_bytes=self.max_bytes)
+        lines, kept, tokens = [], [], []
+        for row, custom_id in enumerate(custom_ids.to_pylist()):
+            if row in problems:
+                continue
+            line, problem, row_tokens = renderer.render(row, custom_id)
+            if problem is not None:
+                problems[row] = problem
+                continue
+            lines.append(line)
+            kept.append(row)
+            tokens.append(row_tokens)
+        return RenderedSlice(
+            np.array(kept, np.int64),
+            pa.array(lines, pa.large_binary()),
+            np.array(tokens, np.int64),
+            problems,
+        )
 
 
 class _Renderer:
@@ -532,6 +779,28 @@ class _ChunkWriter:
         self._count += 1
         self._bytes += size
 
+    def write_block(self, data: memoryview, offsets: np.ndarray) -> None:
+        """Write consecutive lines at once: ``data[offsets[i]:offsets[i + 1]]`` is line i
+        with its newline. Chunks split exactly where :meth:`write` would split them."""
+        count, i = len(offsets) - 1, 0
+        while i < count:
+            if self._fh is None:
+                self._start()
+            assert self._fh is not None
+            room = min(self.max_requests - self._count, count - i)
+            byte_limit = offsets[i] + self.max_bytes - self._bytes
+            fit = min(room, int(np.searchsorted(offsets, byte_limit, side="right")) - 1 - i)
+            if fit <= 0:
+                if self._count:
+                    self._finish()
+                    continue
+                fit = 1  # one line over the byte limit still goes, alone
+            end = i + fit
+            self._fh.write(data[offsets[i] : offsets[end]])
+            self._count += fit
+            self._bytes += int(offsets[end] - offsets[i])
+            i = end
+
     def _start(self) -> None:
         path = os.path.join(self.workdir, f"chunk-{len(self.chunks):05d}.jsonl")
         self._fh = open(path, "wb", buffering=1 << 20)  # noqa: SIM115 - closed in _finish
@@ -544,17 +813,3 @@ class _ChunkWriter:
         index = len(self.chunks)
         self.chunks.append(LocalChunk(index, self._fh.name, self._count, self._bytes))
         self._fh = None
-
-
-def _with_ids(table: pa.Table, rows: list[int], custom_ids: list[str]) -> pa.Table:
-    taken = table.take(pa.array(rows, type=pa.int64()))
-    return taken.append_column(CUSTOM_ID, pa.array([custom_ids[r] for r in rows], pa.string()))
-
-
-def _invalid_table(table: pa.Table, invalid: list[tuple[int, str]], ids: list[str]) -> pa.Table:
-    rows = [r for r, _ in invalid]
-    taken = _with_ids(table, rows, ids)
-    codes = [reason.split(":", 1)[0] for _, reason in invalid]
-    messages = [reason.split(":", 1)[1].strip() for _, reason in invalid]
-    taken = taken.append_column(ERROR_CODE, pa.array(codes, pa.string()))
-    return taken.append_column(ERROR_MESSAGE, pa.array(messages, pa.string()))

@@ -267,7 +267,7 @@ def _new_manifest(
         model=spec.model,
         kind="retry" if kind == "retry" else "initial",
         base_attempt=base,
-        row_count=prepared.valid.num_rows + prepared.invalid.num_rows,
+        row_count=prepared.valid_rows + prepared.invalid.num_rows,
         invalid_count=prepared.invalid.num_rows,
         carried_count=prepared.carried,
         estimated_input_tokens=prepared.estimated_input_tokens,
@@ -303,7 +303,8 @@ def _chunk_key(manifest: Manifest, index: int) -> str:
 def _stage(storage: BatchStorage, prepared: PreparedRequests, manifest: Manifest) -> None:
     """Write inputs, invalid rows and request files, then the intent: all before paying."""
     key, attempt = manifest.partition_key, manifest.attempt
-    storage.write_table(storage.attempt_file("inputs", key, attempt), prepared.valid)
+    # The snapshot is a Parquet file already: streamed up, never read whole into memory.
+    storage.upload_file(prepared.snapshot_path, storage.attempt_file("inputs", key, attempt))
     storage.write_table(storage.attempt_file("invalid", key, attempt), prepared.invalid)
     for chunk, record in zip(prepared.chunks, manifest.chunks, strict=True):
         storage.upload_file(chunk.path, storage.resolve(record.path))
