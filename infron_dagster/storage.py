@@ -7,6 +7,7 @@ Layout under ``<root>/<name>/`` (``<p>`` is the quoted partition key)::
     invalid/partition=<p>/attempt=<n>.parquet              rows never sent, with the reason
     raw/partition=<p>/attempt=<n>/<batch_id>/<file>.jsonl  what came back
     manifests/partition=<p>/attempt=<n>.json               the commit point of an attempt
+    inflight/partition=<p>/attempt=<n>.json                index of uncollected attempts (a cache)
     results/partition=<p>/part-0.parquet                   hive-partitioned results
     failed/partition=<p>/part-0.parquet                    hive-partitioned failed rows
 
@@ -28,7 +29,8 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 from urllib.parse import quote, unquote
 
@@ -135,6 +137,17 @@ def decode_partition(segment: str) -> str | None:
     return unquote(segment)
 
 
+def _mtime(info: dict[str, Any]) -> float:
+    """A listing entry's modification time as a UNIX timestamp (0.0 when not given)."""
+    when = info.get("LastModified", info.get("mtime", info.get("last_modified")))
+    if hasattr(when, "timestamp"):
+        return float(when.timestamp())
+    try:
+        return float(when)
+    except (TypeError, ValueError):
+        return 0.0
+
+
 class BatchStorage:
     """Paths, atomic writes and partition locks for one pipeline's files.
 
@@ -163,6 +176,10 @@ class BatchStorage:
     def partition_dir(self, kind: str, partition_key: str | None) -> UPath:
         """``<base>/<kind>/partition=<p>``."""
         return self.base / kind / f"partition={encode_partition(partition_key)}"
+
+    def segment_dir(self, kind: str, segment: str) -> UPath:
+        """``<base>/<kind>/partition=<segment>`` for a segment read from a listing (encoded)."""
+        return self.base / kind / f"partition={segment}"
 
     def manifest_path(self, partition_key: str | None, attempt: int) -> UPath:
         """Where an attempt's manifest lives."""
@@ -230,6 +247,63 @@ class BatchStorage:
                 key = self.read_json(path).get("partition_key")
                 return key if isinstance(key, str) else None
         return None
+
+    def list_files(self, folder: UPath) -> dict[str, float]:
+        """Every file under ``folder``, recursively: relative path -> modification time.
+
+        One listing call on an object store (paginated, 1,000 keys a page), however deep the
+        tree: the cheap way to see many small files at once. ``{}`` when ``folder`` is absent.
+        """
+        fs = self.fresh(folder).fs
+        root = fs._strip_protocol(folder.path).rstrip("/") + "/"
+        try:
+            if self.is_local:
+                found = fs.find(root, detail=True)
+            else:
+                # As a prefix of the parent: an empty answer then costs no extra HEAD and
+                # listing to tell "no folder" from "a file of that name".
+                parent, name = root[:-1].rsplit("/", 1)
+                found = fs.find(parent, detail=True, prefix=name + "/")
+        except FileNotFoundError:
+            return {}
+        return {
+            name[len(root) :]: _mtime(info)
+            for name, info in found.items()
+            if name.startswith(root) and info.get("type") != "directory"
+        }
+
+    def read_many(self, paths: Iterable[UPath], workers: int = 32) -> dict[str, bytes | Exception]:
+        """The bytes of many small files, read concurrently; a failed read is its exception.
+
+        Keys are ``str(path)``. On an object store each read is a round trip, so a sensor
+        that reads hundreds of manifests one by one spends its tick waiting.
+        """
+        paths = list(paths)
+        # One GET per file: s3fs would otherwise ask for the size first (a HEAD) to decide
+        # whether to split the download, doubling the round trips for files of a few KB.
+        options = {} if self.is_local else {"max_concurrency": 1}
+
+        def read(path: UPath) -> bytes | Exception:
+            try:
+                return path.fs.cat_file(path.path, **options)
+            except Exception as exc:  # the caller decides what a missing or bad file means
+                return exc
+
+        if len(paths) <= 1 or self.is_local:
+            return {str(p): read(p) for p in paths}
+        with ThreadPoolExecutor(max_workers=min(workers, len(paths))) as pool:
+            return dict(zip(map(str, paths), pool.map(read, paths), strict=True))
+
+    def delete_many(self, paths: Iterable[UPath]) -> None:
+        """Remove files that may or may not exist (one bulk request per 1,000 on S3)."""
+        paths = list(paths)
+        if not paths:
+            return
+        if self.is_local:
+            for path in paths:
+                self.delete(path)
+            return
+        paths[0].fs.rm([p.path for p in paths])
 
     def attempts(self, partition_key: str | None) -> list[int]:
         """The attempt numbers with a manifest, ascending."""

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -23,6 +24,7 @@ import pyarrow as pa
 
 from .client import InfronClient
 from .errors import InfronError
+from .inflight import mark_in_flight
 from .manifest import ChunkRecord, Manifest, now_iso
 from .prepare import CARRIED_FROM, CUSTOM_ID, REQUEST_HASH, PreparedRequests
 from .spec import RequestSpec
@@ -83,6 +85,10 @@ class SubmitIncomplete(RuntimeError):
         )
 
 
+# Called before a submission writes or pays: (the attempt's manifest, whether it adds spend).
+Gate = Callable[[Manifest, bool], None]
+
+
 @dataclass
 class SubmitOutcome:
     """What a submission did: the manifest, and which batches were created or reused."""
@@ -138,29 +144,42 @@ def submit_prepared(
     force: bool = False,
     run_id: str | None = None,
     resubmit_uncertain: bool = False,
+    gate: Gate | None = None,
 ) -> SubmitOutcome:
     """Create (or reuse) the batches for one partition's prepared requests.
 
     ``resubmit_uncertain`` sends again the chunks whose earlier create call failed
     ambiguously (only needed in infron style, which has no list call to check).
+    ``gate(manifest, new_spend)`` is called under the partition's lock before anything is
+    written or sent (``new_spend`` is False when the attempt's batches were already paid
+    for or reserved); it may raise to stop the submission: a budget, a dry run.
     """
     with storage.lock(partition_key):
         manifests = load_manifests(storage, partition_key)
         match = None if force else _reusable(manifests, prepared.fingerprint, kind)
         if match is not None and not match.fully_submitted:
+            _pass(gate, match, False)
             return _resume(client, storage, match, resubmit_uncertain)
         if match is not None and (kind == "retry" or match is _latest_initial(manifests)):
             partial = _partial_retry(manifests, match)
             if partial is not None:  # a retry whose create failed part-way: finish it
+                _pass(gate, partial, False)
                 return _resume(client, storage, partial, resubmit_uncertain)
             return SubmitOutcome(manifest=match, reused=True)
         _warn_if_superseding(manifests, kind)
         manifest = _new_manifest(storage, manifests, prepared, spec, partition_key, kind, run_id)
-        if match is not None and _revivable(manifests, match):
+        revive = match is not None and _revivable(manifests, match)
+        _pass(gate, manifest, not revive)
+        if revive:
             return _revive(storage, prepared, manifest, match)
         _stage(storage, prepared, manifest)
         local = {c.index: c.path for c in prepared.chunks}
         return _create_batches(client, storage, manifest, local, SubmitOutcome(manifest))
+
+
+def _pass(gate: Gate | None, manifest: Manifest, new_spend: bool) -> None:
+    if gate is not None:
+        gate(manifest, new_spend)
 
 
 def _reusable(manifests: list[Manifest], fingerprint: str, kind: str) -> Manifest | None:
@@ -231,6 +250,7 @@ def _revive(
     storage.write_table(storage.attempt_file("inputs", key, attempt), snapshot)
     storage.write_table(storage.attempt_file("invalid", key, attempt), prepared.invalid)
     manifest.api_style = match.api_style
+    mark_in_flight(storage, key, attempt)  # the sensor's index, before the manifest exists
     _save(storage, manifest)
     return SubmitOutcome(manifest=manifest, reused=True)
 
@@ -311,6 +331,7 @@ def _stage(storage: BatchStorage, prepared: PreparedRequests, manifest: Manifest
     if not manifest.chunks:
         manifest.state = "submitted"
         manifest.submitted_at = now_iso()
+    mark_in_flight(storage, key, attempt)  # the sensor's index, before the manifest exists
     storage.write_json(storage.manifest_path(key, attempt), manifest.to_dict())
 
 
