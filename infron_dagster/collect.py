@@ -19,19 +19,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .client import InfronClient
 from .errors import InfronError
 from .manifest import Manifest, now_iso
 from .models import Batch, BatchStatus
+from .outcomes import OUTCOME_SCHEMA, outcomes_to_table, read_outcome_table, redact_table
 from .prepare import CARRIED_FROM, CUSTOM_ID
-from .results import DEFAULT_MAX_LINE_BYTES, Outcome, ParseReport, read_outcomes
+from .results import DEFAULT_MAX_LINE_BYTES, Outcome, ParseReport
 from .spec import RequestSpec
 from .storage import BatchStorage
 from .submit import load_manifests
-from .tables import FinalOutcome, build_tables
+from .tables import TablesBuilder, TableSummary
 from .untrusted import printable, safe_segment
 
 __all__ = ["CollectOutcome", "active_attempts", "collect_partition", "poll_manifest"]
@@ -47,18 +50,24 @@ _MISSING_CODES = {
 
 @dataclass
 class CollectOutcome:
-    """What collecting a partition produced, or why it could not yet."""
+    """What collecting a partition produced, or why it could not yet.
+
+    The tables are written slice by slice and never held whole: ``results_summary`` and
+    ``failed_summary`` hold their schema, row count, token sums and error counts; the
+    ``results`` and ``failed`` properties read a table back from storage when asked.
+    """
 
     ready: bool
     waiting_on: list[str] = field(default_factory=list)
-    results: pa.Table | None = None
-    failed: pa.Table | None = None
     attempts: list[int] = field(default_factory=list)
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: ParseReport = field(default_factory=ParseReport)
     input_rows: int = 0
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     key_redactor: Callable[[str], str] | None = None
+    results_summary: TableSummary | None = None
+    failed_summary: TableSummary | None = None
+    _readers: dict[str, Callable[[], pa.Table]] = field(default_factory=dict, repr=False)
 
     def redact(self, outcome: Outcome) -> Outcome:
         """An outcome with the API key taken out of its texts (a provider may echo it,
@@ -71,21 +80,30 @@ class CollectOutcome:
         return outcome
 
     @property
+    def results(self) -> pa.Table | None:
+        """The results table as written (read back whole: small partitions, tests)."""
+        return self._readers["results"]() if "results" in self._readers else None
+
+    @property
+    def failed(self) -> pa.Table | None:
+        """The failed table as written (read back whole)."""
+        return self._readers["failed"]() if "failed" in self._readers else None
+
+    @property
     def error_counts(self) -> dict[str, int]:
         """Failed rows by error code."""
-        if self.failed is None or not self.failed.num_rows:
-            return {}
-        return dict(Counter(self.failed.column("error_code").to_pylist()))
+        return dict(self.failed_summary.error_counts) if self.failed_summary else {}
+
+    @property
+    def retryable_rows(self) -> int:
+        """How many failed rows a retry may fix."""
+        return self.failed_summary.sums["retryable"] if self.failed_summary else 0
 
     @property
     def tokens(self) -> dict[str, int]:
         """Prompt/completion tokens of the results."""
-        if self.results is None or not self.results.num_rows:
-            return {"prompt_tokens": 0, "completion_tokens": 0}
-        return {
-            name: int(pc.sum(self.results.column(name)).as_py() or 0)
-            for name in ("prompt_tokens", "completion_tokens")
-        }
+        sums = self.results_summary.sums if self.results_summary else Counter()
+        return {name: sums[name] for name in ("prompt_tokens", "completion_tokens")}
 
     @property
     def cost(self) -> float | None:
@@ -163,17 +181,63 @@ def _write_tables(
     outcome: CollectOutcome,
     keep_columns: Sequence[str] | None,
 ) -> None:
+    """Merge the attempts' outcomes, then join them to the inputs a row group at a time and
+    write both tables: memory is set by the outcomes' columns and one slice of the inputs."""
     partition_key, base = attempts[0].partition_key, attempts[0]
     final = _merge(storage, attempts, outcome)
-    inputs = storage.read_table(storage.attempt_file("inputs", partition_key, base.attempt))
+    inputs_path = storage.attempt_file("inputs", partition_key, base.attempt)
     invalid = storage.read_table(storage.attempt_file("invalid", partition_key, base.attempt))
-    outcome.input_rows = inputs.num_rows + invalid.num_rows
-    outcome.results, outcome.failed = build_tables(
-        inputs, invalid, final, spec=spec, keep_columns=keep_columns, invalid_attempt=base.attempt
-    )
-    storage.write_table(storage.table_path("results", partition_key), outcome.results)
-    storage.write_table(storage.table_path("failed", partition_key), outcome.failed)
+    with inputs_path.open("rb") as fh:
+        inputs = pq.ParquetFile(fh)
+        builder = TablesBuilder(inputs.schema_arrow, final, spec=spec, keep_columns=keep_columns)
+        outcome.input_rows = inputs.metadata.num_rows + invalid.num_rows
+        batches = inputs.iter_batches(batch_size=SLICE_ROWS, columns=builder.input_columns)
+        results_path = storage.table_path("results", partition_key)
+        failed_path = storage.table_path("failed", partition_key)
+        with (
+            _TableFile(storage, results_path, builder.results_schema) as results,
+            _TableFile(storage, failed_path, builder.failed_schema) as failed,
+        ):
+            for batch in batches:
+                ok, bad = builder.split(pa.Table.from_batches([batch]))
+                results.write(ok)
+                failed.write(bad)
+            failed.write(builder.invalid_rows(invalid, base.attempt))
+    outcome.results_summary, outcome.failed_summary = results.summary, failed.summary
+    # Read back under the schema written (Parquet names a list's items "element")
+    outcome._readers = {
+        "results": lambda: storage.read_table(results_path).cast(results.schema),
+        "failed": lambda: storage.read_table(failed_path).cast(failed.schema),
+    }
     _mark_collected(storage, attempts, outcome.batches)
+
+
+# Input rows joined and written at a time.
+SLICE_ROWS = 65_536
+
+
+class _TableFile:
+    """One Parquet table written a row group at a time; it appears whole or not at all."""
+
+    def __init__(self, storage: BatchStorage, path: Any, schema: pa.Schema) -> None:
+        self.storage, self.path, self.schema = storage, path, schema
+        self.summary = TableSummary(schema)
+
+    def __enter__(self) -> _TableFile:
+        self._file = self.storage.open_write(self.path)
+        self._writer = pq.ParquetWriter(self._file.__enter__(), self.schema, compression="zstd")
+        return self
+
+    def write(self, part: pa.Table) -> None:
+        if part.num_rows:
+            self._writer.write_table(part)
+            self.summary.add(part)
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._writer.close()
+        finally:
+            self._file.__exit__(*exc)
 
 
 def _fetch_attempt(
@@ -250,106 +314,142 @@ def _batch_info(batch: Batch, files: list[str], problems: list[str]) -> dict[str
     }
 
 
-def _merge(
-    storage: BatchStorage, attempts: list[Manifest], outcome: CollectOutcome
-) -> dict[str, FinalOutcome]:
-    """Per custom_id: the latest success of any attempt, else the latest failure."""
-    final = _carried(storage, attempts[0], outcome)
-    for manifest in attempts:
-        for custom_id, result in _attempt_outcomes(storage, manifest, outcome).items():
-            current = final.get(custom_id)
-            if result is None:
-                continue
-            if current is None or result.ok or not current.outcome.ok:
-                final[custom_id] = FinalOutcome(result, manifest.attempt)
-    return final
+def _merge(storage: BatchStorage, attempts: list[Manifest], outcome: CollectOutcome) -> pa.Table:
+    """Per custom_id: the latest success of any attempt, else the latest failure; the
+    answers carried from earlier attempts count as the earliest."""
+    tables = [_carried(storage, attempts[0], outcome)]
+    tables += [_attempt_outcomes(storage, manifest, outcome) for manifest in attempts]
+    tables = [
+        t.append_column("order", pa.array([i] * t.num_rows, pa.int64()))
+        for i, t in enumerate(tables)
+    ]
+    merged = pa.concat_tables(tables)
+    order = merged.column("order")
+    # Successes first, then failures; within each, the latest first
+    rank = pc.if_else(merged.column("ok"), pc.negate(order), pc.subtract(1 << 40, order))
+    return _first_per_id(merged.append_column("rank", rank), "rank").drop_columns(["order", "rank"])
+
+
+def _first_per_id(table: pa.Table, key: str) -> pa.Table:
+    """For each custom_id, its row with the smallest ``key``."""
+    if not table.num_rows or pc.count_distinct(table.column(CUSTOM_ID)).as_py() == len(table):
+        return table  # each id once (the usual case): nothing to choose, no sort
+    table = table.take(pc.sort_indices(table, [(CUSTOM_ID, "ascending"), (key, "ascending")]))
+    ids = table.column(CUSTOM_ID).combine_chunks()
+    first = np.ones(len(ids), bool)
+    if len(ids) > 1:
+        first[1:] = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(
+            zero_copy_only=False
+        )
+    return table.filter(pa.array(first))
 
 
 def _attempt_outcomes(
     storage: BatchStorage, manifest: Manifest, collected: CollectOutcome
-) -> dict[str, Outcome | None]:
-    id_list, _ = _sent_and_carried(storage, manifest)
-    by_id: dict[str, Outcome | None] = dict.fromkeys(id_list)
-    batch_of = _batch_membership(manifest, id_list)
+) -> pa.Table:
+    """One outcome per request an attempt sent: from its result lines (the first success,
+    else the last line), or missing as its batch ended; with the attempt's number."""
+    sent, _ = _sent_and_carried(storage, manifest)
     report = collected.report
+    parts, seq = [], 0
     for batch_id in manifest.batch_ids:
         for rel in collected.batches[batch_id]["files"]:
             with storage.resolve(rel).open("rb") as fh:
-                lines = read_outcomes(fh, report, batch_id, max_line_bytes=collected.max_line_bytes)
-                for result in map(collected.redact, lines):
-                    _record(by_id, result, report)
-    for custom_id, result in by_id.items():
-        if result is None:
-            by_id[custom_id] = _missing(custom_id, batch_of.get(custom_id), collected.batches)
-    return by_id
+                table = read_outcome_table(
+                    fh, report, batch_id, first_seq=seq, max_line_bytes=collected.max_line_bytes
+                )
+            if table.num_rows:  # the next file's lines come after this file's
+                seq = int(pc.max(table.column("seq")).as_py()) + 1
+            parts.append(redact_table(table, collected.key_redactor))
+    lines = pa.concat_tables(parts) if parts else OUTCOME_SCHEMA.empty_table()
+    known = pc.is_in(lines.column(CUSTOM_ID), value_set=sent).to_numpy(zero_copy_only=False)
+    _count_unknown(lines.filter(pa.array(~known)), report)
+    lines = lines.filter(pa.array(known))
+    # The first success stands; otherwise the last line (a duplicate never beats a success)
+    rank = pc.if_else(
+        lines.column("ok"), lines.column("seq"), pc.subtract(1 << 40, lines.column("seq"))
+    )
+    picked = _first_per_id(lines.append_column("rank", rank), "rank").drop_columns(["rank"])
+    _count_duplicates(lines, picked, report)
+    missing = _missing_outcomes(manifest, sent, picked.column(CUSTOM_ID), collected.batches)
+    table = pa.concat_tables([picked, missing]).drop_columns(["seq"])
+    return table.append_column("attempt", pa.array([manifest.attempt] * table.num_rows, pa.int64()))
+
+
+def _count_unknown(lines: pa.Table, report: ParseReport) -> None:
+    report.unknown_ids += lines.num_rows
+    for custom_id in lines.column(CUSTOM_ID).slice(0, 5).to_pylist():
+        report.note(f"unknown custom_id {custom_id}")
+
+
+def _count_duplicates(lines: pa.Table, picked: pa.Table, report: ParseReport) -> None:
+    extra = lines.num_rows - picked.num_rows
+    if not extra:
+        return
+    report.duplicates += extra
+    counts = pc.value_counts(lines.column(CUSTOM_ID))
+    twice = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    for custom_id in twice.slice(0, 5).to_pylist():
+        report.note(f"duplicate custom_id {custom_id}")
+
+
+def _missing_outcomes(
+    manifest: Manifest, sent: pa.Array, answered: pa.ChunkedArray, batches: dict[str, Any]
+) -> pa.Table:
+    """The requests with no line in any result file of their (terminal) batch."""
+    outcomes: list[Outcome] = []
+    start = 0
+    for chunk in manifest.chunks:
+        ids = sent.slice(start, chunk.requests)
+        start += chunk.requests
+        absent = pc.invert(pc.is_in(ids, value_set=answered))
+        for custom_id in pc.filter(ids, absent).to_pylist():
+            outcomes.append(_missing(custom_id, chunk.batch_id or "", batches))
+    table = outcomes_to_table(outcomes, [0] * len(outcomes), None)
+    return table
 
 
 def _sent_and_carried(
     storage: BatchStorage, manifest: Manifest
-) -> tuple[list[str], dict[int, list[str]]]:
+) -> tuple[pa.Array, dict[int, pa.Array]]:
     """The custom_ids an attempt sent (in chunk order), and those it carried, by source."""
-    snapshot = storage.read_table(
-        storage.attempt_file("inputs", manifest.partition_key, manifest.attempt)
-    )
-    ids = snapshot.column(CUSTOM_ID).to_pylist()
+    path = storage.attempt_file("inputs", manifest.partition_key, manifest.attempt)
+    with path.open("rb") as fh:
+        names = pq.ParquetFile(fh).schema_arrow.names
+        columns = [CUSTOM_ID] + ([CARRIED_FROM] if CARRIED_FROM in names else [])
+        fh.seek(0)
+        snapshot = pq.read_table(fh, columns=columns)
+    ids = snapshot.column(CUSTOM_ID).combine_chunks()
     if CARRIED_FROM not in snapshot.column_names:
         return ids, {}
-    sent: list[str] = []
-    carried: dict[int, list[str]] = {}
-    for custom_id, source in zip(ids, snapshot.column(CARRIED_FROM).to_pylist(), strict=True):
-        if source is None:
-            sent.append(custom_id)
-        else:
-            carried.setdefault(source, []).append(custom_id)
+    source = snapshot.column(CARRIED_FROM).combine_chunks()
+    sent = pc.filter(ids, source.is_null())
+    carried = {}
+    for attempt in pc.unique(source.drop_null()).to_pylist():
+        carried[attempt] = pc.filter(ids, pc.equal(source, attempt).fill_null(False))
     return sent, carried
 
 
-def _carried(
-    storage: BatchStorage, base: Manifest, parent: CollectOutcome
-) -> dict[str, FinalOutcome]:
+def _carried(storage: BatchStorage, base: Manifest, parent: CollectOutcome) -> pa.Table:
     """The paid-for answers a new attempt reused from earlier attempts, read from their files."""
     _, carried = _sent_and_carried(storage, base)
-    if not carried:
-        return {}
     by_attempt = {m.attempt: m for m in load_manifests(storage, base.partition_key)}
-    final: dict[str, FinalOutcome] = {}
+    parts = [_empty_final()]
     for attempt, ids in carried.items():
         source = by_attempt[attempt]
         marker = storage.attempt_dir("raw", source.partition_key, attempt) / "batches.json"
         scratch = CollectOutcome(ready=True, batches=storage.read_json(marker))
         scratch.max_line_bytes = parent.max_line_bytes
         scratch.key_redactor = parent.key_redactor
-        outcomes = _attempt_outcomes(storage, source, scratch)
-        for custom_id in ids:
-            earlier = outcomes.get(custom_id)
-            if earlier is not None and earlier.ok:
-                final[custom_id] = FinalOutcome(earlier, attempt)
-    return final
+        earlier = _attempt_outcomes(storage, source, scratch)
+        mine = pc.and_(pc.is_in(earlier.column(CUSTOM_ID), value_set=ids), earlier.column("ok"))
+        parts.append(earlier.filter(mine))
+    return pa.concat_tables(parts)
 
 
-def _record(by_id: dict[str, Outcome | None], result: Outcome, report: ParseReport) -> None:
-    if result.custom_id not in by_id:
-        report.unknown_ids += 1
-        report.note(f"unknown custom_id {result.custom_id}")
-        return
-    current = by_id[result.custom_id]
-    if current is not None:
-        report.duplicates += 1
-        report.note(f"duplicate custom_id {result.custom_id}")
-        if current.ok:
-            return  # never let a duplicate error line overwrite a paid-for success
-    by_id[result.custom_id] = result
-
-
-def _batch_membership(manifest: Manifest, ids_in_order: list[str]) -> dict[str, str]:
-    """custom_id -> batch id: chunks are consecutive slices of the custom_id-sorted inputs."""
-    membership: dict[str, str] = {}
-    start = 0
-    for chunk in manifest.chunks:
-        for custom_id in ids_in_order[start : start + chunk.requests]:
-            membership[custom_id] = chunk.batch_id or ""
-        start += chunk.requests
-    return membership
+def _empty_final() -> pa.Table:
+    schema = OUTCOME_SCHEMA.remove(OUTCOME_SCHEMA.get_field_index("seq"))
+    return schema.append(pa.field("attempt", pa.int64())).empty_table()
 
 
 def _missing(custom_id: str, batch_id: str | None, batches: dict[str, dict[str, Any]]) -> Outcome:

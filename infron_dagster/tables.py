@@ -12,18 +12,36 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
 
+from .outcomes import OUTCOME_SCHEMA, outcomes_to_table
 from .prepare import CUSTOM_ID, ERROR_CODE, ERROR_MESSAGE, HIDDEN_COLUMNS
-from .results import Outcome
+from .results import _RETRYABLE_CODES, Outcome
 from .spec import RequestSpec
 
-__all__ = ["FinalOutcome", "arrow_type_for_schema", "build_tables"]
+__all__ = [
+    "EMBEDDING_TYPE",
+    "FinalOutcome",
+    "TableSummary",
+    "TablesBuilder",
+    "arrow_type_for_schema",
+    "build_tables",
+    "final_table",
+]
+
+# Embeddings are float32 on the wire (and in base64); float64 doubled the table for nothing.
+# Partitions written before as float64 still read: the loader promotes per partition.
+EMBEDDING_TYPE = pa.list_(pa.float32())
 
 RESULT_COLUMNS = (
     "model",
@@ -73,29 +91,250 @@ def arrow_type_for_schema(schema: Mapping[str, Any]) -> pa.DataType:
 def build_tables(
     inputs: pa.Table,
     invalid: pa.Table,
-    final: Mapping[str, FinalOutcome],
+    final: Mapping[str, FinalOutcome] | pa.Table,
     *,
     spec: RequestSpec,
     keep_columns: Sequence[str] | None = None,
     invalid_attempt: int = 1,
 ) -> tuple[pa.Table, pa.Table]:
-    """Split ``inputs`` into (results, failed); ``invalid`` rows all go to failed."""
-    keep = _kept(inputs, keep_columns)
-    ids = inputs.column(CUSTOM_ID).to_pylist()
-    outcomes = [final.get(cid) for cid in ids]
-    structured = _structured_outputs(outcomes, spec)
-    ok_rows = [i for i, f in enumerate(outcomes) if f and f.outcome.ok and i not in structured.bad]
-    ok_set = set(ok_rows)
-    bad_rows = [i for i in range(len(ids)) if i not in ok_set]
-    results = _results_table(inputs, keep, ok_rows, outcomes, structured, spec)
-    failed = pa.concat_tables(
-        [
-            _failed_table(inputs, keep, bad_rows, outcomes, structured.bad),
-            _invalid_rows(invalid, keep, invalid_attempt),
-        ],
-        promote_options="permissive",
-    )
+    """Split ``inputs`` into (results, failed); ``invalid`` rows all go to failed.
+
+    ``final`` is the merged outcome per custom_id: a mapping of :class:`FinalOutcome`, or
+    the table :func:`final_table` makes (what collection streams through, a slice at a time,
+    with :class:`TablesBuilder`).
+    """
+    if not isinstance(final, pa.Table):
+        final = final_table(final)
+    builder = TablesBuilder(inputs.schema, final, spec=spec, keep_columns=keep_columns)
+    results, failed = builder.split(inputs)
+    failed = pa.concat_tables([failed, builder.invalid_rows(invalid, invalid_attempt)])
     return results, failed
+
+
+FINAL_SCHEMA = pa.schema([*OUTCOME_SCHEMA, pa.field("attempt", pa.int64())])
+
+
+def final_table(final: Mapping[str, FinalOutcome]) -> pa.Table:
+    """Merged per-request outcomes (a mapping) as the outcome table, with their attempts."""
+    items = list(final.values())
+    table = outcomes_to_table([f.outcome for f in items], range(len(items)), None)
+    return table.append_column("attempt", pa.array([f.attempt for f in items], pa.int64()))
+
+
+@dataclass
+class TableSummary:
+    """What the asset's metadata needs of a written table, without reading it back."""
+
+    schema: pa.Schema
+    rows: int = 0
+    sums: Counter[str] = field(default_factory=Counter)
+    error_counts: Counter[str] = field(default_factory=Counter)
+
+    def add(self, part: pa.Table) -> None:
+        self.rows += part.num_rows
+        for name in ("prompt_tokens", "completion_tokens", "retryable"):
+            if name in part.column_names:
+                self.sums[name] += int(pc.sum(part.column(name)).as_py() or 0)
+        if ERROR_CODE in part.column_names:
+            for code, n in zip(*_value_counts(part.column(ERROR_CODE)), strict=True):
+                self.error_counts[code] += n
+
+
+def _value_counts(column: pa.ChunkedArray) -> tuple[list[Any], list[int]]:
+    counts = pc.value_counts(column)
+    return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+
+
+class TablesBuilder:
+    """Builds results and failed rows for slices of the inputs snapshot, joined on
+    ``custom_id`` to the merged outcomes; every input row lands in exactly one table.
+
+    The schemas are fixed before the first slice (from the inputs' schema, the spec and the
+    response schema), so the slices can be written as row groups of one file each.
+    """
+
+    def __init__(
+        self,
+        inputs_schema: pa.Schema,
+        final: pa.Table,
+        *,
+        spec: RequestSpec,
+        keep_columns: Sequence[str] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.keep = _kept(inputs_schema, keep_columns)
+        self.final = final.combine_chunks()
+        self.final_ids = self.final.column(CUSTOM_ID).combine_chunks()
+        inputs = _input_schema(inputs_schema, self.keep)
+        self.fields = _schema_fields(spec, set(inputs.names))
+        self.results_schema = _results_schema(inputs, spec, self.fields)
+        self.failed_schema = pa.schema([*inputs, *FAILURE_FIELDS], metadata=inputs_schema.metadata)
+        self.results_schema = self.results_schema.with_metadata(inputs_schema.metadata)
+
+    @property
+    def input_columns(self) -> list[str]:
+        """The snapshot columns a slice needs (read only these)."""
+        return [*self.keep, CUSTOM_ID]
+
+    def split(self, inputs: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """(results, failed) rows of one slice of the inputs snapshot."""
+        index = pc.index_in(inputs.column(CUSTOM_ID), value_set=self.final_ids)
+        found = self.final.take(index)
+        ok = pc.fill_null(found.column("ok"), False).to_numpy(zero_copy_only=False)
+        ok_rows = np.flatnonzero(ok)
+        structured = _structured(found.column("text").take(pa.array(ok_rows)), self.spec)
+        good = np.zeros(len(ok), bool)
+        good[ok_rows[structured.good]] = True
+        results = self._results(inputs, found, good, structured)
+        bad_messages = np.full(len(ok), None, object)
+        bad_messages[ok_rows[~structured.good]] = structured.problems
+        failed = self._failed(inputs, found, ~good, bad_messages)
+        return results, failed
+
+    def _results(
+        self, inputs: pa.Table, found: pa.Table, rows: np.ndarray, structured: _Parsed
+    ) -> pa.Table:
+        picked = pa.array(np.flatnonzero(rows))
+        table = _input_columns(inputs, self.keep).take(picked)
+        got = found.take(picked)
+        columns: dict[str, pa.Array] = {}
+        if self.spec.endpoint == "/v1/embeddings":
+            columns["embedding"] = got.column("embedding").cast(EMBEDDING_TYPE)
+        else:
+            columns["response_text"] = got.column("text").cast(pa.string())
+        for (column, prop), typ in self.fields:
+            columns[column] = structured.values[prop].cast(typ)
+        prompt, completion = got.column("prompt_tokens"), got.column("completion_tokens")
+        either = pc.or_(pc.is_valid(prompt), pc.is_valid(completion))
+        total = pc.add(prompt.fill_null(0), completion.fill_null(0))
+        columns["model"] = got.column("model")
+        columns["finish_reason"] = got.column("finish_reason")
+        columns["prompt_tokens"] = prompt
+        columns["completion_tokens"] = completion
+        columns["total_tokens"] = pc.if_else(either, total, pa.scalar(None, pa.int64()))
+        columns["batch_id"] = got.column("batch_id")
+        columns["attempt"] = got.column("attempt")
+        for name, column in columns.items():
+            table = table.append_column(name, column)
+        return table.cast(self.results_schema)
+
+    def _failed(
+        self, inputs: pa.Table, found: pa.Table, rows: np.ndarray, bad_messages: np.ndarray
+    ) -> pa.Table:
+        picked = pa.array(np.flatnonzero(rows))
+        table = _input_columns(inputs, self.keep).take(picked)
+        got = found.take(picked)
+        structured_bad = pa.array(bad_messages[rows], pa.string())
+        is_bad = pc.is_valid(structured_bad)
+        missing = pc.is_null(got.column(CUSTOM_ID))
+        code = pc.if_else(
+            is_bad,
+            pa.scalar("invalid_structured_output"),
+            pc.if_else(missing, pa.scalar("missing_result"), got.column("error_code")),
+        )
+        message = pc.if_else(
+            is_bad,
+            structured_bad,
+            pc.if_else(
+                missing,
+                pa.scalar("no line for this request in any result file"),
+                got.column("error_message"),
+            ),
+        )
+        status = pc.if_else(is_bad, pa.scalar(None, pa.int64()), got.column("http_status"))
+        return _append_failure_columns(
+            table, code, message, status, got.column("attempt"), got.column("batch_id")
+        ).cast(self.failed_schema)
+
+    def invalid_rows(self, invalid: pa.Table, attempt: int) -> pa.Table:
+        """The rows prepare never sent, as failed rows of ``attempt``."""
+        n = invalid.num_rows
+        present = [c for c in self.keep if c in invalid.column_names]
+        table = _input_columns(invalid, present)
+        null_text = pa.nulls(n, pa.string())
+        codes = invalid.column(ERROR_CODE) if n else null_text
+        messages = invalid.column(ERROR_MESSAGE) if n else null_text
+        table = _append_failure_columns(
+            table,
+            codes,
+            messages,
+            pa.nulls(n, pa.int64()),
+            pa.array([attempt] * n, pa.int64()),
+            null_text,
+            retryable=pa.array([False] * n, pa.bool_()),
+        )
+        return table.cast(self.failed_schema) if n else self.failed_schema.empty_table()
+
+
+FAILURE_FIELDS = [
+    pa.field(ERROR_CODE, pa.string()),
+    pa.field(ERROR_MESSAGE, pa.string()),
+    pa.field("http_status", pa.int64()),
+    pa.field("retryable", pa.bool_()),
+    pa.field("attempt", pa.int64()),
+    pa.field("batch_id", pa.string()),
+]
+_RETRYABLE = pa.array(sorted(_RETRYABLE_CODES), pa.string())
+
+
+def _retryable(code: pa.Array, status: pa.Array) -> pa.Array:
+    """``is_retryable`` by columns: a 5xx, 408, 409 or 429 answer, or a retryable code."""
+    by_status = pc.or_(
+        pc.greater_equal(status, 500), pc.is_in(status, pa.array([408, 409, 429], pa.int64()))
+    ).fill_null(False)
+    return pc.or_(by_status, pc.is_in(code, value_set=_RETRYABLE).fill_null(False))
+
+
+def _append_failure_columns(
+    table: pa.Table,
+    codes: Any,
+    messages: Any,
+    statuses: Any,
+    attempts: Any,
+    batches: Any,
+    *,
+    retryable: Any = None,
+) -> pa.Table:
+    if retryable is None:
+        retryable = _retryable(codes, statuses)
+    columns = {
+        ERROR_CODE: codes,
+        ERROR_MESSAGE: messages,
+        "http_status": statuses,
+        "retryable": retryable,
+        "attempt": attempts,
+        "batch_id": batches,
+    }
+    for name, column in columns.items():
+        table = table.append_column(name, column)
+    return table
+
+
+def _input_schema(schema: pa.Schema, keep: list[str]) -> pa.Schema:
+    fields = [schema.field(c) for c in [*keep, CUSTOM_ID]]
+    return pa.schema(
+        [f.with_name(f"input_{f.name}") if f.name in OUTPUT_NAMES else f for f in fields]
+    )
+
+
+def _results_schema(
+    inputs: pa.Schema, spec: RequestSpec, fields: list[tuple[tuple[str, str], pa.DataType]]
+) -> pa.Schema:
+    if spec.endpoint == "/v1/embeddings":
+        answer = [pa.field("embedding", EMBEDDING_TYPE)]
+    else:
+        answer = [pa.field("response_text", pa.string())]
+    structured = [pa.field(column, typ) for (column, _), typ in fields]
+    tail = [
+        pa.field("model", pa.string()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("completion_tokens", pa.int64()),
+        pa.field("total_tokens", pa.int64()),
+        pa.field("batch_id", pa.string()),
+        pa.field("attempt", pa.int64()),
+    ]
+    return pa.schema([*inputs, *answer, *structured, *tail])
 
 
 # Names this library writes, plus the hive partition column: an input column with one of
@@ -120,73 +359,185 @@ def _input_columns(table: pa.Table, keep: list[str]) -> pa.Table:
     return selected.rename_columns(names)
 
 
-def _kept(inputs: pa.Table, keep_columns: Sequence[str] | None) -> list[str]:
+def _kept(inputs: pa.Schema, keep_columns: Sequence[str] | None) -> list[str]:
     if keep_columns is None:
-        return [c for c in inputs.column_names if c != CUSTOM_ID and c not in HIDDEN_COLUMNS]
-    missing = [c for c in keep_columns if c not in inputs.column_names]
+        return [c for c in inputs.names if c != CUSTOM_ID and c not in HIDDEN_COLUMNS]
+    missing = [c for c in keep_columns if c not in inputs.names]
     if missing:
         raise ValueError(f"keep_columns names {missing[0]!r}, which is not an input column")
     return list(keep_columns)
 
 
+# --- structured output ---------------------------------------------------------------------
+
+
 @dataclass
-class _Structured:
-    values: dict[int, dict[str, Any]]
-    bad: dict[int, str]
+class _Parsed:
+    """Structured outputs of some answers: ``good`` marks those that fit the schema;
+    ``values`` holds each property's column for the good ones (in order), ``problems``
+    why each of the others failed (in order)."""
 
-
-def _structured_outputs(outcomes: list[FinalOutcome | None], spec: RequestSpec) -> _Structured:
-    parsed = _Structured({}, {})
-    if spec.response_schema is None:
-        return parsed
-    for row, final in enumerate(outcomes):
-        if not (final and final.outcome.ok):
-            continue
-        try:
-            value = json.loads(final.outcome.text or "")
-            # Lone surrogates (from \ud800 escapes) cannot be written to Parquet.
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except (ValueError, RecursionError, UnicodeEncodeError):
-            parsed.bad[row] = "model output is not valid JSON for the response schema"
-            continue
-        if not isinstance(value, dict):
-            parsed.bad[row] = "model output is JSON but not an object"
-            continue
-        problem = _schema_mismatch(value, spec.response_schema)
-        if problem:
-            parsed.bad[row] = problem
-            continue
-        parsed.values[row] = value
-    _drop_untypable(parsed, spec)
-    return parsed
+    good: np.ndarray
+    values: dict[str, pa.Array]
+    problems: list[str]
 
 
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError)
+_SCALARS = (pa.string(), pa.int64(), pa.float64(), pa.bool_())
+# A text the fast reader may take: one object on one line, no escaped surrogate
+_OBJECT_LINE = r"^[ \t]*\{[^\x00-\x1f]*\}[ \t]*$"
+_SURROGATE_ESCAPE = r"\\u[dD][89a-fA-F]"
+_SMALLEST_SPLIT = 64
 
 
-def _drop_untypable(parsed: _Structured, spec: RequestSpec) -> None:
-    """Rows whose value cannot take its field's Arrow type fail as invalid_structured_output.
+def _structured(texts: pa.Array, spec: RequestSpec) -> _Parsed:
+    """Parse the answers' structured output (when the spec asks for it) by columns.
 
-    One such row (an integer past int64, ``1e300`` for an integer, a nested mismatch) would
-    otherwise change the column's type in this partition and break reading the whole table.
-    Each column is tried whole first; rows are tried one by one only when it fails.
+    ``pyarrow.json`` reads the texts with the schema's types; a text it cannot take
+    (another type, a missing required field, odd JSON) is parsed alone by the per-row
+    rules, so the outcome of each row is what the per-row path gives.
     """
-    props = (spec.response_schema or {}).get("properties") or {}
-    for prop, sub in props.items():
-        typ = arrow_type_for_schema(sub)
-        rows = list(parsed.values)
-        values = [_for_arrow(parsed.values[r].get(prop), typ) for r in rows]
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    n = len(texts)
+    schema = spec.response_schema
+    props = (schema or {}).get("properties") or {}
+    if schema is None:
+        return _Parsed(np.ones(n, bool), {}, [])
+    types = {prop: arrow_type_for_schema(sub) for prop, sub in props.items()}
+    fast_rows = np.zeros(n, bool)
+    fast: pa.Table | None = None
+    if _fast_types(types.values()) and n:
+        candidate = pc.and_(
+            pc.match_substring_regex(texts, _OBJECT_LINE),
+            pc.invert(pc.match_substring_regex(texts, _SURROGATE_ESCAPE)),
+        ).fill_null(False)
+        rows = np.flatnonzero(candidate.to_numpy(zero_copy_only=False))
+        rows, fast = _read_objects(texts, rows, pa.schema(list(types.items())))
+        if fast is not None:
+            rows, fast = _complete(rows, fast, props, schema.get("required") or [])
+            fast_rows[rows] = True
+    return _merge_parsed(texts, fast_rows, fast, types, spec)
+
+
+def _fast_types(types: Iterable[pa.DataType]) -> bool:
+    """Only scalars and lists of scalars: what the fast reader types as Python would."""
+    for typ in types:
+        if pa.types.is_list(typ):
+            typ = typ.value_type
+        if typ not in _SCALARS:
+            return False
+    return True
+
+
+def _read_objects(
+    texts: pa.Array, rows: np.ndarray, schema: pa.Schema
+) -> tuple[np.ndarray, pa.Table | None]:
+    """``pyarrow.json`` over the texts at ``rows``; refused texts are split off."""
+    if not len(rows):
+        return rows, None
+    taken = texts.take(pa.array(rows)).cast(pa.large_string())
+    text = pa.large_string()
+    lines = pc.binary_join_element_wise(taken, pa.scalar("\n", text), pa.scalar("", text))
+    _, offsets_buf, data_buf = lines.buffers()
+    offsets = np.frombuffer(offsets_buf, np.int64, count=len(lines) + 1)
+    data = memoryview(data_buf)[offsets[0] : offsets[-1]]
+    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    try:
+        table = pj.read_json(
+            io.BytesIO(data),
+            read_options=pj.ReadOptions(block_size=max(1 << 20, len(data) + 1)),
+            parse_options=options,
+        )
+        if table.num_rows == len(rows):
+            return rows, table
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    if len(rows) <= _SMALLEST_SPLIT:
+        return rows[:0], None
+    half = len(rows) // 2
+    first_rows, first = _read_objects(texts, rows[:half], schema)
+    second_rows, second = _read_objects(texts, rows[half:], schema)
+    parts = [t for t in (first, second) if t is not None]
+    if not parts:
+        return rows[:0], None
+    return np.concatenate([first_rows, second_rows]), pa.concat_tables(parts)
+
+
+def _complete(
+    rows: np.ndarray, table: pa.Table, props: Mapping[str, Any], required: Sequence[str]
+) -> tuple[np.ndarray, pa.Table]:
+    """Keep the rows whose required fields are there (the others get their message from
+    the per-row rules)."""
+    keep = np.ones(len(rows), bool)
+    for prop in required:
+        kinds = props[prop].get("type")
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds or [])
+        if "null" not in kinds:
+            keep &= table.column(prop).is_valid().to_numpy(zero_copy_only=False)
+    if keep.all():
+        return rows, table
+    return rows[keep], table.filter(pa.array(keep))
+
+
+def _merge_parsed(
+    texts: pa.Array,
+    fast_rows: np.ndarray,
+    fast: pa.Table | None,
+    types: Mapping[str, pa.DataType],
+    spec: RequestSpec,
+) -> _Parsed:
+    """The fast rows' columns and the per-row results of the rest, in row order."""
+    good = fast_rows.copy()
+    slow_values: dict[int, dict[str, Any]] = {}
+    problems: dict[int, str] = {}
+    for row in np.flatnonzero(~fast_rows).tolist():
+        value, problem = _one_structured(texts[row].as_py(), spec, types)
+        if problem is None:
+            good[row] = True
+            slow_values[row] = value
+        else:
+            problems[row] = problem
+    values = {}
+    order = np.argsort(
+        np.concatenate([np.flatnonzero(fast_rows), list(slow_values)]), kind="stable"
+    )
+    for prop, typ in types.items():
+        parts = []
+        if fast is not None and fast.num_rows:
+            parts.append(fast.column(prop).combine_chunks().cast(typ))
+        if slow_values:
+            parts.append(
+                pa.array([_for_arrow(v.get(prop), typ) for v in slow_values.values()], typ)
+            )
+        merged = pa.concat_arrays(parts) if parts else pa.array([], typ)
+        values[prop] = merged.take(pa.array(order, pa.int64())) if len(order) else merged
+    return _Parsed(good, values, [problems[r] for r in np.flatnonzero(~good).tolist()])
+
+
+def _one_structured(
+    text: str | None, spec: RequestSpec, types: Mapping[str, pa.DataType]
+) -> tuple[dict[str, Any], str | None]:
+    """One answer's structured output by the per-row rules: (value, None) or (_, why not)."""
+    try:
+        value = json.loads(text or "")
+        # Lone surrogates (from \ud800 escapes) cannot be written to Parquet.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError, UnicodeEncodeError):
+        return {}, "model output is not valid JSON for the response schema"
+    if not isinstance(value, dict):
+        return {}, "model output is JSON but not an object"
+    problem = _schema_mismatch(value, spec.response_schema or {})
+    if problem:
+        return {}, problem
+    # A value that cannot take its field's Arrow type would change the column's type in
+    # this partition (an integer past int64, 1e300 for an integer) and break the table.
+    for prop, typ in types.items():
         try:
-            pa.array(values, typ)
-            continue
+            pa.array([_for_arrow(value.get(prop), typ)], typ)
         except _ARROW_ERRORS:
-            pass
-        for row, value in zip(rows, values, strict=True):
-            try:
-                pa.array([value], typ)
-            except _ARROW_ERRORS:
-                del parsed.values[row]
-                parsed.bad[row] = f"model output field {prop!r} does not fit the schema's type"
+            return {}, f"model output field {prop!r} does not fit the schema's type"
+    return value, None
 
 
 def _for_arrow(value: Any, typ: pa.DataType) -> Any:
@@ -228,47 +579,6 @@ def _schema_mismatch(value: dict[str, Any], schema: Mapping[str, Any]) -> str | 
     return None
 
 
-def _results_table(
-    inputs: pa.Table,
-    keep: list[str],
-    rows: list[int],
-    outcomes: list[FinalOutcome | None],
-    structured: _Structured,
-    spec: RequestSpec,
-) -> pa.Table:
-    idx = pa.array(rows, pa.int64())
-    table = _input_columns(inputs, keep).take(idx)
-    picked = [outcomes[r] for r in rows]
-    out = [p.outcome for p in picked if p]
-    if spec.endpoint == "/v1/embeddings":
-        table = table.append_column(
-            "embedding", pa.array([o.embedding for o in out], pa.list_(pa.float64()))
-        )
-    else:
-        table = table.append_column("response_text", pa.array([o.text for o in out], pa.string()))
-    for name, typ in _schema_fields(spec, set(table.column_names)):
-        values = [structured.values.get(r, {}).get(name[1]) for r in rows]
-        table = table.append_column(name[0], _typed(values, typ))
-    prompt = [o.prompt_tokens for o in out]
-    completion = [o.completion_tokens for o in out]
-    total = [
-        (p or 0) + (c or 0) if p is not None or c is not None else None
-        for p, c in zip(prompt, completion, strict=True)
-    ]
-    extra = {
-        "model": pa.array([o.model for o in out], pa.string()),
-        "finish_reason": pa.array([o.finish_reason for o in out], pa.string()),
-        "prompt_tokens": pa.array(prompt, pa.int64()),
-        "completion_tokens": pa.array(completion, pa.int64()),
-        "total_tokens": pa.array(total, pa.int64()),
-        "batch_id": pa.array([o.batch_id for o in out], pa.string()),
-        "attempt": pa.array([p.attempt for p in picked if p], pa.int64()),
-    }
-    for name, column in extra.items():
-        table = table.append_column(name, column)
-    return table
-
-
 def _schema_fields(spec: RequestSpec, taken: set[str]) -> list[tuple[tuple[str, str], pa.DataType]]:
     props = (spec.response_schema or {}).get("properties") or {}
     fields = []
@@ -276,80 +586,3 @@ def _schema_fields(spec: RequestSpec, taken: set[str]) -> list[tuple[tuple[str, 
         column = prop if prop not in taken and prop not in OUTPUT_NAMES else f"output_{prop}"
         fields.append(((column, prop), arrow_type_for_schema(sub)))
     return fields
-
-
-def _typed(values: list[Any], typ: pa.DataType) -> pa.Array:
-    values = [_for_arrow(v, typ) for v in values]
-    try:
-        return pa.array(values, typ)
-    except _ARROW_ERRORS:
-        # A value the schema did not promise: keep it, as JSON text, rather than lose the row.
-        return pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
-
-
-def _failed_table(
-    inputs: pa.Table,
-    keep: list[str],
-    rows: list[int],
-    outcomes: list[FinalOutcome | None],
-    bad_structured: dict[int, str],
-) -> pa.Table:
-    table = _input_columns(inputs, keep).take(pa.array(rows, pa.int64()))
-    codes, messages, statuses, retryable, attempts, batches = [], [], [], [], [], []
-    for row in rows:
-        final = outcomes[row]
-        outcome = final.outcome if final else None
-        if row in bad_structured:
-            code, message, status = "invalid_structured_output", bad_structured[row], None
-        elif outcome is None:
-            code, message, status = (
-                "missing_result",
-                "no line for this request in any result file",
-                None,
-            )
-        else:
-            code, message, status = outcome.error_code, outcome.error_message, outcome.http_status
-        codes.append(code)
-        messages.append(message)
-        statuses.append(status)
-        retryable.append(Outcome("", ok=False, error_code=code, http_status=status).retryable)
-        attempts.append(final.attempt if final else None)
-        batches.append(outcome.batch_id if outcome else None)
-    return _append_failure_columns(table, codes, messages, statuses, retryable, attempts, batches)
-
-
-def _append_failure_columns(
-    table: pa.Table,
-    codes: list[Any],
-    messages: list[Any],
-    statuses: list[Any],
-    retryable: list[Any],
-    attempts: list[Any],
-    batches: list[Any],
-) -> pa.Table:
-    columns = {
-        ERROR_CODE: pa.array(codes, pa.string()),
-        ERROR_MESSAGE: pa.array(messages, pa.string()),
-        "http_status": pa.array(statuses, pa.int64()),
-        "retryable": pa.array(retryable, pa.bool_()),
-        "attempt": pa.array(attempts, pa.int64()),
-        "batch_id": pa.array(batches, pa.string()),
-    }
-    for name, column in columns.items():
-        table = table.append_column(name, column)
-    return table
-
-
-def _invalid_rows(invalid: pa.Table, keep: list[str], attempt: int) -> pa.Table:
-    n = invalid.num_rows
-    present = [c for c in keep if c in invalid.column_names]
-    table = _input_columns(invalid, present)
-    return _append_failure_columns(
-        table,
-        invalid.column(ERROR_CODE).to_pylist() if n else [],
-        invalid.column(ERROR_MESSAGE).to_pylist() if n else [],
-        [None] * n,
-        [False] * n,
-        [attempt] * n,
-        [None] * n,
-    )

@@ -1,0 +1,515 @@
+"""Result files -> an Arrow table of outcomes, one row per result line, by columns.
+
+Pure data code, used by :mod:`collect`. Each block of whole lines is read by
+``pyarrow.json`` with an explicit schema of the line shape; the lines whose outcome the
+columns settle plainly (an answer with text or a vector, an error with a code and a message)
+become rows at once. Every other line, and every block the fast reader refuses (a type it
+does not expect, a duplicate key, a line that is not JSON), goes through the per-line parser
+of :mod:`results`, so each of its guarantees holds: a bad line fails its row, never the file;
+an over-long line fails its row as ``result_too_large``; the counts of the report are the
+per-line parser's.
+
+Example:
+    >>> with open("output.jsonl", "rb") as fh:
+    ...     table = read_outcome_table(fh, ParseReport(), "batch_1", first_seq=0)
+    >>> table.column_names[:3]
+    ['custom_id', 'ok', 'text']
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import IO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
+
+from .results import DEFAULT_MAX_LINE_BYTES, Outcome, ParseReport, _parse_counted, _too_large
+
+__all__ = ["OUTCOME_SCHEMA", "outcomes_to_table", "read_outcome_table", "redact_table"]
+
+OUTCOME_SCHEMA = pa.schema(
+    [
+        ("custom_id", pa.string()),
+        ("ok", pa.bool_()),
+        ("text", pa.large_string()),
+        ("embedding", pa.list_(pa.float64())),
+        ("model", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("error_code", pa.string()),
+        ("error_message", pa.string()),
+        ("http_status", pa.int64()),
+        ("batch_id", pa.string()),
+        ("seq", pa.int64()),  # the line's place in what was read: duplicates keep the order
+    ]
+)
+_FIELDS = [f.name for f in OUTCOME_SCHEMA]
+
+_ERROR = pa.struct(
+    [
+        ("code", pa.string()),
+        ("type", pa.string()),
+        ("message", pa.string()),
+        ("error", pa.struct([("code", pa.string())])),  # nested errors: the per-line parser
+    ]
+)
+_USAGE = pa.struct(
+    [
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("input_tokens", pa.int64()),
+        ("output_tokens", pa.int64()),
+    ]
+)
+_CHOICE = pa.struct(
+    [
+        ("message", pa.struct([("content", pa.large_string())])),
+        ("finish_reason", pa.string()),
+    ]
+)
+_BODY = pa.struct(
+    [
+        ("model", pa.string()),
+        ("choices", pa.list_(_CHOICE)),
+        ("data", pa.list_(pa.struct([("embedding", pa.list_(pa.float64()))]))),
+        ("usage", _USAGE),
+        ("error", _ERROR),
+    ]
+)
+LINE_SCHEMA = pa.schema(
+    [
+        ("custom_id", pa.string()),
+        ("response", pa.struct([("status_code", pa.int64()), ("body", _BODY)])),
+        ("error", _ERROR),
+    ]
+)
+_PARSE = pj.ParseOptions(explicit_schema=LINE_SCHEMA, unexpected_field_behavior="ignore")
+# A block the fast reader refuses is split in two until the refused lines stand alone.
+_SMALLEST_SPLIT = 64
+_BLOCK_BYTES = 16 << 20
+# Text that cannot be kept as it is: control characters (printable() escapes them) or an
+# escaped surrogate (not valid Unicode). Lines holding one go through the per-line parser.
+_CONTROL = r"[\x00-\x1f\x7f]"
+_SURROGATE_ESCAPE = r"\\u[dD][89a-fA-F]"
+_LIMITS = {"model": 200, "finish_reason": 200, "error_code": 100, "error_message": 2000}
+
+
+def read_outcome_table(
+    source: IO[bytes],
+    report: ParseReport,
+    batch_id: str | None,
+    *,
+    first_seq: int,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> pa.Table:
+    """Every usable line of one result file as an outcome row (see the module docstring)."""
+    parts: list[pa.Table] = []
+    seq = first_seq
+    for block in _line_blocks(source, max_line_bytes):
+        if isinstance(block, _TooLarge):
+            outcome = _too_large(block.head, max_line_bytes, report)
+            report.lines += 1
+            if outcome is not None:
+                parts.append(outcomes_to_table([outcome], [seq], batch_id))
+            seq += 1
+            continue
+        table, seq = _block_outcomes(block, report, batch_id, seq)
+        parts.append(table)
+    if not parts:
+        return OUTCOME_SCHEMA.empty_table()
+    return pa.concat_tables(parts)
+
+
+@dataclass(frozen=True)
+class _TooLarge:
+    head: bytes
+
+
+def _line_blocks(source: IO[bytes], limit: int) -> Iterator[bytes | _TooLarge]:
+    """Blocks of whole lines (each at most ``limit`` bytes), and the head of each longer line.
+
+    Memory is set by the block size and ``limit``, never by the file or the longest line.
+    """
+    pending = bytearray()
+    skipping: bytes | None = None  # the head of an over-long line whose end is not read yet
+    while piece := source.read(1 << 20):
+        if skipping is not None:
+            end = piece.find(b"\n")
+            if end < 0:
+                continue
+            yield _TooLarge(skipping)
+            skipping, piece = None, piece[end + 1 :]
+        pending += piece
+        last = pending.rfind(b"\n")
+        if last >= 0 and (len(pending) >= _BLOCK_BYTES or len(pending) - last - 1 > limit):
+            yield from _split_long(bytes(pending[: last + 1]), limit)
+            del pending[: last + 1]
+        if len(pending) > limit and b"\n" not in pending:
+            skipping = bytes(pending[:4096])
+            pending.clear()
+    if skipping is not None:
+        yield _TooLarge(skipping)
+    elif pending:
+        yield from _split_long(bytes(pending) + b"\n", limit)
+
+
+def _split_long(block: bytes, limit: int) -> Iterator[bytes | _TooLarge]:
+    """``block`` with each line over ``limit`` (without its newline) set apart."""
+    ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    long_lines = np.flatnonzero(ends - starts > limit)
+    start = 0
+    for i in long_lines.tolist():
+        if starts[i] > start:
+            yield block[start : starts[i]]
+        yield _TooLarge(block[starts[i] : starts[i] + 4096])
+        start = int(ends[i]) + 1
+    if start < len(block):
+        yield block[start:]
+
+
+def _block_outcomes(
+    block: bytes, report: ParseReport, batch_id: str | None, seq: int
+) -> tuple[pa.Table, int]:
+    """The outcomes of one block of whole lines (it ends in a newline); the next line number."""
+    lines, starts, ends = _lines_array(block)
+    count = len(lines)
+    raw = np.frombuffer(block, np.uint8)
+    # An object on one line: "{" first, "}" last (blank and odd lines go line by line)
+    shaped = (
+        (ends > starts) & (raw[starts] == ord("{")) & (raw[np.maximum(ends - 1, 0)] == ord("}"))
+    )
+    candidate = shaped & _no_odd_keys(lines)
+    rows = np.flatnonzero(candidate)
+    whole = block if len(rows) == count else None
+    fast_rows, fast = _fast_parse(lines, rows, whole)
+    plain, _ = _plain_outcomes(fast, fast_rows, lines)
+    settled = np.zeros(count, bool)
+    settled[plain.rows] = True
+    slow = _slow_outcomes(lines, np.flatnonzero(~settled), report, seq)
+    report.lines += len(plain.rows)  # the per-line parser counted its own lines
+    seqs = np.arange(seq, seq + count)
+    parts = [plain.take_rows(seqs, batch_id), outcomes_to_table(*slow, batch_id)]
+    return pa.concat_tables([t for t in parts if t.num_rows] or parts[:1]), seq + count
+
+
+def _lines_array(block: bytes) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """The lines of ``block`` as a binary array over the block itself (no copy), each value
+    with its newline; and where each line starts and ends (its newline) in the block."""
+    ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10).astype(np.int64)
+    starts = np.concatenate(([0], ends[:-1] + 1)).astype(np.int64)
+    offsets = np.concatenate(([0], ends + 1)).astype(np.int64)
+    array = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(ends), [None, pa.py_buffer(offsets), pa.py_buffer(block)]
+    )
+    return array, starts, ends
+
+
+def _no_odd_keys(lines: pa.Array) -> np.ndarray:
+    """Lines without an Anthropic ``result`` or an escaped surrogate (the per-line parser
+    reads those)."""
+    text = lines.cast(pa.large_string(), safe=False)
+    odd = pc.match_substring(text, '"result"')
+    escaped = pc.match_substring(text, "\\u")
+    if pc.any(escaped).as_py():
+        odd = pc.or_(odd, pc.match_substring_regex(text, _SURROGATE_ESCAPE))
+    return ~odd.fill_null(True).to_numpy(zero_copy_only=False)
+
+
+def _fast_parse(
+    lines: pa.Array, rows: np.ndarray, whole: bytes | None = None
+) -> tuple[np.ndarray, pa.Table | None]:
+    """``pyarrow.json`` over the chosen lines (``whole``: all of them, as one buffer); the
+    lines it refuses are split off and left to the per-line parser (they are not in the
+    returned rows)."""
+    if not len(rows):
+        return rows, None
+    if whole is None:
+        taken = lines.take(pa.array(rows))
+        empty = pa.scalar(b"", pa.large_binary())
+        joined = pc.binary_join_element_wise(taken, empty, empty)
+        data, offsets = _buffer(joined)
+        whole = data[offsets[0] : offsets[-1]]
+    try:
+        table = pj.read_json(
+            io.BytesIO(whole),
+            read_options=pj.ReadOptions(block_size=max(1 << 20, len(whole) + 1)),
+            parse_options=_PARSE,
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        table = None
+    if table is not None and table.num_rows == len(rows):
+        return rows, table
+    if len(rows) <= _SMALLEST_SPLIT:
+        return rows[:0], None
+    half = len(rows) // 2
+    first_rows, first = _fast_parse(lines, rows[:half])
+    second_rows, second = _fast_parse(lines, rows[half:])
+    parts = [t for t in (first, second) if t is not None]
+    if not parts:
+        return rows[:0], None
+    return np.concatenate([first_rows, second_rows]), pa.concat_tables(parts)
+
+
+def _buffer(array: pa.Array) -> tuple[memoryview, np.ndarray]:
+    _, offsets_buf, data_buf = array.buffers()
+    offsets = np.frombuffer(offsets_buf, np.int64, count=array.offset + len(array) + 1)
+    return memoryview(data_buf), offsets[array.offset :]
+
+
+@dataclass
+class _Plain:
+    """The outcome columns of the lines the fast reader settled, at ``rows`` of the block."""
+
+    rows: np.ndarray
+    columns: dict[str, pa.Array]
+
+    def take_rows(self, seqs: np.ndarray, batch_id: str | None) -> pa.Table:
+        n = len(self.rows)
+        if not n:
+            return OUTCOME_SCHEMA.empty_table()
+        arrays = dict(self.columns)
+        arrays["batch_id"] = pa.array([batch_id] * n, pa.string())
+        arrays["seq"] = pa.array(seqs[self.rows], pa.int64())
+        columns = [arrays[f].cast(OUTCOME_SCHEMA.field(f).type) for f in _FIELDS]
+        return pa.table(columns, schema=OUTCOME_SCHEMA)
+
+
+def _plain_outcomes(
+    table: pa.Table | None, rows: np.ndarray, lines: pa.Array
+) -> tuple[_Plain, np.ndarray]:
+    """Split the fast reader's rows into plain outcomes and rows for the per-line parser."""
+    if table is None or not len(rows):
+        return _Plain(rows[:0], {}), rows[:0]
+    g = _Fields(table, lines.take(pa.array(rows)))
+    answer = g.answer()
+    top_error = g.top_error()
+    body_error = g.body_error()
+    plain = pc.or_(pc.or_(answer, top_error), body_error).fill_null(False)
+    plain_np = plain.to_numpy(zero_copy_only=False)
+    picked = pa.array(np.flatnonzero(plain_np))
+    columns = {name: col.take(picked) for name, col in g.columns(answer, top_error).items()}
+    return _Plain(rows[plain_np], columns), rows[~plain_np]
+
+
+def _first(lists: pa.Array) -> pa.Array:
+    """The first element of each list (null for a null or empty list)."""
+    heads = pc.list_slice(lists, 0, 1)
+    values = pc.list_flatten(heads)
+    index = np.full(len(lists), -1, np.int64)
+    index[pc.list_parent_indices(heads).to_numpy()] = np.arange(len(values))
+    return values.take(pa.array(index, mask=index < 0))
+
+
+class _Fields:
+    """The struct fields of a fast-read block, and which lines are plainly settled."""
+
+    def __init__(self, table: pa.Table, lines: pa.Array) -> None:
+        self.n = table.num_rows
+        self.lines = lines.cast(pa.large_string(), safe=False)
+        self.custom_id = table.column("custom_id").combine_chunks()
+        response = table.column("response").combine_chunks()
+        self.status = pc.struct_field(response, "status_code")
+        body = pc.struct_field(response, "body")
+        self.model = pc.struct_field(body, "model")
+        self.choices = pc.struct_field(body, "choices")
+        choice = _first(self.choices)
+        self.content = pc.struct_field(pc.struct_field(choice, "message"), "content")
+        self.finish_reason = pc.struct_field(choice, "finish_reason")
+        self.data = pc.struct_field(body, "data")
+        self.vector = pc.struct_field(_first(self.data), "embedding")
+        self.usage = pc.struct_field(body, "usage")
+        self.body_err = pc.struct_field(body, "error")
+        self.error = table.column("error").combine_chunks()
+
+    # --- which lines are plain ------------------------------------------------------------
+
+    def _id_ok(self) -> pa.Array:
+        return pc.greater(pc.binary_length(self.custom_id), 0)
+
+    def answer(self) -> pa.Array:
+        """A 2xx/3xx answer whose text or vector the columns hold, with readable usage."""
+        status_ok = pc.and_(pc.greater_equal(self.status, 200), pc.less(self.status, 400))
+        chat = pc.is_valid(self.content)
+        embed = self._vector_plain()
+        if pc.any(embed).as_py():
+            # "choices" decides before "data" does, even null: only a line without it embeds
+            no_choices_key = pc.invert(pc.match_substring(self.lines, '"choices"'))
+            embed = pc.and_(no_choices_key, embed)
+        out = pc.and_(pc.and_(status_ok, self.error.is_null()), pc.or_(chat, embed))
+        out = pc.and_(out, pc.and_(self._tokens_plain(), self._labels_plain()))
+        return pc.and_(out, self._id_ok()).fill_null(False)
+
+    def _vector_plain(self) -> pa.Array:
+        """A vector of numbers (the per-line parser refuses a null inside)."""
+        flat = pc.list_flatten(self.vector)
+        bad = np.zeros(self.n, bool)
+        if flat.null_count:
+            parents = pc.list_parent_indices(self.vector).to_numpy()
+            bad[parents[flat.is_null().to_numpy(zero_copy_only=False)]] = True
+        return pc.and_(pc.is_valid(self.vector), pa.array(~bad))
+
+    def _tokens_plain(self) -> pa.Array:
+        """No token count that only the per-line parser can settle: a null count beside
+        an Anthropic-style one (absent or null cannot be told apart by columns)."""
+        out = pa.array(np.ones(self.n, bool))
+        pairs = (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens"))
+        for name, other in pairs:
+            mine = pc.struct_field(self.usage, name)
+            theirs = pc.struct_field(self.usage, other)
+            ambiguous = pc.and_(mine.is_null(), pc.is_valid(theirs))
+            out = pc.and_(out, pc.invert(ambiguous.fill_null(False)))
+        return out
+
+    def _labels_plain(self) -> pa.Array:
+        """Model and finish reason kept as they are by printable(): short, no controls."""
+        return pc.and_(_plain_label(self.model, 200), _plain_label(self.finish_reason, 200))
+
+    def top_error(self) -> pa.Array:
+        """An ``error`` object with a code (or type) and a message."""
+        return pc.and_(self._error_plain(self.error), self._id_ok()).fill_null(False)
+
+    def body_error(self) -> pa.Array:
+        """A 4xx/5xx answer whose body holds an error with a code (or type) and a message."""
+        status = pc.and_(pc.greater_equal(self.status, 400), pc.less_equal(self.status, 599))
+        out = pc.and_(pc.and_(status, self.error.is_null()), self._error_plain(self.body_err))
+        return pc.and_(out, self._id_ok()).fill_null(False)
+
+    @staticmethod
+    def _error_plain(error: pa.Array) -> pa.Array:
+        nested = pc.struct_field(error, "error")
+        out = pc.and_(pc.is_valid(error), nested.is_null())
+        out = pc.and_(out, _plain_label(_error_code(error), 100, empty_ok=False))
+        message = pc.struct_field(error, "message")
+        return pc.and_(out, _plain_label(message, 2000, empty_ok=False)).fill_null(False)
+
+    # --- the outcome columns --------------------------------------------------------------
+
+    def columns(self, answer: pa.Array, top_error: pa.Array) -> dict[str, pa.Array]:
+        chat = pc.is_valid(self.content)
+        error = pc.if_else(top_error, self.error, self.body_err)
+        failed = pc.invert(answer)
+        valid_status = pc.and_(pc.greater_equal(self.status, 100), pc.less_equal(self.status, 599))
+        # A top-level error takes its status from the response beside it, if any
+        status = pc.if_else(valid_status, self.status, pa.scalar(None, pa.int64()))
+        null_text = pa.scalar(None, pa.large_string())
+        null_label = pa.scalar(None, pa.string())
+        null_count = pa.scalar(None, pa.int64())
+        return {
+            "custom_id": self.custom_id,
+            "ok": answer,
+            "text": pc.if_else(pc.and_(answer, chat), self.content, null_text),
+            "embedding": pc.if_else(
+                pc.and_(answer, pc.invert(chat)),
+                self.vector,
+                pa.scalar(None, self.vector.type),
+            ),
+            "model": pc.if_else(answer, self.model, null_label),
+            "finish_reason": pc.if_else(pc.and_(answer, chat), self.finish_reason, null_label),
+            "prompt_tokens": pc.if_else(
+                answer, _tokens(self.usage, "prompt_tokens", "input_tokens"), null_count
+            ),
+            "completion_tokens": pc.if_else(
+                answer, _tokens(self.usage, "completion_tokens", "output_tokens"), null_count
+            ),
+            "error_code": pc.if_else(failed, _error_code(error), null_label),
+            "error_message": pc.if_else(failed, pc.struct_field(error, "message"), null_label),
+            "http_status": pc.if_else(failed, status, null_count),
+        }
+
+
+def _error_code(error: pa.Array) -> pa.Array:
+    """``code or type or "error"``, as the per-line parser takes it."""
+    code = pc.struct_field(error, "code")
+    kind = pc.struct_field(error, "type")
+    has_code = pc.greater(pc.binary_length(code), 0).fill_null(False)
+    has_kind = pc.greater(pc.binary_length(kind), 0).fill_null(False)
+    return pc.if_else(has_code, code, pc.if_else(has_kind, kind, pa.scalar("error", code.type)))
+
+
+def _plain_label(values: pa.Array, limit: int, *, empty_ok: bool = True) -> pa.Array:
+    """Text printable() keeps as it is (or a null, which the parser drops alike)."""
+    values = values.cast(pa.large_string())
+    short = pc.less_equal(pc.utf8_length(values), limit)
+    clean = pc.invert(pc.match_substring_regex(values, _CONTROL))
+    out = pc.and_(short, clean)
+    if not empty_ok:
+        out = pc.and_(out, pc.greater(pc.utf8_length(values), 0))
+        return out.fill_null(False)
+    return out.fill_null(True)
+
+
+def _tokens(usage: pa.Array, name: str, other: str) -> pa.Array:
+    """A count as ``_tokens`` keeps it: 0 <= n < 2**53, else null."""
+    value = pc.coalesce(pc.struct_field(usage, name), pc.struct_field(usage, other))
+    sane = pc.and_(pc.greater_equal(value, 0), pc.less(value, 2**53))
+    return pc.if_else(sane, value, pa.scalar(None, pa.int64()))
+
+
+def _slow_outcomes(
+    lines: pa.Array, rows: np.ndarray, report: ParseReport, seq: int
+) -> tuple[list[Outcome], list[int]]:
+    """The per-line parser over the rows the columns could not settle."""
+    outcomes, seqs = [], []
+    for row in rows.tolist():
+        raw = lines[row].as_py()[:-1]  # without its newline
+        if not raw.strip():
+            continue  # the per-line parser skips a blank line uncounted
+        report.lines += 1
+        outcome = _parse_counted(raw, report)
+        if outcome is not None:
+            outcomes.append(outcome)
+            seqs.append(seq + row)
+    return outcomes, seqs
+
+
+def outcomes_to_table(
+    outcomes: Iterable[Outcome], seqs: Iterable[int], batch_id: str | None
+) -> pa.Table:
+    """Per-line outcomes as rows of the outcome table."""
+    outcomes = list(outcomes)
+    columns = {
+        name: [getattr(o, name) for o in outcomes]
+        for name in _FIELDS
+        if name not in ("seq", "batch_id")
+    }
+    columns["batch_id"] = [batch_id if o.batch_id is None else o.batch_id for o in outcomes]
+    columns["seq"] = list(seqs)
+    return pa.table(
+        [pa.array(columns[f], OUTCOME_SCHEMA.field(f).type) for f in _FIELDS],
+        schema=OUTCOME_SCHEMA,
+    )
+
+
+def redact_table(table: pa.Table, redactor: Callable[[str], str] | None) -> pa.Table:
+    """The API key taken out of the texts (a provider may echo it, escaped in ways a filter
+    on the downloaded bytes cannot see). The redactor runs once over each column's bytes
+    and, only when that changes something, row by row."""
+    if redactor is None or not table.num_rows:
+        return table
+    for name in ("text", "error_message", "error_code"):
+        column = table.column(name).combine_chunks()
+        if not _may_hold(column, redactor):
+            continue
+        values = [None if v is None else redactor(v) for v in column.to_pylist()]
+        index = table.column_names.index(name)
+        table = table.set_column(index, name, pa.array(values, column.type))
+    return table
+
+
+def _may_hold(column: pa.Array, redactor: Callable[[str], str]) -> bool:
+    """False only when no value can contain anything the redactor replaces: it leaves the
+    values, one after another, unchanged (a value that holds the key makes the whole hold it)."""
+    if not len(column) or column.null_count == len(column):
+        return False
+    _, _, data_buf = column.buffers()
+    if data_buf is None:
+        return False
+    text = bytes(memoryview(data_buf)).decode("utf-8", "replace")
+    return redactor(text) != text
