@@ -1,208 +1,65 @@
-"""``make bench``: throughput of prepare and collect, and one sensor tick over 1,000 batches.
+"""``make bench``: every figure against a baseline measured in the same run.
 
-Each figure is compared with a baseline measured in the same run:
-- prepare: a naive pandas ``apply`` that renders and serialises each row;
-- collect: ``pandas.read_json(lines=True)`` plus a merge (which drops nothing but also
-  validates nothing);
-- sensor: the same tick with polling done one batch at a time.
-Peak memory is the process's max RSS growth, measured in a fresh subprocess per step.
+- prepare vs the tutorial loop (``iterrows`` + ``json.dumps``), realistic requests;
+- collect vs ``pyarrow.json`` + pyarrow compute doing the same job, realistic results;
+- peak RSS for 1M rows (``BENCH_MEM_ROWS``), each in a fresh process: prepare (growth over
+  the input DataFrame) and collect (the whole process);
+- one sensor tick over 1,000 in-flight batches, concurrent vs sequential polling.
+
+Each step runs in its own process; ``python -m benchmarks.run <step>`` runs one
+(``prepare``, ``collect``, ``mem_prepare``, ``mem_collect``, ``sensor``). Figures are
+medians of ``BENCH_REPEAT`` interleaved runs; the machine's other load makes them noisy.
 """
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
 ROWS = int(os.environ.get("BENCH_ROWS", "100000"))
+MEM_ROWS = int(os.environ.get("BENCH_MEM_ROWS", "1000000"))
 BATCHES = int(os.environ.get("BENCH_BATCHES", "1000"))
 
 
-def _frame(n: int):
-    import pandas as pd
-
-    return pd.DataFrame(
-        {
-            "id": range(n),
-            "product": ["tent", "stove", "lamp", "filter"] * (n // 4) + ["tent"] * (n % 4),
-            "text": [
-                f"Review {i}: the product did what it promised on a long trip." for i in range(n)
-            ],
-        }
-    )
-
-
-SPEC = dict(
-    model="gpt-4o-mini",
-    prompt_template="Product {product}. Review: {text}",
-    system_prompt="Label the review.",
-    key_columns=("id",),
-)
-
-
-def _speed(seconds: float, baseline_seconds: float, rss_kb: int) -> dict:
-    return {
-        "seconds": round(seconds, 3),
-        "rows_per_second": round(ROWS / seconds),
-        "baseline_seconds": round(baseline_seconds, 3),
-        "baseline_rows_per_second": round(ROWS / baseline_seconds),
-        "peak_rss_growth_mb": round(rss_kb / 1024, 1),
-    }
-
-
 def bench_prepare() -> dict:
-    from infron_dagster import RequestSpec, prepare_requests
+    from benchmarks.columnar import bench_prepare as run
 
-    frame = _frame(ROWS)
-    spec = RequestSpec(**SPEC)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with tempfile.TemporaryDirectory() as work:
-        t = time.perf_counter()
-        prepared = prepare_requests(frame, spec, name="bench", partition_key="p", workdir=work)
-        ours = time.perf_counter() - t
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.perf_counter()
-    with tempfile.TemporaryDirectory() as work, open(os.path.join(work, "x.jsonl"), "w") as fh:
-
-        def render(row):
-            prompt = SPEC["prompt_template"].format(**row)
-            body = {
-                "model": SPEC["model"],
-                "messages": [
-                    {"role": "system", "content": SPEC["system_prompt"]},
-                    {"role": "user", "content": prompt},
-                ],
-            }
-            fh.write(
-                json.dumps(
-                    {
-                        "custom_id": str(row["id"]),
-                        "method": "POST",
-                        "url": "/v1/chat/completions",
-                        "body": body,
-                    }
-                )
-                + "\n"
-            )
-
-        frame.apply(lambda r: render(r.to_dict()), axis=1)
-    naive = time.perf_counter() - t
-    return {
-        "rows": ROWS,
-        "valid": prepared.valid.num_rows,
-        "chunks": len(prepared.chunks),
-        **_speed(ours, naive, rss1 - rss0),
-    }
+    return run(ROWS)
 
 
 def bench_collect() -> dict:
-    import pandas as pd
-    import pyarrow as pa
+    from benchmarks.columnar import bench_collect as run
 
-    from infron_dagster import RequestSpec, make_custom_id
-    from infron_dagster.results import ParseReport, read_outcomes
-    from infron_dagster.tables import FinalOutcome, build_tables
-
-    spec = RequestSpec(**SPEC)
-    frame = _frame(ROWS)
-    ids = [make_custom_id("bench", "p", str(i)) for i in range(ROWS)]
-    inputs = pa.Table.from_pandas(frame, preserve_index=False).append_column(
-        "custom_id", pa.array(ids)
-    )
-    invalid = (
-        inputs.slice(0, 0)
-        .append_column("error_code", pa.array([], pa.string()))
-        .append_column("error_message", pa.array([], pa.string()))
-    )
-    with tempfile.TemporaryDirectory() as work:
-        path = os.path.join(work, "out.jsonl")
-        with open(path, "w") as fh:
-            for cid in reversed(ids):
-                body = {
-                    "model": "m",
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": "positive"},
-                            "finish_reason": "stop",
-                        }
-                    ],
-                    "usage": {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22},
-                }
-                fh.write(
-                    json.dumps(
-                        {
-                            "id": "x",
-                            "custom_id": cid,
-                            "response": {"status_code": 200, "request_id": "r", "body": body},
-                            "error": None,
-                        }
-                    )
-                    + "\n"
-                )
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        t = time.perf_counter()
-        report = ParseReport()
-        with open(path, "rb") as fh:
-            final = {o.custom_id: FinalOutcome(o, 1) for o in read_outcomes(fh, report, "b")}
-        results, failed = build_tables(inputs, invalid, final, spec=spec)
-        ours = time.perf_counter() - t
-        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        t = time.perf_counter()
-        raw = pd.read_json(path, lines=True)
-        raw["text"] = raw["response"].map(lambda r: r["body"]["choices"][0]["message"]["content"])
-        merged = frame.assign(custom_id=ids).merge(raw[["custom_id", "text"]], on="custom_id")
-        naive = time.perf_counter() - t
-    assert results.num_rows == ROWS and failed.num_rows == 0 and len(merged) == ROWS
-    return {"rows": ROWS, **_speed(ours, naive, rss1 - rss0)}
+    return run(ROWS)
 
 
-def bench_collect_e2e() -> dict:
-    """collect_partition end to end: retrieve, download, parse, join, write Parquet."""
-    from infron_dagster import (
-        BatchStorage,
-        RequestSpec,
-        collect_partition,
-        prepare_requests,
-        submit_prepared,
-    )
-    from infron_dagster.local import LocalServerConfig, save_config
-    from infron_dagster.local.embedded import embedded_client
+def bench_mem_prepare() -> dict:
+    from benchmarks.columnar import mem_prepare
 
-    work = tempfile.mkdtemp()
-    local = os.path.join(work, "srv")
-    os.makedirs(local)
-    save_config(
-        local,
-        LocalServerConfig(
-            validating_seconds=0, in_progress_seconds=0, finalizing_seconds=0, failure_rate=0.02
-        ),
-    )
-    spec = RequestSpec(**SPEC)
-    storage = BatchStorage(os.path.join(work, "lake"), "bench")
-    client = embedded_client(local, api_style="openai")
-    prepared = prepare_requests(
-        _frame(ROWS), spec, name="bench", partition_key="p", workdir=os.path.join(work, "prep")
-    )
-    manifest = submit_prepared(client, storage, prepared, spec=spec, partition_key="p").manifest
-    for batch_id in manifest.batch_ids:  # let the server write its result files first
-        client.retrieve_batch(batch_id)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.perf_counter()
-    outcome = collect_partition(client, storage, spec, "p")
-    seconds = time.perf_counter() - t
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert outcome.results.num_rows + outcome.failed.num_rows == ROWS
-    return {
-        "rows": ROWS,
-        "succeeded": outcome.results.num_rows,
-        "failed": outcome.failed.num_rows,
-        "seconds": round(seconds, 3),
-        "rows_per_second": round(ROWS / seconds),
-        "peak_rss_growth_mb": round((rss1 - rss0) / 1024, 1),
-    }
+    return mem_prepare(MEM_ROWS)
+
+
+def bench_make_lake() -> dict:
+    """Setup for mem_collect (its own process, so its memory is not counted)."""
+    from benchmarks.columnar import make_lake
+
+    make_lake(MEM_ROWS, os.environ["BENCH_LAKE"])
+    return {"rows": MEM_ROWS}
+
+
+def bench_mem_collect() -> dict:
+
+    with tempfile.TemporaryDirectory() as lake:
+        _step("make_lake", {"BENCH_LAKE": lake})
+        return _step("mem_collect_only", {"BENCH_LAKE": lake})["mem_collect_only"]
+
+
+def bench_mem_collect_only() -> dict:
+    from benchmarks.columnar import mem_collect
+
+    return mem_collect(MEM_ROWS, os.environ["BENCH_LAKE"])
 
 
 def bench_sensor() -> dict:
@@ -279,19 +136,30 @@ def _sensor_tick(workers: int) -> float:
             return round(time.perf_counter() - t, 2)
 
 
+def _step(name: str, env: dict | None = None) -> dict:
+    """Run one step in a fresh process; its JSON line."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", name],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **(env or {})},
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+STEPS = ("prepare", "collect", "mem_prepare", "mem_collect", "sensor")
+
+
 def main() -> None:
     step = sys.argv[1] if len(sys.argv) > 1 else None
     if step:
         print(json.dumps({step: globals()[f"bench_{step}"]()}))
         return
-    for name in ("prepare", "collect", "collect_e2e", "sensor"):
-        out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.run", name],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        print(out.strip().splitlines()[-1])
+    started = time.perf_counter()
+    for name in STEPS:
+        print(json.dumps(_step(name)), flush=True)
+    print(json.dumps({"total_seconds": round(time.perf_counter() - started)}))
 
 
 if __name__ == "__main__":
