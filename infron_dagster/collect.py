@@ -319,6 +319,9 @@ def _merge(storage: BatchStorage, attempts: list[Manifest], outcome: CollectOutc
     answers carried from earlier attempts count as the earliest."""
     tables = [_carried(storage, attempts[0], outcome)]
     tables += [_attempt_outcomes(storage, manifest, outcome) for manifest in attempts]
+    tables = [t for t in tables if t.num_rows]
+    if len(tables) <= 1:  # one attempt, nothing carried: nothing to merge (and no copy)
+        return tables[0] if tables else _empty_final()
     tables = [
         t.append_column("order", pa.array([i] * t.num_rows, pa.int64()))
         for i, t in enumerate(tables)
@@ -362,9 +365,10 @@ def _attempt_outcomes(
                 seq = int(pc.max(table.column("seq")).as_py()) + 1
             parts.append(redact_table(table, collected.key_redactor))
     lines = pa.concat_tables(parts) if parts else OUTCOME_SCHEMA.empty_table()
-    known = pc.is_in(lines.column(CUSTOM_ID), value_set=sent).to_numpy(zero_copy_only=False)
-    _count_unknown(lines.filter(pa.array(~known)), report)
-    lines = lines.filter(pa.array(known))
+    known = pc.is_in(lines.column(CUSTOM_ID), value_set=sent)
+    if not pc.all(known).as_py():
+        _count_unknown(lines.filter(pc.invert(known)), report)
+        lines = lines.filter(known)
     # The first success stands; otherwise the last line (a duplicate never beats a success)
     rank = pc.if_else(
         lines.column("ok"), lines.column("seq"), pc.subtract(1 << 40, lines.column("seq"))

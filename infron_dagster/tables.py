@@ -163,8 +163,8 @@ class TablesBuilder:
     ) -> None:
         self.spec = spec
         self.keep = _kept(inputs_schema, keep_columns)
-        self.final = final.combine_chunks()
-        self.final_ids = self.final.column(CUSTOM_ID).combine_chunks()
+        self.final = final  # chunked as it is: a copy of every answer would double memory
+        self.final_ids = final.column(CUSTOM_ID).combine_chunks()
         inputs = _input_schema(inputs_schema, self.keep)
         self.fields = _schema_fields(spec, set(inputs.names))
         self.results_schema = _results_schema(inputs, spec, self.fields)
