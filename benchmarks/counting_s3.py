@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -99,22 +100,25 @@ class CountingS3:
 def running(port: int, bucket: str = "lake") -> Iterator[CountingS3]:
     """Start the server in a subprocess, create ``bucket``, stop it afterwards."""
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    log = tempfile.TemporaryFile()  # werkzeug logs every request: not into a pipe that fills
     proc = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), str(port)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
         env=env,
     )
     server = CountingS3(f"http://127.0.0.1:{port}")
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
             try:
                 server.counts()
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the counting S3 server did not start") from None
+                    log.seek(0)
+                    tail = log.read()[-3000:].decode(errors="replace")
+                    raise RuntimeError(f"the counting S3 server did not start:\n{tail}") from None
                 time.sleep(0.1)
         import s3fs
 
@@ -127,6 +131,7 @@ def running(port: int, bucket: str = "lake") -> Iterator[CountingS3]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        log.close()
 
 
 if __name__ == "__main__":
