@@ -18,6 +18,7 @@ Example:
 """
 
 from .assets import CollectConfig, InfronBatchPipeline, SubmitConfig, build_infron_batch_assets
+from .budget import Budget, BudgetExceeded, SpendLedger
 from .client import (
     DEFAULT_BASE_URL,
     DEFAULT_INFRON_MAX_TOKENS,
@@ -26,7 +27,7 @@ from .client import (
     RetryPolicy,
 )
 from .collect import CollectOutcome, collect_partition
-from .components import InfronBatchInferenceComponent
+from .components import InfronBatchInferenceComponent, InfronResourceComponent
 from .errors import (
     InfronAuthError,
     InfronBadRequestError,
@@ -41,6 +42,7 @@ from .errors import (
 from .manifest import ChunkRecord, Manifest
 from .models import ApiStyle, Batch, BatchStatus, normalise_status
 from .prepare import InputError, PreparedRequests, make_custom_id, prepare_requests
+from .pricing import CostEstimate, ModelPrice, estimate_cost
 from .resources import InfronResource
 from .results import DEFAULT_MAX_LINE_BYTES
 from .sensor import build_infron_batch_sensor
@@ -59,9 +61,12 @@ __all__ = [
     "Batch",
     "BatchStatus",
     "BatchStorage",
+    "Budget",
+    "BudgetExceeded",
     "ChunkRecord",
     "CollectConfig",
     "CollectOutcome",
+    "CostEstimate",
     "InfronAuthError",
     "InfronBadRequestError",
     "InfronBatchInferenceComponent",
@@ -74,20 +79,24 @@ __all__ = [
     "InfronProtocolError",
     "InfronRateLimitError",
     "InfronResource",
+    "InfronResourceComponent",
     "InfronServerError",
     "InputError",
     "Manifest",
+    "ModelPrice",
     "ParquetSource",
     "PreparedRequests",
     "RequestSpec",
     "ResultFile",
     "RetryPolicy",
+    "SpendLedger",
     "SubmitConfig",
     "SubmitIncomplete",
     "SubmitOutcome",
     "build_infron_batch_assets",
     "build_infron_batch_sensor",
     "collect_partition",
+    "estimate_cost",
     "make_custom_id",
     "normalise_status",
     "prepare_requests",

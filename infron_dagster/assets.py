@@ -18,7 +18,7 @@ Example:
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from .budget import Budget, BudgetExceeded
 from .cancel import build_cancel_job
 from .checks import build_collect_checks
 from .collect import CollectOutcome, active_attempts, collect_partition
@@ -37,11 +38,13 @@ from .prepare import (
     HIDDEN_COLUMNS,
     prepare_requests,
 )
+from .pricing import CostEstimate, ModelPrice
 from .resources import InfronResource
 from .results import DEFAULT_MAX_LINE_BYTES
 from .sensor import build_infron_batch_sensor
 from .sources import ParquetSource
 from .spec import RequestSpec
+from .spend import DryRunStop, SpendControl
 from .storage import BatchStorage
 from .submit import SubmitOutcome, load_manifests, submit_prepared, succeeded_requests
 from .table_loader import InfronTableIOManager, tables_io_manager_key
@@ -69,6 +72,17 @@ class SubmitConfig(dg.Config):
         default=False,
         description="A create call whose answer was lost may have created a batch: send "
         "those chunks again anyway (may pay twice). Default: refuse and say so.",
+    )
+    dry_run: bool = Field(
+        default=False,
+        description="Prepare, validate and estimate only: nothing is written or sent, the "
+        "partition is not materialized; an observation shows what a real run would send "
+        "and cost.",
+    )
+    allow_over_budget: bool = Field(
+        default=False,
+        description="Submit this run even if its worst case crosses the pipeline's Budget "
+        "(on purpose, once; the ledger records it).",
     )
 
 
@@ -156,6 +170,8 @@ def build_infron_batch_assets(
     automation_condition: dg.AutomationCondition | None = None,
     backfill_policy: dg.BackfillPolicy | None = None,
     pool: str | None = None,
+    price: ModelPrice | None = None,
+    budget: Budget | None = None,
     block_on_failure_rate: bool = False,
     sensor_interval_seconds: int = 30,
     sensor_default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
@@ -172,6 +188,9 @@ def build_infron_batch_assets(
     submits a backfill's whole range in one run, each partition its own attempt and manifest.
     ``pool`` puts submit and collect runs in a Dagster concurrency pool, so a large backfill
     does not open one connection to the provider per partition at once.
+    ``price`` (a :class:`ModelPrice` for ``spec.model``) turns token estimates into money in
+    the metadata; ``budget`` refuses a submission whose worst case crosses a limit before
+    any paid call (``SubmitConfig(allow_over_budget=True)`` overrides it once).
     ``block_on_failure_rate`` makes the ``failure_rate`` check blocking: downstream assets
     of a partition over ``max_failure_rate`` do not run.
     """
@@ -192,6 +211,7 @@ def build_infron_batch_assets(
         max_result_line_bytes,
         {"owners": list(owners or []), "tags": dict(tags or {})},
         pool,
+        SpendControl(storage, spec, price, budget),
     )
     batches = _batches_asset(
         settings, source, partitions_def, group_name, automation_condition, backfill_policy
@@ -256,6 +276,7 @@ class _Settings:
     max_line_bytes: int
     asset_options: dict[str, Any]
     pool: str | None
+    spend: SpendControl
 
 
 # --- submit ------------------------------------------------------------------------------
@@ -279,10 +300,19 @@ def _batches_asset(
     def run(context: dg.AssetExecutionContext, config: SubmitConfig, rows: Any):
         resource: InfronResource = getattr(context.resources, s.resource_key)
         if context.has_partition_key_range and not context.has_partition_key:
-            return _submit_range(s, source, resource, rows, config, context)
+            yield from _submit_range(s, source, resource, rows, config, context)
+            return
         key = context.partition_key if context.has_partition_key else None
-        outcome = _submit_partition(s, source, resource, rows, key, config, context.run_id)
-        return dg.MaterializeResult(metadata=_submit_metadata(outcome, resource))
+        submission = _submit_partition(s, source, resource, rows, key, config, context.run_id)
+        metadata = submission.metadata(resource)
+        if not config.dry_run:
+            yield dg.MaterializeResult(metadata=metadata)
+            return
+        # A dry run materializes nothing: the estimate is an observation on the asset.
+        context.log_event(
+            dg.AssetObservation(context.assets_def.key, partition=key, metadata=metadata)
+        )
+        context.log.info(f"dry run of partition {key!r}: {submission.summary()}")
 
     decorator = dg.asset(
         name=f"{s.name}_batches",
@@ -295,21 +325,18 @@ def _batches_asset(
         automation_condition=automation_condition,
         backfill_policy=backfill_policy,
         pool=s.pool,
+        output_required=False,  # a dry run materializes nothing
         **s.asset_options,
     )
     if upstream is None:
 
-        def _from_storage(
-            context: dg.AssetExecutionContext, config: SubmitConfig
-        ) -> dg.MaterializeResult:
-            return run(context, config, None)
+        def _from_storage(context: dg.AssetExecutionContext, config: SubmitConfig):
+            yield from run(context, config, None)
 
         return decorator(_from_storage)
 
-    def _from_upstream(
-        context: dg.AssetExecutionContext, config: SubmitConfig, rows: Any
-    ) -> dg.MaterializeResult:
-        return run(context, config, rows)
+    def _from_upstream(context: dg.AssetExecutionContext, config: SubmitConfig, rows: Any):
+        yield from run(context, config, rows)
 
     return decorator(_from_upstream)
 
@@ -322,7 +349,7 @@ def _submit_partition(
     key: str | None,
     config: SubmitConfig,
     run_id: str,
-) -> SubmitOutcome:
+) -> "_Submission":
     """Prepare and submit one partition: its own attempt, manifest and batches."""
     kind = "retry" if config.retry_failed else "initial"
     if config.retry_failed:
@@ -344,7 +371,7 @@ def _submit_range(
     rows: Any,
     config: SubmitConfig,
     context: dg.AssetExecutionContext,
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
     """A single-run backfill: each partition of the range submitted on its own.
 
     One partition's failure does not stop the others (their money is already committed or
@@ -356,26 +383,28 @@ def _submit_range(
     for key in context.partition_keys:
         try:
             part = _range_rows(s, source, rows, key, config)
-            outcome = _submit_partition(s, source, resource, part, key, config, context.run_id)
+            submission = _submit_partition(s, source, resource, part, key, config, context.run_id)
         except Exception as exc:  # reported below with its partition; the rest go on
             context.log.error(f"partition {key!r}: {type(exc).__name__}: {printable(exc)}")
             failures[key] = f"{type(exc).__name__}: {printable(exc, 300)}"
             continue
-        done[key] = _submit_metadata(outcome, resource)
+        done[key] = submission.metadata(resource)
     batches_key = context.assets_def.key
-    if failures:
+    event = dg.AssetObservation if config.dry_run else dg.AssetMaterialization
+    if failures or config.dry_run:
         for key, metadata in done.items():
-            context.log_event(
-                dg.AssetMaterialization(batches_key, partition=key, metadata=metadata)
-            )
+            context.log_event(event(batches_key, partition=key, metadata=metadata))
+    if failures:
         raise dg.Failure(
             f"{len(failures)} of {len(context.partition_keys)} partitions were not submitted: "
             + "; ".join(f"{k}: {why}" for k, why in list(failures.items())[:5]),
             metadata={"failed_partitions": dg.MetadataValue.json(failures)},
         )
+    if config.dry_run:
+        return
     for key, metadata in done.items():
         context.add_asset_metadata(metadata, partition_key=key)
-    return dg.MaterializeResult()
+    yield dg.MaterializeResult()
 
 
 def _range_rows(s: _Settings, source: Any, rows: Any, key: str, config: SubmitConfig) -> Any:
@@ -408,7 +437,7 @@ def _prepare_and_submit(
     kind: str,
     config: SubmitConfig,
     run_id: str,
-) -> SubmitOutcome:
+) -> "_Submission":
     carry = kind == "initial" and not config.force_resubmit
     succeeded = succeeded_requests(s.storage, key) if carry else {}
     with tempfile.TemporaryDirectory(prefix="infron-prepare-") as workdir:
@@ -423,18 +452,33 @@ def _prepare_and_submit(
             succeeded=succeeded,
             keep_columns=s.keep_columns,  # a typo is named before any money is spent
         )
+        estimate = s.spend.estimate(prepared)
+        gate = s.spend.gate(
+            estimate, key, dry_run=config.dry_run, allow_over_budget=config.allow_over_budget
+        )
         with resource.get_client() as client:
-            return submit_prepared(
-                client,
-                s.storage,
-                prepared,
-                spec=s.spec,
-                partition_key=key,
-                kind=kind,
-                force=config.force_resubmit,
-                run_id=run_id,
-                resubmit_uncertain=config.resubmit_uncertain,
-            )
+            try:
+                outcome = submit_prepared(
+                    client,
+                    s.storage,
+                    prepared,
+                    spec=s.spec,
+                    partition_key=key,
+                    kind=kind,
+                    force=config.force_resubmit,
+                    run_id=run_id,
+                    resubmit_uncertain=config.resubmit_uncertain,
+                    gate=gate,
+                )
+            except DryRunStop as stop:
+                return _Submission(
+                    estimate, prepared.carried, stop.manifest, stop.new_spend, dry_run=True
+                )
+            except BudgetExceeded as exc:
+                raise dg.Failure(str(exc), metadata=estimate.metadata()) from exc
+    return _Submission(
+        estimate, prepared.carried, outcome.manifest, False, outcome, dry_run=config.dry_run
+    )
 
 
 def _retry_rows(s: _Settings, key: str | None) -> pa.Table:
@@ -464,25 +508,51 @@ def _retry_rows(s: _Settings, key: str | None) -> pa.Table:
     return rows.drop_columns([CUSTOM_ID, *(c for c in HIDDEN_COLUMNS if c in rows.column_names)])
 
 
-def _submit_metadata(outcome: SubmitOutcome, resource: InfronResource) -> dict[str, Any]:
-    m = outcome.manifest
-    return {
-        "dagster/row_count": m.row_count,
-        "valid_rows": m.row_count - m.invalid_count,
-        "invalid_rows": m.invalid_count,
-        "carried_rows": m.carried_count,
-        "chunks": len(m.chunks),
-        "batch_ids": dg.MetadataValue.json(m.batch_ids),
-        "batches_created": len(outcome.created),
-        "batches_reattached": len(outcome.reattached),
-        "reused_existing_batches": outcome.reused,
-        "attempt": m.attempt,
-        "attempt_kind": m.kind,
-        "api_style": m.api_style or resource.api_style,
-        "local_server": resource.is_local,
-        "estimated_input_tokens": m.estimated_input_tokens,
-        "fingerprint": m.fingerprint[:16],
-    }
+@dataclass(frozen=True)
+class _Submission:
+    """One partition's submission, or what a dry run found it would be."""
+
+    estimate: CostEstimate
+    carried: int
+    manifest: Any  # the attempt's Manifest (a dry run's is never written)
+    would_pay: bool  # a dry run: whether a real run would create (and pay for) batches
+    outcome: SubmitOutcome | None = None  # None for a dry run stopped before writing
+    dry_run: bool = False
+
+    def summary(self) -> str:
+        if self.outcome is not None:
+            return f"attempt {self.manifest.attempt} holds these requests: nothing to send"
+        cost = self.estimate.metadata().get("estimate/cost_worst_case")
+        money = f", worst case {cost}" if cost is not None else ""
+        sent = self.estimate.requests if self.would_pay else 0
+        return f"would send {sent} requests in {len(self.manifest.chunks)} batch(es){money}"
+
+    def metadata(self, resource: InfronResource) -> dict[str, Any]:
+        m = self.manifest
+        common = {
+            "dagster/row_count": m.row_count,
+            "valid_rows": m.row_count - m.invalid_count,
+            "invalid_rows": m.invalid_count,
+            "carried_rows": self.carried,
+            "chunks": len(m.chunks),
+            "attempt": m.attempt,
+            "attempt_kind": m.kind,
+            "api_style": m.api_style or resource.api_style,
+            "local_server": resource.is_local,
+            "estimated_input_tokens": self.estimate.input_tokens,
+            "fingerprint": m.fingerprint[:16],
+            **self.estimate.metadata(),
+        }
+        if self.dry_run:
+            return {"dry_run": True, "would_pay": self.would_pay, **common}
+        assert self.outcome is not None
+        return {
+            **common,
+            "batch_ids": dg.MetadataValue.json(m.batch_ids),
+            "batches_created": len(self.outcome.created),
+            "batches_reattached": len(self.outcome.reattached),
+            "reused_existing_batches": self.outcome.reused,
+        }
 
 
 # --- collect -----------------------------------------------------------------------------
@@ -616,7 +686,7 @@ def _collect_results(
             "dagster/uri": str(s.storage.table_path("results", key)),
             "table_root": str(s.storage.table_root("results")),
             **tokens,
-            **({"cost": round(outcome.cost, 6)} if outcome.cost is not None else {}),
+            **_money_metadata(s, key, outcome),
             "dagster/column_schema": _column_schema(outcome.results),
             "summary": dg.MetadataValue.md(_summary_md(key, outcome)),
         },
@@ -632,6 +702,23 @@ def _collect_results(
             "retryable": int(pc.sum(outcome.failed.column("retryable")).as_py() or 0) if bad else 0,
         },
     )
+
+
+def _money_metadata(s: _Settings, key: str | None, outcome: CollectOutcome) -> dict[str, Any]:
+    """What the partition cost (settled in the budget ledger) next to what was estimated."""
+    attempts = [m for m in load_manifests(s.storage, key) if m.attempt in outcome.attempts]
+    assert outcome.results is not None
+    actual = s.spend.settle(attempts, outcome.results, outcome.batches)
+    reported = outcome.cost
+    money: dict[str, Any] = {}
+    if actual is not None or reported is not None:
+        money["cost"] = round(actual if actual is not None else reported, 6)
+    if reported is not None:
+        money["cost_reported_by_provider"] = round(reported, 6)
+    estimates = [(m.spend or {}).get("expected_cost") for m in attempts]
+    if estimates and all(e is not None for e in estimates):
+        money["cost_estimated"] = round(sum(estimates), 6)
+    return money
 
 
 def _column_schema(table: pa.Table) -> dg.TableSchema:

@@ -72,6 +72,9 @@ class Manifest:
     estimated_input_tokens: int = 0
     chunks: list[ChunkRecord] = field(default_factory=list)
     run_id: str | None = None
+    # The money side, when the pipeline has a price: the estimate made before sending and
+    # the ledger entry that reserved it ({"day", "entry", "expected_cost", "worst_cost"}).
+    spend: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.base_attempt:

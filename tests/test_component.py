@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pytest
 from dagster.components.testing import create_defs_folder_sandbox
 
-from infron_dagster import InfronResource, ParquetSource
+from infron_dagster import Budget, InfronResource, ModelPrice, ParquetSource
 from infron_dagster.components import InfronBatchInferenceComponent, InfronResourceComponent
 from infron_dagster.components.batch_inference import Endpoint
 from infron_dagster.spec import ENDPOINTS
@@ -186,6 +186,8 @@ def test_yaml_scheduling_options_reach_the_assets():
         automation_condition: "{{ automation_condition.on_cron('0 2 * * *') }}"
         backfill_policy: {type: single_run}
         pool: infron_provider
+        price: {input_per_million: 0.15, output_per_million: 0.6}
+        budget: {max_cost_per_day: 20}
         owners: [team:analytics]
         tags: {tier: nightly}
         """
@@ -199,6 +201,8 @@ def test_yaml_scheduling_options_reach_the_assets():
         assert batches.op.pool == pipeline.collect_assets.op.pool == "infron_provider"
         assert batches.specs_by_key[batches.key].owners == ["team:analytics"]
         assert batches.specs_by_key[batches.key].tags["tier"] == "nightly"
+        assert component.price == ModelPrice(input_per_million=0.15, output_per_million=0.6)
+        assert component.budget == Budget(max_cost_per_day=20)
 
 
 def test_body_fn_from_an_import_path():

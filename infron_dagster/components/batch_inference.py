@@ -29,7 +29,9 @@ from dagster.components.resolved.core_models import (
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..assets import InfronBatchPipeline, build_infron_batch_assets
+from ..budget import Budget
 from ..prepare import DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUESTS
+from ..pricing import ModelPrice
 from ..results import DEFAULT_MAX_LINE_BYTES
 from ..sources import ParquetSource
 from ..spec import RequestSpec
@@ -153,6 +155,38 @@ def _resolve_partitions(
         return dg.DynamicPartitionsDefinition(name=value.dynamic)
     kind = next(kind for kind in _TIME_WINDOWS if getattr(value, kind) is not None)
     return _TIME_WINDOWS[kind](**getattr(value, kind).model_dump(exclude_none=True))
+
+
+# --- money -------------------------------------------------------------------------------
+
+
+class PriceModel(dg.Model):
+    """YAML shape of ``price``: list prices per million tokens of the pipeline's model."""
+
+    input_per_million: float
+    output_per_million: float
+    batch_discount: float = Field(default=0.5, description="0.5: batch costs half the list")
+
+
+class BudgetModel(dg.Model):
+    """YAML shape of ``budget``: refuse a submission whose worst case crosses a limit."""
+
+    max_cost_per_partition: float | None = None
+    max_cost_per_day: float | None = Field(default=None, description="Per UTC day.")
+
+
+def _resolve_price(context: dg.ResolutionContext, value: PriceModel | None) -> ModelPrice | None:
+    if value is None:
+        return None
+    raw = PriceModel.model_validate(context.resolve_value(value.model_dump()))
+    return ModelPrice(**raw.model_dump())
+
+
+def _resolve_budget(context: dg.ResolutionContext, value: BudgetModel | None) -> Budget | None:
+    if value is None:
+        return None
+    raw = BudgetModel.model_validate(context.resolve_value(value.model_dump()))
+    return Budget(**raw.model_dump())
 
 
 # --- body_fn -----------------------------------------------------------------------------
@@ -344,6 +378,22 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
     pool: str | None = Field(
         default=None, description="Dagster concurrency pool of the submit and collect runs."
     )
+    price: Annotated[
+        ModelPrice | None,
+        dg.Resolver(
+            _resolve_price,
+            model_field_type=PriceModel | None,
+            description="Prices of `model`: estimates and costs in money.",
+        ),
+    ] = None
+    budget: Annotated[
+        Budget | None,
+        dg.Resolver(
+            _resolve_budget,
+            model_field_type=BudgetModel | None,
+            description="Money limits; a submission over them is refused unsent.",
+        ),
+    ] = None
     resource_key: str = "infron"
     group_name: str | None = None
     sensor_interval_seconds: int = 30
@@ -400,6 +450,8 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
             automation_condition=self.automation_condition,
             backfill_policy=self.backfill_policy,
             pool=self.pool,
+            price=self.price,
+            budget=self.budget,
             block_on_failure_rate=self.block_on_failure_rate,
             sensor_interval_seconds=self.sensor_interval_seconds,
             sensor_default_status=dg.DefaultSensorStatus(self.sensor_default_status.upper()),

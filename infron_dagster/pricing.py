@@ -1,0 +1,182 @@
+"""What a submission will cost, before it is sent: prices (user input) and estimates.
+
+Prices change and differ by provider, so there is no built-in price list: a pipeline that
+wants money figures is given a :class:`ModelPrice` for the model it uses. Token counts before
+the run are estimates: input tokens from the rendered request text (about 4 characters per
+token, the rule of thumb for English text with OpenAI-style tokenizers; CJK text and code
+count more tokens per character), output tokens as the mean this pipeline observed in its
+collected partitions, else the request's ``max_tokens`` (the worst case either way).
+
+Example:
+    >>> price = ModelPrice(input_per_million=0.15, output_per_million=0.60)
+    >>> round(price.cost(input_tokens=1_000_000, output_tokens=100_000), 4)
+    0.105
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .client import DEFAULT_INFRON_MAX_TOKENS
+from .spec import RequestSpec
+from .storage import BatchStorage
+
+__all__ = ["CostEstimate", "ModelPrice", "estimate_cost", "max_output_tokens"]
+
+_OUTPUT_LIMIT_PARAMS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+_SAMPLED_PARTITIONS = 5  # recent collected partitions read for the observed output mean
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """List prices per million tokens and the share a batch takes off them.
+
+    ``batch_discount=0.5`` means batch requests cost half the list price (what OpenAI and
+    most providers offer); ``0`` means no discount.
+
+    Example:
+        >>> ModelPrice(input_per_million=2.5, output_per_million=10.0, batch_discount=0.5)
+    """
+
+    input_per_million: float
+    output_per_million: float
+    batch_discount: float = 0.5
+
+    def __post_init__(self) -> None:
+        values = (self.input_per_million, self.output_per_million)
+        if any(not math.isfinite(v) or v < 0 for v in values):
+            raise ValueError("ModelPrice: prices per million tokens must be finite and >= 0")
+        if not 0 <= self.batch_discount < 1:
+            raise ValueError("ModelPrice: batch_discount must be in [0, 1), e.g. 0.5 for half")
+
+    def cost(self, input_tokens: float, output_tokens: float) -> float:
+        """The batch price of these tokens.
+
+        Example:
+            >>> ModelPrice(1.0, 2.0, batch_discount=0.0).cost(1_000_000, 500_000)
+            2.0
+        """
+        listed = input_tokens * self.input_per_million + output_tokens * self.output_per_million
+        return listed / 1_000_000 * (1 - self.batch_discount)
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """Tokens and money a submission would spend: expected and worst case.
+
+    Example:
+        >>> CostEstimate(requests=10, input_tokens=500, expected_output_tokens=300,
+        ...              max_output_tokens=2000, output_basis="max_tokens").worst_cost is None
+        True
+    """
+
+    requests: int
+    input_tokens: int
+    expected_output_tokens: int
+    max_output_tokens: int
+    output_basis: str
+    price: ModelPrice | None = None
+
+    @property
+    def expected_cost(self) -> float | None:
+        """Input estimate plus the expected output, priced; None without a price."""
+        if self.price is None:
+            return None
+        return self.price.cost(self.input_tokens, self.expected_output_tokens)
+
+    @property
+    def worst_cost(self) -> float | None:
+        """Input estimate plus every request using its whole output limit; None without a
+        price."""
+        if self.price is None:
+            return None
+        return self.price.cost(self.input_tokens, self.max_output_tokens)
+
+    def metadata(self) -> dict[str, Any]:
+        """The estimate as Dagster metadata, rounded for people."""
+        out: dict[str, Any] = {
+            "estimate/requests": self.requests,
+            "estimate/input_tokens": self.input_tokens,
+            "estimate/output_tokens_expected": self.expected_output_tokens,
+            "estimate/output_tokens_worst_case": self.max_output_tokens,
+            "estimate/output_basis": self.output_basis,
+        }
+        if self.price is not None:
+            out["estimate/cost_expected"] = round(self.expected_cost or 0.0, 6)
+            out["estimate/cost_worst_case"] = round(self.worst_cost or 0.0, 6)
+        return out
+
+
+def max_output_tokens(spec: RequestSpec) -> int:
+    """The output limit of one request: the one the spec sends, else what the wire sends.
+
+    Embeddings produce no output tokens. Without an explicit limit a chat request is sent to
+    Infron with ``max_tokens`` = :data:`DEFAULT_INFRON_MAX_TOKENS`, and that is the worst
+    case assumed for the OpenAI style too (whose models may allow more: set ``max_tokens``
+    to make the worst case exact).
+    """
+    if spec.endpoint == "/v1/embeddings":
+        return 0
+    for name in _OUTPUT_LIMIT_PARAMS:
+        value = spec.params.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return DEFAULT_INFRON_MAX_TOKENS
+
+
+def observed_output_mean(storage: BatchStorage) -> tuple[float, int] | None:
+    """Mean completion tokens per answered row in the latest collected partitions, with the
+    number of rows it is taken from; None when nothing was collected yet."""
+    root = storage.table_root("results")
+    if not storage.exists(root):
+        return None
+    folders = sorted(p for p in root.iterdir() if p.name.startswith("partition="))
+    total = rows = 0
+    for folder in folders[-_SAMPLED_PARTITIONS:]:
+        for file in folder.glob("*.parquet"):
+            with file.open("rb") as f:
+                table = pq.read_table(f, columns=["completion_tokens"])
+            column = table.column("completion_tokens")
+            total += int(pc.sum(column).as_py() or 0)
+            rows += len(column) - column.null_count
+    return (total / rows, rows) if rows else None
+
+
+def estimate_cost(
+    spec: RequestSpec,
+    storage: BatchStorage,
+    *,
+    requests: int,
+    input_tokens: int,
+    price: ModelPrice | None,
+) -> CostEstimate:
+    """Estimate what sending ``requests`` requests of ``input_tokens`` tokens costs.
+
+    Example:
+        >>> estimate = estimate_cost(spec, storage, requests=100, input_tokens=12_000,
+        ...                          price=ModelPrice(0.15, 0.60))
+        >>> estimate.worst_cost >= estimate.expected_cost
+        True
+    """
+    limit = max_output_tokens(spec)
+    observed = observed_output_mean(storage) if limit else None
+    if observed is not None:
+        mean, rows = observed
+        expected = round(min(mean, limit) * requests)
+        basis = f"observed mean {mean:.1f} tokens over {rows} collected rows"
+    else:
+        expected = limit * requests
+        basis = "no output" if not limit else f"max_tokens {limit} (nothing collected yet)"
+    return CostEstimate(
+        requests=requests,
+        input_tokens=input_tokens,
+        expected_output_tokens=expected,
+        max_output_tokens=limit * requests,
+        output_basis=basis,
+        price=price,
+    )

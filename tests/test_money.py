@@ -1,0 +1,223 @@
+"""Money seen before it is spent: estimates, dry runs, the budget guard and its ledger.
+
+Real runs on the embedded local server; the number of batches on the server is the proof
+that nothing was paid for.
+"""
+
+import multiprocessing
+import time
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from infron_dagster import RequestSpec, build_infron_batch_assets
+from infron_dagster.budget import Budget, SpendLedger
+from infron_dagster.local.store import Store
+from infron_dagster.pricing import ModelPrice
+from infron_dagster.submit import load_manifests
+
+PARTS = dg.StaticPartitionsDefinition(["a", "b", "c"])
+PRICE = ModelPrice(input_per_million=2.0, output_per_million=8.0, batch_discount=0.5)
+MAX_TOKENS = 50
+ROWS = 12
+
+
+def build(tmp_path, infron_resource, **kwargs):
+    @dg.asset(name="reviews", partitions_def=PARTS)
+    def reviews():
+        return pd.DataFrame({"id": range(ROWS), "text": [f"review {i}" for i in range(ROWS)]})
+
+    pipeline = build_infron_batch_assets(
+        name="rev",
+        spec=RequestSpec(
+            model="gpt-4o-mini",
+            prompt_template="Sentiment of {text}",
+            key_columns="id",
+            params={"max_tokens": MAX_TOKENS},
+        ),
+        source="reviews",
+        partitions_def=PARTS,
+        storage_root=str(tmp_path / "lake"),
+        max_requests_per_batch=5,
+        price=PRICE,
+        **kwargs,
+    )
+    resources = {
+        "infron": infron_resource,
+        "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
+    }
+    return pipeline, reviews, resources
+
+
+def submit(pipeline, reviews, resources, instance, partition, **config):
+    return dg.materialize(
+        [reviews, pipeline.batches_asset],
+        partition_key=partition,
+        resources=resources,
+        instance=instance,
+        run_config={"ops": {"rev_batches": {"config": config}}} if config else None,
+        raise_on_error=False,
+    )
+
+
+def server_batches(local_dir) -> int:
+    return len(Store(local_dir).list_batches())
+
+
+def batches_metadata(result) -> dict:
+    (mat,) = result.asset_materializations_for_node("rev_batches")
+    return {k: v.value for k, v in mat.metadata.items()}
+
+
+def worst_case(input_tokens: int) -> float:
+    return PRICE.cost(input_tokens, MAX_TOKENS * ROWS)
+
+
+def test_a_dry_run_sends_and_writes_nothing_and_reports_the_estimate(
+    tmp_path, infron_resource, local_dir
+):
+    pipeline, reviews, resources = build(tmp_path, infron_resource)
+    with dg.instance_for_test() as instance:
+        result = submit(pipeline, reviews, resources, instance, "a", dry_run=True)
+        assert result.success
+        assert not result.asset_materializations_for_node("rev_batches")
+        (observation,) = [
+            e.asset_observation_data.asset_observation
+            for e in result.all_events
+            if e.event_type_value == "ASSET_OBSERVATION"
+        ]
+        meta = {k: v.value for k, v in observation.metadata.items()}
+        materialized = instance.get_materialized_partitions(pipeline.batches_asset.key)
+    assert observation.partition == "a"
+    assert meta["dry_run"] is True and meta["would_pay"] is True
+    assert meta["estimate/requests"] == ROWS
+    assert meta["estimate/output_tokens_worst_case"] == MAX_TOKENS * ROWS
+    assert meta["estimate/cost_worst_case"] == round(worst_case(meta["estimate/input_tokens"]), 6)
+    assert meta["estimate/input_tokens"] > 0
+    assert server_batches(local_dir) == 0
+    assert not load_manifests(pipeline.storage, "a")
+    assert not materialized
+
+
+def test_over_its_budget_a_partition_is_refused_before_any_create_then_allowed_once(
+    tmp_path, infron_resource, local_dir
+):
+    pipeline, reviews, resources = build(
+        tmp_path, infron_resource, budget=Budget(max_cost_per_partition=1e-9)
+    )
+    with dg.instance_for_test() as instance:
+        refused = submit(pipeline, reviews, resources, instance, "a")
+        assert not refused.success
+        failure = next(e for e in refused.all_events if e.event_type_value == "STEP_FAILURE")
+        message = failure.step_failure_data.error.to_string()
+        assert "over max_cost_per_partition" in message and "already spent" in message
+        assert server_batches(local_dir) == 0
+        assert not load_manifests(pipeline.storage, "a")
+
+        allowed = submit(pipeline, reviews, resources, instance, "a", allow_over_budget=True)
+        assert allowed.success
+        meta = batches_metadata(allowed)
+    assert server_batches(local_dir) == meta["chunks"] == 3
+    (manifest,) = load_manifests(pipeline.storage, "a")
+    assert manifest.spend["worst_cost"] == pytest.approx(worst_case(meta["estimate/input_tokens"]))
+    ledger = SpendLedger(pipeline.storage)
+    assert ledger.spent_on(manifest.spend["day"]) == pytest.approx(manifest.spend["worst_cost"])
+
+
+def _submit_in_a_process(tmp_path, local_dir, limit: float, partition: str, go, out) -> None:
+    """A run of its own, as two workers of a deployment would start them."""
+    from infron_dagster import InfronResource
+
+    resource = InfronResource(base_url=f"local://{local_dir}", api_style="infron")
+    pipeline, reviews, resources = build(
+        tmp_path, resource, budget=Budget(max_cost_per_day=limit)
+    )
+    with dg.instance_for_test() as instance:
+        go.wait(60)  # both processes are ready: submit at the same moment
+        out.put((partition, submit(pipeline, reviews, resources, instance, partition).success))
+
+
+def test_the_daily_limit_holds_for_two_runs_submitting_at_once(
+    tmp_path, infron_resource, local_dir
+):
+    probe, reviews, resources = build(tmp_path / "probe", infron_resource)
+    with dg.instance_for_test() as instance:
+        dry = submit(probe, reviews, resources, instance, "a", dry_run=True)
+        (observation,) = [e for e in dry.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+        one = observation.asset_observation_data.asset_observation.metadata
+        per_partition = one["estimate/cost_worst_case"].value
+    limit = per_partition * 1.5  # room for one partition's worst case, not for two
+
+    spawn = multiprocessing.get_context("spawn")  # Dagster runs are not thread-safe
+    go, out = spawn.Event(), spawn.Queue()
+    workers = [
+        spawn.Process(target=_submit_in_a_process, args=(tmp_path, local_dir, limit, p, go, out))
+        for p in ("a", "b")
+    ]
+    for worker in workers:
+        worker.start()
+    time.sleep(3)  # let both import Dagster and build their definitions
+    go.set()
+    outcomes = dict(out.get(timeout=180) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+    assert sorted(outcomes.values()) == [False, True]
+    assert server_batches(local_dir) == 3  # one partition's chunks, never both
+    pipeline, _, _ = build(tmp_path, infron_resource)
+    assert SpendLedger(pipeline.storage).spent_on(SpendLedger.today()) <= limit
+
+
+@pytest.mark.parametrize("style", ["infron", "openai"])
+def test_collection_settles_the_ledger_to_the_actual_cost(tmp_path, local_dir, style):
+    from infron_dagster import InfronResource
+
+    resource = InfronResource(base_url=f"local://{local_dir}", api_style=style)
+    pipeline, reviews, resources = build(
+        tmp_path, resource, budget=Budget(max_cost_per_day=10.0)
+    )
+    with dg.instance_for_test() as instance:
+        assert submit(pipeline, reviews, resources, instance, "a").success
+        collected = dg.materialize(
+            pipeline.collect_definitions,
+            partition_key="a",
+            resources=resources,
+            instance=instance,
+        )
+        (results_mat, _) = collected.asset_materializations_for_node("rev_collect")
+        meta = {k: v.value for k, v in results_mat.metadata.items()}
+    if style == "infron":  # Infron reports fees per batch: they are what was spent
+        actual = meta["cost_reported_by_provider"]
+    else:  # OpenAI's batch object has no fees: the answered tokens at the pipeline's price
+        assert "cost_reported_by_provider" not in meta
+        actual = PRICE.cost(meta["prompt_tokens"], meta["completion_tokens"])
+    assert meta["cost"] == round(actual, 6) > 0
+    assert meta["cost_estimated"] > 0
+    (manifest,) = load_manifests(pipeline.storage, "a")
+    spent = SpendLedger(pipeline.storage).spent_on(manifest.spend["day"])
+    assert spent == pytest.approx(actual, abs=1e-6)  # the reserved worst case is replaced
+    assert spent < manifest.spend["worst_cost"]
+
+
+def test_a_budget_without_a_price_is_refused_at_definition(tmp_path):
+    with pytest.raises(ValueError, match="a Budget needs a ModelPrice"):
+        build_infron_batch_assets(
+            name="rev",
+            spec=RequestSpec(model="m", prompt_template="{text}", key_columns="id"),
+            source="reviews",
+            budget=Budget(max_cost_per_day=1.0),
+            storage_root=str(tmp_path),
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"input_per_million": -1.0, "output_per_million": 1.0},
+        {"input_per_million": float("nan"), "output_per_million": 1.0},
+        {"input_per_million": 1.0, "output_per_million": 1.0, "batch_discount": 1.0},
+    ],
+)
+def test_nonsense_prices_are_refused(kwargs):
+    with pytest.raises(ValueError, match="ModelPrice"):
+        ModelPrice(**kwargs)
