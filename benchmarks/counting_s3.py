@@ -13,6 +13,7 @@ Usage (the benchmark and the tests start it as a subprocess by file path)::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def serve(port: int, host: str = "127.0.0.1") -> None:
     )
     from werkzeug.serving import make_server
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per request
     app = counting(DomainDispatcherApplication(create_backend_app))
     make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler).serve_forever()
 
@@ -100,38 +102,37 @@ class CountingS3:
 def running(port: int, bucket: str = "lake") -> Iterator[CountingS3]:
     """Start the server in a subprocess, create ``bucket``, stop it afterwards."""
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    log = tempfile.TemporaryFile()  # werkzeug logs every request: not into a pipe that fills
-    proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-        env=env,
-    )
-    server = CountingS3(f"http://127.0.0.1:{port}")
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                server.counts()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    tail = log.read()[-3000:].decode(errors="replace")
-                    raise RuntimeError(f"the counting S3 server did not start:\n{tail}") from None
-                time.sleep(0.1)
-        import s3fs
+    command = [sys.executable, os.path.abspath(__file__), str(port)]
+    with tempfile.TemporaryFile() as log:  # startup errors, for the message if it fails
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        server = CountingS3(f"http://127.0.0.1:{port}")
+        try:
+            _wait_until_up(server, proc, log)
+            import s3fs
 
-        # No region here: s3fs would send it as a LocationConstraint, which us-east-1 refuses.
-        fs = s3fs.S3FileSystem(
-            key="testing", secret="testing", client_kwargs={"endpoint_url": server.endpoint_url}
-        )
-        fs.mkdir(bucket)
-        yield server
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
+            # No region: s3fs would send it as a LocationConstraint, which us-east-1 refuses.
+            fs = s3fs.S3FileSystem(
+                key="testing", secret="testing", client_kwargs={"endpoint_url": server.endpoint_url}
+            )
+            fs.mkdir(bucket)
+            yield server
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def _wait_until_up(server: CountingS3, proc: subprocess.Popen, log: Any) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            server.counts()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                tail = log.read()[-3000:].decode(errors="replace")
+                raise RuntimeError(f"the counting S3 server did not start:\n{tail}") from None
+            time.sleep(0.1)
 
 
 if __name__ == "__main__":

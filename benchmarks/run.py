@@ -148,7 +148,14 @@ def _step(name: str, env: dict | None = None) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-STEPS = ("prepare", "collect", "mem_prepare", "mem_collect", "sensor")
+def bench_sensor_scale() -> dict:
+    """Sensor ticks on S3 at 100 / 1,000 / 5,000 collected partitions: benchmarks.sensor_scale."""
+    from benchmarks.sensor_scale import bench_sensor_scale as run
+
+    return run()
+
+
+STEPS = ("prepare", "collect", "mem_prepare", "mem_collect", "sensor", "sensor_scale")
 
 
 def main() -> None:

@@ -10,15 +10,19 @@ tick that builds the index for a lake written before it existed (an upgrade) is 
 The history is written directly (manifests, markers, the index's sentinel, concurrently):
 it is the shape real runs leave, without the hours of real runs.
 
-Run: ``.venv/bin/python -m benchmarks.sensor_scale`` (sizes: ``BENCH_HISTORY=100,1000``).
+Run: ``.venv/bin/python -m benchmarks.sensor_scale`` (sizes: ``BENCH_HISTORY=100,1000``);
+``make bench`` runs it as its ``sensor_scale`` step. One line per size goes to stderr, the
+figures as JSON to stdout.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +97,7 @@ def _tick(sensor: Any, resource: Any, instance: Any) -> None:
     import dagster as dg
 
     context = dg.build_sensor_context(instance=instance, resources={"infron": resource})
+    context.log.setLevel(logging.WARNING)  # the tick logs a line per partition in flight
     result = sensor(context)
     assert not result.run_requests, "the batches are meant to stay in flight"
 
@@ -122,7 +127,9 @@ def _one_size(s3: CountingS3, url: str, batch_ids: list[str], history: int) -> d
     started = time.perf_counter()
     _write_lake(storage, history, batch_ids)
     built = time.perf_counter() - started
-    resource = InfronResource(base_url=url, api_key="bench", api_style="infron")
+    resource = InfronResource(
+        base_url=url, api_key=dg.EnvVar("INFRON_BENCH_KEY"), api_style="infron"
+    )
     out: dict[str, Any] = {"historical": history, "in_flight": len(batch_ids)}
     with dg.instance_for_test() as instance:
         for label, indexed in (("index", True), ("full_scan", False)):
@@ -176,6 +183,7 @@ def bench_sensor_scale() -> dict[str, Any]:
     from infron_dagster import InfronClient
     from infron_dagster.local.process import serve_in_subprocess
 
+    os.environ.setdefault("INFRON_BENCH_KEY", "bench")
     work = tempfile.mkdtemp(prefix="infron-bench-")
     flags = ("--in-progress-seconds", "3600")
     results = []
@@ -184,7 +192,7 @@ def bench_sensor_scale() -> dict[str, Any]:
         batch_ids = _live_batches(client, work, IN_FLIGHT)
         for history in HISTORY:
             results.append(_one_size(s3, url, batch_ids, history))
-            print(_line(results[-1]), flush=True)
+            print(_line(results[-1]), file=sys.stderr, flush=True)  # stdout: the JSON
     return {"in_flight": IN_FLIGHT, "sizes": results}
 
 
