@@ -15,7 +15,13 @@ import os
 import dagster as dg
 import pandas as pd
 
-from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
+from infron_dagster import (
+    Budget,
+    InfronResource,
+    ModelPrice,
+    RequestSpec,
+    build_infron_batch_assets,
+)
 from infron_dagster.local import LocalServerConfig, load_config, save_config
 from infron_dagster.resources import default_local_dir
 
@@ -49,23 +55,31 @@ def reviews(context: dg.AssetExecutionContext) -> pd.DataFrame:
     return frame
 
 
+SENTIMENT_SPEC = RequestSpec(
+    model=os.environ.get("INFRON_CHAT_MODEL", DEFAULT_CHAT_MODEL),
+    system_prompt="You label product reviews. Answer with JSON only.",
+    prompt_template="Product: {product}\nStars: {stars}\nReview: {review_text}",
+    key_columns=("review_id",),
+    params={"temperature": 0, "max_tokens": 200},
+    response_schema=SENTIMENT_SCHEMA,
+    schema_name="review_label",
+)
+# gpt-4o-mini's list prices per million tokens (check your provider's: prices change);
+# batch requests cost half. Budget: a day of reviews may not cost more than $0.50.
+SENTIMENT_PRICE = ModelPrice(input_per_million=0.15, output_per_million=0.60, batch_discount=0.5)
+SENTIMENT_BUDGET = Budget(max_cost_per_partition=0.50, max_cost_per_day=5.00)
+
 review_sentiment = build_infron_batch_assets(
     name="review_sentiment",
-    spec=RequestSpec(
-        model=os.environ.get("INFRON_CHAT_MODEL", DEFAULT_CHAT_MODEL),
-        system_prompt="You label product reviews. Answer with JSON only.",
-        prompt_template="Product: {product}\nStars: {stars}\nReview: {review_text}",
-        key_columns=("review_id",),
-        params={"temperature": 0, "max_tokens": 200},
-        response_schema=SENTIMENT_SCHEMA,
-        schema_name="review_label",
-    ),
+    spec=SENTIMENT_SPEC,
     source=reviews,
     partitions_def=daily,
     storage_root=STORAGE_ROOT,
     keep_columns=["review_id", "product", "stars"],
     max_requests_per_batch=100,
     max_failure_rate=0.1,
+    price=SENTIMENT_PRICE,
+    budget=SENTIMENT_BUDGET,
     group_name="reviews",
     sensor_interval_seconds=SENSOR_INTERVAL,
 )
@@ -83,6 +97,7 @@ review_embeddings = build_infron_batch_assets(
     storage_root=STORAGE_ROOT,
     keep_columns=["review_id", "product"],
     max_failure_rate=0.1,
+    price=ModelPrice(input_per_million=0.02, output_per_million=0.0),
     group_name="reviews",
     sensor_interval_seconds=SENSOR_INTERVAL,
 )

@@ -6,6 +6,7 @@ prints a summary. No API key, no network: the embedded local server answers.
 """
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -31,8 +32,6 @@ def _prepare_environment() -> None:
 def main() -> int:
     _prepare_environment()
     started = time.monotonic()
-    import logging
-
     import dagster as dg
 
     logging.getLogger("dagster").setLevel(logging.WARNING)
@@ -43,6 +42,7 @@ def main() -> int:
     pipelines = [ex.review_sentiment, ex.review_embeddings]
     resources = {"infron": ex.infron_resource()}
     with dg.DagsterInstance.get() as instance:
+        _estimate(dg, instance, ex, DEMO_DAYS[0], resources)
         for day in DEMO_DAYS:
             _run(
                 dg.materialize(
@@ -61,6 +61,8 @@ def main() -> int:
         _collect_until_done(dg, instance, pipelines, resources)
         for pipeline in pipelines:
             _summarise(ds, pipeline)
+            _estimated_vs_actual(dg, instance, pipeline)
+        _over_budget(dg, instance, ex, "2026-11-25", resources)
         topics = dg.materialize(
             [ex.review_sentiment.collect_assets, ex.review_topics],
             selection=[ex.review_topics],
@@ -96,6 +98,7 @@ def _collect_until_done(dg, instance, pipelines, resources, timeout: float = 120
                 definitions=defs,
                 resources=resources,
             )
+            context.log.setLevel(logging.WARNING)  # its progress lines are for the UI
             result = pipeline.sensor(context)
             cursors[pipeline.name] = result.cursor
             for request in result.run_requests or []:
@@ -118,6 +121,65 @@ def _collect_until_done(dg, instance, pipelines, resources, timeout: float = 120
             return
         time.sleep(1)
     raise SystemExit("timed out waiting for batches")
+
+
+def _estimate(dg, instance, ex, day: str, resources) -> None:
+    """A dry run: what the day would send and cost, with nothing written or sent."""
+    config = {"ops": {"review_sentiment_batches": {"config": {"dry_run": True}}}}
+    result = dg.materialize(
+        [ex.reviews, ex.review_sentiment.batches_asset],
+        partition_key=day,
+        instance=instance,
+        resources=resources,
+        run_config={**QUIET, **config},
+    )
+    _run(result, f"dry run {day}")
+    (event,) = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+    meta = {k: v.value for k, v in event.asset_observation_data.asset_observation.metadata.items()}
+    print(
+        f"dry run review_sentiment {day}: would send {meta['estimate/requests']} requests, "
+        f"~{meta['estimate/input_tokens']} input tokens; cost expected "
+        f"${meta['estimate/cost_expected']:.4f}, worst case ${meta['estimate/cost_worst_case']:.4f}"
+    )
+
+
+def _estimated_vs_actual(dg, instance, pipeline) -> None:
+    records = instance.fetch_materializations(pipeline.results_key, limit=50).records
+    latest: dict[str, dict] = {}
+    for record in sorted(records, key=lambda r: r.storage_id):
+        latest[record.partition_key] = record.asset_materialization.metadata
+    for day, meta in sorted(latest.items()):
+        estimated, actual = meta.get("cost_estimated"), meta.get("cost")
+        if estimated is not None and actual is not None:
+            print(f"  {day}: estimated ${estimated.value:.6f}, actual ${actual.value:.6f}")
+
+
+def _over_budget(dg, instance, ex, day: str, resources) -> None:
+    """The same pipeline under a budget the day's worst case crosses: refused, unsent."""
+    from infron_dagster import Budget, build_infron_batch_assets
+
+    strict = build_infron_batch_assets(
+        name="review_sentiment",
+        spec=ex.SENTIMENT_SPEC,
+        source=ex.reviews,
+        partitions_def=ex.daily,
+        storage_root=ex.STORAGE_ROOT,
+        price=ex.SENTIMENT_PRICE,
+        budget=Budget(max_cost_per_partition=0.005),
+    )
+    result = dg.materialize(
+        [ex.reviews, strict.batches_asset],
+        partition_key=day,
+        instance=instance,
+        resources=resources,
+        run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
+        raise_on_error=False,
+    )
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = failure.step_failure_data.error.message.strip().splitlines()[-1]
+    message = message.removeprefix("dagster._core.definitions.events.Failure: ")
+    print(f"\nwith max_cost_per_partition=0.005, {day} is refused before any paid call:")
+    print(f"  {message[:300]}")
 
 
 def _retry(dg, instance, ex, pipeline, day: str, resources) -> None:

@@ -11,6 +11,7 @@ Example:
     ...     partitions_def=daily, max_failure_rate=0.05, blocking=True)
 """
 
+import warnings
 from collections.abc import Iterator
 
 import dagster as dg
@@ -45,21 +46,25 @@ def build_collect_checks(
         ...     results_key=dg.AssetKey("r_results"), failed_key=dg.AssetKey("r_failed"),
         ...     partitions_def=None, max_failure_rate=0.05)
     """
-    specs = [
-        dg.AssetCheckSpec(
-            "completeness",
-            asset=results_key,
-            partitions_def=partitions_def,
-            description="results + failed rows equal the input rows, each row once",
-        ),
-        dg.AssetCheckSpec(
-            "failure_rate",
-            asset=failed_key,
-            partitions_def=partitions_def,
-            blocking=blocking,
-            description=f"at most {max_failure_rate:.1%} of the partition's rows failed",
-        ),
-    ]
+    with warnings.catch_warnings():
+        # Partitioned checks are in preview in Dagster, and they are the point: each
+        # partition keeps its own result instead of the latest one standing for all.
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        specs = [
+            dg.AssetCheckSpec(
+                "completeness",
+                asset=results_key,
+                partitions_def=partitions_def,
+                description="results + failed rows equal the input rows, each row once",
+            ),
+            dg.AssetCheckSpec(
+                "failure_rate",
+                asset=failed_key,
+                partitions_def=partitions_def,
+                blocking=blocking,
+                description=f"at most {max_failure_rate:.1%} of the partition's rows failed",
+            ),
+        ]
 
     @dg.multi_asset_check(specs=specs, name=f"{name}_checks", can_subset=False)
     def _checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:

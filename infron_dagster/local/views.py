@@ -8,9 +8,11 @@ from typing import Any
 
 from .engine import TERMINAL, State
 
-# Mock prices in dollars per token, halved for batch: what `fees` reports.
+# Mock prices in dollars per token, halved for batch: what `fees` reports (a small chat
+# model's and a small embedding model's list prices).
 PROMPT_PRICE = 0.15 / 1_000_000
 COMPLETION_PRICE = 0.60 / 1_000_000
+EMBEDDING_PRICE = 0.02 / 1_000_000
 BATCH_DISCOUNT = 0.5
 
 _INFRON_STATUS = {
@@ -73,7 +75,8 @@ def infron_view(
     final = record["final"] or {}
     counts = request_counts(record, state)
     prompt, completion = final.get("prompt_tokens", 0), final.get("completion_tokens", 0)
-    fees = (prompt * PROMPT_PRICE + completion * COMPLETION_PRICE) * BATCH_DISCOUNT
+    input_price = EMBEDDING_PRICE if record.get("endpoint") == "/v1/embeddings" else PROMPT_PRICE
+    fees = (prompt * input_price + completion * COMPLETION_PRICE) * BATCH_DISCOUNT
     return {
         "batch_id": record["id"],
         "status": _INFRON_STATUS[state.status],
