@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test lint demo dev bench clean
+.PHONY: install test lint demo dev bench screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,16 @@ dev: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+
+# The README's pictures of the Dagster UI (docs/images/), from a real `dagster dev` driven by
+# headless Chromium. Outside CI and `make test`: it needs Debian's chromium and playwright.
+CHROMIUM ?= /usr/bin/chromium
+
+screenshots: $(STAMP)
+	@test -x $(CHROMIUM) || { echo "$(CHROMIUM) not found: apt-get install -y chromium" \
+	  "(or make screenshots CHROMIUM=/path/to/chromium)"; exit 2; }
+	@$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install --quiet playwright
+	CHROMIUM=$(CHROMIUM) $(PY) docs/screenshots.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .dagster_home .infron_data

@@ -1,0 +1,559 @@
+"""Regenerate the README's pictures of the Dagster UI: ``make screenshots`` (not part of CI).
+
+What it does, start to end, all in throwaway folders (nothing in the repo but docs/images/):
+
+1. Creates a temporary DAGSTER_HOME, results lake and embedded local-server folder, and sets the
+   local server's timing so that batches finish in seconds.
+2. Submits two days of reviews (``reviews`` and both ``_batches`` assets) into that instance.
+3. Starts ``dagster dev`` on ``example_project.definitions`` on a free loopback port, with the
+   sensors ticking every few seconds; the real sensors (in the real daemon) request the
+   collection runs, which write results, failed rows and the completeness/failure_rate checks.
+   ``review_topics`` is then materialized for those days, downstream of the results.
+4. Makes the local server slow (a batch now takes minutes) and submits a third day: it stays in
+   flight, and the sensor records its progress as observations on ``review_sentiment_batches``.
+5. Drives Debian's headless Chromium with Playwright through the UI and saves PNGs in
+   docs/images/: asset-graph.png, live-progress.png, results-partition.png,
+   checks-per-partition.png and failed-table.png; a picture with a spinner, an error toast or a
+   dialog over it fails the run instead of being saved.
+6. Stops every process it started (also on error or Ctrl-C) and removes the temporary folders.
+
+Setup (outside CI; playwright is deliberately not in the project's dev extras)::
+
+    apt-get update && apt-get install -y chromium     # the browser: /usr/bin/chromium
+    .venv/bin/python -m pip install playwright        # `make screenshots` does this if missing
+
+Playwright's own browser download is not needed: the script launches /usr/bin/chromium
+(``--chromium PATH`` or ``$CHROMIUM`` picks another). Run it as ``make screenshots`` or
+``.venv/bin/python docs/screenshots.py``; ``--hold`` keeps the UI up after the pictures are taken
+(its URL is printed) until Ctrl-C, to look around or debug a selector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGES = REPO / "docs" / "images"
+COLLECTED_DAYS = ["2026-11-22", "2026-11-23"]
+IN_FLIGHT_DAY = "2026-11-24"
+VIEWPORT = {"width": 1400, "height": 900}
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# The local server's timing: fast for the collected days, slow for the day left in flight.
+FAST = {"validating_seconds": 1.0, "in_progress_seconds": 2.0, "finalizing_seconds": 1.0}
+SLOW = {"validating_seconds": 1.0, "in_progress_seconds": 300.0, "finalizing_seconds": 1.0}
+# The in-flight day is pictured once its progress reads as progress.
+MIN_PERCENT = 12.0
+# Requests the local server fails: the first day breaches the 10 % failure-rate check.
+FAILURE_RATES = {COLLECTED_DAYS[0]: 0.15}
+FAILURE_RATE = 0.04
+SENSOR_INTERVAL_SECONDS = 5
+
+
+def log(message: str) -> None:
+    print(f"[screenshots] {message}", flush=True)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 1.0) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- the state the pictures show -------------------------------------------------------------
+
+
+def prepare_environment(tmp: Path) -> dict[str, str]:
+    """Folders and environment for this run only; the local server starts fast."""
+    home, lake, local = tmp / "dagster_home", tmp / "lake", tmp / "local_server"
+    for folder in (home, lake, local):
+        folder.mkdir(parents=True)
+    (home / "dagster.yaml").write_text(
+        "telemetry:\n  enabled: false\nnux:\n  enabled: false\n"
+        "python_logs:\n  python_log_level: WARNING\n",
+        encoding="utf-8",
+    )
+    env = {
+        "DAGSTER_HOME": str(home),
+        "INFRON_STORAGE_ROOT": str(lake),
+        "INFRON_LOCAL_DATA_DIR": str(local),
+        "INFRON_SENSOR_INTERVAL_SECONDS": str(SENSOR_INTERVAL_SECONDS),
+    }
+    for name in ("INFRON_API_KEY", "INFRON_BASE_URL", "INFRON_API_STYLE"):
+        os.environ.pop(name, None)  # always the embedded local server: no key, no network
+    os.environ.update(env)
+    return env
+
+
+def set_local_server(timing: dict[str, float], failure_rate: float) -> None:
+    """Timing and faults are snapshotted into each batch when it is created: later batches get
+    these, batches already created keep theirs."""
+    from infron_dagster.local import LocalServerConfig, save_config
+
+    save_config(
+        os.environ["INFRON_LOCAL_DATA_DIR"],
+        LocalServerConfig(**timing, failure_rate=failure_rate),
+    )
+
+
+def submit(day: str) -> None:
+    """Materialize the day's reviews and both ``_batches`` assets: creates the batches."""
+    import dagster as dg
+
+    from example_project import definitions as ex
+
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize(
+            [ex.reviews, ex.review_sentiment.batches_asset, ex.review_embeddings.batches_asset],
+            partition_key=day,
+            instance=instance,
+            resources={"infron": ex.infron_resource()},
+            raise_on_error=False,
+        )
+    if not result.success:
+        raise RuntimeError(f"submitting {day} failed")
+    log(f"submitted {day}")
+
+
+def materialize_topics(day: str) -> None:
+    """``review_topics`` for a collected day: it loads the results as a DataFrame."""
+    import dagster as dg
+
+    from example_project import definitions as ex
+
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize(
+            [ex.review_sentiment.collect_assets, ex.review_topics],
+            selection=[ex.review_topics],
+            partition_key=day,
+            instance=instance,
+            resources={"infron": ex.infron_resource()},
+            raise_on_error=False,
+        )
+    if not result.success:
+        raise RuntimeError(f"review_topics {day} failed")
+
+
+def collected(days: list[str]) -> bool:
+    """Every day's results and failed tables of both pipelines are materialized, runs ended."""
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        for name in ("review_sentiment", "review_embeddings"):
+            for kind in ("results", "failed"):
+                done = instance.get_materialized_partitions(dg.AssetKey(f"{name}_{kind}"))
+                if not set(days) <= set(done):
+                    return False
+        running = instance.get_run_records(
+            dg.RunsFilter(
+                statuses=[
+                    dg.DagsterRunStatus.STARTED,
+                    dg.DagsterRunStatus.QUEUED,
+                    dg.DagsterRunStatus.STARTING,
+                    dg.DagsterRunStatus.NOT_STARTED,
+                ]
+            )
+        )
+        return not running
+
+
+def failed_runs() -> list[str]:
+    """Runs that failed, with their first error: a picture taken now would show a red asset."""
+    import dagster as dg
+
+    out = []
+    with dg.DagsterInstance.get() as instance:
+        failed = dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE])
+        for record in instance.get_run_records(failed):
+            run = record.dagster_run
+            errors = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+            message = ""
+            if errors and errors[0].dagster_event is not None:
+                message = str(errors[0].dagster_event.message or "")[:300]
+            partition = run.tags.get("dagster/partition", "-")
+            out.append(f"run {run.run_id[:8]} ({run.job_name}, partition {partition}): {message}")
+    return out
+
+
+def progress_observations(day: str) -> list[dict[str, Any]]:
+    """The progress metadata the sensor observed on ``review_sentiment_batches`` for ``day``."""
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        records = instance.fetch_observations(
+            dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey("review_sentiment_batches"), asset_partitions=[day]
+            ),
+            limit=20,
+        ).records
+    out = []
+    for record in records:
+        observation = record.asset_observation
+        if observation is not None:
+            out.append({k: v.value for k, v in observation.metadata.items()})
+    return out
+
+
+def _advanced(observations: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """Several observations, the latest far enough along to read as progress in a picture."""
+    if len(observations) >= 3 and observations[0].get("progress_percent", 0) >= MIN_PERCENT:
+        return observations
+    return None
+
+
+# --- dagster dev -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def dagster_dev(env: dict[str, str], logfile: Path) -> Iterator[str]:
+    """``dagster dev`` on the example project; yields its URL; stops its process group."""
+    port = free_port()
+    dagster = Path(sys.executable).parent / "dagster"
+    command = [str(dagster) if dagster.exists() else "dagster", "dev"]
+    command += ["-m", "example_project.definitions", "-h", "127.0.0.1", "-p", str(port)]
+    with open(logfile, "wb") as out:
+        proc = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: webserver, daemon, code servers
+        )
+    url = f"http://127.0.0.1:{port}"
+    log(f"dagster dev (pid {proc.pid}) on {url}; its log: {logfile}")
+    try:
+        wait_for("the Dagster webserver", lambda: _answers(url, proc, logfile), timeout=180)
+        yield url
+    except Exception:
+        tail = logfile.read_text(errors="replace")[-4000:]
+        log(f"the end of dagster dev's log:\n{tail}")
+        raise
+    finally:
+        stop_group(proc)
+
+
+def _answers(url: str, proc: subprocess.Popen[bytes], logfile: Path) -> bool:
+    if proc.poll() is not None:
+        tail = logfile.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"dagster dev exited with {proc.returncode}:\n{tail}")
+    try:
+        with urllib.request.urlopen(f"{url}/server_info", timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the group (dagster dev shuts its children down), SIGKILL what is left."""
+    for sig, grace in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _group_alive(proc.pid):
+                log(f"dagster dev (pid {proc.pid}) stopped")
+                return
+            time.sleep(0.2)
+    log(f"warning: process group {proc.pid} may still have members")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM ends the script as Ctrl-C does: through every ``finally``, so nothing is left."""
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+    parser.add_argument("--out", type=Path, default=IMAGES)
+    parser.add_argument("--hold", action="store_true", help="keep the UI up until Ctrl-C")
+    parser.add_argument(
+        "--url", help="only take the pictures, of a UI already prepared (one left by --hold)"
+    )
+    args = parser.parse_args(argv)
+    if not Path(args.chromium).exists():
+        print(f"{args.chromium} not found: apt-get install -y chromium (or --chromium PATH)")
+        return 2
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        print("playwright is missing: .venv/bin/python -m pip install playwright")
+        return 2
+    signal.signal(signal.SIGTERM, _interrupt)
+    warnings.filterwarnings("ignore", message=".*(preview|beta)")  # the checks' partitions_def
+    if args.url:
+        take_pictures(args.url.rstrip("/"), args.chromium, args.out)
+        return 0
+    sys.path.insert(0, str(REPO))
+    os.chdir(REPO)
+    tmp = Path(tempfile.mkdtemp(prefix="infron-screenshots-"))
+    try:
+        env = prepare_environment(tmp)
+        for day in COLLECTED_DAYS:
+            set_local_server(FAST, FAILURE_RATES.get(day, FAILURE_RATE))
+            submit(day)
+        with dagster_dev(env, tmp / "dagster-dev.log") as url:
+            wait_for(
+                "the sensors to collect " + ", ".join(COLLECTED_DAYS),
+                lambda: collected(COLLECTED_DAYS),
+                timeout=300,
+                every=2,
+            )
+            log("collected: results, failed rows and checks")
+            for day in COLLECTED_DAYS:
+                materialize_topics(day)
+            set_local_server(SLOW, FAILURE_RATE)
+            submit(IN_FLIGHT_DAY)
+            observed = wait_for(
+                f"progress observations of {IN_FLIGHT_DAY} past {MIN_PERCENT} %",
+                lambda: _advanced(progress_observations(IN_FLIGHT_DAY)),
+                timeout=SLOW["in_progress_seconds"] / 2,
+                every=2,
+            )
+            log(f"in flight, {len(observed)} observations: {observed[0]['progress']}")
+            failures = failed_runs()
+            if failures:  # the UI would show them (a red asset): no pictures of a broken state
+                raise RuntimeError("runs failed; run again:\n" + "\n".join(failures))
+            take_pictures(url, args.chromium, args.out)
+            if args.hold:
+                log(f"holding: the UI is at {url}; Ctrl-C to stop")
+                while True:
+                    time.sleep(3600)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+# --- the pictures ----------------------------------------------------------------------------
+
+
+def take_pictures(url: str, chromium: str, out: Path) -> list[Path]:
+    """Drive headless Chromium through the UI; every picture waits for its content first."""
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    saved = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            context = browser.new_context(viewport=VIEWPORT, timezone_id="UTC", locale="en-US")
+            context.set_default_timeout(60_000)
+            page = context.new_page()
+            page.goto(url + "/asset-groups")
+            dismiss_modal(page)
+            page.get_by_text("Hide navigation").click()  # remembered for every later page
+            for name, shoot in PICTURES:
+                path = out / name
+                page.set_viewport_size(VIEWPORT)
+                shoot(page, url)
+                check_clean(page, name)
+                page.screenshot(path=str(path))
+                saved.append(path)
+                log(f"saved {path} ({path.stat().st_size // 1024} KB)")
+        finally:
+            browser.close()
+    return saved
+
+
+def dismiss_modal(page: Any) -> None:
+    """Close Dagster's "Join the Dagster community" dialog if it shows (nux is off anyway)."""
+    for label in ("Skip", "Dismiss", "No thanks", "Close"):
+        button = page.get_by_role("button", name=label, exact=True)
+        if button.count() and button.first.is_visible():
+            button.first.click()
+
+
+def settle(page: Any) -> None:
+    """No spinner left and no dialog in the way; then let the last paint land."""
+    dismiss_modal(page)
+    wait_for(
+        "the page's spinners to stop",
+        lambda: (
+            page.locator('[class*="pinner"]:visible, [role="progressbar"]:visible').count() == 0
+        ),
+        timeout=60,
+        every=0.25,
+    )
+    page.wait_for_timeout(800)
+
+
+def check_clean(page: Any, name: str) -> None:
+    """A picture with an error toast or a dialog over it is not taken."""
+    toasts = page.locator('[class*="toast"]:visible, [class*="Toast"]:visible')
+    if toasts.count():
+        raise RuntimeError(f"{name}: the UI shows a toast: {toasts.first.inner_text()!r}")
+    dialogs = page.locator('[role="dialog"]:visible')
+    if dialogs.count():
+        text = dialogs.first.inner_text()[:200]
+        raise RuntimeError(f"{name}: a dialog covers the page: {text!r}")
+
+
+def asset_graph(page: Any, url: str) -> None:
+    """The lineage, zoomed so that every node shows its details, centred."""
+    page.goto(url + "/asset-groups")
+    page.locator('button:has([aria-label="panel_show_right"])').click()  # hide the asset list
+    page.locator("svg foreignObject").nth(7).wait_for()
+    settle(page)
+    width, height = VIEWPORT["width"], VIEWPORT["height"]
+    canvas = {"x0": 80.0, "y0": 120.0, "x1": width - 60.0, "y1": height - 20.0}
+    for _ in range(12):  # zoom (ctrl + wheel around the graph's centre) until it fills the view
+        box = _graph_box(page)
+        scale = min(
+            (canvas["x1"] - canvas["x0"]) / (box["x1"] - box["x0"]),
+            (canvas["y1"] - canvas["y0"]) / (box["y1"] - box["y0"]),
+        )
+        if scale < 1.08:
+            break
+        page.mouse.move((box["x0"] + box["x1"]) / 2, (box["y0"] + box["y1"]) / 2)
+        page.keyboard.down("Control")
+        page.mouse.wheel(0, -40)
+        page.keyboard.up("Control")
+        page.wait_for_timeout(400)
+    for _ in range(6):  # then pan (a plain wheel) until it is centred
+        box = _graph_box(page)
+        dx = (canvas["x0"] + canvas["x1"]) / 2 - (box["x0"] + box["x1"]) / 2
+        dy = (canvas["y0"] + canvas["y1"]) / 2 - (box["y0"] + box["y1"]) / 2
+        if abs(dx) < 8 and abs(dy) < 8:
+            break
+        page.mouse.move((canvas["x0"] + canvas["x1"]) / 2, (canvas["y0"] + canvas["y1"]) / 2)
+        page.mouse.wheel(-dx / 0.7, -dy / 0.7)
+        page.wait_for_timeout(400)
+    page.mouse.move(canvas["x1"] - 10, canvas["y0"] + 10)  # no node hovered (highlighted)
+    page.get_by_text("Latest event").first.wait_for()  # nodes drawn in full, not as names only
+    settle(page)
+
+
+def _graph_box(page: Any) -> dict[str, float]:
+    return page.evaluate(
+        """() => {
+          const r = [...document.querySelectorAll('svg foreignObject')]
+            .map(e => e.getBoundingClientRect()).filter(b => b.width > 0);
+          return {x0: Math.min(...r.map(b => b.left)), y0: Math.min(...r.map(b => b.top)),
+                  x1: Math.max(...r.map(b => b.right)), y1: Math.max(...r.map(b => b.bottom))};
+        }"""
+    )
+
+
+def live_progress(page: Any, url: str) -> None:
+    """The in-flight partition's progress observations on review_sentiment_batches."""
+    page.goto(f"{url}/assets/review_sentiment_batches?view=events&partition={IN_FLIGHT_DAY}")
+    page.get_by_text("Progress of the in-flight batches").first.wait_for()
+    page.get_by_text("eta_seconds", exact=True).first.wait_for()
+    settle(page)
+
+
+def results_partition(page: Any, url: str) -> None:
+    """A collected partition of review_sentiment_results: its metadata and summary."""
+    day = COLLECTED_DAYS[-1]
+    page.goto(f"{url}/assets/review_sentiment_results?view=partitions&partition={day}")
+    page.get_by_text("cost_reported_by_provider", exact=True).first.wait_for()
+    page.get_by_text("succeeded", exact=True).last.wait_for()  # the summary's table
+    settle(page)
+    fit_height(page, page.get_by_text("succeeded", exact=True).last)
+
+
+def checks_per_partition(page: Any, url: str) -> None:
+    """The failure_rate check, partition by partition: the breached day is selected."""
+    day = COLLECTED_DAYS[0]
+    page.goto(f"{url}/assets/review_sentiment_failed?view=checks")
+    page.get_by_text("failure_rate", exact=True).first.wait_for()
+    page.get_by_text("Partitions", exact=True).filter(visible=True).last.click()
+    page.get_by_text(day, exact=True).filter(visible=True).last.click()
+    page.get_by_text("failure_rate_pct", exact=True).first.wait_for()
+    settle(page)
+
+
+def failed_table(page: Any, url: str) -> None:
+    """A partition of review_sentiment_failed: how many rows failed, why, how many retryable."""
+    day = COLLECTED_DAYS[0]
+    page.goto(f"{url}/assets/review_sentiment_failed?view=partitions&partition={day}")
+    page.get_by_text("error_codes", exact=True).first.wait_for()
+    page.get_by_text("retryable", exact=True).first.wait_for()
+    settle(page)
+    fit_height(page, page.get_by_text("retryable", exact=True).first)
+
+
+def fit_height(page: Any, last: Any, most: int = 1500) -> None:
+    """Make the window tall enough to show everything down to ``last`` (a metadata table does
+    not fit 900 pixels), without scrolling the page header out of the picture."""
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": most})
+    page.wait_for_timeout(500)
+    box = last.bounding_box()
+    if box is None:
+        raise RuntimeError("the element to show is not on the page")
+    bottom = box["y"] + box["height"]
+    for ancestor in ("tr", "table"):  # the whole row, and the summary's whole table
+        outer = last.locator(f"xpath=ancestor::{ancestor}[1]")
+        if outer.count():
+            outer_box = outer.bounding_box()
+            if outer_box:
+                bottom = max(bottom, outer_box["y"] + outer_box["height"])
+    height = int(min(most, max(VIEWPORT["height"], bottom + 16)))
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": height})
+    settle(page)
+
+
+PICTURES: list[tuple[str, Callable[[Any, str], None]]] = [
+    ("asset-graph.png", asset_graph),
+    ("live-progress.png", live_progress),
+    ("results-partition.png", results_partition),
+    ("checks-per-partition.png", checks_per_partition),
+    ("failed-table.png", failed_table),
+]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
