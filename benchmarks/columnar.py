@@ -92,7 +92,7 @@ def bench_prepare(rows: int) -> dict[str, Any]:
             tutorial_prepare(frame, os.path.join(work, "tutorial.jsonl"))
 
         mine, theirs = _interleaved(ours, tutorial)
-    return _figures(rows, mine, theirs, "tutorial")
+    return {**_figures(rows, mine, theirs, "tutorial"), "goal_ratio": ">= 5"}
 
 
 # --- collect ------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def bench_collect(rows: int) -> dict[str, Any]:
         )
     figures = _figures(rows, mine, theirs, "pyarrow_json")
     figures["failed_rows"] = check[1]
-    return figures
+    return {**figures, "goal_ratio": ">= 0.7"}
 
 
 # --- memory, each in a fresh process -------------------------------------------------------
@@ -310,6 +310,7 @@ def mem_prepare(rows: int) -> dict[str, Any]:
         "peak_growth_over_dataframe_mb": round(_peak_mb() - before),
         "seconds": round(seconds, 1),
         "peak_reset": reset,
+        "goal_mb": "<= 300",
     }
 
 
@@ -326,4 +327,5 @@ def mem_collect(rows: int, lake_dir: str) -> dict[str, Any]:
         "failed": outcome.failed_summary.rows,
         "process_peak_rss_mb": round(_peak_mb()),
         "seconds": round(time.perf_counter() - start, 1),
+        "goal_mb": "<= 1200",
     }
