@@ -605,7 +605,7 @@ def test_embeddings_pipeline_with_keep_columns(tmp_path, openai_resource, instan
     results = flow.results()
     assert results.num_rows == 20
     assert "text" not in results.column_names and "stars" not in results.column_names
-    assert results.schema.field("embedding").type == pa.list_(pa.float64())
+    assert results.schema.field("embedding").type == pa.list_(pa.float32())
     lengths = {len(v) for v in results.column("embedding").to_pylist()}
     assert len(lengths) == 1 and lengths.pop() > 0
 
