@@ -175,18 +175,16 @@ class BudgetModel(dg.Model):
     max_cost_per_day: float | None = Field(default=None, description="Per UTC day.")
 
 
-def _resolve_price(context: dg.ResolutionContext, value: PriceModel | None) -> ModelPrice | None:
-    if value is None:
-        return None
-    raw = PriceModel.model_validate(context.resolve_value(value.model_dump()))
-    return ModelPrice(**raw.model_dump())
+def _build_from(shape: type[dg.Model], target: Callable[..., Any]) -> Callable[..., Any]:
+    """A resolver: the YAML mapping (templates resolved) validated by ``shape``, then built."""
 
+    def resolve(context: dg.ResolutionContext, value: dg.Model | None) -> Any:
+        if value is None:
+            return None
+        raw = shape.model_validate(context.resolve_value(value.model_dump()))
+        return target(**raw.model_dump())
 
-def _resolve_budget(context: dg.ResolutionContext, value: BudgetModel | None) -> Budget | None:
-    if value is None:
-        return None
-    raw = BudgetModel.model_validate(context.resolve_value(value.model_dump()))
-    return Budget(**raw.model_dump())
+    return resolve
 
 
 # --- body_fn -----------------------------------------------------------------------------
@@ -381,7 +379,7 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
     price: Annotated[
         ModelPrice | None,
         dg.Resolver(
-            _resolve_price,
+            _build_from(PriceModel, ModelPrice),
             model_field_type=PriceModel | None,
             description="Prices of `model`: estimates and costs in money.",
         ),
@@ -389,7 +387,7 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
     budget: Annotated[
         Budget | None,
         dg.Resolver(
-            _resolve_budget,
+            _build_from(BudgetModel, Budget),
             model_field_type=BudgetModel | None,
             description="Money limits; a submission over them is refused unsent.",
         ),
