@@ -245,10 +245,10 @@ def test_a_tick_on_s3_costs_what_is_in_flight_not_the_history(counting_s3):
     add_history(0, 20)
     small, found = _requests(counting_s3, storage)
     assert len(found) == 5
-    add_history(20, 300)
+    add_history(20, 130)
     large, found = _requests(counting_s3, storage)
     assert len(found) == 5
     # One listing of the index, one read per in-flight manifest: history costs nothing.
     assert small == large == 1 + 5
     full = _requests(counting_s3, storage, use_index=False)[0]
-    assert full > 2 * 325, full  # the old way: a listing and reads for every partition
+    assert full > 2 * 155, full  # the old way: a listing and reads for every partition
