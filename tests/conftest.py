@@ -235,8 +235,12 @@ def review_pipeline(
     *,
     rows: int = 20,
     resource_key: str = "infron",
+    params: dict[str, Any] | None = None,
+    **factory: Any,
 ) -> ReviewPipeline:
-    """``rows`` reviews per partition, 7 requests per batch, the lake and IO under tmp_path."""
+    """``rows`` reviews per partition, 7 requests per batch, the lake and IO under tmp_path.
+
+    ``params`` go into each request body; ``factory`` overrides the factory's arguments."""
     import dagster as dg
     import pandas as pd
 
@@ -249,13 +253,15 @@ def review_pipeline(
     pipeline = build_infron_batch_assets(
         name="rev",
         spec=RequestSpec(
-            model="gpt-4o-mini", prompt_template="Sentiment of {text}", key_columns="id"
+            model="gpt-4o-mini",
+            prompt_template="Sentiment of {text}",
+            key_columns="id",
+            params=params or {},
         ),
         source="reviews",
         partitions_def=partitions_def,
-        storage_root=str(tmp_path / "lake"),
-        max_requests_per_batch=7,
         resource_key=resource_key,
+        **{"storage_root": str(tmp_path / "lake"), "max_requests_per_batch": 7, **factory},
     )
     resources = {
         resource_key: resource,

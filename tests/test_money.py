@@ -8,8 +8,8 @@ import multiprocessing
 import time
 
 import dagster as dg
-import pandas as pd
 import pytest
+from conftest import review_pipeline
 
 from infron_dagster import RequestSpec, build_infron_batch_assets
 from infron_dagster.budget import Budget, SpendLedger
@@ -24,30 +24,18 @@ ROWS = 12
 
 
 def build(tmp_path, infron_resource, **kwargs):
-    @dg.asset(name="reviews", partitions_def=PARTS)
-    def reviews():
-        return pd.DataFrame({"id": range(ROWS), "text": [f"review {i}" for i in range(ROWS)]})
-
-    pipeline = build_infron_batch_assets(
-        name="rev",
-        spec=RequestSpec(
-            model="gpt-4o-mini",
-            prompt_template="Sentiment of {text}",
-            key_columns="id",
-            params={"max_tokens": MAX_TOKENS},
-        ),
-        source="reviews",
-        partitions_def=PARTS,
-        storage_root=str(tmp_path / "lake"),
+    """The ``rev`` pipeline at a price, 12 rows of at most 50 output tokens, 3 batches."""
+    flow = review_pipeline(
+        tmp_path,
+        infron_resource,
+        PARTS,
+        rows=ROWS,
+        params={"max_tokens": MAX_TOKENS},
         max_requests_per_batch=5,
         price=PRICE,
         **kwargs,
     )
-    resources = {
-        "infron": infron_resource,
-        "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
-    }
-    return pipeline, reviews, resources
+    return flow.pipeline, flow.upstream, flow.resources
 
 
 def submit(pipeline, reviews, resources, instance, partition, **config):
