@@ -92,7 +92,7 @@ LINE_SCHEMA = pa.schema(
 _PARSE = pj.ParseOptions(explicit_schema=LINE_SCHEMA, unexpected_field_behavior="ignore")
 # A block the fast reader refuses is split in two until the refused lines stand alone.
 _SMALLEST_SPLIT = 64
-_BLOCK_BYTES = 16 << 20
+_READ_BYTES = 16 << 20  # a block of lines: what memory is set by, with the line bound
 # Text that cannot be kept as it is: control characters (printable() escapes them) or an
 # escaped surrogate (not valid Unicode). Lines holding one go through the per-line parser.
 _CONTROL = r"[\x00-\x1f\x7f]"
@@ -136,27 +136,26 @@ def _line_blocks(source: IO[bytes], limit: int) -> Iterator[bytes | _TooLarge]:
 
     Memory is set by the block size and ``limit``, never by the file or the longest line.
     """
-    pending = bytearray()
+    pending = b""
     skipping: bytes | None = None  # the head of an over-long line whose end is not read yet
-    while piece := source.read(1 << 20):
+    while piece := source.read(_READ_BYTES):
         if skipping is not None:
             end = piece.find(b"\n")
             if end < 0:
                 continue
             yield _TooLarge(skipping)
             skipping, piece = None, piece[end + 1 :]
-        pending += piece
+        pending = pending + piece if pending else piece
         last = pending.rfind(b"\n")
-        if last >= 0 and (len(pending) >= _BLOCK_BYTES or len(pending) - last - 1 > limit):
-            yield from _split_long(bytes(pending[: last + 1]), limit)
-            del pending[: last + 1]
-        if len(pending) > limit and b"\n" not in pending:
-            skipping = bytes(pending[:4096])
-            pending.clear()
+        if last >= 0:
+            yield from _split_long(pending[: last + 1], limit)
+            pending = pending[last + 1 :]
+        if len(pending) > limit:  # no newline within the bound: the rest is skipped
+            skipping, pending = pending[:4096], b""
     if skipping is not None:
         yield _TooLarge(skipping)
     elif pending:
-        yield from _split_long(bytes(pending) + b"\n", limit)
+        yield from _split_long(pending + b"\n", limit)
 
 
 def _split_long(block: bytes, limit: int) -> Iterator[bytes | _TooLarge]:
@@ -214,10 +213,10 @@ def _lines_array(block: bytes) -> tuple[pa.Array, np.ndarray, np.ndarray]:
 def _no_odd_keys(lines: pa.Array) -> np.ndarray:
     """Lines without an Anthropic ``result`` or an escaped surrogate (the per-line parser
     reads those)."""
-    text = lines.cast(pa.large_string(), safe=False)
-    odd = pc.match_substring(text, '"result"')
-    escaped = pc.match_substring(text, "\\u")
+    odd = pc.match_substring(lines, '"result"')  # on the bytes: no UTF-8 check, no copy
+    escaped = pc.match_substring(lines, "\\u")
     if pc.any(escaped).as_py():
+        text = lines.cast(pa.large_string(), safe=False)
         odd = pc.or_(odd, pc.match_substring_regex(text, _SURROGATE_ESCAPE))
     return ~odd.fill_null(True).to_numpy(zero_copy_only=False)
 
@@ -312,7 +311,7 @@ class _Fields:
 
     def __init__(self, table: pa.Table, lines: pa.Array) -> None:
         self.n = table.num_rows
-        self.lines = lines.cast(pa.large_string(), safe=False)
+        self.lines = lines
         self.custom_id = table.column("custom_id").combine_chunks()
         response = table.column("response").combine_chunks()
         self.status = pc.struct_field(response, "status_code")
