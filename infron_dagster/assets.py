@@ -640,6 +640,7 @@ def _collect_waiting(
                 key,
                 keep_columns=s.keep_columns,
                 max_line_bytes=s.max_line_bytes,
+                price=s.spend.price,
             )
             if outcome.ready:
                 return outcome
@@ -665,8 +666,10 @@ def _collect_results(
     results_key: dg.AssetKey,
     failed_key: dg.AssetKey,
 ):
-    assert outcome.results is not None and outcome.failed is not None
-    ok, bad = outcome.results.num_rows, outcome.failed.num_rows
+    # Summaries made while the tables were written: nothing is read back whole.
+    results, failed = outcome.results_summary, outcome.failed_summary
+    assert results is not None and failed is not None
+    ok, bad = results.rows, failed.rows
     common = {
         "attempts": dg.MetadataValue.json(outcome.attempts),
         "input_rows": outcome.input_rows,
@@ -687,7 +690,7 @@ def _collect_results(
             "table_root": str(s.storage.table_root("results")),
             **tokens,
             **_money_metadata(s, key, outcome),
-            "dagster/column_schema": _column_schema(outcome.results),
+            "dagster/column_schema": _column_schema(results.schema),
             "summary": dg.MetadataValue.md(_summary_md(key, outcome)),
         },
     )
@@ -697,9 +700,9 @@ def _collect_results(
             **common,
             "dagster/row_count": bad,
             "dagster/uri": str(s.storage.table_path("failed", key)),
-            "dagster/column_schema": _column_schema(outcome.failed),
+            "dagster/column_schema": _column_schema(failed.schema),
             "error_codes": dg.MetadataValue.json(outcome.error_counts),
-            "retryable": int(pc.sum(outcome.failed.column("retryable")).as_py() or 0) if bad else 0,
+            "retryable": outcome.retryable_rows,
         },
     )
 
@@ -707,12 +710,15 @@ def _collect_results(
 def _money_metadata(s: _Settings, key: str | None, outcome: CollectOutcome) -> dict[str, Any]:
     """What the partition cost (settled in the budget ledger) next to what was estimated."""
     attempts = [m for m in load_manifests(s.storage, key) if m.attempt in outcome.attempts]
-    assert outcome.results is not None
-    actual = s.spend.settle(attempts, outcome.results, outcome.batches)
+    assert outcome.results_summary is not None and outcome.failed_summary is not None
+    by_attempt = dict(outcome.results_summary.cost_by_attempt)
+    for attempt, cost in outcome.failed_summary.cost_by_attempt.items():
+        by_attempt[attempt] = by_attempt.get(attempt, 0.0) + cost
+    s.spend.settle(attempts, by_attempt, outcome.batches)
     reported = outcome.cost
     money: dict[str, Any] = {}
-    if actual is not None or reported is not None:
-        money["cost"] = round(actual if actual is not None else reported, 6)
+    if s.spend.price is not None or reported is not None:  # the rows' cost column is known
+        money["cost"] = round(sum(by_attempt.values()), 6)
     if reported is not None:
         money["cost_reported_by_provider"] = round(reported, 6)
     estimates = [(m.spend or {}).get("expected_cost") for m in attempts]
@@ -721,11 +727,9 @@ def _money_metadata(s: _Settings, key: str | None, outcome: CollectOutcome) -> d
     return money
 
 
-def _column_schema(table: pa.Table) -> dg.TableSchema:
+def _column_schema(schema: pa.Schema) -> dg.TableSchema:
     """The table's columns and Arrow types (structured-output fields included), for the UI."""
-    return dg.TableSchema(
-        columns=[dg.TableColumn(field.name, str(field.type)) for field in table.schema]
-    )
+    return dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in schema])
 
 
 def _summary_md(key: str | None, outcome: CollectOutcome) -> str:
@@ -734,7 +738,7 @@ def _summary_md(key: str | None, outcome: CollectOutcome) -> str:
         "",
         "| outcome | rows |",
         "|---|---|",
-        f"| succeeded | {outcome.results.num_rows if outcome.results is not None else 0} |",
+        f"| succeeded | {outcome.results_summary.rows if outcome.results_summary else 0} |",
     ]
     lines += [f"| failed: {code} | {n} |" for code, n in sorted(outcome.error_counts.items())]
     return "\n".join(lines)

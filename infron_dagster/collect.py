@@ -30,7 +30,9 @@ from .manifest import Manifest, now_iso
 from .models import Batch, BatchStatus
 from .outcomes import OUTCOME_SCHEMA, outcomes_to_table, read_outcome_table, redact_table
 from .prepare import CARRIED_FROM, CUSTOM_ID
+from .pricing import ModelPrice
 from .results import DEFAULT_MAX_LINE_BYTES, Outcome, ParseReport
+from .row_costs import RowCosts
 from .spec import RequestSpec
 from .storage import BatchStorage
 from .submit import load_manifests
@@ -134,8 +136,12 @@ def collect_partition(
     *,
     keep_columns: Sequence[str] | None = None,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    price: ModelPrice | None = None,
 ) -> CollectOutcome:
     """Collect one partition if every batch of every active attempt is terminal.
+
+    Each row's ``cost`` is its tokens at ``price``, else its share of the fees its batch
+    reported, else null (see :class:`~infron_dagster.row_costs.RowCosts`).
 
     Whatever the provider sent, every input row ends in results or failed: a line that
     cannot be read fails its row (``unparseable_result``), a line over ``max_line_bytes``
@@ -170,7 +176,7 @@ def collect_partition(
             outcome.ready = False
             outcome.waiting_on.append("a new attempt was submitted meanwhile")
             return outcome
-        _write_tables(storage, spec, attempts, outcome, keep_columns)
+        _write_tables(storage, spec, attempts, outcome, keep_columns, price)
     return outcome
 
 
@@ -180,6 +186,7 @@ def _write_tables(
     attempts: list[Manifest],
     outcome: CollectOutcome,
     keep_columns: Sequence[str] | None,
+    price: ModelPrice | None,
 ) -> None:
     """Merge the attempts' outcomes, then join them to the inputs a row group at a time and
     write both tables: memory is set by the outcomes' columns and one slice of the inputs."""
@@ -189,7 +196,11 @@ def _write_tables(
     invalid = storage.read_table(storage.attempt_file("invalid", partition_key, base.attempt))
     with inputs_path.open("rb") as fh:
         inputs = pq.ParquetFile(fh)
-        builder = TablesBuilder(inputs.schema_arrow, final, spec=spec, keep_columns=keep_columns)
+        fees = {b: i["cost"] for b, i in outcome.batches.items() if i.get("cost") is not None}
+        costs = RowCosts.from_outcomes(final, fees, price)
+        builder = TablesBuilder(
+            inputs.schema_arrow, final, spec=spec, keep_columns=keep_columns, costs=costs
+        )
         outcome.input_rows = inputs.metadata.num_rows + invalid.num_rows
         batches = inputs.iter_batches(batch_size=SLICE_ROWS, columns=builder.input_columns)
         results_path = storage.table_path("results", partition_key)

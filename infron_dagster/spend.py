@@ -14,9 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from .budget import Budget, SpendLedger
 from .manifest import Manifest
 from .prepare import PreparedRequests
@@ -92,36 +89,25 @@ class SpendControl:
         return check
 
     def settle(
-        self, attempts: Sequence[Manifest], results: pa.Table, batches: dict[str, dict[str, Any]]
-    ) -> float | None:
-        """Record each collected attempt's actual cost in the ledger; the partition's total.
+        self,
+        attempts: Sequence[Manifest],
+        cost_by_attempt: dict[int, float],
+        batches: dict[str, dict[str, Any]],
+    ) -> None:
+        """Record each collected attempt's actual cost in the ledger.
 
-        An attempt's cost is the fees its batches reported when every one reported them,
-        else its answered rows' tokens at the pipeline's price.
+        An attempt's cost is the fees its batches reported when every one reported them
+        (what was billed), else the sum of its rows' ``cost`` column.
         """
         if self.price is None:
-            return None
+            return  # no price, no ledger entries to settle
         ledger = SpendLedger(self.storage)
-        total = 0.0
         for manifest in attempts:
             actual = _reported_fees(manifest, batches)
             if actual is None:
-                actual = self._token_cost(results, manifest.attempt)
-            total += actual
+                actual = cost_by_attempt.get(manifest.attempt, 0.0)
             if manifest.spend and manifest.spend.get("entry"):
                 ledger.settle(manifest.spend["day"], manifest.spend["entry"], actual)
-        return total
-
-    def _token_cost(self, results: pa.Table, attempt: int) -> float:
-        assert self.price is not None
-        if not results.num_rows or "attempt" not in results.column_names:
-            return 0.0
-        mine = results.filter(pc.equal(results.column("attempt"), attempt))
-        tokens = [
-            int(pc.sum(mine.column(name)).as_py() or 0) if name in mine.column_names else 0
-            for name in ("prompt_tokens", "completion_tokens")
-        ]
-        return self.price.cost(*tokens)
 
 
 def _reported_fees(manifest: Manifest, batches: dict[str, dict[str, Any]]) -> float | None:

@@ -27,6 +27,7 @@ import pyarrow.json as pj
 from .outcomes import OUTCOME_SCHEMA, outcomes_to_table
 from .prepare import CUSTOM_ID, ERROR_CODE, ERROR_MESSAGE, HIDDEN_COLUMNS
 from .results import _RETRYABLE_CODES, Outcome
+from .row_costs import COST, RowCosts
 from .spec import RequestSpec
 
 __all__ = [
@@ -49,6 +50,7 @@ RESULT_COLUMNS = (
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
+    COST,
     "batch_id",
     "attempt",
 )
@@ -129,6 +131,12 @@ class TableSummary:
     rows: int = 0
     sums: Counter[str] = field(default_factory=Counter)
     error_counts: Counter[str] = field(default_factory=Counter)
+    cost_by_attempt: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def cost(self) -> float:
+        """The ``cost`` column's sum (rows of unknown cost count as nothing)."""
+        return sum(self.cost_by_attempt.values())
 
     def add(self, part: pa.Table) -> None:
         self.rows += part.num_rows
@@ -138,6 +146,12 @@ class TableSummary:
         if ERROR_CODE in part.column_names:
             for code, n in zip(*_value_counts(part.column(ERROR_CODE)), strict=True):
                 self.error_counts[code] += n
+        if COST in part.column_names and part.num_rows:
+            by = part.select(["attempt", COST]).group_by("attempt").aggregate([(COST, "sum")])
+            attempts, costs = by.column("attempt").to_pylist(), by.column(f"{COST}_sum").to_pylist()
+            for attempt, cost in zip(attempts, costs, strict=True):
+                if attempt is not None and cost is not None:
+                    self.cost_by_attempt[attempt] = self.cost_by_attempt.get(attempt, 0.0) + cost
 
 
 def _value_counts(column: pa.ChunkedArray) -> tuple[list[Any], list[int]]:
@@ -160,8 +174,10 @@ class TablesBuilder:
         *,
         spec: RequestSpec,
         keep_columns: Sequence[str] | None = None,
+        costs: RowCosts | None = None,
     ) -> None:
         self.spec = spec
+        self.costs = costs
         self.keep = _kept(inputs_schema, keep_columns)
         self.final = final  # chunked as it is: a copy of every answer would double memory
         self.final_ids = final.column(CUSTOM_ID).combine_chunks()
@@ -212,6 +228,7 @@ class TablesBuilder:
         columns["prompt_tokens"] = prompt
         columns["completion_tokens"] = completion
         columns["total_tokens"] = pc.if_else(either, total, pa.scalar(None, pa.int64()))
+        columns[COST] = self._cost(got)
         columns["batch_id"] = got.column("batch_id")
         columns["attempt"] = got.column("attempt")
         for name, column in columns.items():
@@ -242,9 +259,17 @@ class TablesBuilder:
             ),
         )
         status = pc.if_else(is_bad, pa.scalar(None, pa.int64()), got.column("http_status"))
-        return _append_failure_columns(
+        table = _append_failure_columns(
             table, code, message, status, got.column("attempt"), got.column("batch_id")
-        ).cast(self.failed_schema)
+        )
+        # A failed answer may still have been billed (invalid structured output, say).
+        return table.append_column(COST, self._cost(got)).cast(self.failed_schema)
+
+    def _cost(self, got: pa.Table) -> pa.Array:
+        if self.costs is None or not got.num_rows:
+            return pa.nulls(got.num_rows, pa.float64())
+        prompt, completion = got.column("prompt_tokens"), got.column("completion_tokens")
+        return self.costs(prompt, completion, got.column("batch_id"))
 
     def invalid_rows(self, invalid: pa.Table, attempt: int) -> pa.Table:
         """The rows prepare never sent, as failed rows of ``attempt``."""
@@ -263,6 +288,7 @@ class TablesBuilder:
             null_text,
             retryable=pa.array([False] * n, pa.bool_()),
         )
+        table = table.append_column(COST, pa.array([0.0] * n, pa.float64()))  # never sent
         return table.cast(self.failed_schema) if n else self.failed_schema.empty_table()
 
 
@@ -273,6 +299,7 @@ FAILURE_FIELDS = [
     pa.field("retryable", pa.bool_()),
     pa.field("attempt", pa.int64()),
     pa.field("batch_id", pa.string()),
+    pa.field(COST, pa.float64()),  # null: unknown; 0 for rows never sent
 ]
 _RETRYABLE = pa.array(sorted(_RETRYABLE_CODES), pa.string())
 
@@ -331,6 +358,7 @@ def _results_schema(
         pa.field("prompt_tokens", pa.int64()),
         pa.field("completion_tokens", pa.int64()),
         pa.field("total_tokens", pa.int64()),
+        pa.field(COST, pa.float64()),
         pa.field("batch_id", pa.string()),
         pa.field("attempt", pa.int64()),
     ]

@@ -8,6 +8,7 @@ import multiprocessing
 import time
 
 import dagster as dg
+import pyarrow.compute as pc
 import pytest
 from conftest import review_pipeline
 
@@ -174,17 +175,55 @@ def test_collection_settles_the_ledger_to_the_actual_cost(tmp_path, local_dir, s
         )
         (results_mat, _) = collected.asset_materializations_for_node("rev_collect")
         meta = {k: v.value for k, v in results_mat.metadata.items()}
-    if style == "infron":  # Infron reports fees per batch: they are what was spent
-        actual = meta["cost_reported_by_provider"]
-    else:  # OpenAI's batch object has no fees: the answered tokens at the pipeline's price
-        assert "cost_reported_by_provider" not in meta
-        actual = PRICE.cost(meta["prompt_tokens"], meta["completion_tokens"])
-    assert meta["cost"] == round(actual, 6) > 0
+    # Every row carries its cost; they sum to the partition's cost.
+    store = pipeline.storage
+    tables = [store.read_table(store.table_path(kind, "a")) for kind in ("results", "failed")]
+    row_costs = sum(pc.sum(t.column("cost")).as_py() or 0.0 for t in tables)
+    assert meta["cost"] == round(row_costs, 6) > 0
+    tokens = PRICE.cost(meta["prompt_tokens"], meta["completion_tokens"])
+    assert row_costs == pytest.approx(tokens)  # at the pipeline's price
     assert meta["cost_estimated"] > 0
+    if style == "infron":  # Infron reports fees per batch: the ledger keeps what was billed
+        billed = meta["cost_reported_by_provider"]
+    else:  # OpenAI's batch object has no fees: the rows' cost
+        assert "cost_reported_by_provider" not in meta
+        billed = row_costs
     (manifest,) = load_manifests(pipeline.storage, "a")
     spent = SpendLedger(pipeline.storage).spent_on(manifest.spend["day"])
-    assert spent == pytest.approx(actual, abs=1e-6)  # the reserved worst case is replaced
+    assert spent == pytest.approx(billed, abs=1e-6)  # the reserved worst case is replaced
     assert spent < manifest.spend["worst_cost"]
+
+
+def test_without_a_price_the_reported_fees_are_shared_by_tokens(tmp_path, local_dir):
+    from infron_dagster import InfronResource
+
+    resource = InfronResource(base_url=f"local://{local_dir}", api_style="infron")
+    flow = review_pipeline(tmp_path, resource, PARTS, rows=ROWS, max_requests_per_batch=5)
+    with dg.instance_for_test() as instance:
+        assert dg.materialize(
+            [flow.upstream, flow.pipeline.batches_asset],
+            partition_key="a",
+            resources=flow.resources,
+            instance=instance,
+        ).success
+        collected = dg.materialize(
+            flow.pipeline.collect_definitions,
+            partition_key="a",
+            resources=flow.resources,
+            instance=instance,
+        )
+        (results_mat, _) = collected.asset_materializations_for_node("rev_collect")
+    store = flow.pipeline.storage
+    results = store.read_table(store.table_path("results", "a"))
+    fees = results_mat.metadata["cost_reported_by_provider"].value
+    by_batch = results.group_by("batch_id").aggregate([("cost", "sum"), ("total_tokens", "sum")])
+    assert by_batch.num_rows == 3
+    assert pc.sum(results.column("cost")).as_py() == pytest.approx(fees, abs=1e-5)
+    # A row's share is its tokens' share of its batch.
+    first = results.slice(0, 1).to_pylist()[0]
+    batch = next(b for b in by_batch.to_pylist() if b["batch_id"] == first["batch_id"])
+    share = first["total_tokens"] / batch["total_tokens_sum"]
+    assert first["cost"] == pytest.approx(batch["cost_sum"] * share)
 
 
 def test_a_budget_without_a_price_is_refused_at_definition(tmp_path):
