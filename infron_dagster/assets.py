@@ -19,8 +19,8 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import dagster as dg
 import pyarrow as pa
@@ -28,9 +28,15 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from .budget import Budget, BudgetExceeded
-from .cancel import build_cancel_job
+from .cancel import build_cancel_job, cancel_partition
 from .checks import build_collect_checks
-from .collect import CollectOutcome, active_attempts, collect_partition
+from .collect import (
+    CollectOutcome,
+    InFlightRequests,
+    active_attempts,
+    collect_partition,
+    in_flight_requests,
+)
 from .prepare import (
     CUSTOM_ID,
     DEFAULT_MAX_BYTES,
@@ -175,6 +181,7 @@ def build_infron_batch_assets(
     block_on_failure_rate: bool = False,
     sensor_interval_seconds: int = 30,
     sensor_default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
+    on_changed_input_in_flight: Literal["carry", "cancel"] = "carry",
 ) -> InfronBatchPipeline:
     """Build ``<name>_batches``, ``<name>_results``/``<name>_failed``, ``<name>_sensor``,
     ``<name>_retry`` and ``<name>_cancel`` for one batch inference step.
@@ -193,7 +200,16 @@ def build_infron_batch_assets(
     any paid call (``SubmitConfig(allow_over_budget=True)`` overrides it once).
     ``block_on_failure_rate`` makes the ``failure_rate`` check blocking: downstream assets
     of a partition over ``max_failure_rate`` do not run.
+    ``on_changed_input_in_flight`` says what a changed input does to a partition whose
+    batches are still running: ``"carry"`` (default) sends only the changed rows, and the
+    unchanged ones wait for the answers the running batches are paid to give; ``"cancel"``
+    cancels the running batches first and sends every row again.
     """
+    if on_changed_input_in_flight not in ("carry", "cancel"):
+        raise ValueError(
+            "on_changed_input_in_flight must be 'carry' or 'cancel', "
+            f"not {on_changed_input_in_flight!r}"
+        )
     if max_result_line_bytes < 1024:
         raise ValueError("max_result_line_bytes must be at least 1024")
     _check_source(source, partitions_def)
@@ -212,6 +228,7 @@ def build_infron_batch_assets(
         {"owners": list(owners or []), "tags": dict(tags or {})},
         pool,
         SpendControl(storage, spec, price, budget),
+        on_changed_input_in_flight=on_changed_input_in_flight,
     )
     batches = _batches_asset(
         settings, source, partitions_def, group_name, automation_condition, backfill_policy
@@ -277,6 +294,7 @@ class _Settings:
     asset_options: dict[str, Any]
     pool: str | None
     spend: SpendControl
+    on_changed_input_in_flight: str = "carry"
 
 
 # --- submit ------------------------------------------------------------------------------
@@ -440,6 +458,9 @@ def _prepare_and_submit(
 ) -> "_Submission":
     carry = kind == "initial" and not config.force_resubmit
     succeeded = succeeded_requests(s.storage, key) if carry else {}
+    # Unchanged rows of an attempt still in flight wait for the answers already paid for.
+    wait = carry and s.on_changed_input_in_flight == "carry"
+    running = in_flight_requests(s.storage, key) if wait else InFlightRequests()
     with tempfile.TemporaryDirectory(prefix="infron-prepare-") as workdir:
         prepared = prepare_requests(
             rows,
@@ -451,12 +472,19 @@ def _prepare_and_submit(
             max_bytes_per_batch=s.max_bytes,
             succeeded=succeeded,
             keep_columns=s.keep_columns,  # a typo is named before any money is spent
+            in_flight=running.requests,
+        )
+        prepared.waits_on = running.waits_on(
+            {a: n for a, n in prepared.carried_by_attempt.items() if a in running.attempts}
         )
         estimate = s.spend.estimate(prepared)
         gate = s.spend.gate(
             estimate, key, dry_run=config.dry_run, allow_over_budget=config.allow_over_budget
         )
         with resource.get_client() as client:
+            cancelled: list[str] = []
+            if kind == "initial" and s.on_changed_input_in_flight == "cancel":
+                gate = _cancel_first(gate, client, s.storage, key, cancelled)
             try:
                 outcome = submit_prepared(
                     client,
@@ -477,8 +505,31 @@ def _prepare_and_submit(
             except BudgetExceeded as exc:
                 raise dg.Failure(str(exc), metadata=estimate.metadata()) from exc
     return _Submission(
-        estimate, prepared.carried, outcome.manifest, False, outcome, dry_run=config.dry_run
+        estimate,
+        prepared.carried,
+        outcome.manifest,
+        False,
+        outcome,
+        dry_run=config.dry_run,
+        cancelled=cancelled,
     )
+
+
+def _cancel_first(
+    gate: Any, client: Any, storage: BatchStorage, key: str | None, cancelled: list[str]
+) -> Any:
+    """The gate, then (policy ``cancel``) the partition's running batches are cancelled just
+    before a new attempt that pays is written: never for a dry run, a refused budget, a
+    reused or revived attempt."""
+
+    def check(manifest: Any, new_spend: bool) -> None:
+        gate(manifest, new_spend)
+        new = not storage.exists(storage.manifest_path(key, manifest.attempt))
+        if new and new_spend:
+            outcome = cancel_partition(client, storage, key)
+            cancelled.extend(outcome.cancelled_ids)
+
+    return check
 
 
 def _retry_rows(s: _Settings, key: str | None) -> pa.Table:
@@ -518,6 +569,7 @@ class _Submission:
     would_pay: bool  # a dry run: whether a real run would create (and pay for) batches
     outcome: SubmitOutcome | None = None  # None for a dry run stopped before writing
     dry_run: bool = False
+    cancelled: list[str] = field(default_factory=list)  # running batches cancelled first
 
     def summary(self) -> str:
         if self.outcome is not None:
@@ -534,6 +586,7 @@ class _Submission:
             "valid_rows": m.row_count - m.invalid_count,
             "invalid_rows": m.invalid_count,
             "carried_rows": self.carried,
+            **self._carry_metadata(),
             "chunks": len(m.chunks),
             "attempt": m.attempt,
             "attempt_kind": m.kind,
@@ -543,6 +596,8 @@ class _Submission:
             "fingerprint": m.fingerprint[:16],
             **self.estimate.metadata(),
         }
+        if self.cancelled:
+            common["cancelled_in_flight_batches"] = dg.MetadataValue.json(self.cancelled)
         if self.dry_run:
             return {"dry_run": True, "would_pay": self.would_pay, **common}
         assert self.outcome is not None
@@ -552,6 +607,32 @@ class _Submission:
             "batches_created": len(self.outcome.created),
             "batches_reattached": len(self.outcome.reattached),
             "reused_existing_batches": self.outcome.reused,
+        }
+
+    def _carry_metadata(self) -> dict[str, Any]:
+        """How many carried rows wait for batches still running, and why none is sent."""
+        waits = self.manifest.waits_on or []
+        in_flight = sum(int(w.get("rows", 0)) for w in waits)
+        why = []
+        if self.carried - in_flight > 0:
+            why.append(
+                f"{self.carried - in_flight} unchanged row(s) already answered in a collected "
+                "attempt: their paid-for answers are reused"
+            )
+        for w in waits:
+            why.append(
+                f"{w.get('rows', 0)} unchanged row(s) sent by attempt {w['attempt']}, still in "
+                f"flight: they wait for its {len(w['batch_ids'])} batch(es), collected with "
+                "this attempt"
+            )
+        if self.cancelled:
+            why.append(
+                f"policy 'cancel': {len(self.cancelled)} running batch(es) cancelled first, "
+                "every row sent again"
+            )
+        return {
+            "carried_from_in_flight": in_flight,
+            "carried_why": "; ".join(why) or "nothing carried",
         }
 
 
@@ -709,7 +790,8 @@ def _collect_results(
 
 def _money_metadata(s: _Settings, key: str | None, outcome: CollectOutcome) -> dict[str, Any]:
     """What the partition cost (settled in the budget ledger) next to what was estimated."""
-    attempts = [m for m in load_manifests(s.storage, key) if m.attempt in outcome.attempts]
+    wanted = {*outcome.attempts, *outcome.sources}  # the in-flight sources were paid for too
+    attempts = [m for m in load_manifests(s.storage, key) if m.attempt in wanted]
     assert outcome.results_summary is not None and outcome.failed_summary is not None
     by_attempt = dict(outcome.results_summary.cost_by_attempt)
     for attempt, cost in outcome.failed_summary.cost_by_attempt.items():

@@ -243,7 +243,15 @@ def _pending(
     unsent = {m.attempt: [c for c in m.chunks if not c.batch_id] for m in live}
     outcome.unsent_chunks = {a: n for a, cs in unsent.items() if (n := _count(cs, False))}
     outcome.uncertain_chunks = {a: n for a, cs in unsent.items() if (n := _count(cs, True))}
-    return [(m.attempt, bid) for m in live for bid in m.batch_ids if bid not in seen]
+    # With the batches of earlier in-flight attempts whose answers they carry (waits_on).
+    mine = [(m.attempt, bid) for m in live for bid in m.batch_ids]
+    waits = [w for m in live for w in m.waits_on]
+    waiting = [(int(w["attempt"]), str(bid)) for w in waits for bid in w["batch_ids"]]
+    pending: dict[str, int] = {}
+    for attempt, batch_id in [*mine, *waiting]:
+        if batch_id not in seen:
+            pending.setdefault(batch_id, attempt)
+    return [(attempt, batch_id) for batch_id, attempt in pending.items()]
 
 
 def _count(chunks: Sequence[ChunkRecord], uncertain: bool) -> int:

@@ -29,7 +29,7 @@ from .errors import InfronError
 from .manifest import Manifest, now_iso
 from .models import Batch, BatchStatus
 from .outcomes import OUTCOME_SCHEMA, outcomes_to_table, read_outcome_table, redact_table
-from .prepare import CARRIED_FROM, CUSTOM_ID
+from .prepare import CARRIED_FROM, CUSTOM_ID, REQUEST_HASH
 from .pricing import ModelPrice
 from .results import DEFAULT_MAX_LINE_BYTES, Outcome, ParseReport
 from .row_costs import RowCosts
@@ -39,7 +39,14 @@ from .submit import load_manifests
 from .tables import TablesBuilder, TableSummary
 from .untrusted import printable, safe_segment
 
-__all__ = ["CollectOutcome", "active_attempts", "collect_partition", "poll_manifest"]
+__all__ = [
+    "CollectOutcome",
+    "InFlightRequests",
+    "active_attempts",
+    "collect_partition",
+    "in_flight_requests",
+    "poll_manifest",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +69,8 @@ class CollectOutcome:
     ready: bool
     waiting_on: list[str] = field(default_factory=list)
     attempts: list[int] = field(default_factory=list)
+    # Earlier attempts, in flight when the base attempt was submitted, whose answers it carries
+    sources: list[int] = field(default_factory=list)
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: ParseReport = field(default_factory=ParseReport)
     input_rows: int = 0
@@ -123,6 +132,60 @@ def active_attempts(manifests: Sequence[Manifest]) -> list[Manifest]:
     return [m for m in manifests if m.base_attempt == base and m.state != "abandoned"]
 
 
+@dataclass
+class InFlightRequests:
+    """The requests a partition's uncollected attempts sent and are still being paid for.
+
+    ``requests`` maps custom_id -> (request hash, attempt); ``attempts`` holds those attempts'
+    manifests (a new attempt that carries from one waits for its batches).
+    """
+
+    requests: dict[str, tuple[str, int]] = field(default_factory=dict)
+    attempts: dict[int, Manifest] = field(default_factory=dict)
+
+    def waits_on(self, used: dict[int, int]) -> list[dict[str, Any]]:
+        """The manifest's ``waits_on`` for the source attempts a preparation used."""
+        return [
+            {"attempt": a, "batch_ids": list(self.attempts[a].batch_ids), "rows": used[a]}
+            for a in sorted(used)
+            if a in self.attempts
+        ]
+
+
+def in_flight_requests(storage: BatchStorage, partition_key: str | None) -> InFlightRequests:
+    """What the partition's uncollected attempts sent: the latest initial attempt and its
+    retries, and the in-flight attempts they themselves wait on. Only attempts whose every
+    chunk has its batch count (a half-submitted one is replaced, as before)."""
+    manifests = load_manifests(storage, partition_key)
+    by_attempt = {m.attempt: m for m in manifests}
+    wanted: set[int] = set()
+    for manifest in active_attempts(manifests):
+        if manifest.state == "collected":
+            continue
+        wanted.add(manifest.attempt)
+        wanted.update(int(w["attempt"]) for w in manifest.waits_on)
+    found = InFlightRequests()
+    for attempt in sorted(wanted):
+        source = by_attempt.get(attempt)
+        if source is None or source.state != "submitted" or not source.fully_submitted:
+            continue
+        path = storage.attempt_file("inputs", partition_key, attempt)
+        with path.open("rb") as fh:
+            names = pq.ParquetFile(fh).schema_arrow.names
+            if REQUEST_HASH not in names:
+                continue  # written before request hashes: nothing can be matched
+            columns = [CUSTOM_ID, REQUEST_HASH] + ([CARRIED_FROM] if CARRIED_FROM in names else [])
+            fh.seek(0)
+            snapshot = pq.read_table(fh, columns=columns)
+        if CARRIED_FROM in snapshot.column_names:  # only what it sent itself
+            snapshot = snapshot.filter(snapshot.column(CARRIED_FROM).is_null())
+        ids = snapshot.column(CUSTOM_ID).to_pylist()
+        hashes = snapshot.column(REQUEST_HASH).to_pylist()
+        found.requests.update(zip(ids, ((h, attempt) for h in hashes), strict=True))
+        found.attempts[attempt] = source
+    return found
+
+
 def poll_manifest(client: InfronClient, manifest: Manifest) -> dict[str, Batch]:
     """The current state of every batch of one attempt."""
     return {bid: client.retrieve_batch(bid) for bid in manifest.batch_ids}
@@ -166,6 +229,14 @@ def collect_partition(
             outcome.waiting_on.extend(manifest.batch_ids)
             continue
         outcome.batches.update(batches)
+    for source in _waited_on(storage, attempts):
+        outcome.sources.append(source.attempt)
+        batches = _fetch_attempt(client, storage, source)
+        if batches is None:  # carried answers still being paid for: collect them too
+            outcome.ready = False
+            outcome.waiting_on.extend(source.batch_ids)
+            continue
+        outcome.batches.update(batches)
     if not outcome.ready:
         return outcome
     # Writing the tables and marking the attempts collected is one step: no submit or retry
@@ -178,6 +249,17 @@ def collect_partition(
             return outcome
         _write_tables(storage, spec, attempts, outcome, keep_columns, price)
     return outcome
+
+
+def _waited_on(storage: BatchStorage, attempts: list[Manifest]) -> list[Manifest]:
+    """The in-flight attempts the base attempt carries answers from (see ``waits_on``)."""
+    numbers = sorted({int(w["attempt"]) for m in attempts for w in m.waits_on})
+    if not numbers:
+        return []
+    key = attempts[0].partition_key
+    return [
+        Manifest.from_dict(storage.read_json(storage.manifest_path(key, n))) for n in numbers
+    ]
 
 
 def _write_tables(
@@ -220,7 +302,7 @@ def _write_tables(
         "results": lambda: storage.read_table(results_path).cast(results.schema),
         "failed": lambda: storage.read_table(failed_path).cast(failed.schema),
     }
-    _mark_collected(storage, attempts, outcome.batches)
+    _mark_collected(storage, [*attempts, *_waited_on(storage, attempts)], outcome.batches)
 
 
 # Input rows joined and written at a time.
@@ -449,6 +531,10 @@ def _carried(storage: BatchStorage, base: Manifest, parent: CollectOutcome) -> p
     """The paid-for answers a new attempt reused from earlier attempts, read from their files."""
     _, carried = _sent_and_carried(storage, base)
     by_attempt = {m.attempt: m for m in load_manifests(storage, base.partition_key)}
+    # A row carried from an attempt that was in flight keeps that attempt's outcome, failed
+    # or not (it was sent there, and only there); from a collected attempt, only successes
+    # were carried.
+    waited = {int(w["attempt"]) for w in base.waits_on}
     parts = [_empty_final()]
     for attempt, ids in carried.items():
         source = by_attempt[attempt]
@@ -457,7 +543,9 @@ def _carried(storage: BatchStorage, base: Manifest, parent: CollectOutcome) -> p
         scratch.max_line_bytes = parent.max_line_bytes
         scratch.key_redactor = parent.key_redactor
         earlier = _attempt_outcomes(storage, source, scratch)
-        mine = pc.and_(pc.is_in(earlier.column(CUSTOM_ID), value_set=ids), earlier.column("ok"))
+        mine = pc.is_in(earlier.column(CUSTOM_ID), value_set=ids)
+        if attempt not in waited:
+            mine = pc.and_(mine, earlier.column("ok"))
         parts.append(earlier.filter(mine))
     return pa.concat_tables(parts)
 

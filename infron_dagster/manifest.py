@@ -75,6 +75,10 @@ class Manifest:
     # The money side, when the pipeline has a price: the estimate made before sending and
     # the ledger entry that reserved it ({"day", "entry", "expected_cost", "worst_cost"}).
     spend: dict[str, Any] | None = None
+    # Earlier attempts of the partition, still in flight when this one was submitted, whose
+    # answers this attempt carries instead of sending again ({"attempt", "batch_ids"}): it is
+    # collected only once their batches have ended too.
+    waits_on: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.base_attempt:
@@ -84,6 +88,11 @@ class Manifest:
     def batch_ids(self) -> list[str]:
         """Ids of the batches created so far."""
         return [c.batch_id for c in self.chunks if c.batch_id]
+
+    @property
+    def waiting_batch_ids(self) -> list[str]:
+        """Ids of the in-flight batches of earlier attempts this attempt carries answers from."""
+        return [str(bid) for source in self.waits_on for bid in source.get("batch_ids", [])]
 
     @property
     def fully_submitted(self) -> bool:

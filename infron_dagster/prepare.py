@@ -91,6 +91,13 @@ class PreparedRequests:
     request_bytes: int = 0
     invalid_reasons: dict[str, int] = field(default_factory=dict)
     carried: int = 0
+    # Of ``carried``: rows whose answer is still being paid for by an in-flight attempt.
+    carried_in_flight: int = 0
+    # Carried rows per source attempt of this partition.
+    carried_by_attempt: dict[int, int] = field(default_factory=dict)
+    # The in-flight attempts the carried rows wait for ({"attempt", "batch_ids"}; the
+    # caller, who knows their batches, fills it in for the manifest).
+    waits_on: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def valid(self) -> pa.Table:
@@ -290,12 +297,15 @@ def prepare_requests(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     succeeded: Mapping[str, tuple[str, int]] | None = None,
     keep_columns: Sequence[str] | None = None,
+    in_flight: Mapping[str, tuple[str, int]] | None = None,
 ) -> PreparedRequests:
     """Validate rows, render request lines, and write them to chunk files in ``workdir``.
 
     ``succeeded`` maps custom_id -> (request hash, attempt) of requests already answered in
     an earlier attempt: a row whose request is byte-for-byte the same is not sent again but
-    carried (``__carried_from``); only changed or new rows are paid for. ``keep_columns``
+    carried (``__carried_from``); only changed or new rows are paid for. ``in_flight`` is
+    the same for requests sent by attempts still in flight: an unchanged row waits for the
+    answer already paid for (``succeeded`` wins when both match). ``keep_columns``
     (the input columns collection will copy to results) must all exist: checked here, before
     anything is paid for, rather than at collect.
 
@@ -325,7 +335,7 @@ def prepare_requests(
     renderer = ColumnRenderer.for_spec(spec, max_request_bytes=request_bytes) or _RowRenderer(
         spec, max_request_bytes=request_bytes
     )
-    run = _Run(spec, succeeded or {}, source.snapshot_schema())
+    run = _Run(spec, succeeded or {}, source.snapshot_schema(), in_flight or {})
     snapshot_path = os.path.join(os.fspath(workdir), "inputs.parquet")
     writer = _ChunkWriter(workdir, max_requests_per_batch, max_bytes_per_batch)
     snapshot = pq.ParquetWriter(snapshot_path, run.snapshot_schema, compression="zstd")
@@ -350,9 +360,15 @@ class _Run:
     token and carry counts. Lines and snapshot rows are written out slice by slice."""
 
     def __init__(
-        self, spec: RequestSpec, succeeded: Mapping[str, tuple[str, int]], schema: pa.Schema
+        self,
+        spec: RequestSpec,
+        succeeded: Mapping[str, tuple[str, int]],
+        schema: pa.Schema,
+        in_flight: Mapping[str, tuple[str, int]],
     ) -> None:
-        self.succeeded = succeeded
+        self.succeeded, self.in_flight = succeeded, in_flight
+        self.carried_in_flight = 0
+        self.carried_by_attempt: Counter[int] = Counter()
         self.digest = hashlib.sha256(json.dumps(spec.identity(), sort_keys=True).encode())
         self.snapshot_schema = schema
         self.invalid: list[pa.Table] = []
@@ -425,12 +441,20 @@ class _Run:
         whole = bytes(data[offsets[0] : offsets[-1]])  # slicing bytes is cheaper than a view
         bounds = (offsets - offsets[0]).tolist()
         hashes = [sha256(whole[a:b]).hexdigest()[:32] for a, b in itertools.pairwise(bounds)]
-        if not self.succeeded:
+        if not self.succeeded and not self.in_flight:
             return hashes, [None] * len(hashes)
         carried: list[int | None] = []
         for custom_id, line_hash in zip(ids.to_pylist(), hashes, strict=True):
             earlier = self.succeeded.get(custom_id)
-            carried.append(earlier[1] if earlier and earlier[0] == line_hash else None)
+            source = earlier[1] if earlier and earlier[0] == line_hash else None
+            if source is None:
+                running = self.in_flight.get(custom_id)
+                if running and running[0] == line_hash:
+                    source = running[1]
+                    self.carried_in_flight += 1
+            if source is not None:
+                self.carried_by_attempt[source] += 1
+            carried.append(source)
         return hashes, carried
 
     def _add_invalid(self, part: pa.Table, ids: pa.Array, problems: dict[int, str]) -> None:
@@ -461,6 +485,8 @@ class _Run:
             request_bytes=sum(c.bytes for c in chunks),
             invalid_reasons=dict(Counter(r.split(":")[0] for _, r in self.invalid_reasons)),
             carried=self.carried,
+            carried_in_flight=self.carried_in_flight,
+            carried_by_attempt=dict(self.carried_by_attempt),
         )
 
 

@@ -55,7 +55,10 @@ class InFlight:
 
     @property
     def batch_ids(self) -> list[str]:
-        return [bid for m in self.attempts if m.state != "collected" for bid in m.batch_ids]
+        """The batches of its uncollected attempts, and of the in-flight attempts they carry
+        answers from (collection waits for those too)."""
+        live = [m for m in self.attempts if m.state != "collected"]
+        return [bid for m in live for bid in (*m.batch_ids, *m.waiting_batch_ids)]
 
 
 def find_in_flight(

@@ -246,7 +246,7 @@ def _revive(
         index = snapshot.column_names.index(CARRIED_FROM)
         nulls = pa.nulls(snapshot.num_rows, pa.int64())
         snapshot = snapshot.set_column(index, CARRIED_FROM, nulls)
-    manifest.carried_count = 0
+    manifest.carried_count, manifest.waits_on = 0, []
     storage.write_table(storage.attempt_file("inputs", key, attempt), snapshot)
     storage.write_table(storage.attempt_file("invalid", key, attempt), prepared.invalid)
     manifest.api_style = match.api_style
@@ -290,6 +290,7 @@ def _new_manifest(
         row_count=prepared.valid_rows + prepared.invalid.num_rows,
         invalid_count=prepared.invalid.num_rows,
         carried_count=prepared.carried,
+        waits_on=list(prepared.waits_on),
         estimated_input_tokens=prepared.estimated_input_tokens,
         chunks=chunks,
         run_id=run_id,

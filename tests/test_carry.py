@@ -177,5 +177,7 @@ def test_answers_collected_before_a_retry_in_flight_are_still_carried(tmp_path, 
     _retry(half)  # submitted, not collected
     texts["value"] = [*texts["value"], "a new review"]
     meta = _submit(half)
-    assert meta["carried_rows"].value == len(results)  # every collected answer, not zero
+    # Every collected answer (not zero), and the retried rows wait for the retry in flight
+    assert meta["carried_rows"].value == len(results) + len(failed)
+    assert meta["carried_from_in_flight"].value == len(failed)
     assert meta["valid_rows"].value == 21

@@ -684,10 +684,11 @@ def test_reverting_input_revives_the_paid_batches_of_that_version(
     flow = make_flow(tmp_path, infron_resource, instance)
     original = submit_meta(flow.submit())  # A: 20 rows
     flow.rows["a"] = reviews_frame(5)
-    flow.submit()  # B: 5 rows
+    b = submit_meta(flow.submit())  # B: 5 rows, all unchanged and still in flight in A
+    assert b["batches_created"] == 0 and b["carried_from_in_flight"] == 5
     flow.collect()
     assert ids(flow.results()) == set(range(5))
-    assert len(server_batches(infron_resource)) == 4
+    assert len(server_batches(infron_resource)) == 3
 
     del flow.rows["a"]  # back to A: nothing is paid twice, and A's rows are what is collected
     reverted = submit_meta(flow.submit())
@@ -695,7 +696,7 @@ def test_reverting_input_revives_the_paid_batches_of_that_version(
     assert reverted["reused_existing_batches"] is True
     assert reverted["attempt"] == 3
     assert reverted["batch_ids"] == original["batch_ids"]
-    assert len(server_batches(infron_resource)) == 4
+    assert len(server_batches(infron_resource)) == 3
     flow.collect()
     assert ids(flow.results()) == set(range(20))
     assert flow.failed().num_rows == 0

@@ -392,6 +392,12 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
             description="Money limits; a submission over them is refused unsent.",
         ),
     ] = None
+    on_changed_input_in_flight: Literal["carry", "cancel"] = Field(
+        default="carry",
+        description="Changed input while batches run: carry (unchanged rows wait for the "
+        "answers already paid for, only changed rows are sent) or cancel (cancel the running "
+        "batches first, send every row).",
+    )
     resource_key: str = "infron"
     group_name: str | None = None
     sensor_interval_seconds: int = 30
@@ -453,6 +459,7 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
             block_on_failure_rate=self.block_on_failure_rate,
             sensor_interval_seconds=self.sensor_interval_seconds,
             sensor_default_status=dg.DefaultSensorStatus(self.sensor_default_status.upper()),
+            on_changed_input_in_flight=self.on_changed_input_in_flight,
         )
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:

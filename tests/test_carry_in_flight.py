@@ -1,0 +1,290 @@
+"""Changed input while batches are in flight: the unchanged rows wait for the answers already
+paid for (carried from the running attempt) instead of being sent again; policy ``cancel``
+cancels the running batches first and sends everything anew.
+
+Real Dagster runs, the sensor, and the embedded local server on a settable clock (its ``time``
+module is swapped, as in test_cancel.py), so the two attempts' batches end when the test says.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pytest
+from conftest import make_local_dir
+
+import infron_dagster.local.app as app_module
+import infron_dagster.local.engine as engine_module
+from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
+from infron_dagster.local.store import Store
+from infron_dagster.submit import load_manifests
+
+PARTS = dg.StaticPartitionsDefinition(["a"])
+ROWS = 1000
+IN_PROGRESS = 60.0  # seconds a batch runs on the local server's clock
+
+
+class Clock:
+    """A settable clock standing in for time.time inside the local server."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(app_module, "time", fake)
+    monkeypatch.setattr(engine_module, "time", fake)
+    return fake
+
+
+@dataclass
+class Flow:
+    texts: list[str]
+    pipeline: Any
+    defs: dg.Definitions
+    resources: dict[str, Any]
+    instance: dg.DagsterInstance
+    server: str
+
+    @property
+    def store(self):
+        return self.pipeline.storage
+
+    def submit(self, **config: Any) -> dict[str, Any]:
+        upstream = self.defs.resolve_assets_def("reviews")
+        result = dg.materialize(
+            [upstream, self.pipeline.batches_asset],
+            partition_key="a",
+            instance=self.instance,
+            resources=self.resources,
+            run_config={"ops": {"rev_batches": {"config": config}}} if config else None,
+        )
+        meta = result.asset_materializations_for_node("rev_batches")[0].metadata
+        return {k: v.value for k, v in meta.items()}
+
+    def sensor_collects(self) -> list[dg.ExecuteInProcessResult]:
+        """One sensor tick, and the collection runs it requests executed like the daemon."""
+        context = dg.build_sensor_context(
+            instance=self.instance, definitions=self.defs, resources=self.resources
+        )
+        result = self.pipeline.sensor(context)
+        assert isinstance(result, dg.SensorResult)
+        job = self.defs.resolve_implicit_global_asset_job_def()
+        return [
+            job.execute_in_process(
+                partition_key=request.partition_key,
+                asset_selection=request.asset_selection,
+                tags=request.tags,
+                instance=self.instance,
+            )
+            for request in result.run_requests
+        ]
+
+    def sent(self) -> int:
+        """Requests the local server was sent, over every batch ever created."""
+        return sum(b["total"] for b in Store(self.server).list_batches())
+
+    def statuses(self) -> set[str]:
+        with self.resources["infron"].get_client() as client:
+            return {client.retrieve_batch(b["id"]).status.value for b in self.batches()}
+
+    def batches(self) -> list[dict[str, Any]]:
+        return Store(self.server).list_batches()
+
+    def table(self, kind: str) -> pd.DataFrame:
+        return self.store.read_table(self.store.table_path(kind, "a")).to_pandas()
+
+
+def make_flow(tmp_path, instance, api_style: str, **factory: Any) -> Flow:
+    texts = [f"review {i}" for i in range(ROWS)]
+
+    @dg.asset(name="reviews", partitions_def=PARTS)
+    def reviews():
+        return pd.DataFrame({"id": range(len(texts)), "text": list(texts)})
+
+    pipeline = build_infron_batch_assets(
+        name="rev",
+        spec=RequestSpec(
+            model="gpt-4o-mini", prompt_template="Sentiment of {text}", key_columns="id"
+        ),
+        source="reviews",
+        partitions_def=PARTS,
+        storage_root=str(tmp_path / "lake"),
+        max_requests_per_batch=400,
+        **factory,
+    )
+    server = make_local_dir(str(tmp_path / "srv"), in_progress_seconds=IN_PROGRESS)
+    resources = {
+        "infron": InfronResource(base_url=f"local://{server}", api_style=api_style),
+        "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
+    }
+    defs = dg.Definitions.merge(
+        pipeline.definitions, dg.Definitions(assets=[reviews], resources=resources)
+    )
+    return Flow(texts, pipeline, defs, resources, instance, server)
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+def test_editing_one_row_in_flight_sends_one_request_and_waits_for_both_attempts(
+    tmp_path, instance, clock, api_style
+):
+    flow = make_flow(tmp_path, instance, api_style)
+    first = flow.submit()
+    assert first["attempt"] == 1 and first["batches_created"] == 3 and flow.sent() == ROWS
+    assert flow.sensor_collects() == []  # in flight
+
+    clock.now += 10  # attempt 1 is running; one row changes upstream
+    flow.texts[500] = "review 500, edited"
+    # The new batch is quick: it ends long before attempt 1's (the order that matters).
+    make_local_dir(flow.server, in_progress_seconds=5)
+    second = flow.submit()
+    assert flow.sent() == ROWS + 1  # exactly one more request
+    assert second["attempt"] == 2 and second["batches_created"] == 1
+    assert second["carried_rows"] == ROWS - 1 and second["carried_from_in_flight"] == ROWS - 1
+    assert "still in flight" in second["carried_why"]
+    (manifest_2,) = [m for m in load_manifests(flow.store, "a") if m.attempt == 2]
+    attempt_1_batches = next(m for m in load_manifests(flow.store, "a") if m.attempt == 1)
+    assert manifest_2.waiting_batch_ids == attempt_1_batches.batch_ids
+
+    # An unchanged re-run pays nothing: the attempt is reused with what it waits for.
+    again = flow.submit()
+    assert again["reused_existing_batches"] and flow.sent() == ROWS + 1
+
+    # Attempt 2 (created at t0 + 10, runs 5 s) has ended; attempt 1 (t0, 60 s) still runs.
+    clock.now += 10
+    assert flow.statuses() == {"completed", "in_progress"}
+    assert flow.sensor_collects() == []  # both attempts' batches must end first
+    assert not flow.store.exists(flow.store.table_path("results", "a"))
+
+    clock.now += IN_PROGRESS  # attempt 1 ends too
+    assert flow.statuses() == {"completed"}
+    (collected,) = flow.sensor_collects()
+    assert collected.success
+    results, failed = flow.table("results"), flow.table("failed")
+    assert failed.empty and sorted(results["id"]) == list(range(ROWS))
+    assert results["attempt"].value_counts().to_dict() == {1: ROWS - 1, 2: 1}
+    row = results.loc[results["id"] == 500]
+    assert row["text"].item() == "review 500, edited" and row["attempt"].item() == 2
+    assert row["response_text"].item()
+    assert flow.sent() == ROWS + 1  # nothing else was sent to finish it
+    assert {m.attempt: m.state for m in load_manifests(flow.store, "a")} == {
+        1: "collected",
+        2: "collected",
+    }
+    assert flow.sensor_collects() == []  # nothing left in flight
+
+
+def test_a_carried_row_whose_running_batch_is_cancelled_fails_retryable(
+    tmp_path, instance, clock
+):
+    flow = make_flow(tmp_path, instance, "infron")
+    flow.submit()
+    clock.now += 10
+    flow.texts[0] = "review 0, edited"
+    second = flow.submit()
+    assert second["carried_from_in_flight"] == ROWS - 1
+    # The cancel job stops the batches the partition waits for too (attempt 1's).
+    cancel = flow.defs.resolve_job_def("rev_cancel")
+    result = cancel.execute_in_process(partition_key="a", instance=instance)
+    assert result.success
+    clock.now += IN_PROGRESS * 2
+    assert flow.statuses() == {"cancelled"}
+    (collected,) = flow.sensor_collects()
+    assert collected.success
+    results, failed = flow.table("results"), flow.table("failed")
+    # Every row is accounted for: none vanished with the cancelled attempt it waited for.
+    assert sorted([*results["id"], *failed["id"]]) == list(range(ROWS))
+    assert len(failed) > 0 and set(failed["error_code"]) == {"batch_cancelled"}
+    assert failed["retryable"].all()
+
+
+def test_policy_cancel_cancels_the_running_batches_and_sends_every_row(tmp_path, instance, clock):
+    flow = make_flow(tmp_path, instance, "infron", on_changed_input_in_flight="cancel")
+    flow.submit()
+    clock.now += 10
+    flow.texts[500] = "review 500, edited"
+    second = flow.submit()
+    assert flow.sent() == 2 * ROWS  # everything anew, as before
+    assert second["carried_from_in_flight"] == 0 and second["carried_rows"] == 0
+    assert len(second["cancelled_in_flight_batches"]) == 3
+    assert "cancelled" in second["carried_why"]
+    attempt_1 = next(m for m in load_manifests(flow.store, "a") if m.attempt == 1)
+    with flow.resources["infron"].get_client() as client:
+        states = {client.retrieve_batch(b).status.value for b in attempt_1.batch_ids}
+    assert states <= {"cancelling", "cancelled"}
+    clock.now += IN_PROGRESS * 2
+    (collected,) = flow.sensor_collects()
+    results = flow.table("results")
+    assert collected.success and sorted(results["id"]) == list(range(ROWS))
+    assert set(results["attempt"]) == {2}
+
+
+def test_a_dry_run_under_policy_cancel_cancels_nothing(tmp_path, instance, clock):
+    flow = make_flow(tmp_path, instance, "infron", on_changed_input_in_flight="cancel")
+    flow.submit()
+    clock.now += 10
+    flow.texts[1] = "edited"
+    upstream = flow.defs.resolve_assets_def("reviews")
+    dg.materialize(
+        [upstream, flow.pipeline.batches_asset],
+        partition_key="a",
+        instance=instance,
+        resources=flow.resources,
+        run_config={"ops": {"rev_batches": {"config": {"dry_run": True}}}},
+    )
+    assert flow.statuses() == {"in_progress"} and flow.sent() == ROWS
+
+
+def test_the_policy_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="on_changed_input_in_flight"):
+        build_infron_batch_assets(
+            name="rev",
+            spec=RequestSpec(model="m", prompt_template="{text}", key_columns="id"),
+            source="reviews",
+            storage_root=str(tmp_path),
+            on_changed_input_in_flight="abandon",  # type: ignore[arg-type]
+        )
+
+
+def test_the_yaml_component_passes_the_policy(monkeypatch):
+    from test_component import defs_yaml, load_yaml
+
+    import infron_dagster.components.batch_inference as component_module
+
+    seen: dict[str, Any] = {}
+    real = component_module.build_infron_batch_assets
+
+    def spy(**kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(component_module, "build_infron_batch_assets", spy)
+    yaml_text = defs_yaml(
+        """
+        name: rev
+        model: m
+        prompt_template: "{text}"
+        source: reviews
+        on_changed_input_in_flight: cancel
+        """
+    )
+    with load_yaml(yaml_text) as (component, _):
+        assert component.on_changed_input_in_flight == "cancel"
+    assert seen["on_changed_input_in_flight"] == "cancel"
