@@ -47,6 +47,7 @@ from .prepare import (
 from .pricing import CostEstimate, ModelPrice
 from .resources import InfronResource
 from .results import DEFAULT_MAX_LINE_BYTES
+from .reuse import AnswerIndex
 from .sensor import build_infron_batch_sensor
 from .sources import ParquetSource
 from .spec import RequestSpec
@@ -182,6 +183,7 @@ def build_infron_batch_assets(
     sensor_interval_seconds: int = 30,
     sensor_default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
     on_changed_input_in_flight: Literal["carry", "cancel"] = "carry",
+    reuse_answers: Literal["partition", "pipeline"] = "partition",
 ) -> InfronBatchPipeline:
     """Build ``<name>_batches``, ``<name>_results``/``<name>_failed``, ``<name>_sensor``,
     ``<name>_retry`` and ``<name>_cancel`` for one batch inference step.
@@ -204,7 +206,12 @@ def build_infron_batch_assets(
     batches are still running: ``"carry"`` (default) sends only the changed rows, and the
     unchanged ones wait for the answers the running batches are paid to give; ``"cancel"``
     cancels the running batches first and sends every row again.
+    ``reuse_answers="pipeline"`` carries a request whose exact body was already answered in
+    any other partition of the pipeline instead of sending it (default ``"partition"``: only
+    a partition's own answers are reused; some want fresh samples per partition).
     """
+    if reuse_answers not in ("partition", "pipeline"):
+        raise ValueError(f"reuse_answers must be 'partition' or 'pipeline', not {reuse_answers!r}")
     if on_changed_input_in_flight not in ("carry", "cancel"):
         raise ValueError(
             "on_changed_input_in_flight must be 'carry' or 'cancel', "
@@ -229,6 +236,7 @@ def build_infron_batch_assets(
         pool,
         SpendControl(storage, spec, price, budget),
         on_changed_input_in_flight=on_changed_input_in_flight,
+        reuse_answers=reuse_answers,
     )
     batches = _batches_asset(
         settings, source, partitions_def, group_name, automation_condition, backfill_policy
@@ -295,6 +303,7 @@ class _Settings:
     pool: str | None
     spend: SpendControl
     on_changed_input_in_flight: str = "carry"
+    reuse_answers: str = "partition"
 
 
 # --- submit ------------------------------------------------------------------------------
@@ -461,6 +470,11 @@ def _prepare_and_submit(
     # Unchanged rows of an attempt still in flight wait for the answers already paid for.
     wait = carry and s.on_changed_input_in_flight == "carry"
     running = in_flight_requests(s.storage, key) if wait else InFlightRequests()
+    # Pipeline reuse: other partitions' answers by body hash (an empty index still records
+    # this partition's body hashes, so its own answers can serve the others later).
+    elsewhere = None
+    if s.reuse_answers == "pipeline":
+        elsewhere = AnswerIndex.load(s.storage, key) if carry else AnswerIndex(s.storage)
     with tempfile.TemporaryDirectory(prefix="infron-prepare-") as workdir:
         prepared = prepare_requests(
             rows,
@@ -473,6 +487,7 @@ def _prepare_and_submit(
             succeeded=succeeded,
             keep_columns=s.keep_columns,  # a typo is named before any money is spent
             in_flight=running.requests,
+            elsewhere=elsewhere,
         )
         prepared.waits_on = running.waits_on(
             {a: n for a, n in prepared.carried_by_attempt.items() if a in running.attempts}
@@ -512,6 +527,7 @@ def _prepare_and_submit(
         outcome,
         dry_run=config.dry_run,
         cancelled=cancelled,
+        elsewhere=prepared.carried_elsewhere,
     )
 
 
@@ -570,6 +586,7 @@ class _Submission:
     outcome: SubmitOutcome | None = None  # None for a dry run stopped before writing
     dry_run: bool = False
     cancelled: list[str] = field(default_factory=list)  # running batches cancelled first
+    elsewhere: int = 0  # carried rows answered in other partitions
 
     def summary(self) -> str:
         if self.outcome is not None:
@@ -614,10 +631,16 @@ class _Submission:
         waits = self.manifest.waits_on or []
         in_flight = sum(int(w.get("rows", 0)) for w in waits)
         why = []
-        if self.carried - in_flight > 0:
+        collected = self.carried - in_flight - self.elsewhere
+        if collected > 0:
             why.append(
-                f"{self.carried - in_flight} unchanged row(s) already answered in a collected "
+                f"{collected} unchanged row(s) already answered in a collected "
                 "attempt: their paid-for answers are reused"
+            )
+        if self.elsewhere:
+            why.append(
+                f"{self.elsewhere} row(s) whose exact request was answered in another "
+                "partition (reuse_answers='pipeline'): read from there"
             )
         for w in waits:
             why.append(
@@ -632,6 +655,7 @@ class _Submission:
             )
         return {
             "carried_from_in_flight": in_flight,
+            "carried_from_other_partitions": self.elsewhere,
             "carried_why": "; ".join(why) or "nothing carried",
         }
 

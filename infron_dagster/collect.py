@@ -29,9 +29,17 @@ from .errors import InfronError
 from .manifest import Manifest, now_iso
 from .models import Batch, BatchStatus
 from .outcomes import OUTCOME_SCHEMA, outcomes_to_table, read_outcome_table, redact_table
-from .prepare import CARRIED_FROM, CUSTOM_ID, REQUEST_HASH
+from .prepare import (
+    BODY_HASH,
+    CARRIED_FROM,
+    CARRIED_ID,
+    CARRIED_PARTITION,
+    CUSTOM_ID,
+    REQUEST_HASH,
+)
 from .pricing import ModelPrice
 from .results import DEFAULT_MAX_LINE_BYTES, Outcome, ParseReport
+from .reuse import write_answers
 from .row_costs import RowCosts
 from .spec import RequestSpec
 from .storage import BatchStorage
@@ -284,7 +292,10 @@ def _write_tables(
             inputs.schema_arrow, final, spec=spec, keep_columns=keep_columns, costs=costs
         )
         outcome.input_rows = inputs.metadata.num_rows + invalid.num_rows
-        batches = inputs.iter_batches(batch_size=SLICE_ROWS, columns=builder.input_columns)
+        reuse = BODY_HASH in inputs.schema_arrow.names
+        answers = _Answers(storage, partition_key) if reuse else None
+        columns = builder.input_columns + ([BODY_HASH] if answers else [])
+        batches = inputs.iter_batches(batch_size=SLICE_ROWS, columns=columns)
         results_path = storage.table_path("results", partition_key)
         failed_path = storage.table_path("failed", partition_key)
         with (
@@ -292,10 +303,15 @@ def _write_tables(
             _TableFile(storage, failed_path, builder.failed_schema) as failed,
         ):
             for batch in batches:
-                ok, bad = builder.split(pa.Table.from_batches([batch]))
+                rows = pa.Table.from_batches([batch])
+                ok, bad = builder.split(rows)
                 results.write(ok)
                 failed.write(bad)
+                if answers is not None:
+                    answers.add(rows, ok)
             failed.write(builder.invalid_rows(invalid, base.attempt))
+    if answers is not None:  # before the manifests (the commit point) are marked collected
+        answers.write()
     outcome.results_summary, outcome.failed_summary = results.summary, failed.summary
     # Read back under the schema written (Parquet names a list's items "element")
     outcome._readers = {
@@ -307,6 +323,42 @@ def _write_tables(
 
 # Input rows joined and written at a time.
 SLICE_ROWS = 65_536
+
+
+class _Answers:
+    """The requests this partition's own batches answered (reuse_answers="pipeline"): by
+    body hash, for other partitions to carry instead of paying again (see ``reuse``)."""
+
+    def __init__(self, storage: BatchStorage, partition_key: str | None) -> None:
+        self.storage, self.partition_key = storage, partition_key
+        manifests = load_manifests(storage, partition_key)
+        self.own = pa.array(sorted({b for m in manifests for b in m.batch_ids}), pa.string())
+        self.parts: list[pa.Table] = []
+
+    def add(self, inputs: pa.Table, results: pa.Table) -> None:
+        # Answers carried from another partition live there: its own file lists them.
+        mine = results.filter(pc.is_in(results.column("batch_id"), value_set=self.own))
+        position = pc.index_in(mine.column(CUSTOM_ID), value_set=inputs.column(CUSTOM_ID))
+        self.parts.append(
+            pa.table(
+                {
+                    "body_hash": inputs.column(BODY_HASH).take(position),
+                    "custom_id": mine.column(CUSTOM_ID),
+                    "attempt": mine.column("attempt"),
+                }
+            )
+        )
+
+    def write(self) -> None:
+        schema = _ANSWERED
+        table = pa.concat_tables([p.cast(schema) for p in self.parts] or [schema.empty_table()])
+        table = table.filter(table.column("body_hash").is_valid())
+        write_answers(self.storage, self.partition_key, table)
+
+
+_ANSWERED = pa.schema(
+    [("body_hash", pa.string()), ("custom_id", pa.string()), ("attempt", pa.int64())]
+)
 
 
 class _TableFile:
@@ -510,26 +562,107 @@ def _sent_and_carried(
     storage: BatchStorage, manifest: Manifest
 ) -> tuple[pa.Array, dict[int, pa.Array]]:
     """The custom_ids an attempt sent (in chunk order), and those it carried, by source."""
-    path = storage.attempt_file("inputs", manifest.partition_key, manifest.attempt)
-    with path.open("rb") as fh:
-        names = pq.ParquetFile(fh).schema_arrow.names
-        columns = [CUSTOM_ID] + ([CARRIED_FROM] if CARRIED_FROM in names else [])
-        fh.seek(0)
-        snapshot = pq.read_table(fh, columns=columns)
+    snapshot = _carry_columns(storage, manifest.partition_key, manifest.attempt)
     ids = snapshot.column(CUSTOM_ID).combine_chunks()
     if CARRIED_FROM not in snapshot.column_names:
         return ids, {}
     source = snapshot.column(CARRIED_FROM).combine_chunks()
     sent = pc.filter(ids, source.is_null())
+    if CARRIED_PARTITION in snapshot.column_names:  # answers of other partitions: not here
+        elsewhere = snapshot.column(CARRIED_PARTITION).combine_chunks().is_valid()
+        source = pc.if_else(elsewhere, pa.scalar(None, pa.int64()), source)
     carried = {}
     for attempt in pc.unique(source.drop_null()).to_pylist():
         carried[attempt] = pc.filter(ids, pc.equal(source, attempt).fill_null(False))
     return sent, carried
 
 
+def _carry_columns(storage: BatchStorage, partition_key: str | None, attempt: int) -> pa.Table:
+    """An attempt's snapshot, only its custom_ids and where its carried rows come from."""
+    path = storage.attempt_file("inputs", partition_key, attempt)
+    wanted = (CUSTOM_ID, CARRIED_FROM, CARRIED_PARTITION, CARRIED_ID)
+    with path.open("rb") as fh:
+        names = pq.ParquetFile(fh).schema_arrow.names
+        fh.seek(0)
+        return pq.read_table(fh, columns=[c for c in wanted if c in names])
+
+
+# (partition, attempt) of another partition -> [(its custom_ids, ours, our attempt)]
+_Elsewhere = dict[tuple[str | None, int], list[tuple[pa.Array, pa.Array, int]]]
+
+
+def _elsewhere(snapshot: pa.Table, ids: pa.Array | None, attempt: int, out: _Elsewhere) -> None:
+    """Add the rows of ``snapshot`` (those in ``ids``, else all) carried from another
+    partition to ``out``, as rows of ``attempt`` here."""
+    if CARRIED_PARTITION not in snapshot.column_names:
+        return
+    mine = snapshot.column(CARRIED_PARTITION).is_valid()
+    if ids is not None:
+        mine = pc.and_(mine, pc.is_in(snapshot.column(CUSTOM_ID), value_set=ids))
+    rows = snapshot.filter(mine)
+    keys = zip(
+        rows.column(CARRIED_PARTITION).to_pylist(),
+        rows.column(CARRIED_FROM).to_pylist(),
+        strict=True,
+    )
+    groups: dict[tuple[str | None, int], list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    for key, positions in groups.items():
+        taken = rows.take(pa.array(positions, pa.int64()))
+        out.setdefault(key, []).append(
+            (
+                taken.column(CARRIED_ID).combine_chunks(),
+                taken.column(CUSTOM_ID).combine_chunks(),
+                attempt,
+            )
+        )
+
+
+def _carried_elsewhere(
+    storage: BatchStorage, groups: _Elsewhere, parent: CollectOutcome
+) -> list[pa.Table]:
+    """The answers reused from other partitions' attempts, under this partition's ids.
+
+    A source that cannot be read any more (its files deleted) carries nothing: its rows fail
+    as missing_result (retryable), never vanish."""
+    parts = []
+    for (partition, attempt), wanted in groups.items():
+        try:
+            path = storage.manifest_path(partition, attempt)
+            source = Manifest.from_dict(storage.read_json(path))
+            marker = storage.attempt_dir("raw", partition, attempt) / "batches.json"
+            scratch = CollectOutcome(ready=True, batches=storage.read_json(marker))
+            scratch.max_line_bytes = parent.max_line_bytes
+            scratch.key_redactor = parent.key_redactor
+            earlier = _attempt_outcomes(storage, source, scratch)
+        except FileNotFoundError as exc:
+            logger.warning("answers of %r attempt %d are gone: %s", partition, attempt, exc)
+            continue
+        earlier = earlier.filter(earlier.column("ok"))
+        for theirs, ours, our_attempt in wanted:
+            # One answer may serve several of our rows (the same body twice here)
+            position = pc.index_in(theirs, value_set=earlier.column(CUSTOM_ID))
+            valid = position.is_valid()
+            found = earlier.take(pc.filter(position, valid))
+            found = found.set_column(
+                found.column_names.index(CUSTOM_ID), CUSTOM_ID, pc.filter(ours, valid)
+            )
+            column = found.column_names.index("attempt")
+            found = found.set_column(
+                column, "attempt", pa.array([our_attempt] * found.num_rows, pa.int64())
+            )
+            parts.append(found)
+    return parts
+
+
 def _carried(storage: BatchStorage, base: Manifest, parent: CollectOutcome) -> pa.Table:
-    """The paid-for answers a new attempt reused from earlier attempts, read from their files."""
+    """The paid-for answers a new attempt reused from earlier attempts, read from their files
+    (and from other partitions' attempts, with reuse_answers="pipeline")."""
     _, carried = _sent_and_carried(storage, base)
+    elsewhere: _Elsewhere = {}
+    own = _carry_columns(storage, base.partition_key, base.attempt)
+    _elsewhere(own, None, base.attempt, elsewhere)
     by_attempt = {m.attempt: m for m in load_manifests(storage, base.partition_key)}
     # A row carried from an attempt that was in flight keeps that attempt's outcome, failed
     # or not (it was sent there, and only there); from a collected attempt, only successes
@@ -547,6 +680,9 @@ def _carried(storage: BatchStorage, base: Manifest, parent: CollectOutcome) -> p
         if attempt not in waited:
             mine = pc.and_(mine, earlier.column("ok"))
         parts.append(earlier.filter(mine))
+        # Rows that attempt itself carried from another partition: read from there.
+        _elsewhere(_carry_columns(storage, base.partition_key, attempt), ids, attempt, elsewhere)
+    parts += _carried_elsewhere(storage, elsewhere, parent)
     return pa.concat_tables(parts)
 
 

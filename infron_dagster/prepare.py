@@ -49,7 +49,11 @@ CUSTOM_ID = "custom_id"
 # Hidden bookkeeping columns of the input snapshot (never in results or failed):
 REQUEST_HASH = "__request_hash"  # hash of the exact request line sent for the row
 CARRIED_FROM = "__carried_from"  # attempt whose paid-for success this row reuses
-HIDDEN_COLUMNS = (REQUEST_HASH, CARRIED_FROM)
+# Only with reuse_answers="pipeline" (older snapshots have none of these):
+BODY_HASH = "__body_hash"  # hash of the request line without its custom_id
+CARRIED_PARTITION = "__carried_partition"  # the other partition whose answer is reused
+CARRIED_ID = "__carried_id"  # the custom_id of that answer in its partition
+HIDDEN_COLUMNS = (REQUEST_HASH, CARRIED_FROM, BODY_HASH, CARRIED_PARTITION, CARRIED_ID)
 ERROR_CODE = "error_code"
 ERROR_MESSAGE = "error_message"
 INVALID_INPUT = "invalid_input"
@@ -93,6 +97,8 @@ class PreparedRequests:
     carried: int = 0
     # Of ``carried``: rows whose answer is still being paid for by an in-flight attempt.
     carried_in_flight: int = 0
+    # Of ``carried``: rows answered in another partition (reuse_answers="pipeline").
+    carried_elsewhere: int = 0
     # Carried rows per source attempt of this partition.
     carried_by_attempt: dict[int, int] = field(default_factory=dict)
     # The in-flight attempts the carried rows wait for ({"attempt", "batch_ids"}; the
@@ -298,6 +304,7 @@ def prepare_requests(
     succeeded: Mapping[str, tuple[str, int]] | None = None,
     keep_columns: Sequence[str] | None = None,
     in_flight: Mapping[str, tuple[str, int]] | None = None,
+    elsewhere: Any = None,
 ) -> PreparedRequests:
     """Validate rows, render request lines, and write them to chunk files in ``workdir``.
 
@@ -305,7 +312,10 @@ def prepare_requests(
     an earlier attempt: a row whose request is byte-for-byte the same is not sent again but
     carried (``__carried_from``); only changed or new rows are paid for. ``in_flight`` is
     the same for requests sent by attempts still in flight: an unchanged row waits for the
-    answer already paid for (``succeeded`` wins when both match). ``keep_columns``
+    answer already paid for (``succeeded`` wins when both match). ``elsewhere`` (an
+    :class:`~infron_dagster.reuse.AnswerIndex`) finds the other rows' request bodies answered
+    in other partitions: those are carried from there (``__carried_partition``,
+    ``__carried_id``), and every row's ``__body_hash`` is kept. ``keep_columns``
     (the input columns collection will copy to results) must all exist: checked here, before
     anything is paid for, rather than at collect.
 
@@ -335,7 +345,10 @@ def prepare_requests(
     renderer = ColumnRenderer.for_spec(spec, max_request_bytes=request_bytes) or _RowRenderer(
         spec, max_request_bytes=request_bytes
     )
-    run = _Run(spec, succeeded or {}, source.snapshot_schema(), in_flight or {})
+    run = _Run(
+        spec, succeeded or {}, source.snapshot_schema(elsewhere is not None), in_flight or {}
+    )
+    run.elsewhere = elsewhere
     snapshot_path = os.path.join(os.fspath(workdir), "inputs.parquet")
     writer = _ChunkWriter(workdir, max_requests_per_batch, max_bytes_per_batch)
     snapshot = pq.ParquetWriter(snapshot_path, run.snapshot_schema, compression="zstd")
@@ -367,8 +380,9 @@ class _Run:
         in_flight: Mapping[str, tuple[str, int]],
     ) -> None:
         self.succeeded, self.in_flight = succeeded, in_flight
-        self.carried_in_flight = 0
+        self.carried_in_flight = self.carried_elsewhere = 0
         self.carried_by_attempt: Counter[int] = Counter()
+        self.elsewhere: Any = None
         self.digest = hashlib.sha256(json.dumps(spec.identity(), sort_keys=True).encode())
         self.snapshot_schema = schema
         self.invalid: list[pa.Table] = []
@@ -394,6 +408,8 @@ class _Run:
         self._background.append(self._hasher.submit(self.digest.update, whole))
         kept_ids = ids.take(pa.array(rendered.rows, pa.int64()))
         hashes, carried = self._hash_lines(data, offsets, kept_ids)
+        if self.elsewhere is not None:
+            bodies, partitions, sources = self._carry_elsewhere(data, offsets, carried)
         sent = np.fromiter((c is None for c in carried), bool, len(carried))
         lines = rendered.lines if sent.all() else rendered.lines.filter(pa.array(sent))
         if len(lines):
@@ -404,6 +420,10 @@ class _Run:
         taken = part.take(pa.array(rendered.rows, pa.int64())).append_column(CUSTOM_ID, kept_ids)
         taken = taken.append_column(REQUEST_HASH, pa.array(hashes, pa.string()))
         taken = taken.append_column(CARRIED_FROM, pa.array(carried, pa.int64()))
+        if self.elsewhere is not None:
+            taken = taken.append_column(BODY_HASH, pa.array(bodies, pa.string()))
+            taken = taken.append_column(CARRIED_PARTITION, pa.array(partitions, pa.string()))
+            taken = taken.append_column(CARRIED_ID, pa.array(sources, pa.string()))
         # Parquet encoding lets go of the GIL too: in the same (ordered) thread
         self._background.append(
             self._hasher.submit(snapshot.write_table, taken.cast(self.snapshot_schema))
@@ -457,6 +477,24 @@ class _Run:
             carried.append(source)
         return hashes, carried
 
+    def _carry_elsewhere(
+        self, data: memoryview, offsets: np.ndarray, carried: list[int | None]
+    ) -> tuple[list[str], list[str | None], list[str | None]]:
+        """Each line's body hash; lines not carried already whose body was answered in
+        another partition are carried from there (``carried`` is updated in place)."""
+        from .reuse import body_hashes
+
+        whole = bytes(data[offsets[0] : offsets[-1]])
+        bodies = body_hashes(whole, (offsets - offsets[0]).tolist())
+        partitions: list[str | None] = [None] * len(bodies)
+        sources: list[str | None] = [None] * len(bodies)
+        todo = [i for i, c in enumerate(carried) if c is None]
+        for i, found in zip(todo, self.elsewhere.find([bodies[i] for i in todo]), strict=True):
+            if found is not None:
+                partitions[i], carried[i], sources[i] = found
+                self.carried_elsewhere += 1
+        return bodies, partitions, sources
+
     def _add_invalid(self, part: pa.Table, ids: pa.Array, problems: dict[int, str]) -> None:
         rows = sorted(problems)  # slice order is custom_id order
         taken = part.take(pa.array(rows, pa.int64())).append_column(
@@ -486,6 +524,7 @@ class _Run:
             invalid_reasons=dict(Counter(r.split(":")[0] for _, r in self.invalid_reasons)),
             carried=self.carried,
             carried_in_flight=self.carried_in_flight,
+            carried_elsewhere=self.carried_elsewhere,
             carried_by_attempt=dict(self.carried_by_attempt),
         )
 
@@ -519,13 +558,20 @@ class _Source:
     def column_names(self) -> list[str]:
         return list(self.schema.names)
 
-    def snapshot_schema(self) -> pa.Schema:
-        """The schema of the snapshot of the rows sent: the input's plus the bookkeeping."""
+    def snapshot_schema(self, bodies: bool = False) -> pa.Schema:
+        """The schema of the snapshot of the rows sent: the input's plus the bookkeeping
+        (``bodies``: with the body hashes and cross-partition sources, for pipeline reuse)."""
         extra = [
             pa.field(CUSTOM_ID, pa.string()),
             pa.field(REQUEST_HASH, pa.string()),
             pa.field(CARRIED_FROM, pa.int64()),
         ]
+        if bodies:
+            extra += [
+                pa.field(BODY_HASH, pa.string()),
+                pa.field(CARRIED_PARTITION, pa.string()),
+                pa.field(CARRIED_ID, pa.string()),
+            ]
         return pa.schema([*self.schema, *extra], metadata=self.schema.metadata)
 
     def key_table(self, key_columns: Sequence[str]) -> tuple[pa.Table, dict[int, list[_BadText]]]:

@@ -75,7 +75,7 @@ def _manifest(storage: BatchStorage, key: str | None, attempt: int) -> Manifest:
 def _attempt_rows(storage: BatchStorage, key: str | None, attempt: int) -> pa.Table:
     """The rows an attempt was prepared from (a retry's rows are its snapshot's)."""
     rows = storage.read_table(storage.attempt_file("inputs", key, attempt))
-    return rows.drop_columns([CUSTOM_ID, *HIDDEN_COLUMNS])
+    return rows.drop_columns([c for c in (CUSTOM_ID, *HIDDEN_COLUMNS) if c in rows.column_names])
 
 
 def _sent_bytes(storage: BatchStorage, manifest: Manifest) -> list[bytes]:

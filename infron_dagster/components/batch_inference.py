@@ -398,6 +398,11 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
         "answers already paid for, only changed rows are sent) or cancel (cancel the running "
         "batches first, send every row).",
     )
+    reuse_answers: Literal["partition", "pipeline"] = Field(
+        default="partition",
+        description="pipeline: a request whose exact body was answered in any partition is "
+        "carried from there, not paid again; partition (default): only a partition's own.",
+    )
     resource_key: str = "infron"
     group_name: str | None = None
     sensor_interval_seconds: int = 30
@@ -460,6 +465,7 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
             sensor_interval_seconds=self.sensor_interval_seconds,
             sensor_default_status=dg.DefaultSensorStatus(self.sensor_default_status.upper()),
             on_changed_input_in_flight=self.on_changed_input_in_flight,
+            reuse_answers=self.reuse_answers,
         )
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:

@@ -1,0 +1,199 @@
+"""Pay once across partitions (``reuse_answers="pipeline"``): a request whose exact body was
+answered in another partition is carried from there, not sent. Real Dagster runs, the
+embedded local server (its batches counted on disk), real files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pytest
+from conftest import make_local_dir
+
+from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
+from infron_dagster.local.store import Store
+from infron_dagster.prepare import make_custom_id
+
+PARTS = dg.StaticPartitionsDefinition(["a", "b", "c"])
+ROWS = 1000
+
+
+def frame(partition: str) -> pd.DataFrame:
+    # Every partition asks the same 1,000 questions, under its own ids and its own columns.
+    offset = {"a": 0, "b": 10_000, "c": 20_000}[partition]
+    return pd.DataFrame(
+        {
+            "id": range(offset, offset + ROWS),
+            "text": [f"review {i}" for i in range(ROWS)],
+            "day": partition,
+        }
+    )
+
+
+class Flow:
+    def __init__(self, tmp_path, instance, **factory: Any) -> None:
+        @dg.asset(name="reviews", partitions_def=PARTS)
+        def reviews(context):
+            return frame(context.partition_key)
+
+        self.server = make_local_dir(str(tmp_path / "srv"))
+        self.pipeline = build_infron_batch_assets(
+            name="rev",
+            spec=RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of {text}",
+                             key_columns="id"),
+            source="reviews",
+            partitions_def=PARTS,
+            storage_root=str(tmp_path / "lake"),
+            max_requests_per_batch=400,
+            **factory,
+        )
+        self.resources = {
+            "infron": InfronResource(base_url=f"local://{self.server}"),
+            "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
+        }
+        self.reviews, self.instance = reviews, instance
+
+    def submit(self, partition: str) -> dict[str, Any]:
+        result = dg.materialize(
+            [self.reviews, self.pipeline.batches_asset],
+            partition_key=partition,
+            instance=self.instance,
+            resources=self.resources,
+        )
+        meta = result.asset_materializations_for_node("rev_batches")[0].metadata
+        return {k: v.value for k, v in meta.items()}
+
+    def collect(self, partition: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        dg.materialize(
+            self.pipeline.collect_definitions,
+            partition_key=partition,
+            instance=self.instance,
+            resources=self.resources,
+        )
+        store = self.pipeline.storage
+        return (
+            store.read_table(store.table_path("results", partition)).to_pandas(),
+            store.read_table(store.table_path("failed", partition)).to_pandas(),
+        )
+
+    def batches(self) -> int:
+        return len(Store(self.server).list_batches())
+
+    def sent(self) -> int:
+        return sum(b["total"] for b in Store(self.server).list_batches())
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+def test_a_partition_answered_elsewhere_sends_nothing(tmp_path, instance):
+    flow = Flow(tmp_path, instance, reuse_answers="pipeline")
+    flow.submit("a")
+    results_a, _ = flow.collect("a")
+    assert len(results_a) == ROWS and flow.sent() == ROWS and flow.batches() == 3
+
+    meta = flow.submit("b")
+    assert flow.sent() == ROWS and flow.batches() == 3  # not one request, not one batch
+    assert meta["batches_created"] == 0 and meta["carried_rows"] == ROWS
+    assert meta["carried_from_other_partitions"] == ROWS
+    assert "another partition" in meta["carried_why"]
+    results, failed = flow.collect("b")
+    # Completeness: every input row of b, under b's own ids and columns, with a's answers.
+    assert failed.empty and sorted(results["id"]) == list(range(10_000, 10_000 + ROWS))
+    assert set(results["day"]) == {"b"}
+    ids = {make_custom_id("rev", "b", str(i)) for i in results["id"]}
+    assert set(results["custom_id"]) == ids
+    answer_a = dict(zip(results_a["text"], results_a["response_text"], strict=True))
+    pairs = zip(results["text"], results["response_text"], strict=True)
+    assert all(answer_a[text] == answer for text, answer in pairs)
+
+    # c carries from a too (a's file lists its own answers; b's answers live in a)
+    meta_c = flow.submit("c")
+    assert meta_c["carried_from_other_partitions"] == ROWS and flow.sent() == ROWS
+    results_c, failed_c = flow.collect("c")
+    assert failed_c.empty and len(results_c) == ROWS
+
+
+def test_one_new_question_is_the_only_request_sent(tmp_path, instance):
+    flow = Flow(tmp_path, instance, reuse_answers="pipeline")
+    flow.submit("a")
+    flow.collect("a")
+    original = frame
+
+    def changed(partition: str) -> pd.DataFrame:
+        rows = original(partition)
+        if partition == "b":
+            rows.loc[7, "text"] = "a question nobody asked before"
+        return rows
+
+    globals()["frame"] = changed
+    try:
+        meta = flow.submit("b")
+    finally:
+        globals()["frame"] = original
+    assert flow.sent() == ROWS + 1 and meta["carried_from_other_partitions"] == ROWS - 1
+    results, failed = flow.collect("b")
+    assert failed.empty and len(results) == ROWS
+
+
+def test_by_default_every_partition_pays_for_its_own_answers(tmp_path, instance):
+    flow = Flow(tmp_path, instance)
+    flow.submit("a")
+    flow.collect("a")
+    meta = flow.submit("b")
+    assert flow.sent() == 2 * ROWS and meta["carried_from_other_partitions"] == 0
+
+
+def test_a_vanished_source_fails_its_rows_retryable(tmp_path, instance):
+    flow = Flow(tmp_path, instance, reuse_answers="pipeline")
+    flow.submit("a")
+    flow.collect("a")
+    flow.submit("b")
+    store = flow.pipeline.storage
+    marker = store.attempt_dir("raw", "a", 1) / "batches.json"
+    marker.unlink()  # a's downloaded answers are gone
+    results, failed = flow.collect("b")
+    assert results.empty and len(failed) == ROWS  # never lost: failed, retryable
+    assert set(failed["error_code"]) == {"missing_result"} and failed["retryable"].all()
+
+
+def test_the_option_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="reuse_answers"):
+        build_infron_batch_assets(
+            name="rev",
+            spec=RequestSpec(model="m", prompt_template="{text}", key_columns="id"),
+            source="reviews",
+            storage_root=str(tmp_path),
+            reuse_answers="everywhere",  # type: ignore[arg-type]
+        )
+
+
+def test_the_yaml_component_passes_the_option(monkeypatch):
+    from test_component import defs_yaml, load_yaml
+
+    import infron_dagster.components.batch_inference as component_module
+
+    seen: dict[str, Any] = {}
+    real = component_module.build_infron_batch_assets
+
+    def spy(**kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(component_module, "build_infron_batch_assets", spy)
+    text = defs_yaml(
+        """
+        name: rev
+        model: m
+        prompt_template: "{text}"
+        source: reviews
+        reuse_answers: pipeline
+        """
+    )
+    with load_yaml(text) as (component, _):
+        assert component.reuse_answers == "pipeline"
+    assert seen["reuse_answers"] == "pipeline"
