@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from .admission import AdmissionControl
 from .budget import Budget, BudgetExceeded
 from .cancel import build_cancel_job, cancel_partition
 from .checks import build_collect_checks
@@ -44,7 +45,7 @@ from .prepare import (
     HIDDEN_COLUMNS,
     prepare_requests,
 )
-from .pricing import CostEstimate, ModelPrice
+from .pricing import CostEstimate, ModelPrice, max_output_tokens
 from .resources import InfronResource
 from .results import DEFAULT_MAX_LINE_BYTES
 from .reuse import AnswerIndex
@@ -184,6 +185,7 @@ def build_infron_batch_assets(
     sensor_default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
     on_changed_input_in_flight: Literal["carry", "cancel"] = "carry",
     reuse_answers: Literal["partition", "pipeline"] = "partition",
+    max_enqueued_tokens: int | None = None,
 ) -> InfronBatchPipeline:
     """Build ``<name>_batches``, ``<name>_results``/``<name>_failed``, ``<name>_sensor``,
     ``<name>_retry`` and ``<name>_cancel`` for one batch inference step.
@@ -209,6 +211,10 @@ def build_infron_batch_assets(
     ``reuse_answers="pipeline"`` carries a request whose exact body was already answered in
     any other partition of the pipeline instead of sending it (default ``"partition"``: only
     a partition's own answers are reused; some want fresh samples per partition).
+    ``max_enqueued_tokens`` (admission control, shared by the pipelines of ``storage_root``
+    and ``resource_key``) caps the estimated tokens of created batches not yet finished: a
+    submission creates the chunks that fit and leaves the rest pending; the sensor requests
+    the run that submits them when capacity frees.
     """
     if reuse_answers not in ("partition", "pipeline"):
         raise ValueError(f"reuse_answers must be 'partition' or 'pipeline', not {reuse_answers!r}")
@@ -221,6 +227,14 @@ def build_infron_batch_assets(
         raise ValueError("max_result_line_bytes must be at least 1024")
     _check_source(source, partitions_def)
     storage = BatchStorage(storage_root, name, storage_options)
+    admission = None
+    if max_enqueued_tokens is not None:
+        admission = AdmissionControl(
+            storage,
+            max_enqueued_tokens=max_enqueued_tokens,
+            output_tokens=max_output_tokens(spec),
+            scope=resource_key,
+        )
     settings = _Settings(
         name,
         spec,
@@ -237,6 +251,7 @@ def build_infron_batch_assets(
         SpendControl(storage, spec, price, budget),
         on_changed_input_in_flight=on_changed_input_in_flight,
         reuse_answers=reuse_answers,
+        admission=admission,
     )
     batches = _batches_asset(
         settings, source, partitions_def, group_name, automation_condition, backfill_policy
@@ -260,6 +275,7 @@ def build_infron_batch_assets(
         partitioned=partitions_def is not None,
         minimum_interval_seconds=sensor_interval_seconds,
         default_status=sensor_default_status,
+        admission=admission,
     )
     retry_job = dg.define_asset_job(
         f"{name}_retry",
@@ -304,6 +320,7 @@ class _Settings:
     spend: SpendControl
     on_changed_input_in_flight: str = "carry"
     reuse_answers: str = "partition"
+    admission: AdmissionControl | None = None
 
 
 # --- submit ------------------------------------------------------------------------------
@@ -512,6 +529,7 @@ def _prepare_and_submit(
                     run_id=run_id,
                     resubmit_uncertain=config.resubmit_uncertain,
                     gate=gate,
+                    admission=s.admission,
                 )
             except DryRunStop as stop:
                 return _Submission(
@@ -624,6 +642,21 @@ class _Submission:
             "batches_created": len(self.outcome.created),
             "batches_reattached": len(self.outcome.reattached),
             "reused_existing_batches": self.outcome.reused,
+            **self._admission_metadata(),
+        }
+
+    def _admission_metadata(self) -> dict[str, Any]:
+        """Chunks waiting for admission control (created later by a run the sensor asks)."""
+        outcome = self.outcome
+        if outcome is None or not (outcome.pending_chunks or outcome.sent_alone):
+            return {}
+        why = [outcome.pending_reason] if outcome.pending_reason else []
+        if outcome.sent_alone:
+            why.insert(0, "a chunk bigger than max_enqueued_tokens was sent alone")
+        return {
+            "pending_chunks": outcome.pending_chunks,
+            "pending_requests": outcome.pending_requests,
+            "pending_why": "; ".join(why),
         }
 
     def _carry_metadata(self) -> dict[str, Any]:

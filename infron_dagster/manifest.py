@@ -43,6 +43,9 @@ class ChunkRecord:
     # answer was never recorded (it failed ambiguously, or the process died during it).
     uncertain: bool = False
     create_started_at: str | None = None
+    # Estimated enqueued tokens (input share plus the output limit), for admission control;
+    # 0 in manifests written before it was recorded (estimated from the manifest then).
+    estimated_tokens: int = 0
 
 
 @dataclass

@@ -28,6 +28,7 @@ from typing import Any
 
 import dagster as dg
 
+from .admission import AdmissionControl
 from .client import InfronClient
 from .collect import active_attempts
 from .inflight import DEFAULT_RESCAN_SECONDS, InFlightIndex
@@ -166,6 +167,7 @@ def build_infron_batch_sensor(
     batches_key: dg.AssetKey | None = None,
     index_rescan_seconds: float | None = DEFAULT_RESCAN_SECONDS,
     use_in_flight_index: bool = True,
+    admission: AdmissionControl | None = None,
 ) -> dg.SensorDefinition:
     """The ``<name>_sensor`` that polls batches and requests collection runs.
 
@@ -175,6 +177,9 @@ def build_infron_batch_sensor(
     manifest (None: only when the index is missing); other ticks read only what is in flight.
     ``use_in_flight_index=False`` reads every manifest on every tick (the behaviour before
     the index; kept as the benchmark's baseline).
+    ``admission`` (the pipeline's enqueued-token limit): each tick releases the capacity of
+    batches seen terminal and requests a ``batches_key`` run for each partition whose
+    pending chunks now fit, so the paid create call happens inside a run.
 
     Example:
         >>> build_infron_batch_sensor(name="reviews", storage=BatchStorage("/lake", "reviews"),
@@ -184,7 +189,7 @@ def build_infron_batch_sensor(
 
     @dg.sensor(
         name=f"{name}_sensor",
-        asset_selection=list(collect_keys),
+        asset_selection=[*collect_keys, *([observed_key] if admission else [])],
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=default_status,
         required_resource_keys={resource_key},
@@ -217,6 +222,11 @@ def build_infron_batch_sensor(
             rerun = _rerun_number(context, partition, emitted, max_collect_reruns)
             if rerun:
                 requests.append(_run_request(partition, collect_keys, name, rerun))
+        if admission is not None:
+            with resource.get_client() as client:
+                requests += _admission_requests(
+                    admission, client, polled, name, observed_key, max_concurrent_polls, context
+                )
         # Keys of attempts no longer in flight (collected since) are dropped: the cursor stays
         # as small as what is in flight, and storage can always rebuild it.
         live = {p.latest.run_key for p in in_flight}
@@ -264,6 +274,45 @@ def _partition_done(
             f"({type(exc).__name__}: {printable(exc)}); it is polled again next tick"
         )
     return len(batches) == len(states) and terminal == len(states)
+
+
+def _admission_requests(
+    admission: AdmissionControl,
+    client: InfronClient,
+    polled: dict[str, Batch | Exception],
+    name: str,
+    batches_key: dg.AssetKey,
+    workers: int,
+    context: dg.SensorEvaluationContext,
+) -> list[dg.RunRequest]:
+    """Release what finished; a submit run for each waiting partition that now fits.
+
+    The run_key holds the attempt, how many chunks were pending and how many runs admitted
+    nothing: a run that submits some chunks, or none, leaves the next request a new key.
+    """
+
+    def poll(ids: list[str]) -> dict[str, Batch | Exception]:
+        return _poll_all(client, ids, 10.0, workers)
+
+    requests = []
+    for w in admission.release_and_schedule(polled, poll, context.log):
+        context.log.info(
+            f"{name}: capacity for partition {printable(w['partition_key'] or '-', 100)}: "
+            f"requesting the run that submits its {w['pending_chunks']} pending chunk(s)"
+        )
+        requests.append(
+            dg.RunRequest(
+                run_key=f"{w['run_key']}:admit:{w['pending_chunks']}:{w.get('tries', 0)}",
+                partition_key=w["partition_key"],
+                asset_selection=[batches_key],
+                tags={
+                    "infron/pipeline": name,
+                    "infron/attempt": str(w["attempt"]),
+                    "infron/admission": f"{w['pending_chunks']} pending chunk(s)",
+                },
+            )
+        )
+    return requests
 
 
 _COLLECT_TAG = "infron/collect_key"

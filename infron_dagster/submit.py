@@ -22,11 +22,13 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
+from .admission import AdmissionControl, is_limit_refusal
 from .client import InfronClient
 from .errors import InfronError
 from .inflight import mark_in_flight
 from .manifest import ChunkRecord, Manifest, now_iso
 from .prepare import CARRIED_FROM, CUSTOM_ID, REQUEST_HASH, PreparedRequests
+from .pricing import max_output_tokens
 from .spec import RequestSpec
 from .storage import BatchStorage
 
@@ -97,6 +99,12 @@ class SubmitOutcome:
     created: list[str] = field(default_factory=list)
     reattached: list[str] = field(default_factory=list)
     reused: bool = False
+    # Admission control: chunks left without a batch (they wait in the manifest for a
+    # later run the sensor requests), their requests, and why.
+    pending_chunks: int = 0
+    pending_requests: int = 0
+    pending_reason: str = ""
+    sent_alone: bool = False  # a chunk bigger than the whole limit, sent with nothing else
 
 
 def load_manifests(storage: BatchStorage, partition_key: str | None) -> list[Manifest]:
@@ -145,6 +153,7 @@ def submit_prepared(
     run_id: str | None = None,
     resubmit_uncertain: bool = False,
     gate: Gate | None = None,
+    admission: AdmissionControl | None = None,
 ) -> SubmitOutcome:
     """Create (or reuse) the batches for one partition's prepared requests.
 
@@ -153,18 +162,20 @@ def submit_prepared(
     ``gate(manifest, new_spend)`` is called under the partition's lock before anything is
     written or sent (``new_spend`` is False when the attempt's batches were already paid
     for or reserved); it may raise to stop the submission: a budget, a dry run.
+    ``admission`` creates only the chunks that fit under its enqueued-token limit; the rest
+    stay pending in the manifest (``outcome.pending_chunks``) for a later run to resume.
     """
     with storage.lock(partition_key):
         manifests = load_manifests(storage, partition_key)
         match = None if force else _reusable(manifests, prepared.fingerprint, kind)
         if match is not None and not match.fully_submitted:
             _pass(gate, match, False)
-            return _resume(client, storage, match, resubmit_uncertain)
+            return _resume(client, storage, match, resubmit_uncertain, admission)
         if match is not None and (kind == "retry" or match is _latest_initial(manifests)):
             partial = _partial_retry(manifests, match)
             if partial is not None:  # a retry whose create failed part-way: finish it
                 _pass(gate, partial, False)
-                return _resume(client, storage, partial, resubmit_uncertain)
+                return _resume(client, storage, partial, resubmit_uncertain, admission)
             return SubmitOutcome(manifest=match, reused=True)
         _warn_if_superseding(manifests, kind)
         manifest = _new_manifest(storage, manifests, prepared, spec, partition_key, kind, run_id)
@@ -174,7 +185,8 @@ def submit_prepared(
             return _revive(storage, prepared, manifest, match)
         _stage(storage, prepared, manifest)
         local = {c.index: c.path for c in prepared.chunks}
-        return _create_batches(client, storage, manifest, local, SubmitOutcome(manifest))
+        outcome = SubmitOutcome(manifest)
+        return _create_batches(client, storage, manifest, local, outcome, admission)
 
 
 def _pass(gate: Gate | None, manifest: Manifest, new_spend: bool) -> None:
@@ -268,12 +280,18 @@ def _new_manifest(
     initial = [m for m in manifests if m.kind == "initial"]
     base = initial[-1].attempt if kind == "retry" and initial else attempt
     requests_dir = storage.relative(storage.attempt_dir("requests", partition_key, attempt))
+    # Enqueued tokens of a chunk: its share (by bytes) of the input estimate plus its output
+    # limit; what admission control counts.
+    total_bytes = sum(c.bytes for c in prepared.chunks) or 1
+    output = max_output_tokens(spec)
     chunks = [
         ChunkRecord(
             index=c.index,
             path=f"{requests_dir}/{os.path.basename(c.path)}",
             requests=c.requests,
             bytes=c.bytes,
+            estimated_tokens=-(-prepared.estimated_input_tokens * c.bytes // total_bytes)
+            + c.requests * output,
         )
         for c in prepared.chunks
     ]
@@ -337,9 +355,14 @@ def _stage(storage: BatchStorage, prepared: PreparedRequests, manifest: Manifest
 
 
 def _resume(
-    client: InfronClient, storage: BatchStorage, manifest: Manifest, resubmit_uncertain: bool
+    client: InfronClient,
+    storage: BatchStorage,
+    manifest: Manifest,
+    resubmit_uncertain: bool,
+    admission: AdmissionControl | None = None,
 ) -> SubmitOutcome:
-    """Finish an attempt a crashed run left half-submitted, re-attaching orphan batches."""
+    """Finish an attempt a crashed run left half-submitted (or whose chunks waited for
+    admission), re-attaching orphan batches."""
     outcome = SubmitOutcome(manifest=manifest)
     if client.api_style == "openai":
         _reattach(client, manifest, outcome)
@@ -352,7 +375,7 @@ def _resume(
             if not chunk.batch_id:
                 local[chunk.index] = os.path.join(tmp, f"chunk-{chunk.index:05d}.jsonl")
                 storage.download_file(storage.resolve(chunk.path), local[chunk.index])
-        return _create_batches(client, storage, manifest, local, outcome)
+        return _create_batches(client, storage, manifest, local, outcome, admission)
 
 
 def _reattach(client: InfronClient, manifest: Manifest, outcome: SubmitOutcome) -> None:
@@ -410,10 +433,42 @@ def _create_batches(
     manifest: Manifest,
     local_paths: dict[int, str],
     outcome: SubmitOutcome,
+    admission: AdmissionControl | None = None,
 ) -> SubmitOutcome:
     manifest.api_style = manifest.api_style or client.api_style
+    if admission is None:
+        return _create_admitted(client, storage, manifest, local_paths, outcome, None)
+    admitted = admission.admit(manifest)
+    outcome.pending_reason, outcome.sent_alone = admitted.reason, admitted.oversize
+    try:
+        _create_admitted(client, storage, manifest, local_paths, outcome, set(admitted.chunks))
+    finally:  # reservations of chunks not created are dropped (uncertain ones are kept)
+        admission.settle(manifest, created_any=bool(outcome.created or outcome.reattached))
+    pending = [c for c in manifest.chunks if not c.batch_id]
+    if pending:
+        outcome.pending_chunks = len(pending)
+        outcome.pending_requests = sum(c.requests for c in pending)
+        logger.info(
+            "partition %r attempt %d: %d chunk(s) wait for admission (%s)",
+            manifest.partition_key,
+            manifest.attempt,
+            len(pending),
+            outcome.pending_reason,
+        )
+    return outcome
+
+
+def _create_admitted(
+    client: InfronClient,
+    storage: BatchStorage,
+    manifest: Manifest,
+    local_paths: dict[int, str],
+    outcome: SubmitOutcome,
+    admitted: set[int] | None,
+) -> SubmitOutcome:
+    """Create the batches of the chunks without one (only ``admitted`` ones, if given)."""
     for chunk in manifest.chunks:
-        if chunk.batch_id:
+        if chunk.batch_id or (admitted is not None and chunk.index not in admitted):
             continue
         metadata = {
             "infron_dagster_key": chunk.idempotency_key,
@@ -438,6 +493,13 @@ def _create_batches(
             )
         except InfronError as exc:
             chunk.uncertain = exc.ambiguous
+            if admitted is not None and not exc.ambiguous and is_limit_refusal(exc):
+                # The provider's queue is fuller than our ledger knows (another client of
+                # the account): the chunk waits as pending, like one that did not fit.
+                _save(storage, manifest)
+                outcome.pending_reason = f"the provider refused the create: {exc}"
+                logger.warning("chunk %d waits: %s", chunk.index, exc)
+                break
             if exc.ambiguous and client.api_style == "openai":
                 _reattach(client, manifest, outcome)
             _save(storage, manifest)  # what was created so far stays on record
@@ -450,6 +512,9 @@ def _create_batches(
         logger.info(
             "created batch %s for chunk %d (%d requests)", batch.id, chunk.index, chunk.requests
         )
+    if not manifest.fully_submitted:
+        _save(storage, manifest)  # chunks wait for admission: the attempt stays submitting
+        return outcome
     manifest.state = "submitted"
     manifest.submitted_at = manifest.submitted_at or now_iso()
     _save(storage, manifest)

@@ -403,6 +403,12 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
         description="pipeline: a request whose exact body was answered in any partition is "
         "carried from there, not paid again; partition (default): only a partition's own.",
     )
+    max_enqueued_tokens: int | None = Field(
+        default=None,
+        description="Admission control: at most this many estimated tokens (input plus output "
+        "limit) in created, unfinished batches, shared by the pipelines of the storage root; "
+        "chunks that do not fit wait, and the sensor submits them when capacity frees.",
+    )
     resource_key: str = "infron"
     group_name: str | None = None
     sensor_interval_seconds: int = 30
@@ -466,6 +472,7 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
             sensor_default_status=dg.DefaultSensorStatus(self.sensor_default_status.upper()),
             on_changed_input_in_flight=self.on_changed_input_in_flight,
             reuse_answers=self.reuse_answers,
+            max_enqueued_tokens=self.max_enqueued_tokens,
         )
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:

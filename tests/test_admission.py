@@ -1,0 +1,265 @@
+"""Admission control: a backfill never enqueues more tokens than ``max_enqueued_tokens``.
+
+Real Dagster runs, the real sensor, the embedded local server enforcing the same limit as
+``--enqueued-token-limit``. Every create call's answer is counted by wrapping the local app
+(WSGI) the client talks to: the library itself is not touched.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
+from conftest import make_local_dir, review_pipeline
+
+from infron_dagster import InfronResource, ParquetSource, RequestSpec, build_infron_batch_assets
+from infron_dagster.admission import AdmissionControl
+from infron_dagster.local import embedded
+from infron_dagster.manifest import ChunkRecord, Manifest
+from infron_dagster.storage import BatchStorage
+from infron_dagster.submit import load_manifests
+
+DAYS = dg.DailyPartitionsDefinition(start_date="2026-01-01", end_date="2026-01-31")
+KEYS = DAYS.get_partition_keys()
+ROWS = 4  # per partition, 2 per chunk: 2 chunks of ~45 estimated tokens each
+LIMIT = 300  # about 3 partitions' chunks at once
+
+
+def _count_creates(monkeypatch) -> Counter:
+    """Status codes the local app answered to POST .../batches, in this process."""
+    statuses: Counter = Counter()
+    real = embedded.create_app
+
+    def counting(*args: Any, **kwargs: Any):
+        app = real(*args, **kwargs)
+
+        def wrapped(environ, start_response):
+            create = environ["REQUEST_METHOD"] == "POST" and environ["PATH_INFO"].endswith(
+                "/batches"
+            )
+
+            def start(status, headers, *exc):
+                if create:
+                    statuses[int(status.split()[0])] += 1
+                return start_response(status, headers, *exc)
+
+            return app(environ, start)
+
+        return wrapped
+
+    monkeypatch.setattr(embedded, "create_app", counting)
+    return statuses
+
+
+def _drive(flow, instance, keys, timeout: float = 60.0) -> list[dg.RunRequest]:
+    """Tick the sensor and run what it requests, as the daemon would, until all collected."""
+    seen: set[str] = set()
+    requested: list[dg.RunRequest] = []
+    cursor = None
+    deadline = time.monotonic() + timeout
+    storage = flow.pipeline.storage
+    job = flow.defs.resolve_implicit_global_asset_job_def()
+    while not all(storage.exists(storage.table_path("results", k)) for k in keys):
+        assert time.monotonic() < deadline, "timed out"
+        context = dg.build_sensor_context(
+            instance=instance, definitions=flow.defs, resources=flow.resources, cursor=cursor
+        )
+        result = flow.pipeline.sensor(context)
+        cursor = result.cursor
+        for request in result.run_requests or []:
+            if request.run_key in seen:  # the daemon runs a run_key once
+                continue
+            seen.add(request.run_key)
+            requested.append(request)
+            run = job.execute_in_process(
+                partition_key=request.partition_key,
+                asset_selection=request.asset_selection,
+                tags=request.tags,
+                instance=instance,
+            )
+            assert run.success, request.run_key
+        time.sleep(0.05)
+    return requested
+
+
+def _accounted(storage: BatchStorage, key: str) -> int:
+    total = 0
+    for kind in ("results", "failed"):
+        path = storage.table_path(kind, key)
+        if storage.exists(path):
+            total += pq.read_metadata(storage.table_path(kind, key).path).num_rows
+    return total
+
+
+def _submit_metadata(instance, key: dg.AssetKey) -> dict[str, dict]:
+    records = instance.fetch_materializations(key, limit=1000).records
+    found: dict[str, dict] = {}
+    for r in sorted(records, key=lambda r: r.storage_id):
+        found.setdefault(r.partition_key, r.asset_materialization.metadata)
+    return found
+
+
+@dataclass
+class _Flow:
+    pipeline: Any
+    defs: dg.Definitions
+    resources: dict[str, Any]
+
+
+def _parquet_pipeline(tmp_path, resource: InfronResource) -> _Flow:
+    source = tmp_path / "source"
+    source.mkdir()
+    for key in KEYS:
+        texts = [f"review {i} of {key}" for i in range(ROWS)]
+        pq.write_table(pa.table({"id": range(ROWS), "text": texts}), source / f"{key}.parquet")
+    pipeline = build_infron_batch_assets(
+        name="rev",
+        spec=RequestSpec(
+            model="gpt-4o-mini",
+            prompt_template="Sentiment of {text}",
+            key_columns="id",
+            params={"max_tokens": 16},
+        ),
+        source=ParquetSource(str(source / "{partition_key}.parquet")),
+        partitions_def=DAYS,
+        storage_root=str(tmp_path / "lake"),
+        max_requests_per_batch=2,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        max_enqueued_tokens=LIMIT,
+    )
+    resources = {"infron": resource}
+    defs = dg.Definitions.merge(pipeline.definitions, dg.Definitions(resources=resources))
+    return _Flow(pipeline, defs, resources)
+
+
+def test_a_backfill_of_30_partitions_stays_under_the_enqueued_token_limit(tmp_path, monkeypatch):
+    statuses = _count_creates(monkeypatch)
+    local = make_local_dir(str(tmp_path / "local"), in_progress_seconds=0.3)
+    # The server enforces the same limit (it counts input tokens; the pipeline also counts
+    # each request's output limit, so it never asks for more than the server allows).
+    from infron_dagster.local import LocalServerConfig, save_config
+
+    save_config(
+        local,
+        LocalServerConfig(
+            validating_seconds=0.0,
+            in_progress_seconds=0.3,
+            finalizing_seconds=0.0,
+            enqueued_token_limit=LIMIT,
+        ),
+    )
+    resource = InfronResource(base_url=f"local://{local}", api_style="infron")
+    flow = _parquet_pipeline(tmp_path, resource)
+    started = time.monotonic()
+    with dg.instance_for_test() as instance:
+        backfill = dg.materialize(  # a single-run backfill of the 30 submit partitions
+            [flow.pipeline.batches_asset],
+            resources=flow.resources,
+            instance=instance,
+            tags={
+                "dagster/asset_partition_range_start": KEYS[0],
+                "dagster/asset_partition_range_end": KEYS[-1],
+            },
+        )
+        assert backfill.success  # no SubmitIncomplete: what does not fit waits
+        first = _submit_metadata(instance, flow.pipeline.batches_asset.key)
+        waiting = [k for k in KEYS if first[k].get("pending_chunks")]
+        assert len(waiting) >= 25, "the limit must hold most partitions back at first"
+        assert "max_enqueued_tokens=300" in first[KEYS[-1]]["pending_why"].value
+        requested = _drive(flow, instance, KEYS)
+    storage = flow.pipeline.storage
+    for key in KEYS:
+        assert _accounted(storage, key) == ROWS, key
+        (manifest,) = load_manifests(storage, key)
+        assert manifest.state == "collected" and manifest.fully_submitted
+    submits = [r for r in requested if r.asset_selection == [flow.pipeline.batches_asset.key]]
+    assert len(submits) >= len(waiting)  # the sensor asked for the runs that submitted them
+    assert statuses[200] == len(KEYS) * 2  # one create per chunk, never a second
+    assert set(statuses) == {200}, statuses  # never a 429, never a limit refusal
+    assert AdmissionControl(storage, max_enqueued_tokens=LIMIT, output_tokens=16).in_flight() == 0
+    assert time.monotonic() - started < 60
+
+
+def test_a_partition_bigger_than_the_limit_is_sent_alone_and_completes(tmp_path, monkeypatch):
+    statuses = _count_creates(monkeypatch)
+    local = make_local_dir(str(tmp_path / "local"), in_progress_seconds=0.2)
+    resource = InfronResource(base_url=f"local://{local}", api_style="infron")
+    parts = dg.StaticPartitionsDefinition(["a", "b"])
+    # one chunk of 4 requests: ~12 input + 4 x 16 output tokens, over a limit of 40
+    flow = review_pipeline(
+        tmp_path,
+        resource,
+        parts,
+        rows=ROWS,
+        params={"max_tokens": 16},
+        max_requests_per_batch=10,
+        max_enqueued_tokens=40,
+    )
+    with dg.instance_for_test() as instance:
+        for key in ("a", "b"):
+            run = dg.materialize(
+                [flow.upstream, flow.pipeline.batches_asset],
+                partition_key=key,
+                resources=flow.resources,
+                instance=instance,
+            )
+            assert run.success
+        meta = _submit_metadata(instance, flow.pipeline.batches_asset.key)
+        assert "sent alone" in meta["a"]["pending_why"].value
+        assert meta["b"]["pending_chunks"].value == 1  # a is in flight: b waits
+        _drive(flow, instance, ["a", "b"])
+    for key in ("a", "b"):
+        assert _accounted(flow.pipeline.storage, key) == ROWS
+    assert statuses == Counter({200: 2})
+
+
+def _manifest(name: str, attempt: int, chunks: int, tokens: int) -> Manifest:
+    return Manifest(
+        name=name,
+        partition_key=f"p{attempt}",
+        attempt=1,
+        fingerprint="f",
+        api_style="infron",
+        endpoint="/v1/chat/completions",
+        model="m",
+        chunks=[
+            ChunkRecord(index=i, path=f"c{i}", requests=1, bytes=10, estimated_tokens=tokens)
+            for i in range(chunks)
+        ],
+    )
+
+
+def _admit_many(root: str, name: str, go, out) -> None:
+    control = AdmissionControl(BatchStorage(root, name), max_enqueued_tokens=50, output_tokens=0)
+    go.wait(60)
+    admitted = 0
+    for n in range(10):
+        admitted += len(control.admit(_manifest(name, n, chunks=3, tokens=10)).chunks)
+    out.put(admitted)
+
+
+def test_two_processes_admitting_at_once_never_pass_the_limit(tmp_path):
+    spawn = multiprocessing.get_context("spawn")  # as two runs of a deployment would
+    go, out = spawn.Event(), spawn.Queue()
+    root = str(tmp_path / "lake")
+    workers = [
+        spawn.Process(target=_admit_many, args=(root, name, go, out)) for name in ("one", "two")
+    ]
+    for worker in workers:
+        worker.start()
+    time.sleep(1.5)
+    go.set()
+    admitted = [out.get(timeout=60) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+    # two pipelines of one storage root share the limit: 5 chunks of 10 tokens in all
+    assert sum(admitted) == 5, admitted
+    control = AdmissionControl(BatchStorage(root, "one"), max_enqueued_tokens=50, output_tokens=0)
+    assert control.in_flight() == 50
+    assert sum(w["pending_chunks"] for w in control.waiting()) == 20 * 3 - 5
