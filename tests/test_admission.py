@@ -263,3 +263,45 @@ def test_two_processes_admitting_at_once_never_pass_the_limit(tmp_path):
     control = AdmissionControl(BatchStorage(root, "one"), max_enqueued_tokens=50, output_tokens=0)
     assert control.in_flight() == 50
     assert sum(w["pending_chunks"] for w in control.waiting()) == 20 * 3 - 5
+
+
+def test_a_create_the_provider_refuses_for_its_queue_waits_as_pending(tmp_path):
+    # The provider's queue is fuller than the pipeline's limit knows (another client of the
+    # account): its refusal leaves the chunk pending, the run succeeds, the sensor resubmits.
+    local = make_local_dir(str(tmp_path / "local"), in_progress_seconds=0.2)
+    from infron_dagster.local import LocalServerConfig, save_config
+
+    save_config(
+        local,
+        LocalServerConfig(
+            validating_seconds=0.0,
+            in_progress_seconds=0.2,
+            finalizing_seconds=0.0,
+            enqueued_token_limit=14,  # one chunk of 2 requests (~12 input tokens) at a time
+        ),
+    )
+    resource = InfronResource(base_url=f"local://{local}", api_style="infron")
+    flow = review_pipeline(
+        tmp_path,
+        resource,
+        dg.StaticPartitionsDefinition(["a"]),
+        rows=ROWS,
+        max_requests_per_batch=2,
+        params={"max_tokens": 16},
+        max_enqueued_tokens=100_000,
+    )
+    with dg.instance_for_test() as instance:
+        run = dg.materialize(
+            [flow.upstream, flow.pipeline.batches_asset],
+            partition_key="a",
+            resources=flow.resources,
+            instance=instance,
+        )
+        assert run.success
+        meta = _submit_metadata(instance, flow.pipeline.batches_asset.key)["a"]
+        assert meta["pending_chunks"].value == 1
+        assert "the provider refused the create" in meta["pending_why"].value
+        (manifest,) = load_manifests(flow.pipeline.storage, "a")
+        assert not manifest.fully_submitted and not any(c.uncertain for c in manifest.chunks)
+        _drive(flow, instance, ["a"])
+    assert _accounted(flow.pipeline.storage, "a") == ROWS
