@@ -287,7 +287,9 @@ def _write_tables(
     with inputs_path.open("rb") as fh:
         inputs = pq.ParquetFile(fh)
         fees = {b: i["cost"] for b, i in outcome.batches.items() if i.get("cost") is not None}
-        costs = RowCosts.from_outcomes(final, fees, price)
+        every = load_manifests(storage, partition_key)  # earlier attempts' answers are ours too
+        own = pa.array(sorted({b for m in every for b in m.batch_ids}), pa.string())
+        costs = RowCosts.from_outcomes(final, fees, price, own_batches=own)
         builder = TablesBuilder(
             inputs.schema_arrow, final, spec=spec, keep_columns=keep_columns, costs=costs
         )

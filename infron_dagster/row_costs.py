@@ -34,14 +34,21 @@ class RowCosts:
     price: ModelPrice | None
     fees: Mapping[str, float]  # batch id -> what the provider reported it cost
     batch_tokens: Mapping[str, int]  # batch id -> tokens of its rows, to share its fee
+    # This partition's own batches: an answer reused from another partition's batch
+    # (reuse_answers="pipeline") was paid for there, and costs this partition nothing.
+    own_batches: pa.Array | None = None
 
     @classmethod
     def from_outcomes(
-        cls, final: pa.Table, fees: Mapping[str, float], price: ModelPrice | None
+        cls,
+        final: pa.Table,
+        fees: Mapping[str, float],
+        price: ModelPrice | None,
+        own_batches: pa.Array | None = None,
     ) -> RowCosts:
         """Fees are shared by the tokens of every outcome of the batch (failed ones too)."""
         if price is not None or not fees or not final.num_rows:
-            return cls(price, fees, {})
+            return cls(price, fees, {}, own_batches)
         tokens = _tokens(final.column("prompt_tokens"), final.column("completion_tokens"))
         grouped = (
             pa.table({"batch_id": final.column("batch_id"), "tokens": tokens})
@@ -50,10 +57,18 @@ class RowCosts:
         )
         ids = grouped.column("batch_id").to_pylist()
         sums = grouped.column("tokens_sum").to_pylist()
-        return cls(price, fees, {b: int(t or 0) for b, t in zip(ids, sums, strict=True) if b})
+        tokens_by_batch = {b: int(t or 0) for b, t in zip(ids, sums, strict=True) if b}
+        return cls(price, fees, tokens_by_batch, own_batches)
 
     def __call__(self, prompt: pa.Array, completion: pa.Array, batch_id: pa.Array) -> pa.Array:
         """The cost of each row (null where neither a price nor a fee tells it)."""
+        cost = self._priced(prompt, completion, batch_id)
+        if self.own_batches is None:
+            return cost
+        elsewhere = pc.invert(pc.is_in(batch_id, value_set=self.own_batches))
+        return pc.if_else(pc.and_(pc.is_valid(batch_id), elsewhere), pa.scalar(0.0), cost)
+
+    def _priced(self, prompt: pa.Array, completion: pa.Array, batch_id: pa.Array) -> pa.Array:
         known = pc.or_(pc.is_valid(prompt), pc.is_valid(completion))
         if self.price is not None:
             p = self.price

@@ -110,6 +110,8 @@ def test_a_partition_answered_elsewhere_sends_nothing(tmp_path, instance):
     answer_a = dict(zip(results_a["text"], results_a["response_text"], strict=True))
     pairs = zip(results["text"], results["response_text"], strict=True)
     assert all(answer_a[text] == answer for text, answer in pairs)
+    # a paid (its share of the fees its batches reported); b paid nothing for a's answers
+    assert results_a["cost"].sum() > 0 and (results["cost"] == 0).all()
 
     # c carries from a too (a's file lists its own answers; b's answers live in a)
     meta_c = flow.submit("c")
