@@ -232,8 +232,9 @@ def _warn_if_superseding(manifests: list[Manifest], kind: str) -> None:
     uncollected = [m.attempt for m in manifests if m.state in ("submitting", "submitted")]
     if kind == "initial" and uncollected:
         logger.warning(
-            "attempt(s) %s are still in flight and are replaced by a new attempt: their "
-            "answers will not be collected (already-collected answers are carried over)",
+            "attempt(s) %s are still in flight and are replaced by a new attempt: rows whose "
+            "requests did not change wait for those answers (unless on_changed_input_in_flight"
+            "='cancel'); answers to the changed rows will not be collected",
             uncollected,
         )
 
