@@ -371,12 +371,24 @@ def _resume(
     if not resubmit_uncertain and any(c.uncertain and not c.batch_id for c in manifest.chunks):
         raise SubmitIncomplete(manifest, "an earlier create call ended ambiguously")
     with tempfile.TemporaryDirectory(prefix="infron-resume-") as tmp:
-        local = {}
-        for chunk in manifest.chunks:
-            if not chunk.batch_id:
-                local[chunk.index] = os.path.join(tmp, f"chunk-{chunk.index:05d}.jsonl")
-                storage.download_file(storage.resolve(chunk.path), local[chunk.index])
+        local = _Downloads(storage, manifest, tmp)
         return _create_batches(client, storage, manifest, local, outcome, admission)
+
+
+class _Downloads(dict):  # type: ignore[type-arg]
+    """The request files of a resumed attempt, downloaded when first needed: a chunk that
+    still waits for admission control is not downloaded by a run that cannot send it."""
+
+    def __init__(self, storage: BatchStorage, manifest: Manifest, folder: str) -> None:
+        super().__init__()
+        self._storage, self._chunks, self._folder = storage, manifest.chunks, folder
+
+    def __missing__(self, index: int) -> str:
+        chunk = next(c for c in self._chunks if c.index == index)
+        path = os.path.join(self._folder, f"chunk-{index:05d}.jsonl")
+        self._storage.download_file(self._storage.resolve(chunk.path), path)
+        self[index] = path
+        return path
 
 
 def _reattach(client: InfronClient, manifest: Manifest, outcome: SubmitOutcome) -> None:
