@@ -243,6 +243,7 @@ class AdmissionControl:
             "pipeline": name,
             "partition_key": key,
             "attempt": attempt,
+            "kind": manifest.kind,  # a retry is resumed by a run with retry_failed set
             "run_key": manifest.run_key,
             "pending_chunks": len(unreserved),
             "pending_requests": sum(c.requests for c in unreserved),

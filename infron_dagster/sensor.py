@@ -305,6 +305,9 @@ def _admission_requests(
                 run_key=f"{w['run_key']}:admit:{w['pending_chunks']}:{w.get('tries', 0)}",
                 partition_key=w["partition_key"],
                 asset_selection=[batches_key],
+                # A waiting retry resumes as the retry it is: without retry_failed the run
+                # would prepare the initial rows and start a new initial attempt instead.
+                run_config=_retry_config(batches_key) if w.get("kind") == "retry" else {},
                 tags={
                     "infron/pipeline": name,
                     "infron/attempt": str(w["attempt"]),
@@ -313,6 +316,10 @@ def _admission_requests(
             )
         )
     return requests
+
+
+def _retry_config(batches_key: dg.AssetKey) -> dict[str, Any]:
+    return {"ops": {batches_key.path[-1]: {"config": {"retry_failed": True}}}}
 
 
 _COLLECT_TAG = "infron/collect_key"

@@ -57,15 +57,18 @@ def _count_creates(monkeypatch) -> Counter:
     return statuses
 
 
-def _drive(flow, instance, keys, timeout: float = 60.0) -> list[dg.RunRequest]:
-    """Tick the sensor and run what it requests, as the daemon would, until all collected."""
+def _drive(flow, instance, keys, timeout: float = 60.0, done=None) -> list[dg.RunRequest]:
+    """Tick the sensor and run what it requests, as the daemon would, until all collected
+    (or until ``done()``)."""
     seen: set[str] = set()
     requested: list[dg.RunRequest] = []
     cursor = None
     deadline = time.monotonic() + timeout
     storage = flow.pipeline.storage
     job = flow.defs.resolve_implicit_global_asset_job_def()
-    while not all(storage.exists(storage.table_path("results", k)) for k in keys):
+    tables = [storage.table_path("results", k) for k in keys]
+    collected = done or (lambda: all(storage.exists(path) for path in tables))
+    while not collected():
         assert time.monotonic() < deadline, "timed out"
         context = dg.build_sensor_context(
             instance=instance, definitions=flow.defs, resources=flow.resources, cursor=cursor
@@ -81,6 +84,7 @@ def _drive(flow, instance, keys, timeout: float = 60.0) -> list[dg.RunRequest]:
                 partition_key=request.partition_key,
                 asset_selection=request.asset_selection,
                 tags=request.tags,
+                run_config=request.run_config,
                 instance=instance,
             )
             assert run.success, request.run_key
@@ -305,3 +309,47 @@ def test_a_create_the_provider_refuses_for_its_queue_waits_as_pending(tmp_path):
         assert not manifest.fully_submitted and not any(c.uncertain for c in manifest.chunks)
         _drive(flow, instance, ["a"])
     assert _accounted(flow.pipeline.storage, "a") == ROWS
+
+
+def test_a_retry_that_waits_for_capacity_resumes_as_the_same_retry(tmp_path):
+    # a's retry is submitted while b holds all the capacity: its chunks wait, and the
+    # sensor's run must resume that retry (attempt 2), not start a new initial attempt.
+    local = make_local_dir(str(tmp_path / "local"), in_progress_seconds=0.2, failure_rate=0.3)
+    resource = InfronResource(base_url=f"local://{local}", api_style="infron", max_retries=3)
+    rows = 20
+    flow = review_pipeline(
+        tmp_path,
+        resource,
+        dg.StaticPartitionsDefinition(["a", "b"]),
+        rows=rows,
+        params={"max_tokens": 16},
+        max_requests_per_batch=20,
+        max_enqueued_tokens=400,  # one partition's chunk (~60 input + 20 x 16 output tokens)
+    )
+    with dg.instance_for_test() as instance:
+        submit = [flow.upstream, flow.pipeline.batches_asset]
+        common = {"resources": flow.resources, "instance": instance}
+        assert dg.materialize(submit, partition_key="a", **common).success
+        _drive(flow, instance, ["a"])
+        failed = flow.pipeline.storage.read_table(flow.pipeline.storage.table_path("failed", "a"))
+        assert failed.num_rows, "failure_rate=0.3 should fail some of 20 rows"
+        assert dg.materialize(submit, partition_key="b", **common).success  # holds the capacity
+        retry = flow.defs.resolve_job_def("rev_retry")
+        assert retry.execute_in_process(partition_key="a", instance=instance).success
+        (_, waiting) = load_manifests(flow.pipeline.storage, "a")
+        assert waiting.kind == "retry" and not waiting.batch_ids  # pending, not sent
+        storage = flow.pipeline.storage
+        requested = _drive(
+            flow, instance, ["a", "b"], done=lambda: all(
+                m.state == "collected" for k in "ab" for m in load_manifests(storage, k)
+            )
+        )
+    manifests = load_manifests(flow.pipeline.storage, "a")
+    assert [(m.attempt, m.kind) for m in manifests] == [(1, "initial"), (2, "retry")]
+    assert manifests[1].fully_submitted
+    admitted = [r for r in requested if "admit" in (r.run_key or "")]
+    assert admitted and all(
+        r.run_config == {"ops": {"rev_batches": {"config": {"retry_failed": True}}}}
+        for r in admitted
+    )
+    assert _accounted(flow.pipeline.storage, "a") == rows
