@@ -860,6 +860,10 @@ def _money_metadata(s: _Settings, key: str | None, outcome: CollectOutcome) -> d
         money["cost"] = round(sum(by_attempt.values()), 6)
     if reported is not None:
         money["cost_reported_by_provider"] = round(reported, 6)
+        tokens = sum(outcome.tokens.values())
+        if tokens:  # what the provider billed per token for this model: check your price
+            money["observed_price_per_million_tokens"] = round(reported / tokens * 1e6, 4)
+            money["model"] = s.spec.model
     estimates = [(m.spend or {}).get("expected_cost") for m in attempts]
     if estimates and all(e is not None for e in estimates):
         money["cost_estimated"] = round(sum(estimates), 6)

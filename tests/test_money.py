@@ -185,6 +185,9 @@ def test_collection_settles_the_ledger_to_the_actual_cost(tmp_path, local_dir, s
     assert meta["cost_estimated"] > 0
     if style == "infron":  # Infron reports fees per batch: the ledger keeps what was billed
         billed = meta["cost_reported_by_provider"]
+        per_million = billed / (meta["prompt_tokens"] + meta["completion_tokens"]) * 1e6
+        assert meta["observed_price_per_million_tokens"] == pytest.approx(per_million, rel=1e-3)
+        assert meta["model"] == "gpt-4o-mini"
     else:  # OpenAI's batch object has no fees: the rows' cost
         assert "cost_reported_by_provider" not in meta
         billed = row_costs
