@@ -38,6 +38,7 @@ from .collect import (
     collect_partition,
     in_flight_requests,
 )
+from .manifest import load_manifests
 from .prepare import (
     CUSTOM_ID,
     DEFAULT_MAX_BYTES,
@@ -54,7 +55,7 @@ from .sources import ParquetSource
 from .spec import RequestSpec
 from .spend import DryRunStop, SpendControl
 from .storage import BatchStorage
-from .submit import SubmitOutcome, load_manifests, submit_prepared, succeeded_requests
+from .submit import SubmitOutcome, submit_prepared, succeeded_requests
 from .table_loader import InfronTableIOManager, tables_io_manager_key
 from .untrusted import printable
 

@@ -27,11 +27,10 @@ import dagster as dg
 
 from .client import InfronClient
 from .collect import active_attempts
-from .manifest import ChunkRecord, Manifest
+from .manifest import ChunkRecord, Manifest, load_manifests
 from .models import Batch, BatchStatus
 from .resources import InfronResource
 from .storage import BatchStorage
-from .submit import load_manifests
 from .untrusted import printable
 
 __all__ = ["BatchCancel", "CancelOutcome", "build_cancel_job", "cancel_partition"]

@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .collect import active_attempts
+from .manifest import load_manifests
 from .prepare import CUSTOM_ID
 from .storage import BatchStorage
-from .submit import load_manifests
 
 __all__ = ["build_collect_checks"]
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from .client import InfronClient
 from .errors import InfronError
-from .manifest import Manifest, now_iso
+from .manifest import Manifest, load_manifests, now_iso
 from .models import Batch, BatchStatus
 from .outcomes import OUTCOME_SCHEMA, outcomes_to_table, read_outcome_table, redact_table
 from .prepare import (
@@ -43,7 +43,6 @@ from .reuse import write_answers
 from .row_costs import RowCosts
 from .spec import RequestSpec
 from .storage import BatchStorage
-from .submit import load_manifests
 from .tables import TablesBuilder, TableSummary
 from .untrusted import printable, safe_segment
 

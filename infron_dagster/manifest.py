@@ -16,9 +16,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-__all__ = ["ChunkRecord", "Manifest"]
+if TYPE_CHECKING:
+    from .storage import BatchStorage
+
+__all__ = ["ChunkRecord", "Manifest", "load_manifests"]
 
 AttemptKind = Literal["initial", "retry"]
 ManifestState = Literal["submitting", "submitted", "collected", "abandoned"]
@@ -127,6 +130,20 @@ class Manifest:
             for c in data.get("chunks", [])
         ]
         return cls(**values)
+
+
+def load_manifests(storage: BatchStorage, partition_key: str | None) -> list[Manifest]:
+    """Every manifest of a partition, by attempt ascending: the record collection, the
+    sensor, checks and retries all start from.
+
+    Example:
+        >>> [m.attempt for m in load_manifests(storage, "2026-11-24")]
+        [1, 2]
+    """
+    return [
+        Manifest.from_dict(storage.read_json(storage.manifest_path(partition_key, attempt)))
+        for attempt in storage.attempts(partition_key)
+    ]
 
 
 def _now() -> str:

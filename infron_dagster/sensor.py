@@ -32,10 +32,9 @@ from .admission import AdmissionControl
 from .client import InfronClient
 from .collect import active_attempts
 from .inflight import DEFAULT_RESCAN_SECONDS, InFlightIndex
-from .manifest import Manifest
+from .manifest import Manifest, load_manifests
 from .models import Batch
 from .storage import UNPARTITIONED, BatchStorage
-from .submit import load_manifests
 from .untrusted import printable
 
 __all__ = ["build_infron_batch_sensor", "find_in_flight", "find_in_flight_full_scan"]

@@ -26,7 +26,7 @@ from .admission import AdmissionControl, is_limit_refusal
 from .client import InfronClient
 from .errors import InfronError
 from .inflight import mark_in_flight
-from .manifest import ChunkRecord, Manifest, now_iso
+from .manifest import ChunkRecord, Manifest, load_manifests, now_iso
 from .prepare import CARRIED_FROM, CUSTOM_ID, REQUEST_HASH, PreparedRequests
 from .pricing import max_output_tokens
 from .spec import RequestSpec
@@ -105,14 +105,6 @@ class SubmitOutcome:
     pending_requests: int = 0
     pending_reason: str = ""
     sent_alone: bool = False  # a chunk bigger than the whole limit, sent with nothing else
-
-
-def load_manifests(storage: BatchStorage, partition_key: str | None) -> list[Manifest]:
-    """Every manifest of a partition, by attempt ascending."""
-    return [
-        Manifest.from_dict(storage.read_json(storage.manifest_path(partition_key, attempt)))
-        for attempt in storage.attempts(partition_key)
-    ]
 
 
 def succeeded_requests(
