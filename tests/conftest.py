@@ -218,6 +218,36 @@ def json_answer(obj: Any, status: int = 200, **headers: str) -> Answer:
 # -- the review pipeline most Dagster-level tests build -------------------------------------------
 
 
+class Clock:
+    """A settable clock standing in for ``time.time`` inside the local server's app and
+    engine, so a test moves batches through their states without waiting."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    @classmethod
+    def install(cls, monkeypatch: pytest.MonkeyPatch, now: float | None = None) -> Clock:
+        import infron_dagster.local.app as app_module
+        import infron_dagster.local.engine as engine_module
+
+        fake = cls(now)
+        monkeypatch.setattr(app_module, "time", fake)
+        monkeypatch.setattr(engine_module, "time", fake)
+        return fake
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The local server's clock, settable (starts at the real time)."""
+    return Clock.install(monkeypatch)
+
+
 @dataclass
 class ReviewPipeline:
     """An upstream ``reviews`` asset, the ``rev`` pipeline on it, its resources and definitions."""

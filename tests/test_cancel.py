@@ -8,18 +8,14 @@ the real clock.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 import pyarrow.parquet as pq
-import pytest
 from conftest import make_local_dir, review_pipeline
 
-import infron_dagster.local.app as app_module
-import infron_dagster.local.engine as engine_module
 from infron_dagster import InfronBatchPipeline, InfronResource, RequestSpec
 from infron_dagster.cancel import BatchCancel, CancelOutcome, cancel_partition
 from infron_dagster.submit import load_manifests
@@ -27,27 +23,6 @@ from infron_dagster.submit import load_manifests
 SPEC = RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of {text}", key_columns="id")
 PARTS = dg.StaticPartitionsDefinition(["a", "b"])
 ROWS = 20
-
-
-class Clock:
-    """A settable clock standing in for time.time inside the local server."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def time(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr(app_module, "time", fake)
-    monkeypatch.setattr(engine_module, "time", fake)
-    return fake
 
 
 @dataclass

@@ -8,7 +8,6 @@ module is swapped, as in test_cancel.py), so the two attempts' batches end when 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +16,6 @@ import pandas as pd
 import pytest
 from conftest import make_local_dir
 
-import infron_dagster.local.app as app_module
-import infron_dagster.local.engine as engine_module
 from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
 from infron_dagster.local.store import Store
 from infron_dagster.submit import load_manifests
@@ -26,27 +23,6 @@ from infron_dagster.submit import load_manifests
 PARTS = dg.StaticPartitionsDefinition(["a"])
 ROWS = 1000
 IN_PROGRESS = 60.0  # seconds a batch runs on the local server's clock
-
-
-class Clock:
-    """A settable clock standing in for time.time inside the local server."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def time(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr(app_module, "time", fake)
-    monkeypatch.setattr(engine_module, "time", fake)
-    return fake
 
 
 @dataclass
@@ -250,41 +226,3 @@ def test_a_dry_run_under_policy_cancel_cancels_nothing(tmp_path, instance, clock
         run_config={"ops": {"rev_batches": {"config": {"dry_run": True}}}},
     )
     assert flow.statuses() == {"in_progress"} and flow.sent() == ROWS
-
-
-def test_the_policy_is_checked(tmp_path):
-    with pytest.raises(ValueError, match="on_changed_input_in_flight"):
-        build_infron_batch_assets(
-            name="rev",
-            spec=RequestSpec(model="m", prompt_template="{text}", key_columns="id"),
-            source="reviews",
-            storage_root=str(tmp_path),
-            on_changed_input_in_flight="abandon",  # type: ignore[arg-type]
-        )
-
-
-def test_the_yaml_component_passes_the_policy(monkeypatch):
-    from test_component import defs_yaml, load_yaml
-
-    import infron_dagster.components.batch_inference as component_module
-
-    seen: dict[str, Any] = {}
-    real = component_module.build_infron_batch_assets
-
-    def spy(**kwargs: Any) -> Any:
-        seen.update(kwargs)
-        return real(**kwargs)
-
-    monkeypatch.setattr(component_module, "build_infron_batch_assets", spy)
-    yaml_text = defs_yaml(
-        """
-        name: rev
-        model: m
-        prompt_template: "{text}"
-        source: reviews
-        on_changed_input_in_flight: cancel
-        """
-    )
-    with load_yaml(yaml_text) as (component, _):
-        assert component.on_changed_input_in_flight == "cancel"
-    assert seen["on_changed_input_in_flight"] == "cancel"

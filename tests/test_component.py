@@ -18,7 +18,14 @@ import pyarrow.dataset as ds
 import pytest
 from dagster.components.testing import create_defs_folder_sandbox
 
-from infron_dagster import Budget, InfronResource, ModelPrice, ParquetSource
+from infron_dagster import (
+    Budget,
+    InfronResource,
+    ModelPrice,
+    ParquetSource,
+    RequestSpec,
+    build_infron_batch_assets,
+)
 from infron_dagster.components import InfronBatchInferenceComponent, InfronResourceComponent
 from infron_dagster.components.batch_inference import Endpoint
 from infron_dagster.spec import ENDPOINTS
@@ -384,3 +391,39 @@ def test_example_project_component_runs(tmp_path, local_dir, instance, monkeypat
     }
     assert rows["review_sentiment_results"] + rows["review_sentiment_failed"] == 36
     assert rows["review_sentiment_failed"] >= 1  # the empty review, as invalid_input
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "wrong"),
+    [("reuse_answers", "pipeline", "everywhere"), ("on_changed_input_in_flight", "cancel", "drop")],
+)
+def test_carry_options_are_checked_and_reach_the_factory(option, value, wrong, monkeypatch):
+    with pytest.raises(ValueError, match=option):
+        build_infron_batch_assets(
+            name="rev",
+            spec=RequestSpec(model="m", prompt_template="{text}", key_columns="id"),
+            source="reviews",
+            **{option: wrong},
+        )
+    import infron_dagster.components.batch_inference as component_module
+
+    seen: dict[str, Any] = {}
+    real = component_module.build_infron_batch_assets
+
+    def spy(**kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(component_module, "build_infron_batch_assets", spy)
+    text = defs_yaml(
+        f"""
+        name: rev
+        model: m
+        prompt_template: "{{text}}"
+        source: reviews
+        {option}: {value}
+        """
+    )
+    with load_yaml(text) as (component, _):
+        assert getattr(component, option) == value
+    assert seen[option] == value

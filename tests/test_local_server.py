@@ -12,10 +12,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from conftest import Clock
 
 from infron_dagster.local import LocalServerConfig, create_app, load_config, save_config
-from infron_dagster.local import app as app_module
-from infron_dagster.local import engine as engine_module
 from infron_dagster.local import multipart as multipart_module
 from infron_dagster.local.process import serve_in_subprocess
 
@@ -92,25 +91,9 @@ def by_id(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {line["custom_id"]: line for line in lines}
 
 
-class Clock:
-    """A settable clock standing in for time.time inside the app and engine."""
-
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def time(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr(app_module, "time", fake)
-    monkeypatch.setattr(engine_module, "time", fake)
-    return fake
+    return Clock.install(monkeypatch, now=1_700_000_000.0)  # a fixed epoch: stable outputs
 
 
 def check_schema(value: Any, schema: dict[str, Any], root: dict[str, Any]) -> list[str]:
