@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
@@ -97,6 +98,7 @@ _READ_BYTES = 16 << 20  # a block of lines: what memory is set by, with the line
 # escaped surrogate (not valid Unicode). Lines holding one go through the per-line parser.
 _CONTROL = r"[\x00-\x1f\x7f]"
 _SURROGATE_ESCAPE = r"\\u[dD][89a-fA-F]"
+_SURROGATE_BYTES = re.compile(_SURROGATE_ESCAPE.encode())
 _LIMITS = {"model": 200, "finish_reason": 200, "error_code": 100, "error_message": 2000}
 
 
@@ -184,7 +186,7 @@ def _block_outcomes(
     shaped = (
         (ends > starts) & (raw[starts] == ord("{")) & (raw[np.maximum(ends - 1, 0)] == ord("}"))
     )
-    candidate = shaped & _no_odd_keys(lines)
+    candidate = shaped & _no_odd_keys(lines, block)
     rows = np.flatnonzero(candidate)
     whole = block if len(rows) == count else None
     fast_rows, fast = _fast_parse(lines, rows, whole)
@@ -210,12 +212,17 @@ def _lines_array(block: bytes) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     return array, starts, ends
 
 
-def _no_odd_keys(lines: pa.Array) -> np.ndarray:
+def _no_odd_keys(lines: pa.Array, block: bytes) -> np.ndarray:
     """Lines without an Anthropic ``result`` or an escaped surrogate (the per-line parser
     reads those)."""
-    odd = pc.match_substring(lines, '"result"')  # on the bytes: no UTF-8 check, no copy
-    escaped = pc.match_substring(lines, "\\u")
-    if pc.any(escaped).as_py():
+    has_result = b'"result"' in block
+    has_surrogate = _SURROGATE_BYTES.search(block) is not None
+    if not has_result and not has_surrogate:  # the usual block: one search, no per-line pass
+        return np.ones(len(lines), bool)
+    # Per line, on the bytes (no UTF-8 check, no copy), only for what the block holds
+    none = pa.array(np.zeros(len(lines), bool))
+    odd = pc.match_substring(lines, '"result"') if has_result else none
+    if has_surrogate:
         text = lines.cast(pa.large_string(), safe=False)
         odd = pc.or_(odd, pc.match_substring_regex(text, _SURROGATE_ESCAPE))
     return ~odd.fill_null(True).to_numpy(zero_copy_only=False)
