@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .errors import InfronError
-from .manifest import ChunkRecord, Manifest
+from .manifest import ChunkRecord, Manifest, load_manifests
 from .models import Batch
 from .storage import BatchStorage, encode_partition
 
@@ -45,6 +45,9 @@ LEDGER = "_admission"
 # An entry reserved for a chunk that never got a batch (its run died before the create
 # call, or the call was refused) is released after this long unless the chunk is uncertain.
 RESERVATION_GRACE_SECONDS = 600.0
+# A submit run the sensor requested that admitted nothing by then (it failed, or it was
+# lost) is requested again, under a new run_key.
+REQUEST_RETRY_SECONDS = 600.0
 
 
 def chunk_tokens(manifest: Manifest, chunk: ChunkRecord, output_tokens: int) -> int:
@@ -313,13 +316,34 @@ class AdmissionControl:
                 continue
             total = room
             ready.append(w)
-        if gone:
-            with self._lock():
-                data = self._read()
-                for k in gone:
-                    data["waiting"].pop(k, None)
-                self._write(data)
-        return ready
+        return self._record_requests(ready, gone)
+
+    def _record_requests(
+        self, ready: list[dict[str, Any]], gone: list[str]
+    ) -> list[dict[str, Any]]:
+        """Drop the stale records; stamp when each ready one was requested, and give a new
+        run_key (``tries``) to one whose earlier request admitted nothing in time."""
+        if not ready and not gone:
+            return ready
+        name = self.storage.name
+        with self._lock():
+            data = self._read()
+            for k in gone:
+                data["waiting"].pop(k, None)
+            fresh = []
+            for w in ready:
+                key = _entry_key(name, w["partition_key"], int(w["attempt"]), None)
+                record = data["waiting"].get(key)
+                if record is None:  # admitted by its run meanwhile
+                    continue
+                if record.get("requested_at") is None:
+                    record["requested_at"] = _now()
+                elif _age(record["requested_at"]) > REQUEST_RETRY_SECONDS:
+                    record["tries"] = int(record.get("tries", 0)) + 1
+                    record["requested_at"] = _now()
+                fresh.append(dict(record))
+            self._write(data)
+        return fresh
 
     def _unbatched(self, mine: dict[str, dict[str, Any]]) -> tuple[set[str], dict[str, str]]:
         """Entries with no batch id past the grace: released unless their chunk is uncertain
@@ -336,12 +360,18 @@ class AdmissionControl:
         return stale, found
 
     def _stale(self, w: dict[str, Any]) -> bool:
-        """A waiting record whose attempt is gone, abandoned or fully submitted since."""
-        path = self.storage.manifest_path(w["partition_key"], int(w["attempt"]))
-        if not self.storage.exists(path):
+        """A waiting record whose attempt is gone, abandoned or fully submitted since, or
+        replaced by a newer initial attempt (changed input): its chunks will never be sent,
+        so it must not hold the queue's room."""
+        attempt = int(w["attempt"])
+        manifests = {m.attempt: m for m in load_manifests(self.storage, w["partition_key"])}
+        manifest = manifests.get(attempt)
+        if manifest is None or manifest.state == "abandoned" or manifest.fully_submitted:
             return True
-        manifest = Manifest.from_dict(self.storage.read_json(path))
-        return manifest.state == "abandoned" or manifest.fully_submitted
+        return any(
+            m.attempt > attempt and m.kind == "initial" and m.state != "abandoned"
+            for m in manifests.values()
+        )
 
     def _chunk(self, partition_key: str | None, attempt: int, index: int) -> ChunkRecord | None:
         path = self.storage.manifest_path(partition_key, attempt)

@@ -22,6 +22,7 @@ from infron_dagster import InfronResource, ParquetSource, RequestSpec, build_inf
 from infron_dagster.admission import AdmissionControl
 from infron_dagster.local import embedded
 from infron_dagster.manifest import ChunkRecord, Manifest
+from infron_dagster.models import Batch, BatchStatus
 from infron_dagster.storage import BatchStorage
 from infron_dagster.submit import load_manifests
 
@@ -353,3 +354,54 @@ def test_a_retry_that_waits_for_capacity_resumes_as_the_same_retry(tmp_path):
         for r in admitted
     )
     assert _accounted(flow.pipeline.storage, "a") == rows
+
+
+def _waiting_manifest(key: str, attempt: int, tokens: int) -> Manifest:
+    chunk = ChunkRecord(index=0, path="c0", requests=1, bytes=10, estimated_tokens=tokens)
+    return Manifest(
+        name="p",
+        partition_key=key,
+        attempt=attempt,
+        fingerprint=f"f{attempt}",
+        api_style="infron",
+        endpoint="/v1/chat/completions",
+        model="m",
+        chunks=[chunk],
+    )
+
+
+def _ended(batch_id: str) -> dict[str, Batch]:
+    return {batch_id: Batch(id=batch_id, status=BatchStatus.COMPLETED, api_style="infron")}
+
+
+def test_a_waiting_attempt_replaced_by_new_input_does_not_hold_the_queue(tmp_path, monkeypatch):
+    storage = BatchStorage(str(tmp_path), "p")
+    control = AdmissionControl(storage, max_enqueued_tokens=100, output_tokens=0)
+
+    def admit(manifest: Manifest, batch_id: str | None = None) -> list[int]:
+        admitted = control.admit(manifest).chunks
+        if batch_id is not None:
+            manifest.chunks[0].batch_id, manifest.state = batch_id, "submitted"
+        control.settle(manifest, bool(admitted))
+        storage.write_json(storage.manifest_path(manifest.partition_key, manifest.attempt),
+                           manifest.to_dict())
+        return admitted
+
+    assert admit(_waiting_manifest("z", 1, 100), "bz") == [0]  # z holds all the room
+    assert admit(_waiting_manifest("x", 1, 80)) == []  # x waits (oldest)
+    time.sleep(1.1)
+    assert admit(_waiting_manifest("y", 1, 50)) == []  # y waits behind it
+    ready = control.release_and_schedule(_ended("bz"), lambda ids: {})
+    assert [w["partition_key"] for w in ready] == ["x"]
+    # x's run found changed input: a new initial attempt 2 was sent instead; attempt 1's
+    # pending chunk will never be sent, so it must not keep y out.
+    assert admit(_waiting_manifest("x", 2, 10), "bx2") == [0]
+    ready = control.release_and_schedule(_ended("bx2"), lambda ids: {})
+    assert [(w["partition_key"], w["attempt"]) for w in ready] == [("y", 1)]
+
+    # y's requested run is lost: after the retry delay it is requested under a new run_key.
+    first = ready[0]["tries"]
+    monkeypatch.setattr("infron_dagster.admission.REQUEST_RETRY_SECONDS", 0.0)
+    time.sleep(0.01)
+    (again,) = control.release_and_schedule({}, lambda ids: {})
+    assert again["partition_key"] == "y" and again["tries"] == first + 1
