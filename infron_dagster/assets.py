@@ -854,7 +854,9 @@ def _money_metadata(s: _Settings, key: str | None, outcome: CollectOutcome) -> d
     by_attempt = dict(outcome.results_summary.cost_by_attempt)
     for attempt, cost in outcome.failed_summary.cost_by_attempt.items():
         by_attempt[attempt] = by_attempt.get(attempt, 0.0) + cost
-    s.spend.settle(attempts, by_attempt, outcome.batches)
+    # A waited-on source attempt's other answers were dropped: its kept rows understate it
+    partial = frozenset(set(outcome.sources) - set(outcome.attempts))
+    s.spend.settle(attempts, by_attempt, outcome.batches, partial)
     reported = outcome.cost
     money: dict[str, Any] = {}
     if s.spend.price is not None or reported is not None:  # the rows' cost column is known

@@ -93,17 +93,23 @@ class SpendControl:
         attempts: Sequence[Manifest],
         cost_by_attempt: dict[int, float],
         batches: dict[str, dict[str, Any]],
+        partial: frozenset[int] = frozenset(),
     ) -> None:
         """Record each collected attempt's actual cost in the ledger.
 
         An attempt's cost is the fees its batches reported when every one reported them
-        (what was billed), else the sum of its rows' ``cost`` column.
+        (what was billed), else the sum of its rows' ``cost`` column. An attempt in
+        ``partial`` (one whose answers were only partly kept, such as an attempt in flight
+        that a newer one waited on) keeps its reserved worst case unless its fees are known:
+        its kept rows alone would understate what it was billed.
         """
         if self.price is None:
             return  # no price, no ledger entries to settle
         ledger = SpendLedger(self.storage)
         for manifest in attempts:
             actual = _reported_fees(manifest, batches)
+            if actual is None and manifest.attempt in partial:
+                continue
             if actual is None:
                 actual = cost_by_attempt.get(manifest.attempt, 0.0)
             if manifest.spend and manifest.spend.get("entry"):

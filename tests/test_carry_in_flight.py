@@ -226,3 +226,34 @@ def test_a_dry_run_under_policy_cancel_cancels_nothing(tmp_path, instance, clock
         run_config={"ops": {"rev_batches": {"config": {"dry_run": True}}}},
     )
     assert flow.statuses() == {"in_progress"} and flow.sent() == ROWS
+
+
+def test_an_attempt_waited_on_keeps_its_reserved_cost_in_the_budget(tmp_path, instance, clock):
+    # OpenAI style reports no fees: attempt 1 was billed for all 1,000 rows, but only the
+    # rows attempt 2 waited for are kept, so its ledger entry must not shrink to them.
+    from infron_dagster import Budget, ModelPrice, SpendLedger
+
+    price = ModelPrice(input_per_million=2.0, output_per_million=8.0)
+    flow = make_flow(
+        tmp_path, instance, "openai", price=price, budget=Budget(max_cost_per_day=100.0)
+    )
+    flow.submit()
+    clock.now += 10
+    for i in range(900):  # most rows change while attempt 1 runs
+        flow.texts[i] = f"review {i}, edited"
+    make_local_dir(flow.server, in_progress_seconds=5)
+    flow.submit()
+    clock.now += IN_PROGRESS + 10
+    (collected,) = flow.sensor_collects()
+    assert collected.success
+    first, second = load_manifests(flow.store, "a")
+    ledger = SpendLedger(flow.store)
+    entries = {
+        m.attempt: ledger._store.read_json(
+            ledger._store.partition_dir("spend", m.spend["day"]) / f"{m.spend['entry']}.json"
+        )
+        for m in (first, second)
+    }
+    assert entries[1]["actual_cost"] is None  # still its worst case: nothing understated
+    assert entries[2]["actual_cost"] is not None  # the attempt collected whole is settled
+    assert ledger.spent_on(first.spend["day"]) >= first.spend["worst_cost"]
