@@ -248,6 +248,26 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return Clock.install(monkeypatch)
 
 
+def tick_and_run(sensor: Any, defs: Any, resources: dict[str, Any], instance: Any) -> list[Any]:
+    """One sensor tick, and the runs it requests executed in process, as the daemon would."""
+    import dagster as dg
+
+    context = dg.build_sensor_context(instance=instance, definitions=defs, resources=resources)
+    result = sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    job = defs.resolve_implicit_global_asset_job_def()
+    return [
+        job.execute_in_process(
+            partition_key=request.partition_key,
+            asset_selection=request.asset_selection,
+            tags=request.tags,
+            run_config=request.run_config,
+            instance=instance,
+        )
+        for request in result.run_requests
+    ]
+
+
 @dataclass
 class ReviewPipeline:
     """An upstream ``reviews`` asset, the ``rev`` pipeline on it, its resources and definitions."""

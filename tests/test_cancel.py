@@ -14,7 +14,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 import pyarrow.parquet as pq
-from conftest import make_local_dir, review_pipeline
+from conftest import make_local_dir, review_pipeline, tick_and_run
 
 from infron_dagster import InfronBatchPipeline, InfronResource, RequestSpec
 from infron_dagster.cancel import BatchCancel, CancelOutcome, cancel_partition
@@ -58,21 +58,7 @@ class Flow:
 
     def sensor_collects(self) -> list[dg.ExecuteInProcessResult]:
         """One sensor tick, and the collection runs it requests executed like the daemon."""
-        context = dg.build_sensor_context(
-            instance=self.instance, definitions=self.defs, resources=self.resources
-        )
-        result = self.pipeline.sensor(context)
-        assert isinstance(result, dg.SensorResult)
-        job = self.defs.resolve_implicit_global_asset_job_def()
-        return [
-            job.execute_in_process(
-                partition_key=request.partition_key,
-                asset_selection=request.asset_selection,
-                tags=request.tags,
-                instance=self.instance,
-            )
-            for request in result.run_requests
-        ]
+        return tick_and_run(self.pipeline.sensor, self.defs, self.resources, self.instance)
 
     def table(self, kind: str, partition: str | None = "a") -> pd.DataFrame:
         return pq.read_table(str(self.store.table_path(kind, partition))).to_pandas()

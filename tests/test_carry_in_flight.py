@@ -14,7 +14,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 import pytest
-from conftest import make_local_dir
+from conftest import make_local_dir, tick_and_run
 
 from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
 from infron_dagster.local.store import Store
@@ -52,21 +52,7 @@ class Flow:
 
     def sensor_collects(self) -> list[dg.ExecuteInProcessResult]:
         """One sensor tick, and the collection runs it requests executed like the daemon."""
-        context = dg.build_sensor_context(
-            instance=self.instance, definitions=self.defs, resources=self.resources
-        )
-        result = self.pipeline.sensor(context)
-        assert isinstance(result, dg.SensorResult)
-        job = self.defs.resolve_implicit_global_asset_job_def()
-        return [
-            job.execute_in_process(
-                partition_key=request.partition_key,
-                asset_selection=request.asset_selection,
-                tags=request.tags,
-                instance=self.instance,
-            )
-            for request in result.run_requests
-        ]
+        return tick_and_run(self.pipeline.sensor, self.defs, self.resources, self.instance)
 
     def sent(self) -> int:
         """Requests the local server was sent, over every batch ever created."""
