@@ -16,7 +16,7 @@ import pytest
 from conftest import make_local_dir
 
 from infron_dagster import BatchStorage, InfronBatchPipeline, InfronResource, RequestSpec
-from infron_dagster.assets import CollectConfig, build_infron_batch_assets
+from infron_dagster.assets import build_infron_batch_assets
 from infron_dagster.table_loader import (
     InfronTableIOManager,
     MissingPartitionError,
@@ -49,31 +49,6 @@ def reviews_asset(partitions_def: dg.PartitionsDefinition | None) -> dg.AssetsDe
     return reviews
 
 
-def wired_collect(pipeline: InfronBatchPipeline) -> dg.AssetsDefinition:
-    """The collect multi_asset with its specs on the tables IO manager.
-
-    Once assets.py wires the key itself this is the pipeline's own asset; until then it is
-    the same specs, checks and body, with ``AssetSpec.with_io_manager_key`` as assets.py will.
-    """
-    collect = pipeline.collect_assets
-    key = tables_io_manager_key(pipeline.name)
-    if all(spec.metadata.get(IO_KEY) == key for spec in collect.specs):
-        return collect
-    body = collect.op.compute_fn.decorated_fn
-
-    @dg.multi_asset(
-        name=collect.op.name,
-        specs=[spec.with_io_manager_key(key) for spec in collect.specs],
-        check_specs=list(collect.check_specs),
-        required_resource_keys=set(collect.op.required_resource_keys),
-        can_subset=False,
-    )
-    def _collect(context: dg.AssetExecutionContext, config: CollectConfig):
-        yield from body(context, config)
-
-    return _collect
-
-
 class Flow:
     """A pipeline on the embedded server, with a downstream asset to load its tables."""
 
@@ -81,13 +56,10 @@ class Flow:
         self.pipeline = pipeline
         self.instance = instance
         self.reviews = reviews_asset(pipeline.batches_asset.partitions_def)
-        self.collect_asset = wired_collect(pipeline)
-        key = tables_io_manager_key(pipeline.name)
-        bound = key in self.collect_asset.resource_defs  # if assets.py binds it to the asset
+        self.collect_asset = pipeline.collect_assets  # the tables IO manager is bound to it
         self.resources: dict[str, Any] = {
             "infron": resource,
             "io_manager": dg.FilesystemIOManager(base_dir=str(tmp / "io")),
-            **({} if bound else {key: InfronTableIOManager(pipeline.storage)}),
         }
 
     def submit_and_collect(self, partition: str | None) -> None:
@@ -343,17 +315,6 @@ def test_read_batch_table_drops_internal_columns_and_keeps_exact_keys(tmp_path):
     assert exc.value.path == str(store.table_path("results", "nope"))
 
 
-WIRED = all(
-    spec.metadata.get(IO_KEY) == tables_io_manager_key("rev")
-    for spec in build_infron_batch_assets(
-        name="rev", spec=SPEC, source="reviews"
-    ).collect_assets.specs
-)
-
-
-@pytest.mark.xfail(
-    not WIRED, strict=True, reason="assets.py does not wire the tables IO manager yet"
-)
 def test_the_pipeline_definitions_wire_the_tables_io_manager(tmp_path, instance):
     folder = make_local_dir(str(tmp_path / "local"))
     resource = InfronResource(base_url=f"local://{folder}", api_style="infron", max_retries=0)
