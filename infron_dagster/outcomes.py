@@ -31,7 +31,13 @@ import pyarrow.json as pj
 
 from .results import DEFAULT_MAX_LINE_BYTES, Outcome, ParseReport, _parse_counted, _too_large
 
-__all__ = ["OUTCOME_SCHEMA", "outcomes_to_table", "read_outcome_table", "redact_table"]
+__all__ = [
+    "OUTCOME_SCHEMA",
+    "outcomes_to_table",
+    "read_json_lines",
+    "read_outcome_table",
+    "redact_table",
+]
 
 OUTCOME_SCHEMA = pa.schema(
     [
@@ -88,11 +94,15 @@ LINE_SCHEMA = pa.schema(
         ("custom_id", pa.string()),
         ("response", pa.struct([("status_code", pa.int64()), ("body", _BODY)])),
         ("error", _ERROR),
+        # An object here is an Anthropic-style line: read by the per-line parser. Another
+        # type makes the fast reader refuse the block, which sends the line there too.
+        ("result", pa.struct([])),
     ]
 )
 _PARSE = pj.ParseOptions(explicit_schema=LINE_SCHEMA, unexpected_field_behavior="ignore")
 # A block the fast reader refuses is split in two until the refused lines stand alone.
 _SMALLEST_SPLIT = 64
+_JSON_BLOCK = 4 << 20  # pyarrow.json's unit of work: a 16 MB read is parsed on every core
 _READ_BYTES = 16 << 20  # a block of lines: what memory is set by, with the line bound
 # Text that cannot be kept as it is: control characters (printable() escapes them) or an
 # escaped surrogate (not valid Unicode). Lines holding one go through the per-line parser.
@@ -121,7 +131,7 @@ def read_outcome_table(
                 parts.append(outcomes_to_table([outcome], [seq], batch_id))
             seq += 1
             continue
-        table, seq = _block_outcomes(block, report, batch_id, seq)
+        table, seq = _block_outcomes(block.data, block.ends, report, batch_id, seq)
         parts.append(table)
     if not parts:
         return OUTCOME_SCHEMA.empty_table()
@@ -133,7 +143,15 @@ class _TooLarge:
     head: bytes
 
 
-def _line_blocks(source: IO[bytes], limit: int) -> Iterator[bytes | _TooLarge]:
+@dataclass(frozen=True)
+class _Block:
+    """Whole lines, and where each ends (its newline) in ``data``."""
+
+    data: bytes
+    ends: np.ndarray
+
+
+def _line_blocks(source: IO[bytes], limit: int) -> Iterator[_Block | _TooLarge]:
     """Blocks of whole lines (each at most ``limit`` bytes), and the head of each longer line.
 
     Memory is set by the block size and ``limit``, never by the file or the longest line.
@@ -160,36 +178,36 @@ def _line_blocks(source: IO[bytes], limit: int) -> Iterator[bytes | _TooLarge]:
         yield from _split_long(pending + b"\n", limit)
 
 
-def _split_long(block: bytes, limit: int) -> Iterator[bytes | _TooLarge]:
+def _split_long(block: bytes, limit: int) -> Iterator[_Block | _TooLarge]:
     """``block`` with each line over ``limit`` (without its newline) set apart."""
-    ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+    ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10).astype(np.int64)
     starts = np.concatenate(([0], ends[:-1] + 1))
     long_lines = np.flatnonzero(ends - starts > limit)
-    start = 0
+    start, first = 0, 0  # the next line's byte, and its number
     for i in long_lines.tolist():
-        if starts[i] > start:
-            yield block[start : starts[i]]
+        if i > first:
+            yield _Block(block[start : starts[i]], ends[first:i] - start)
         yield _TooLarge(block[starts[i] : starts[i] + 4096])
-        start = int(ends[i]) + 1
-    if start < len(block):
-        yield block[start:]
+        start, first = int(ends[i]) + 1, i + 1
+    if first < len(ends):
+        yield _Block(block[start:] if start else block, ends[first:] - start)
 
 
 def _block_outcomes(
-    block: bytes, report: ParseReport, batch_id: str | None, seq: int
+    block: bytes, ends: np.ndarray, report: ParseReport, batch_id: str | None, seq: int
 ) -> tuple[pa.Table, int]:
     """The outcomes of one block of whole lines (it ends in a newline); the next line number."""
-    lines, starts, ends = _lines_array(block)
+    lines, starts = _lines_array(block, ends)
     count = len(lines)
     raw = np.frombuffer(block, np.uint8)
     # An object on one line: "{" first, "}" last (blank and odd lines go line by line)
     shaped = (
         (ends > starts) & (raw[starts] == ord("{")) & (raw[np.maximum(ends - 1, 0)] == ord("}"))
     )
-    candidate = shaped & _no_odd_keys(lines, block)
+    candidate = shaped & _no_surrogate(lines, block)
     rows = np.flatnonzero(candidate)
     whole = block if len(rows) == count else None
-    fast_rows, fast = _fast_parse(lines, rows, whole)
+    fast_rows, fast = _fast_parse(lines, ends - starts + 1, rows, whole)
     plain, _ = _plain_outcomes(fast, fast_rows, lines)
     settled = np.zeros(count, bool)
     settled[plain.rows] = True
@@ -200,36 +218,30 @@ def _block_outcomes(
     return pa.concat_tables([t for t in parts if t.num_rows] or parts[:1]), seq + count
 
 
-def _lines_array(block: bytes) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+def _lines_array(block: bytes, ends: np.ndarray) -> tuple[pa.Array, np.ndarray]:
     """The lines of ``block`` as a binary array over the block itself (no copy), each value
-    with its newline; and where each line starts and ends (its newline) in the block."""
-    ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10).astype(np.int64)
+    with its newline; and where each line starts in the block."""
     starts = np.concatenate(([0], ends[:-1] + 1)).astype(np.int64)
     offsets = np.concatenate(([0], ends + 1)).astype(np.int64)
     array = pa.LargeBinaryArray.from_buffers(
         pa.large_binary(), len(ends), [None, pa.py_buffer(offsets), pa.py_buffer(block)]
     )
-    return array, starts, ends
+    return array, starts
 
 
-def _no_odd_keys(lines: pa.Array, block: bytes) -> np.ndarray:
-    """Lines without an Anthropic ``result`` or an escaped surrogate (the per-line parser
-    reads those)."""
-    has_result = b'"result"' in block
-    has_surrogate = _SURROGATE_BYTES.search(block) is not None
-    if not has_result and not has_surrogate:  # the usual block: one search, no per-line pass
+def _no_surrogate(lines: pa.Array, block: bytes) -> np.ndarray:
+    """Lines without an escaped surrogate (the per-line parser reads those: the fast
+    reader refuses a lone one, and a block it refuses costs a split per level)."""
+    if _SURROGATE_BYTES.search(block) is None:  # the usual block: one search, no per-line pass
         return np.ones(len(lines), bool)
-    # Per line, on the bytes (no UTF-8 check, no copy), only for what the block holds
-    none = pa.array(np.zeros(len(lines), bool))
-    odd = pc.match_substring(lines, '"result"') if has_result else none
-    if has_surrogate:
-        text = lines.cast(pa.large_string(), safe=False)
-        odd = pc.or_(odd, pc.match_substring_regex(text, _SURROGATE_ESCAPE))
+    # Per line, on the bytes (no UTF-8 check, no copy)
+    text = lines.cast(pa.large_string(), safe=False)
+    odd = pc.match_substring_regex(text, _SURROGATE_ESCAPE)
     return ~odd.fill_null(True).to_numpy(zero_copy_only=False)
 
 
 def _fast_parse(
-    lines: pa.Array, rows: np.ndarray, whole: bytes | None = None
+    lines: pa.Array, sizes: np.ndarray, rows: np.ndarray, whole: bytes | None = None
 ) -> tuple[np.ndarray, pa.Table | None]:
     """``pyarrow.json`` over the chosen lines (``whole``: all of them, as one buffer); the
     lines it refuses are split off and left to the per-line parser (they are not in the
@@ -243,11 +255,7 @@ def _fast_parse(
         data, offsets = _buffer(joined)
         whole = data[offsets[0] : offsets[-1]]
     try:
-        table = pj.read_json(
-            io.BytesIO(whole),
-            read_options=pj.ReadOptions(block_size=max(1 << 20, len(whole) + 1)),
-            parse_options=_PARSE,
-        )
+        table = read_json_lines(whole, int(sizes[rows].max()), _PARSE)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         table = None
     if table is not None and table.num_rows == len(rows):
@@ -255,12 +263,24 @@ def _fast_parse(
     if len(rows) <= _SMALLEST_SPLIT:
         return rows[:0], None
     half = len(rows) // 2
-    first_rows, first = _fast_parse(lines, rows[:half])
-    second_rows, second = _fast_parse(lines, rows[half:])
+    first_rows, first = _fast_parse(lines, sizes, rows[:half])
+    second_rows, second = _fast_parse(lines, sizes, rows[half:])
     parts = [t for t in (first, second) if t is not None]
     if not parts:
         return rows[:0], None
     return np.concatenate([first_rows, second_rows]), pa.concat_tables(parts)
+
+
+def read_json_lines(data: bytes | memoryview, longest: int, parse: pj.ParseOptions) -> pa.Table:
+    """``pyarrow.json`` over newline-delimited objects, in blocks read on every core.
+
+    A block must hold the longest line whole (else pyarrow refuses the line as straddling
+    two blocks); a few MB each lets the blocks of a file be parsed side by side.
+    """
+    block = max(_JSON_BLOCK, longest + 2)
+    return pj.read_json(
+        io.BytesIO(data), read_options=pj.ReadOptions(block_size=block), parse_options=parse
+    )
 
 
 def _buffer(array: pa.Array) -> tuple[memoryview, np.ndarray]:
@@ -297,7 +317,8 @@ def _plain_outcomes(
     answer = g.answer()
     top_error = g.top_error()
     body_error = g.body_error()
-    plain = pc.or_(pc.or_(answer, top_error), body_error).fill_null(False)
+    plain = pc.or_(pc.or_(answer, top_error), body_error)
+    plain = pc.and_(plain, g.anthropic.is_null()).fill_null(False)
     plain_np = plain.to_numpy(zero_copy_only=False)
     picked = pa.array(np.flatnonzero(plain_np))
     columns = {name: col.take(picked) for name, col in g.columns(answer, top_error).items()}
@@ -333,6 +354,7 @@ class _Fields:
         self.usage = pc.struct_field(body, "usage")
         self.body_err = pc.struct_field(body, "error")
         self.error = table.column("error").combine_chunks()
+        self.anthropic = table.column("result").combine_chunks()
 
     # --- which lines are plain ------------------------------------------------------------
 

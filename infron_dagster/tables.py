@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from .outcomes import OUTCOME_SCHEMA, outcomes_to_table
+from .outcomes import OUTCOME_SCHEMA, outcomes_to_table, read_json_lines
 from .prepare import CUSTOM_ID, ERROR_CODE, ERROR_MESSAGE, HIDDEN_COLUMNS
 from .results import _RETRYABLE_CODES, Outcome
 from .row_costs import COST, RowCosts
@@ -471,12 +470,9 @@ def _read_objects(
     offsets = np.frombuffer(offsets_buf, np.int64, count=len(lines) + 1)
     data = memoryview(data_buf)[offsets[0] : offsets[-1]]
     options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    longest = pc.max(pc.binary_length(taken)).as_py()
     try:
-        table = pj.read_json(
-            io.BytesIO(data),
-            read_options=pj.ReadOptions(block_size=max(1 << 20, len(data) + 1)),
-            parse_options=options,
-        )
+        table = read_json_lines(data, longest, options)
         if table.num_rows == len(rows):
             return rows, table
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):

@@ -198,6 +198,12 @@ ODD_LINES = [
     )
     + "  ",
     json.dumps(_chat("f6", 'says "result" inside')),
+    # A top-level "result" that is not an object does not make the line Anthropic-style
+    json.dumps({**_chat("f7", "null result"), "result": None}),
+    json.dumps({**_chat("f8", "string result"), "result": "done"}),
+    json.dumps({**_chat("f9", "list result"), "result": [1]}),
+    json.dumps({**_chat("g1", "empty result object"), "result": {}}),
+    json.dumps({**_chat("g2", "typed result object"), "result": {"type": 3}}),
 ]
 
 
