@@ -313,20 +313,27 @@ def _plain_outcomes(
     """Split the fast reader's rows into plain outcomes and rows for the per-line parser."""
     if table is None or not len(rows):
         return _Plain(rows[:0], {}), rows[:0]
-    g = _Fields(table, lines.take(pa.array(rows)))
+    g = _Fields(table, lambda: lines.take(pa.array(rows)))
     answer = g.answer()
     top_error = g.top_error()
     body_error = g.body_error()
     plain = pc.or_(pc.or_(answer, top_error), body_error)
     plain = pc.and_(plain, g.anthropic.is_null()).fill_null(False)
     plain_np = plain.to_numpy(zero_copy_only=False)
-    picked = pa.array(np.flatnonzero(plain_np))
-    columns = {name: col.take(picked) for name, col in g.columns(answer, top_error).items()}
+    columns = g.columns(answer, top_error)
+    if not plain_np.all():
+        picked = pa.array(np.flatnonzero(plain_np))
+        columns = {name: col.take(picked) for name, col in columns.items()}
     return _Plain(rows[plain_np], columns), rows[~plain_np]
 
 
 def _first(lists: pa.Array) -> pa.Array:
     """The first element of each list (null for a null or empty list)."""
+    shortest = pc.min(pc.list_value_length(lists)).as_py()
+    if shortest is None:
+        return pa.nulls(len(lists), lists.type.value_type)
+    if shortest > 0:  # no empty list: the kernel does it (it refuses an empty one)
+        return pc.list_element(lists, 0)
     heads = pc.list_slice(lists, 0, 1)
     values = pc.list_flatten(heads)
     index = np.full(len(lists), -1, np.int64)
@@ -337,9 +344,9 @@ def _first(lists: pa.Array) -> pa.Array:
 class _Fields:
     """The struct fields of a fast-read block, and which lines are plainly settled."""
 
-    def __init__(self, table: pa.Table, lines: pa.Array) -> None:
+    def __init__(self, table: pa.Table, lines: Callable[[], pa.Array]) -> None:
         self.n = table.num_rows
-        self.lines = lines
+        self.lines = lines  # the block's lines, taken only when needed (a copy)
         self.custom_id = table.column("custom_id").combine_chunks()
         response = table.column("response").combine_chunks()
         self.status = pc.struct_field(response, "status_code")
@@ -368,7 +375,7 @@ class _Fields:
         embed = self._vector_plain()
         if pc.any(embed).as_py():
             # "choices" decides before "data" does, even null: only a line without it embeds
-            no_choices_key = pc.invert(pc.match_substring(self.lines, '"choices"'))
+            no_choices_key = pc.invert(pc.match_substring(self.lines(), '"choices"'))
             embed = pc.and_(no_choices_key, embed)
         out = pc.and_(pc.and_(status_ok, self.error.is_null()), pc.or_(chat, embed))
         out = pc.and_(out, pc.and_(self._tokens_plain(), self._labels_plain()))
@@ -411,6 +418,8 @@ class _Fields:
 
     @staticmethod
     def _error_plain(error: pa.Array) -> pa.Array:
+        if error.null_count == len(error):  # no error at all (the usual block of answers)
+            return pa.array(np.zeros(len(error), bool))
         nested = pc.struct_field(error, "error")
         out = pc.and_(pc.is_valid(error), nested.is_null())
         out = pc.and_(out, _plain_label(_error_code(error), 100, empty_ok=False))
@@ -419,37 +428,45 @@ class _Fields:
 
     # --- the outcome columns --------------------------------------------------------------
 
+    def _either(self, top: pa.Array, field: Callable[[pa.Array], pa.Array]) -> pa.Array:
+        """``field`` of the top-level error where ``top``, else of the body's error."""
+        return pc.if_else(top, field(self.error), field(self.body_err))
+
     def columns(self, answer: pa.Array, top_error: pa.Array) -> dict[str, pa.Array]:
         chat = pc.is_valid(self.content)
-        error = pc.if_else(top_error, self.error, self.body_err)
         failed = pc.invert(answer)
         valid_status = pc.and_(pc.greater_equal(self.status, 100), pc.less_equal(self.status, 599))
         # A top-level error takes its status from the response beside it, if any
-        status = pc.if_else(valid_status, self.status, pa.scalar(None, pa.int64()))
-        null_text = pa.scalar(None, pa.large_string())
-        null_label = pa.scalar(None, pa.string())
-        null_count = pa.scalar(None, pa.int64())
+        status = _where(valid_status.fill_null(False), self.status)
+        answer_chat = pc.and_(answer, chat)
         return {
             "custom_id": self.custom_id,
             "ok": answer,
-            "text": pc.if_else(pc.and_(answer, chat), self.content, null_text),
-            "embedding": pc.if_else(
-                pc.and_(answer, pc.invert(chat)),
-                self.vector,
-                pa.scalar(None, self.vector.type),
+            "text": _where(answer_chat, self.content),
+            "embedding": _where(pc.and_(answer, pc.invert(chat)), self.vector),
+            "model": _where(answer, self.model),
+            "finish_reason": _where(answer_chat, self.finish_reason),
+            "prompt_tokens": _where(answer, _tokens(self.usage, "prompt_tokens", "input_tokens")),
+            "completion_tokens": _where(
+                answer, _tokens(self.usage, "completion_tokens", "output_tokens")
             ),
-            "model": pc.if_else(answer, self.model, null_label),
-            "finish_reason": pc.if_else(pc.and_(answer, chat), self.finish_reason, null_label),
-            "prompt_tokens": pc.if_else(
-                answer, _tokens(self.usage, "prompt_tokens", "input_tokens"), null_count
-            ),
-            "completion_tokens": pc.if_else(
-                answer, _tokens(self.usage, "completion_tokens", "output_tokens"), null_count
-            ),
-            "error_code": pc.if_else(failed, _error_code(error), null_label),
-            "error_message": pc.if_else(failed, pc.struct_field(error, "message"), null_label),
-            "http_status": pc.if_else(failed, status, null_count),
+            "error_code": _where(failed, self._either(top_error, _error_code)),
+            "error_message": _where(failed, self._either(top_error, _message)),
+            "http_status": _where(failed, status),
         }
+
+
+def _where(mask: pa.Array, values: pa.Array) -> pa.Array:
+    """``values`` where ``mask`` (no nulls) holds, else null; as they are (no copy, no
+    kernel: a list kernel is slow) when no value is dropped."""
+    dropped = pc.and_(pc.is_valid(values), pc.invert(mask))
+    if not pc.any(dropped).as_py():
+        return values
+    return pc.if_else(mask, values, pa.scalar(None, values.type))
+
+
+def _message(error: pa.Array) -> pa.Array:
+    return pc.struct_field(error, "message")
 
 
 def _error_code(error: pa.Array) -> pa.Array:

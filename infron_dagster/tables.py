@@ -180,6 +180,7 @@ class TablesBuilder:
         self.keep = _kept(inputs_schema, keep_columns)
         self.final = final  # chunked as it is: a copy of every answer would double memory
         self.final_ids = final.column(CUSTOM_ID).combine_chunks()
+        self.final_ok = final.column("ok").fill_null(False).to_numpy()
         inputs = _input_schema(inputs_schema, self.keep)
         self.fields = _schema_fields(spec, set(inputs.names))
         self.results_schema = _results_schema(inputs, spec, self.fields)
@@ -193,25 +194,32 @@ class TablesBuilder:
 
     def split(self, inputs: pa.Table) -> tuple[pa.Table, pa.Table]:
         """(results, failed) rows of one slice of the inputs snapshot."""
-        index = pc.index_in(inputs.column(CUSTOM_ID), value_set=self.final_ids)
-        found = self.final.take(index)
-        ok = pc.fill_null(found.column("ok"), False).to_numpy(zero_copy_only=False)
+        # Each input row's outcome row (-1: none); the outcomes are taken once, per table
+        found = pc.index_in(inputs.column(CUSTOM_ID), value_set=self.final_ids)
+        where = found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        ok = np.zeros(len(where), bool)
+        ok[where >= 0] = self.final_ok[where[where >= 0]]
         ok_rows = np.flatnonzero(ok)
-        structured = _structured(found.column("text").take(pa.array(ok_rows)), self.spec)
+        texts = self.final.column("text").take(pa.array(where[ok_rows]))
+        structured = _structured(texts, self.spec)
         good = np.zeros(len(ok), bool)
         good[ok_rows[structured.good]] = True
-        results = self._results(inputs, found, good, structured)
+        results = self._results(inputs, where, good, structured)
         bad_messages = np.full(len(ok), None, object)
         bad_messages[ok_rows[~structured.good]] = structured.problems
-        failed = self._failed(inputs, found, ~good, bad_messages)
+        failed = self._failed(inputs, where, ~good, bad_messages)
         return results, failed
 
+    def _outcomes(self, where: np.ndarray) -> pa.Table:
+        """The outcome rows at ``where`` (-1: a null row)."""
+        return self.final.take(pa.array(where, mask=where < 0))
+
     def _results(
-        self, inputs: pa.Table, found: pa.Table, rows: np.ndarray, structured: _Parsed
+        self, inputs: pa.Table, where: np.ndarray, rows: np.ndarray, structured: _Parsed
     ) -> pa.Table:
-        picked = pa.array(np.flatnonzero(rows))
-        table = _input_columns(inputs, self.keep).take(picked)
-        got = found.take(picked)
+        picked = np.flatnonzero(rows)
+        table = _input_columns(inputs, self.keep).take(pa.array(picked))
+        got = self._outcomes(where[picked])
         columns: dict[str, pa.Array] = {}
         if self.spec.endpoint == "/v1/embeddings":
             columns["embedding"] = got.column("embedding").cast(EMBEDDING_TYPE)
@@ -235,11 +243,11 @@ class TablesBuilder:
         return table.cast(self.results_schema)
 
     def _failed(
-        self, inputs: pa.Table, found: pa.Table, rows: np.ndarray, bad_messages: np.ndarray
+        self, inputs: pa.Table, where: np.ndarray, rows: np.ndarray, bad_messages: np.ndarray
     ) -> pa.Table:
-        picked = pa.array(np.flatnonzero(rows))
-        table = _input_columns(inputs, self.keep).take(picked)
-        got = found.take(picked)
+        picked = np.flatnonzero(rows)
+        table = _input_columns(inputs, self.keep).take(pa.array(picked))
+        got = self._outcomes(where[picked])
         structured_bad = pa.array(bad_messages[rows], pa.string())
         is_bad = pc.is_valid(structured_bad)
         missing = pc.is_null(got.column(CUSTOM_ID))
