@@ -511,17 +511,22 @@ def _attempt_outcomes(
                 seq = int(pc.max(table.column("seq")).as_py()) + 1
             parts.append(redact_table(table, collected.key_redactor))
     lines = pa.concat_tables(parts) if parts else OUTCOME_SCHEMA.empty_table()
-    known = pc.is_in(lines.column(CUSTOM_ID), value_set=sent)
-    if not pc.all(known).as_py():
+    # Each line's request (one hash pass settles unknown, duplicate and missing ids)
+    position = pc.index_in(lines.column(CUSTOM_ID), value_set=sent)
+    if position.null_count:
+        known = position.is_valid()
         _count_unknown(lines.filter(pc.invert(known)), report)
-        lines = lines.filter(known)
-    # The first success stands; otherwise the last line (a duplicate never beats a success)
-    rank = pc.if_else(
-        lines.column("ok"), lines.column("seq"), pc.subtract(1 << 40, lines.column("seq"))
-    )
-    picked = _first_per_id(lines.append_column("rank", rank), "rank").drop_columns(["rank"])
-    _count_duplicates(lines, picked, report)
-    missing = _missing_outcomes(manifest, sent, picked.column(CUSTOM_ID), collected.batches)
+        lines, position = lines.filter(known), position.filter(known)
+    lines_per_request = np.bincount(_numpy(position), minlength=len(sent))
+    picked = lines
+    if lines.num_rows > np.count_nonzero(lines_per_request):
+        # The first success stands; otherwise the last line (a duplicate never beats a success)
+        seq = lines.column("seq")
+        rank = pc.if_else(lines.column("ok"), seq, pc.subtract(1 << 40, seq))
+        picked = _first_per_id(lines.append_column("rank", rank), "rank").drop_columns(["rank"])
+        _count_duplicates(lines, picked, report)
+    absent = np.flatnonzero(lines_per_request == 0)
+    missing = _missing_outcomes(manifest, sent, absent, collected.batches)
     table = pa.concat_tables([picked, missing]).drop_columns(["seq"])
     return table.append_column("attempt", pa.array([manifest.attempt] * table.num_rows, pa.int64()))
 
@@ -543,20 +548,25 @@ def _count_duplicates(lines: pa.Table, picked: pa.Table, report: ParseReport) ->
         report.note(f"duplicate custom_id {custom_id}")
 
 
+def _numpy(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    return array.to_numpy(zero_copy_only=False)
+
+
 def _missing_outcomes(
-    manifest: Manifest, sent: pa.Array, answered: pa.ChunkedArray, batches: dict[str, Any]
+    manifest: Manifest, sent: pa.Array, absent: np.ndarray, batches: dict[str, Any]
 ) -> pa.Table:
-    """The requests with no line in any result file of their (terminal) batch."""
-    outcomes: list[Outcome] = []
-    start = 0
-    for chunk in manifest.chunks:
-        ids = sent.slice(start, chunk.requests)
-        start += chunk.requests
-        absent = pc.invert(pc.is_in(ids, value_set=answered))
-        for custom_id in pc.filter(ids, absent).to_pylist():
-            outcomes.append(_missing(custom_id, chunk.batch_id or "", batches))
-    table = outcomes_to_table(outcomes, [0] * len(outcomes), None)
-    return table
+    """The requests (at ``absent`` in ``sent``, chunk after chunk) with no line in any
+    result file of their (terminal) batch."""
+    ends = np.cumsum([chunk.requests for chunk in manifest.chunks])
+    chunk_of = np.searchsorted(ends, absent, side="right")
+    ids = sent.take(pa.array(absent, pa.int64())).to_pylist()
+    outcomes = [
+        _missing(custom_id, manifest.chunks[c].batch_id or "", batches)
+        for custom_id, c in zip(ids, chunk_of.tolist(), strict=True)
+    ]
+    return outcomes_to_table(outcomes, [0] * len(outcomes), None)
 
 
 def _sent_and_carried(
