@@ -102,7 +102,7 @@ LINE_SCHEMA = pa.schema(
 _PARSE = pj.ParseOptions(explicit_schema=LINE_SCHEMA, unexpected_field_behavior="ignore")
 # A block the fast reader refuses is split in two until the refused lines stand alone.
 _SMALLEST_SPLIT = 64
-_JSON_BLOCK = 4 << 20  # pyarrow.json's unit of work: a 16 MB read is parsed on every core
+_JSON_BLOCK = 1 << 20  # pyarrow.json's unit of work: a read is parsed on every core
 _READ_BYTES = 16 << 20  # a block of lines: what memory is set by, with the line bound
 # Text that cannot be kept as it is: control characters (printable() escapes them) or an
 # escaped surrogate (not valid Unicode). Lines holding one go through the per-line parser.
@@ -204,7 +204,7 @@ def _block_outcomes(
     shaped = (
         (ends > starts) & (raw[starts] == ord("{")) & (raw[np.maximum(ends - 1, 0)] == ord("}"))
     )
-    candidate = shaped & _no_surrogate(lines, block)
+    candidate = shaped & _no_surrogate(lines, block) & _no_carriage_return(block, starts)
     rows = np.flatnonzero(candidate)
     whole = block if len(rows) == count else None
     fast_rows, fast = _fast_parse(lines, ends - starts + 1, rows, whole)
@@ -227,6 +227,17 @@ def _lines_array(block: bytes, ends: np.ndarray) -> tuple[pa.Array, np.ndarray]:
         pa.large_binary(), len(ends), [None, pa.py_buffer(offsets), pa.py_buffer(block)]
     )
     return array, starts
+
+
+def _no_carriage_return(block: bytes, starts: np.ndarray) -> np.ndarray:
+    """Lines without a raw CR. pyarrow.json also ends its blocks at a CR: a line such as
+    ``{..}\\r null {..}`` could start a block with ``null``, which crashes pyarrow 26's reader
+    (a segfault, not an error). No JSON writer puts a raw CR in a line."""
+    ok = np.ones(len(starts), bool)
+    if b"\r" in block:  # a byte search (memchr): the usual block has none
+        crs = np.flatnonzero(np.frombuffer(block, np.uint8) == 13)
+        ok[np.searchsorted(starts, crs, side="right") - 1] = False
+    return ok
 
 
 def _no_surrogate(lines: pa.Array, block: bytes) -> np.ndarray:

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -419,9 +420,7 @@ class _Parsed:
 
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError)
 _SCALARS = (pa.string(), pa.int64(), pa.float64(), pa.bool_())
-# A text the fast reader may take: one object on one line, no escaped surrogate
-_OBJECT_LINE = r"^[ \t]*\{[^\x00-\x1f]*\}[ \t]*$"
-_SURROGATE_ESCAPE = r"\\u[dD][89a-fA-F]"
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _SMALLEST_SPLIT = 64
 
 
@@ -443,16 +442,37 @@ def _structured(texts: pa.Array, spec: RequestSpec) -> _Parsed:
     fast_rows = np.zeros(n, bool)
     fast: pa.Table | None = None
     if _fast_types(types.values()) and n:
-        candidate = pc.and_(
-            pc.match_substring_regex(texts, _OBJECT_LINE),
-            pc.invert(pc.match_substring_regex(texts, _SURROGATE_ESCAPE)),
-        ).fill_null(False)
-        rows = np.flatnonzero(candidate.to_numpy(zero_copy_only=False))
+        rows = np.flatnonzero(_object_texts(texts))
         rows, fast = _read_objects(texts, rows, pa.schema(list(types.items())))
         if fast is not None:
             rows, fast = _complete(rows, fast, props, schema.get("required") or [])
             fast_rows[rows] = True
     return _merge_parsed(texts, fast_rows, fast, types, spec)
+
+
+def _object_texts(texts: pa.Array) -> np.ndarray:
+    """The texts the fast reader may take: "{" first and "}" last, no control character (a
+    raw newline would split the line) and no escaped surrogate. The others (also a
+    pretty-printed or padded object) are read by the per-row rules, which decide alike.
+
+    On the bytes with numpy: a regex per text costs as much as reading them.
+    """
+    texts = texts.cast(pa.large_string())
+    n = len(texts)
+    _, offsets_buf, data_buf = texts.buffers()
+    if data_buf is None:
+        return np.zeros(n, bool)
+    offsets = np.frombuffer(offsets_buf, np.int64, count=texts.offset + n + 1)[texts.offset :]
+    data = np.frombuffer(data_buf, np.uint8)
+    starts, ends = offsets[:-1], offsets[1:]
+    ok = (ends > starts) & texts.is_valid().to_numpy(zero_copy_only=False)
+    ok[ok] = (data[starts[ok]] == ord("{")) & (data[ends[ok] - 1] == ord("}"))
+    used = data[offsets[0] : offsets[-1]]
+    odd = np.flatnonzero(used < 0x20)
+    surrogates = [m.start() for m in _SURROGATE_ESCAPE.finditer(memoryview(used))]
+    odd = np.concatenate([odd, np.array(surrogates, np.int64)]) + offsets[0]
+    ok[np.searchsorted(offsets, odd, side="right") - 1] = False
+    return ok
 
 
 def _fast_types(types: Iterable[pa.DataType]) -> bool:

@@ -280,3 +280,32 @@ def test_golden_result_files():
     for path in glob.glob(os.path.join(root, "*", "raw", "*", "*", "*", "*.jsonl")):
         with open(path, "rb") as fh:
             _same(fh.read())
+
+
+_CRASH_CHILD = """
+import io, json, sys
+from infron_dagster.outcomes import read_outcome_table
+from infron_dagster.results import ParseReport
+table = read_outcome_table(io.BytesIO(sys.stdin.buffer.read()), ParseReport(), "b", first_seq=0)
+print(json.dumps(table.sort_by("seq").column("error_code").to_pylist()))
+"""
+
+
+def test_a_raw_carriage_return_before_null_does_not_crash_the_reader():
+    # pyarrow.json also ends its blocks at a CR; a block that starts with "null" crashes
+    # pyarrow 26 (a segfault, which would kill the run). Lines a few hundred bytes long,
+    # each "{..}\r<spaces>null\r{..}", make every block boundary land in such a gap.
+    import subprocess
+
+    lines = [
+        json.dumps(_chat(f"c{i}", "x")).encode() + b"\r" + b" " * (300 + i % 97) + b"null\r{}"
+        for i in range(12_000)
+    ]
+    data = b"\n".join(lines) + b"\n"
+    assert len(data) > 4 << 20  # several of pyarrow's blocks
+    child = subprocess.run(
+        [sys.executable, "-c", _CRASH_CHILD], input=data, capture_output=True, timeout=120
+    )
+    assert child.returncode == 0, child.stderr.decode()[-2000:]
+    expected, _ = _per_line(data, 8 << 20)
+    assert json.loads(child.stdout) == [row["error_code"] for row in expected]
