@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -363,11 +364,17 @@ _ANSWERED = pa.schema(
 
 
 class _TableFile:
-    """One Parquet table written a row group at a time; it appears whole or not at all."""
+    """One Parquet table written a row group at a time; it appears whole or not at all.
+
+    A row group is encoded and compressed on a thread of its own while the next slice is
+    joined (both release the GIL); one at a time, so memory holds at most one slice more.
+    """
 
     def __init__(self, storage: BatchStorage, path: Any, schema: pa.Schema) -> None:
         self.storage, self.path, self.schema = storage, path, schema
         self.summary = TableSummary(schema)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="infron-parquet")
+        self._pending: Future[None] | None = None
 
     def __enter__(self) -> _TableFile:
         self._file = self.storage.open_write(self.path)
@@ -376,14 +383,25 @@ class _TableFile:
 
     def write(self, part: pa.Table) -> None:
         if part.num_rows:
-            self._writer.write_table(part)
             self.summary.add(part)
+            self._wait()
+            self._pending = self._pool.submit(self._writer.write_table, part)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # the writer's error, if any, is raised here
 
     def __exit__(self, *exc: Any) -> None:
         try:
+            self._wait()
             self._writer.close()
+        except BaseException as error:  # the file must not appear: it is not whole
+            self._file.__exit__(type(error), error, error.__traceback__)
+            raise
         finally:
-            self._file.__exit__(*exc)
+            self._pool.shutdown(wait=True)
+        self._file.__exit__(*exc)
 
 
 def _fetch_attempt(
