@@ -314,6 +314,40 @@ def mem_prepare(rows: int) -> dict[str, Any]:
     }
 
 
+def make_parquet_input(rows: int, path: str) -> dict[str, Any]:
+    """The benchmark rows as a Parquet file of 64k-row row groups; what it holds in memory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(data.frame(rows), preserve_index=False)
+    pq.write_table(table, path, row_group_size=65_536, compression="zstd")
+    return {"rows": rows, "table_in_memory_mb": round(table.nbytes / 2**20)}
+
+
+def mem_prepare_parquet(rows: int, path: str) -> dict[str, Any]:
+    """Peak RSS growth of prepare reading a ParquetSource partition (never loaded whole)."""
+    import gc
+
+    from infron_dagster import ParquetSource, RequestSpec, prepare_requests
+
+    spec = RequestSpec(**data.SPEC_KWARGS)
+    gc.collect()
+    before = _rss_mb()
+    reset = _reset_peak()
+    with tempfile.TemporaryDirectory() as work:
+        start = time.perf_counter()
+        prepared = prepare_requests(
+            ParquetSource(path).input(None), spec, name="bench", partition_key="p", workdir=work
+        )
+        seconds = time.perf_counter() - start
+    return {
+        "rows": prepared.valid_rows + prepared.invalid.num_rows,
+        "peak_growth_mb": round(_peak_mb() - before),
+        "seconds": round(seconds, 1),
+        "peak_reset": reset,
+    }
+
+
 def mem_collect(rows: int, lake_dir: str) -> dict[str, Any]:
     """Peak RSS of a whole process that collects a partition of ``rows`` rows."""
     from infron_dagster import BatchStorage

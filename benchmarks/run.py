@@ -3,11 +3,13 @@
 - prepare vs the tutorial loop (``iterrows`` + ``json.dumps``), realistic requests;
 - collect vs ``pyarrow.json`` + pyarrow compute doing the same job, realistic results;
 - peak RSS for 1M rows (``BENCH_MEM_ROWS``), each in a fresh process: prepare (growth over
-  the input DataFrame) and collect (the whole process);
+  the input DataFrame, and from a ParquetSource read a row group at a time, against the
+  table read whole) and collect (the whole process);
 - one sensor tick over 1,000 in-flight batches, concurrent vs sequential polling.
 
 Each step runs in its own process; ``python -m benchmarks.run <step>`` runs one
-(``prepare``, ``collect``, ``mem_prepare``, ``mem_collect``, ``sensor``). Figures are
+(``prepare``, ``collect``, ``mem_prepare``, ``mem_prepare_parquet``, ``mem_collect``,
+``sensor``, ``sensor_scale``). Figures are
 medians of ``BENCH_REPEAT`` interleaved runs; the machine's other load makes them noisy.
 """
 
@@ -39,6 +41,28 @@ def bench_mem_prepare() -> dict:
     from benchmarks.columnar import mem_prepare
 
     return mem_prepare(MEM_ROWS)
+
+
+def bench_mem_prepare_parquet() -> dict:
+    """Prepare from a ParquetSource: peak growth against the table read whole."""
+    with tempfile.TemporaryDirectory() as work:
+        env = {"BENCH_PARQUET": os.path.join(work, "input.parquet")}
+        made = _step("make_parquet", env)["make_parquet"]
+        measured = _step("mem_prepare_parquet_only", env)["mem_prepare_parquet_only"]
+    return {**measured, "table_in_memory_mb": made["table_in_memory_mb"]}
+
+
+def bench_make_parquet() -> dict:
+    """Setup for mem_prepare_parquet (its own process, so its memory is not counted)."""
+    from benchmarks.columnar import make_parquet_input
+
+    return make_parquet_input(MEM_ROWS, os.environ["BENCH_PARQUET"])
+
+
+def bench_mem_prepare_parquet_only() -> dict:
+    from benchmarks.columnar import mem_prepare_parquet
+
+    return mem_prepare_parquet(MEM_ROWS, os.environ["BENCH_PARQUET"])
 
 
 def bench_make_lake() -> dict:
@@ -160,7 +184,15 @@ def bench_sensor_scale() -> dict:
     return run()
 
 
-STEPS = ("prepare", "collect", "mem_prepare", "mem_collect", "sensor", "sensor_scale")
+STEPS = (
+    "prepare",
+    "collect",
+    "mem_prepare",
+    "mem_prepare_parquet",
+    "mem_collect",
+    "sensor",
+    "sensor_scale",
+)
 
 
 def main() -> None:

@@ -400,7 +400,7 @@ def _submit_partition(
     if config.retry_failed:
         rows = _retry_rows(s, key)
     elif isinstance(source, ParquetSource):
-        rows = source.read(key)
+        rows = source.input(key)
     elif rows is None:
         raise dg.Failure(
             f"the upstream asset {_upstream_key(source).to_user_string()} produced no data "

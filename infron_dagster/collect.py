@@ -394,13 +394,14 @@ class _TableFile:
 
     def __exit__(self, *exc: Any) -> None:
         try:
-            self._wait()
-            self._writer.close()
+            try:
+                self._wait()
+            finally:
+                self._pool.shutdown(wait=True)
+                self._writer.close()  # also after an error: its finalizer would write later
         except BaseException as error:  # the file must not appear: it is not whole
             self._file.__exit__(type(error), error, error.__traceback__)
             raise
-        finally:
-            self._pool.shutdown(wait=True)
         self._file.__exit__(*exc)
 
 

@@ -21,7 +21,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -33,6 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .render import ColumnRenderer, RenderedSlice, line_buffer, with_newlines
+from .reorder import in_order
+from .sources import ParquetInput
 from .spec import RequestSpec
 
 __all__ = [
@@ -292,7 +294,7 @@ def _nested(value: Any) -> Mapping[Any, Any] | list[Any] | None:
 
 
 def prepare_requests(
-    data: pd.DataFrame | pa.Table,
+    data: pd.DataFrame | pa.Table | ParquetInput,
     spec: RequestSpec,
     *,
     name: str,
@@ -339,7 +341,9 @@ def prepare_requests(
     _check_keep_columns(source.column_names, keep_columns, index)
     keys, key_bad_text = source.key_table(spec.key_columns)
     _check_key_text(key_bad_text, spec.key_columns)
-    custom_ids = pa.array(_custom_ids(keys, spec.key_columns, name, partition_key), pa.string())
+    custom_ids = _custom_ids(keys, spec.key_columns, name, partition_key)
+    order = pc.sort_indices(custom_ids).to_numpy()  # requests go out in custom_id order
+    _check_unique(custom_ids, order, keys, spec.key_columns)
     del keys
     request_bytes = min(max_request_bytes, max_bytes_per_batch)
     renderer = ColumnRenderer.for_spec(spec, max_request_bytes=request_bytes) or _RowRenderer(
@@ -353,10 +357,7 @@ def prepare_requests(
     writer = _ChunkWriter(workdir, max_requests_per_batch, max_bytes_per_batch)
     snapshot = pq.ParquetWriter(snapshot_path, run.snapshot_schema, compression="zstd")
     with writer, snapshot as out, run:
-        order = pc.sort_indices(custom_ids).to_numpy()  # requests go out in custom_id order
-        for start in range(0, len(order), SLICE_ROWS):
-            rows = pa.array(order[start : start + SLICE_ROWS])
-            part, bad_text = source.take(rows)
+        for rows, part, bad_text in source.slices(order, SLICE_ROWS, workdir):
             ids = custom_ids.take(rows)
             problems = {row: f"{INVALID_INPUT}: {bad[0].message}" for row, bad in bad_text.items()}
             rendered = renderer.render(part, ids, problems)
@@ -539,9 +540,15 @@ class _Source:
     """The input, taken a slice at a time: a pandas DataFrame converts only the rows taken
     (under the type the whole frame gives each column), a pyarrow Table is taken as is."""
 
-    def __init__(self, data: pd.DataFrame | pa.Table | None, which: str) -> None:
+    def __init__(self, data: pd.DataFrame | pa.Table | ParquetInput | None, which: str) -> None:
         self.frame: pd.DataFrame | None = None
+        self.parquet: ParquetInput | None = None
         self.bad_text: dict[int, list[_BadText]] = {}
+        if isinstance(data, ParquetInput):  # read a row group at a time, never whole
+            _check_column_names(data.schema.names)
+            self.parquet = data
+            self.schema = _no_null_types(data.schema.empty_table()).schema
+            return
         if isinstance(data, pd.DataFrame):
             frame = data.reset_index(drop=True)  # copy-on-write: no data is copied
             _check_column_names(list(frame.columns))
@@ -576,10 +583,25 @@ class _Source:
 
     def key_table(self, key_columns: Sequence[str]) -> tuple[pa.Table, dict[int, list[_BadText]]]:
         """The key columns of every row (what custom_ids are made of)."""
+        if self.parquet is not None:
+            return _no_null_types(self.parquet.read(list(key_columns))), {}
         if self.frame is None:
             bad = {r: [b for b in v if b.column in key_columns] for r, v in self.bad_text.items()}
             return self.table.select(list(key_columns)), bad
         return _input_table(self.frame[list(key_columns)], "")
+
+    def slices(
+        self, order: np.ndarray, slice_rows: int, workdir: str | os.PathLike[str]
+    ) -> Iterator[tuple[pa.Array, pa.Table, dict[int, list[_BadText]]]]:
+        """The rows in ``order``, a slice at a time: their positions, the rows, and those
+        whose text had to be escaped (by place in the slice)."""
+        if self.parquet is not None:
+            for positions, part in in_order(self.parquet, order, slice_rows, workdir):
+                yield pa.array(positions), _no_null_types(part), {}
+            return
+        for start in range(0, len(order), slice_rows):
+            rows = pa.array(order[start : start + slice_rows])
+            yield rows, *self.take(rows)
 
     def take(self, rows: pa.Array) -> tuple[pa.Table, dict[int, list[_BadText]]]:
         """The rows at ``rows`` (positions), and those whose text had to be escaped."""
@@ -666,20 +688,40 @@ def _is_null(value: Any) -> bool:
 
 def _custom_ids(
     keys: pa.Table, key_columns: Sequence[str], name: str, partition_key: str | None
-) -> list[str]:
-    texts = _key_texts(keys, key_columns)
-    if len(set(texts)) != len(texts):
-        duplicates = [k for k, n in Counter(texts).items() if n > 1]
-        raise InputError(
-            f"{len(duplicates)} duplicate key(s) in {list(key_columns)}: {sorted(duplicates)[:10]}"
-        )
+) -> pa.Array:
+    """Each row's custom_id (see make_custom_id), made a slice at a time: memory holds the
+    ids as Arrow text (~40 bytes a row), never a Python string per row."""
+    _check_key_nulls(keys, key_columns)
     prefix = f"{name}\x1f{partition_key or ''}\x1f".encode()
     sha256 = hashlib.sha256
-    return ["req-" + sha256(prefix + k.encode()).hexdigest()[:32] for k in texts]
+    parts = []
+    for start in range(0, max(keys.num_rows, 1), SLICE_ROWS):
+        texts = _key_texts(keys.slice(start, SLICE_ROWS), key_columns)
+        ids = ["req-" + sha256(prefix + k.encode()).hexdigest()[:32] for k in texts]
+        parts.append(pa.array(ids, pa.string()))
+    return pa.concat_arrays(parts)
 
 
-def _key_texts(keys: pa.Table, key_columns: Sequence[str]) -> list[str]:
-    """Each row's key as the text its custom_id is derived from (see make_custom_id)."""
+def _check_unique(
+    ids: pa.Array, order: np.ndarray, keys: pa.Table, key_columns: Sequence[str]
+) -> None:
+    """Refuse a key found in two rows, naming the keys (not their hashes). On the ids in
+    sorted order (``order``): equal ids are neighbours, no hash table of every id."""
+    ordered = ids.take(pa.array(order))
+    if len(ordered) < 2:
+        return
+    same = pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))
+    if not pc.any(same).as_py():
+        return
+    twice = np.flatnonzero(same.to_numpy(zero_copy_only=False))
+    rows = pa.array(np.union1d(order[twice], order[twice + 1]))
+    duplicates = sorted(set(_key_texts(keys.take(rows), key_columns)))
+    raise InputError(
+        f"{len(duplicates)} duplicate key(s) in {list(key_columns)}: {duplicates[:10]}"
+    )
+
+
+def _check_key_nulls(keys: pa.Table, key_columns: Sequence[str]) -> None:
     null = None
     for column in key_columns:
         values = keys.column(column)
@@ -694,6 +736,10 @@ def _key_texts(keys: pa.Table, key_columns: Sequence[str]) -> list[str]:
             f"key column(s) {list(key_columns)} are null in {len(rows)} row(s), "
             f"first rows {rows[:10]}; every row needs a key to be tracked"
         )
+
+
+def _key_texts(keys: pa.Table, key_columns: Sequence[str]) -> list[str]:
+    """Each row's key as the text its custom_id is derived from (see make_custom_id)."""
     columns = [_texts(keys.column(c)) for c in key_columns]
     if len(columns) == 1:
         return columns[0]
