@@ -52,21 +52,24 @@ _PRODUCTS = ["Trail tent 2P", "Camp stove", "Head lamp 300lm", "Water filter", "
 _CATEGORIES = ["camping", "cooking", "lighting", "water", "sleep"]
 
 
-def frame(n: int):
-    """``n`` reviews as a pandas DataFrame (id, product, category, title, text, rating)."""
+def frame(n: int, start: int = 0):
+    """``n`` reviews as a pandas DataFrame (id, product, category, title, text, rating);
+    ``start``: the rows from there on of a larger frame (to write one in pieces)."""
     import pandas as pd
 
     rng = random.Random(7)
-    texts = [" ".join(rng.choices(_WORDS, k=rng.randint(20, 50))) for _ in range(min(n, 5000))]
-    titles = [" ".join(rng.choices(_WORDS, k=rng.randint(3, 8))) for _ in range(min(n, 5000))]
+    pool = min(start + n, 5000)
+    texts = [" ".join(rng.choices(_WORDS, k=rng.randint(20, 50))) for _ in range(pool)]
+    titles = [" ".join(rng.choices(_WORDS, k=rng.randint(3, 8))) for _ in range(pool)]
+    rows = range(start, start + n)
     return pd.DataFrame(
         {
-            "review_id": [f"r-{i:08d}" for i in range(n)],
-            "product": [_PRODUCTS[i % 5] for i in range(n)],
-            "category": [_CATEGORIES[i % 5] for i in range(n)],
-            "title": [titles[(i * 7) % len(titles)] for i in range(n)],
-            "text": [f"{texts[i % len(texts)]} (#{i})" for i in range(n)],
-            "rating": [1 + i % 5 for i in range(n)],
+            "review_id": [f"r-{i:08d}" for i in rows],
+            "product": [_PRODUCTS[i % 5] for i in rows],
+            "category": [_CATEGORIES[i % 5] for i in rows],
+            "title": [titles[(i * 7) % len(titles)] for i in rows],
+            "text": [f"{texts[i % len(texts)]} (#{i})" for i in rows],
+            "rating": [1 + i % 5 for i in rows],
         }
     )
 

@@ -46,7 +46,7 @@ from .pricing import CostEstimate, ModelPrice, estimate_cost
 from .resources import InfronResource
 from .results import DEFAULT_MAX_LINE_BYTES
 from .sensor import build_infron_batch_sensor
-from .sources import ParquetSource
+from .sources import ParquetInput, ParquetSource
 from .spec import RequestSpec
 from .storage import BatchStorage
 from .submit import SubmitIncomplete, SubmitOutcome, submit_prepared
@@ -84,6 +84,7 @@ __all__ = [
     "InputError",
     "Manifest",
     "ModelPrice",
+    "ParquetInput",
     "ParquetSource",
     "PreparedRequests",
     "RequestSpec",
