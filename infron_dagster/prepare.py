@@ -584,7 +584,8 @@ class _Source:
     def key_table(self, key_columns: Sequence[str]) -> tuple[pa.Table, dict[int, list[_BadText]]]:
         """The key columns of every row (what custom_ids are made of)."""
         if self.parquet is not None:
-            return _no_null_types(self.parquet.read(list(key_columns))), {}
+            self._keys = _no_null_types(self.parquet.read(list(key_columns)))
+            return self._keys, {}
         if self.frame is None:
             bad = {r: [b for b in v if b.column in key_columns] for r, v in self.bad_text.items()}
             return self.table.select(list(key_columns)), bad
@@ -597,11 +598,24 @@ class _Source:
         whose text had to be escaped (by place in the slice)."""
         if self.parquet is not None:
             for positions, part in in_order(self.parquet, order, slice_rows, workdir):
-                yield pa.array(positions), _no_null_types(part), {}
+                rows = pa.array(positions)
+                part = _no_null_types(part)
+                self._check_same_keys(rows, part)
+                yield rows, part, {}
             return
         for start in range(0, len(order), slice_rows):
             rows = pa.array(order[start : start + slice_rows])
             yield rows, *self.take(rows)
+
+    def _check_same_keys(self, rows: pa.Array, part: pa.Table) -> None:
+        """The files are read twice (keys for the ids, then the rows): a row whose key
+        changed in between would go out under another row's custom_id."""
+        expected = self._keys.take(rows)
+        if not part.select(expected.column_names).equals(expected):
+            raise InputError(
+                "the Parquet input changed while it was read (a row's key differs between the "
+                "two reads); nothing was sent: run again once the files are written"
+            )
 
     def take(self, rows: pa.Array) -> tuple[pa.Table, dict[int, list[_BadText]]]:
         """The rows at ``rows`` (positions), and those whose text had to be escaped."""

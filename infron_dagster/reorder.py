@@ -33,7 +33,6 @@ __all__ = ["in_order"]
 BUCKET_ROWS = 65_536
 # Buckets are open files while spilling: past this many, buckets grow instead.
 MAX_BUCKETS = 512
-_PLACE = "__place"
 _SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
 
 
@@ -46,6 +45,7 @@ def in_order(
     size = _bucket_rows(n, slice_rows)
     if n <= size:  # one bucket: read as it is
         table = rows.read()
+        _check_unchanged(table.num_rows, n, end=True)
         for start in range(0, n, slice_rows):
             positions = order[start : start + slice_rows]
             yield positions, table.take(pa.array(positions))
@@ -55,10 +55,12 @@ def in_order(
     try:
         place = np.empty(n, np.int64)
         place[order] = np.arange(n)
-        count = _spill(rows, place, size, folder)
+        column = _place_column(rows.schema)
+        count = _spill(rows, place, size, folder, column)
         del place
         for bucket in range(count):
-            yield from _bucket_slices(folder, bucket, order[bucket * size :][:size], slice_rows)
+            positions = order[bucket * size :][:size]
+            yield from _bucket_slices(folder, bucket, positions, slice_rows, column)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -72,7 +74,15 @@ def _path(folder: str, bucket: int) -> str:
     return os.path.join(folder, f"{bucket:05d}.arrow")
 
 
-def _spill(rows: ParquetInput, place: np.ndarray, size: int, folder: str) -> int:
+def _place_column(schema: pa.Schema) -> str:
+    """A column name the input does not use, for each spilled row's place."""
+    name = "__place"
+    while name in schema.names:
+        name += "_"
+    return name
+
+
+def _spill(rows: ParquetInput, place: np.ndarray, size: int, folder: str, column: str) -> int:
     """Write each row to the bucket of its place; the number of buckets."""
     count = -(-len(place) // size)
     writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
@@ -87,7 +97,7 @@ def _spill(rows: ParquetInput, place: np.ndarray, size: int, folder: str) -> int
             edges = np.flatnonzero(np.diff(buckets[by_bucket])) + 1
             for picked in np.split(by_bucket, edges):
                 bucket = int(buckets[picked[0]])
-                part = batch.take(pa.array(picked)).append_column(_PLACE, pa.array(places[picked]))
+                part = batch.take(pa.array(picked)).append_column(column, pa.array(places[picked]))
                 if bucket not in writers:
                     writers[bucket] = pa.ipc.new_file(
                         _path(folder, bucket), part.schema, options=_SPILL_OPTIONS
@@ -101,7 +111,8 @@ def _spill(rows: ParquetInput, place: np.ndarray, size: int, folder: str) -> int
 
 
 def _check_unchanged(read: int, expected: int, *, end: bool) -> None:
-    """The files were read twice (keys, then rows): refuse rows that moved in between."""
+    """The files were read twice (keys, then rows): refuse a row count that changed in
+    between (prepare also checks each row's key against the first read)."""
     if read > expected or (end and read != expected):
         raise RuntimeError(
             f"the Parquet input changed while it was read: {read} rows, not {expected}; "
@@ -110,14 +121,14 @@ def _check_unchanged(read: int, expected: int, *, end: bool) -> None:
 
 
 def _bucket_slices(
-    folder: str, bucket: int, positions: np.ndarray, slice_rows: int
+    folder: str, bucket: int, positions: np.ndarray, slice_rows: int, column: str
 ) -> Iterator[tuple[np.ndarray, pa.Table]]:
     """One bucket's rows sorted by their place, in slices."""
     path = _path(folder, bucket)
     with pa.OSFile(path, "rb") as source:
         table = pa.ipc.open_file(source).read_all()
     os.remove(path)
-    places = table.column(_PLACE).to_numpy()
-    table = table.drop_columns([_PLACE]).take(pa.array(np.argsort(places)))
+    places = table.column(column).to_numpy()
+    table = table.drop_columns([column]).take(pa.array(np.argsort(places)))
     for start in range(0, table.num_rows, slice_rows):
         yield positions[start : start + slice_rows], table.slice(start, slice_rows)

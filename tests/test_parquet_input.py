@@ -126,3 +126,39 @@ def test_a_small_partition_is_read_at_once(tmp_path):
 def test_a_missing_partition_names_its_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         ParquetSource(str(tmp_path / "{partition_key}.parquet")).input("nope")
+
+
+@pytest.mark.parametrize("rows", [3, 5003], ids=["one-bucket", "spilled"])
+def test_a_file_rewritten_between_the_two_reads_is_refused(tmp_path, small_buckets, rows):
+    # Keys are read first, then the rows: a row whose key changed in between (same row count)
+    # would go out under another row's custom_id.
+    table = _rows(rows)
+    path = tmp_path / "src" / "p.parquet"
+    _write_files(tmp_path / "src", table, files=1)
+    (tmp_path / "src" / "part-0.parquet").rename(path)
+    source = ParquetSource(str(tmp_path / "src" / "{partition_key}.parquet")).input("p")
+    real = prepare_module._Source.key_table
+
+    def read_keys_then_rewrite(self, columns):
+        keys = real(self, columns)
+        shifted = table.set_column(0, "id", pa.compute.add(table.column("id"), 1))
+        pq.write_table(shifted, path)
+        return keys
+
+    prepare_module._Source.key_table = read_keys_then_rewrite
+    try:
+        with pytest.raises(prepare_module.InputError, match="changed while it was read"):
+            prepare_requests(source, SPEC, name="s", partition_key="p", workdir=tmp_path / "w")
+    finally:
+        prepare_module._Source.key_table = real
+
+
+def test_an_input_column_named_like_the_spill_bookkeeping_is_kept(tmp_path, small_buckets):
+    table = _rows(3000).append_column("__place", pa.array(["kept"] * 3000))
+    _write_files(tmp_path / "src", table, files=1)
+    rows = ParquetSource(str(tmp_path / "src")).input(None)
+    kwargs = dict(spec=SPEC, name="s", partition_key="p")
+    streamed = prepare_requests(rows, workdir=tmp_path / "streamed", **kwargs)
+    expected = prepare_requests(rows.read(), workdir=tmp_path / "whole", **kwargs)
+    assert _written(streamed) == _written(expected)
+    assert set(pq.read_table(streamed.snapshot_path).column("__place").to_pylist()) == {"kept"}
