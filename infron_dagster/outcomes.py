@@ -7,7 +7,9 @@ become rows at once. Every other line, and every block the fast reader refuses (
 does not expect, a duplicate key, a line that is not JSON), goes through the per-line parser
 of :mod:`results`, so each of its guarantees holds: a bad line fails its row, never the file;
 an over-long line fails its row as ``result_too_large``; the counts of the report are the
-per-line parser's.
+per-line parser's. One known difference: JSON nested deeper than Python's recursion limit
+(about 1,000 levels) in a field the columns ignore is read here; the per-line parser fails
+that row as ``unparseable_result``.
 
 Example:
     >>> with open("output.jsonl", "rb") as fh:
@@ -125,6 +127,9 @@ def read_outcome_table(
     seq = first_seq
     for block in _line_blocks(source, max_line_bytes):
         if isinstance(block, _TooLarge):
+            if not block.head.strip():  # blank, however long: skipped uncounted, as per line
+                seq += 1
+                continue
             outcome = _too_large(block.head, max_line_bytes, report)
             report.lines += 1
             if outcome is not None:
@@ -187,7 +192,7 @@ def _split_long(block: bytes, limit: int) -> Iterator[_Block | _TooLarge]:
     for i in long_lines.tolist():
         if i > first:
             yield _Block(block[start : starts[i]], ends[first:i] - start)
-        yield _TooLarge(block[starts[i] : starts[i] + 4096])
+        yield _TooLarge(block[starts[i] : min(starts[i] + 4096, ends[i])])
         start, first = int(ends[i]) + 1, i + 1
     if first < len(ends):
         yield _Block(block[start:] if start else block, ends[first:] - start)
@@ -205,6 +210,7 @@ def _block_outcomes(
         (ends > starts) & (raw[starts] == ord("{")) & (raw[np.maximum(ends - 1, 0)] == ord("}"))
     )
     candidate = shaped & _no_surrogate(lines, block) & _no_carriage_return(block, starts)
+    candidate &= _valid_utf8(block, lines)
     rows = np.flatnonzero(candidate)
     whole = block if len(rows) == count else None
     fast_rows, fast = _fast_parse(lines, ends - starts + 1, rows, whole)
@@ -227,6 +233,27 @@ def _lines_array(block: bytes, ends: np.ndarray) -> tuple[pa.Array, np.ndarray]:
         pa.large_binary(), len(ends), [None, pa.py_buffer(offsets), pa.py_buffer(block)]
     )
     return array, starts
+
+
+def _valid_utf8(block: bytes, lines: pa.Array) -> np.ndarray:
+    """Lines that are UTF-8 text (pyarrow.json does not check: a line that is not would
+    come out as a string that is not text, where the per-line parser fails its row)."""
+    offsets = pa.py_buffer(np.array([0, len(block)], np.int64))
+    whole = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), 1, [None, offsets, pa.py_buffer(block)]
+    )
+    try:
+        whole.cast(pa.large_string())  # Arrow's vectorised check: the usual block passes
+        return np.ones(len(lines), bool)
+    except pa.ArrowInvalid:
+        pass
+    ok = np.ones(len(lines), bool)
+    for i, line in enumerate(lines.to_pylist()):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            ok[i] = False
+    return ok
 
 
 def _no_carriage_return(block: bytes, starts: np.ndarray) -> np.ndarray:
@@ -359,7 +386,7 @@ class _Fields:
         self.n = table.num_rows
         self.lines = lines  # the block's lines, taken only when needed (a copy)
         self.custom_id = table.column("custom_id").combine_chunks()
-        response = table.column("response").combine_chunks()
+        response = self.response = table.column("response").combine_chunks()
         self.status = pc.struct_field(response, "status_code")
         body = pc.struct_field(response, "body")
         self.model = pc.struct_field(body, "model")
@@ -386,8 +413,10 @@ class _Fields:
         embed = self._vector_plain()
         if pc.any(embed).as_py():
             # "choices" decides before "data" does, even null: only a line without it embeds
-            no_choices_key = pc.invert(pc.match_substring(self.lines(), '"choices"'))
-            embed = pc.and_(no_choices_key, embed)
+            # (and without an escape, which could spell the key); an error in the body of
+            # an embedding is the per-line parser's to read.
+            no_choices_key = self._lines_without('"choices"', "\\u")
+            embed = pc.and_(pc.and_(no_choices_key, embed), self.body_err.is_null())
         out = pc.and_(pc.and_(status_ok, self.error.is_null()), pc.or_(chat, embed))
         out = pc.and_(out, pc.and_(self._tokens_plain(), self._labels_plain()))
         return pc.and_(out, self._id_ok()).fill_null(False)
@@ -418,8 +447,23 @@ class _Fields:
         return pc.and_(_plain_label(self.model, 200), _plain_label(self.finish_reason, 200))
 
     def top_error(self) -> pa.Array:
-        """An ``error`` object with a code (or type) and a message."""
-        return pc.and_(self._error_plain(self.error), self._id_ok()).fill_null(False)
+        """An ``error`` object with a code (or type) and a message, beside a response with a
+        status code or beside nothing (a response without one, or a body at the top, gives
+        the per-line parser another status)."""
+        out = pc.and_(self._error_plain(self.error), self._id_ok()).fill_null(False)
+        if not pc.any(out).as_py():
+            return out
+        with_status = pc.and_(pc.is_valid(self.response), pc.is_valid(self.status))
+        alone = pc.and_(pc.is_null(self.response), self._lines_without('"body"', "\\u"))
+        return pc.and_(out, pc.or_(with_status, alone)).fill_null(False)
+
+    def _lines_without(self, *needles: str) -> pa.Array:
+        """Lines that hold none of ``needles`` (bytes, as written: keys may be escaped)."""
+        lines = self.lines()
+        found = pc.match_substring(lines, needles[0])
+        for needle in needles[1:]:
+            found = pc.or_(found, pc.match_substring(lines, needle))
+        return pc.invert(found)
 
     def body_error(self) -> pa.Array:
         """A 4xx/5xx answer whose body holds an error with a code (or type) and a message."""

@@ -442,7 +442,8 @@ def _structured(texts: pa.Array, spec: RequestSpec) -> _Parsed:
     fast_rows = np.zeros(n, bool)
     fast: pa.Table | None = None
     if _fast_types(types.values()) and n:
-        rows = np.flatnonzero(_object_texts(texts))
+        floats = any(pa.float64() in (t, getattr(t, "value_type", None)) for t in types.values())
+        rows = np.flatnonzero(_object_texts(texts, long_numbers=floats))
         rows, fast = _read_objects(texts, rows, pa.schema(list(types.items())))
         if fast is not None:
             rows, fast = _complete(rows, fast, props, schema.get("required") or [])
@@ -450,10 +451,12 @@ def _structured(texts: pa.Array, spec: RequestSpec) -> _Parsed:
     return _merge_parsed(texts, fast_rows, fast, types, spec)
 
 
-def _object_texts(texts: pa.Array) -> np.ndarray:
+def _object_texts(texts: pa.Array, *, long_numbers: bool = False) -> np.ndarray:
     """The texts the fast reader may take: "{" first and "}" last, no control character (a
-    raw newline would split the line) and no escaped surrogate. The others (also a
-    pretty-printed or padded object) are read by the per-row rules, which decide alike.
+    raw newline would split the line) and no escaped surrogate; with ``long_numbers``, no
+    run of 16 digits (an integer past 2**53 in a number field: the fast reader rounds it,
+    the per-row rules refuse it). The others (also a pretty-printed or padded object) are
+    read by the per-row rules, which decide alike.
 
     On the bytes with numpy: a regex per text costs as much as reading them.
     """
@@ -470,9 +473,20 @@ def _object_texts(texts: pa.Array) -> np.ndarray:
     used = data[offsets[0] : offsets[-1]]
     odd = np.flatnonzero(used < 0x20)
     surrogates = [m.start() for m in _SURROGATE_ESCAPE.finditer(memoryview(used))]
-    odd = np.concatenate([odd, np.array(surrogates, np.int64)]) + offsets[0]
+    odd = np.concatenate([odd, np.array(surrogates, np.int64)])
+    if long_numbers:
+        odd = np.concatenate([odd, _digit_runs(used, 16)])
+    odd = odd + offsets[0]
     ok[np.searchsorted(offsets, odd, side="right") - 1] = False
     return ok
+
+
+def _digit_runs(data: np.ndarray, length: int) -> np.ndarray:
+    """Where a run of at least ``length`` ASCII digits ends in ``data``."""
+    digit = ((data >= ord("0")) & (data <= ord("9"))).astype(np.int8)
+    edges = np.diff(np.concatenate(([0], digit, [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return ends[ends - starts >= length] - 1
 
 
 def _fast_types(types: Iterable[pa.DataType]) -> bool:

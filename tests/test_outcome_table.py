@@ -204,6 +204,25 @@ ODD_LINES = [
     json.dumps({**_chat("f9", "list result"), "result": [1]}),
     json.dumps({**_chat("g1", "empty result object"), "result": {}}),
     json.dumps({**_chat("g2", "typed result object"), "result": {"type": 3}}),
+    # An error in an embedding's body at 200 (no "choices"): the body error stands
+    json.dumps(
+        {
+            "custom_id": "g3",
+            "response": {
+                "status_code": 200,
+                "body": {"error": {"code": "e", "message": "m"}, "data": [{"embedding": [1.0]}]},
+            },
+        }
+    ),
+    # An escaped "choices" key beside data: still the chat key for the per-line parser
+    '{"custom_id": "g4", "response": {"status_code": 200, "body": '
+    '{"choic\\u0065s": null, "data": [{"embedding": [1.0]}]}}}',
+    # A top-level error beside a response without a status code, or a body at the top
+    json.dumps({"custom_id": "g5", "response": {}, "error": {"code": "c", "message": "m"}}),
+    json.dumps(
+        {"custom_id": "g6", "body": {}, "status_code": 503, "error": {"code": "c", "message": "m"}}
+    ),
+    json.dumps({"custom_id": "g7", "response": None, "error": {"code": "c", "message": "m"}}),
 ]
 
 
@@ -265,6 +284,18 @@ def test_over_long_lines_fail_their_rows_like_the_per_line_parser():
     data = b"\n".join([*plain[:20], long_line, *plain[20:], long_line + b" " * 3000])
     _same(data, max_line_bytes=4096)
     _same(long_line, max_line_bytes=4096)
+    # A bound under the 4 KB head: the head of a long line ends with the line (it must not
+    # read the next line's id), and a long blank line is skipped uncounted
+    no_id = b'{"pad": "' + b"y" * 400 + b'"}'
+    _same(b"\n".join([no_id, json.dumps(_chat("next", "z" * 400)).encode(), b" " * 400]), 300)
+
+
+def test_lines_that_are_not_utf8_fail_their_rows_like_the_per_line_parser():
+    plain, _ = result_lines([f"req-{i}" for i in range(300)])
+    bad_text = json.dumps(_chat("u1", "cafe")).encode().replace(b"cafe", b"caf\xe9")
+    bad_id = json.dumps(_chat("u2", "x")).encode().replace(b'"u2"', b'"u\xff2"')
+    _same(b"\n".join([*plain[:100], bad_text, *plain[100:200], bad_id, *plain[200:]]))
+    _same(bad_text + b"\n")
 
 
 def test_the_key_is_redacted_as_the_per_line_path_does():

@@ -35,6 +35,10 @@ ODD_TEXTS = [
     json.dumps({**GOOD, "stars": 3.5}),
     json.dumps({**GOOD, "stars": 2**70}),
     json.dumps({**GOOD, "score": 1}),  # an integer for a number
+    json.dumps({**GOOD, "score": 2**53 + 1}),  # an integer a float cannot hold exactly
+    json.dumps({**GOOD, "score": 2**53}),
+    json.dumps({**GOOD, "score": 12345678901234567.5}),
+    json.dumps({**GOOD, "sentiment": "1234567890123456789"}),  # digits in a string
     json.dumps({**GOOD, "confident": 1}),
     json.dumps({**GOOD, "score": True}),
     json.dumps({**GOOD, "topics": "fit"}),
