@@ -442,8 +442,7 @@ def _structured(texts: pa.Array, spec: RequestSpec) -> _Parsed:
     fast_rows = np.zeros(n, bool)
     fast: pa.Table | None = None
     if _fast_types(types.values()) and n:
-        floats = any(pa.float64() in (t, getattr(t, "value_type", None)) for t in types.values())
-        rows = np.flatnonzero(_object_texts(texts, long_numbers=floats))
+        rows = np.flatnonzero(_object_texts(texts))
         rows, fast = _read_objects(texts, rows, pa.schema(list(types.items())))
         if fast is not None:
             rows, fast = _complete(rows, fast, props, schema.get("required") or [])
@@ -451,12 +450,10 @@ def _structured(texts: pa.Array, spec: RequestSpec) -> _Parsed:
     return _merge_parsed(texts, fast_rows, fast, types, spec)
 
 
-def _object_texts(texts: pa.Array, *, long_numbers: bool = False) -> np.ndarray:
+def _object_texts(texts: pa.Array) -> np.ndarray:
     """The texts the fast reader may take: "{" first and "}" last, no control character (a
-    raw newline would split the line) and no escaped surrogate; with ``long_numbers``, no
-    run of 16 digits (an integer past 2**53 in a number field: the fast reader rounds it,
-    the per-row rules refuse it). The others (also a pretty-printed or padded object) are
-    read by the per-row rules, which decide alike.
+    raw newline would split the line) and no escaped surrogate. The others (also a
+    pretty-printed or padded object) are read by the per-row rules, which decide alike.
 
     On the bytes with numpy: a regex per text costs as much as reading them.
     """
@@ -473,20 +470,9 @@ def _object_texts(texts: pa.Array, *, long_numbers: bool = False) -> np.ndarray:
     used = data[offsets[0] : offsets[-1]]
     odd = np.flatnonzero(used < 0x20)
     surrogates = [m.start() for m in _SURROGATE_ESCAPE.finditer(memoryview(used))]
-    odd = np.concatenate([odd, np.array(surrogates, np.int64)])
-    if long_numbers:
-        odd = np.concatenate([odd, _digit_runs(used, 16)])
-    odd = odd + offsets[0]
+    odd = np.concatenate([odd, np.array(surrogates, np.int64)]) + offsets[0]
     ok[np.searchsorted(offsets, odd, side="right") - 1] = False
     return ok
-
-
-def _digit_runs(data: np.ndarray, length: int) -> np.ndarray:
-    """Where a run of at least ``length`` ASCII digits ends in ``data``."""
-    digit = ((data >= ord("0")) & (data <= ord("9"))).astype(np.int8)
-    edges = np.diff(np.concatenate(([0], digit, [0])))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    return ends[ends - starts >= length] - 1
 
 
 def _fast_types(types: Iterable[pa.DataType]) -> bool:
@@ -533,17 +519,33 @@ def _read_objects(
 def _complete(
     rows: np.ndarray, table: pa.Table, props: Mapping[str, Any], required: Sequence[str]
 ) -> tuple[np.ndarray, pa.Table]:
-    """Keep the rows whose required fields are there (the others get their message from
-    the per-row rules)."""
+    """Keep the rows whose required fields are there and whose numbers a float holds
+    exactly (the others get their verdict and message from the per-row rules)."""
     keep = np.ones(len(rows), bool)
     for prop in required:
         kinds = props[prop].get("type")
         kinds = [kinds] if isinstance(kinds, str) else list(kinds or [])
         if "null" not in kinds:
             keep &= table.column(prop).is_valid().to_numpy(zero_copy_only=False)
+    for column in table.columns:
+        keep &= ~_past_exact_floats(column.combine_chunks())
     if keep.all():
         return rows, table
     return rows[keep], table.filter(pa.array(keep))
+
+
+def _past_exact_floats(values: pa.Array) -> np.ndarray:
+    """Rows holding a float of magnitude 2**53 or more: an integer written there may have
+    been rounded by the fast reader, where the per-row rules refuse it."""
+    flat, parents = values, None
+    if pa.types.is_list(values.type):
+        flat, parents = pc.list_flatten(values), pc.list_parent_indices(values).to_numpy()
+    past = np.zeros(len(values), bool)
+    if not pa.types.is_floating(flat.type) or not len(flat):
+        return past
+    big = pc.greater_equal(pc.abs(flat), 2.0**53).fill_null(False).to_numpy(zero_copy_only=False)
+    past[big if parents is None else parents[big]] = True
+    return past
 
 
 def _merge_parsed(
