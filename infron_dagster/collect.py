@@ -281,7 +281,9 @@ def _write_tables(
     """Merge the attempts' outcomes, then join them to the inputs a row group at a time and
     write both tables: memory is set by the outcomes' columns and one slice of the inputs."""
     partition_key, base = attempts[0].partition_key, attempts[0]
-    final = _merge(storage, attempts, outcome)
+    # One chunk per column: a take from many chunks concatenates them all, on every slice
+    # (a transient copy of every answer each time, and most of the join's time)
+    final = _merge(storage, attempts, outcome).combine_chunks()
     inputs_path = storage.attempt_file("inputs", partition_key, base.attempt)
     invalid = storage.read_table(storage.attempt_file("invalid", partition_key, base.attempt))
     with inputs_path.open("rb") as fh:
@@ -304,9 +306,12 @@ def _write_tables(
             _TableFile(storage, results_path, builder.results_schema) as results,
             _TableFile(storage, failed_path, builder.failed_schema) as failed,
         ):
+            where = builder.outcome_rows(inputs.read(columns=[CUSTOM_ID]).column(0))
+            start = 0
             for batch in batches:
                 rows = pa.Table.from_batches([batch])
-                ok, bad = builder.split(rows)
+                ok, bad = builder.split(rows, where[start : start + rows.num_rows])
+                start += rows.num_rows
                 results.write(ok)
                 failed.write(bad)
                 if answers is not None:

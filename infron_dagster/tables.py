@@ -179,7 +179,7 @@ class TablesBuilder:
         self.spec = spec
         self.costs = costs
         self.keep = _kept(inputs_schema, keep_columns)
-        self.final = final  # chunked as it is: a copy of every answer would double memory
+        self.final = final  # taken from on every slice: best in one chunk (see collect)
         self.final_ids = final.column(CUSTOM_ID).combine_chunks()
         self.final_ok = final.column("ok").fill_null(False).to_numpy()
         inputs = _input_schema(inputs_schema, self.keep)
@@ -193,11 +193,20 @@ class TablesBuilder:
         """The snapshot columns a slice needs (read only these)."""
         return [*self.keep, CUSTOM_ID]
 
-    def split(self, inputs: pa.Table) -> tuple[pa.Table, pa.Table]:
-        """(results, failed) rows of one slice of the inputs snapshot."""
-        # Each input row's outcome row (-1: none); the outcomes are taken once, per table
-        found = pc.index_in(inputs.column(CUSTOM_ID), value_set=self.final_ids)
-        where = found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    def outcome_rows(self, custom_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Each id's row in the outcomes (-1: none). One call for all the inputs: each call
+        hashes every outcome id again."""
+        found = pc.index_in(custom_ids, value_set=self.final_ids)
+        return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def split(
+        self, inputs: pa.Table, where: np.ndarray | None = None
+    ) -> tuple[pa.Table, pa.Table]:
+        """(results, failed) rows of one slice of the inputs snapshot; ``where``: its rows'
+        :meth:`outcome_rows`, when known."""
+        if where is None:
+            where = self.outcome_rows(inputs.column(CUSTOM_ID))
+        # The outcomes are taken once per table, by position
         ok = np.zeros(len(where), bool)
         ok[where >= 0] = self.final_ok[where[where >= 0]]
         ok_rows = np.flatnonzero(ok)
