@@ -329,7 +329,7 @@ def _write_tables(
 
 
 # Input rows joined and written at a time.
-SLICE_ROWS = 65_536
+SLICE_ROWS = 32_768
 
 
 class _Answers:

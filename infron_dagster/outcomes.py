@@ -209,11 +209,11 @@ def _block_outcomes(
     shaped = (
         (ends > starts) & (raw[starts] == ord("{")) & (raw[np.maximum(ends - 1, 0)] == ord("}"))
     )
-    candidate = shaped & _no_surrogate(lines, block) & _no_carriage_return(block, starts)
+    candidate = shaped & _no_carriage_return(block, starts)
     candidate &= _valid_utf8(block, lines)
     rows = np.flatnonzero(candidate)
     whole = block if len(rows) == count else None
-    fast_rows, fast = _fast_parse(lines, ends - starts + 1, rows, whole)
+    fast_rows, fast = _fast_parse(lines, ends - starts + 1, rows, whole, block=block)
     plain, _ = _plain_outcomes(fast, fast_rows, lines)
     settled = np.zeros(count, bool)
     settled[plain.rows] = True
@@ -268,8 +268,7 @@ def _no_carriage_return(block: bytes, starts: np.ndarray) -> np.ndarray:
 
 
 def _no_surrogate(lines: pa.Array, block: bytes) -> np.ndarray:
-    """Lines without an escaped surrogate (the per-line parser reads those: the fast
-    reader refuses a lone one, and a block it refuses costs a split per level)."""
+    """Lines without an escaped surrogate (a valid pair too: the escape is all bytes tell)."""
     if _SURROGATE_BYTES.search(block) is None:  # the usual block: one search, no per-line pass
         return np.ones(len(lines), bool)
     # Per line, on the bytes (no UTF-8 check, no copy)
@@ -279,11 +278,18 @@ def _no_surrogate(lines: pa.Array, block: bytes) -> np.ndarray:
 
 
 def _fast_parse(
-    lines: pa.Array, sizes: np.ndarray, rows: np.ndarray, whole: bytes | None = None
+    lines: pa.Array,
+    sizes: np.ndarray,
+    rows: np.ndarray,
+    whole: bytes | None = None,
+    *,
+    block: bytes | None = None,
 ) -> tuple[np.ndarray, pa.Table | None]:
     """``pyarrow.json`` over the chosen lines (``whole``: all of them, as one buffer); the
     lines it refuses are split off and left to the per-line parser (they are not in the
-    returned rows)."""
+    returned rows). ``block``: the lines' block, on the first try; when it is refused, its
+    lines with an escaped surrogate (the usual cause: the fast reader refuses a lone one)
+    are set aside first, so that a few of them do not cost a split at every level."""
     if not len(rows):
         return rows, None
     if whole is None:
@@ -298,6 +304,10 @@ def _fast_parse(
         table = None
     if table is not None and table.num_rows == len(rows):
         return rows, table
+    if block is not None:
+        keep = _no_surrogate(lines, block)[rows]
+        if not keep.all():
+            return _fast_parse(lines, sizes, rows[keep])
     if len(rows) <= _SMALLEST_SPLIT:
         return rows[:0], None
     half = len(rows) // 2

@@ -340,3 +340,21 @@ def test_a_raw_carriage_return_before_null_does_not_crash_the_reader():
     assert child.returncode == 0, child.stderr.decode()[-2000:]
     expected, _ = _per_line(data, 8 << 20)
     assert json.loads(child.stdout) == [row["error_code"] for row in expected]
+
+
+def test_a_few_lone_surrogates_cost_one_more_parse_not_a_split_per_level(monkeypatch):
+    # The fast reader refuses a block holding a lone escaped surrogate; those lines are set
+    # aside once (they go line by line), instead of halving the block until they stand alone.
+    import infron_dagster.outcomes as outcomes
+
+    plain, _ = result_lines([f"req-{i}" for i in range(2000)])
+    for i in (10, 900, 1700):
+        plain[i] = plain[i].replace(b'"content": "', b'"content": "\\ud800', 1)
+    data = b"\n".join(plain) + b"\n"
+    calls = []
+    real = outcomes.read_json_lines
+    monkeypatch.setattr(
+        outcomes, "read_json_lines", lambda *a: calls.append(1) or real(*a)
+    )
+    _same(data)
+    assert len(calls) == 2

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_prepare_slices import _written  # what a prepare wrote, to compare two
 from upath import UPath
 
 from infron_dagster import ParquetSource, RequestSpec, prepare_requests, reorder
@@ -37,18 +38,6 @@ def _write_files(folder: pathlib.Path, table: pa.Table, files: int) -> None:
         if i == 1:  # another physical type in one file: unified as reading whole would
             part = part.set_column(2, "n", part.column("n").cast(pa.int32()))
         pq.write_table(part, folder / f"part-{i}.parquet", row_group_size=700)
-
-
-def _written(prepared) -> tuple:
-    chunks = [pathlib.Path(c.path).read_bytes() for c in prepared.chunks]
-    snapshot = pq.read_table(prepared.snapshot_path)
-    return (
-        prepared.fingerprint,
-        chunks,
-        snapshot.to_pylist(),
-        prepared.invalid.to_pylist(),
-        prepared.estimated_input_tokens,
-    )
 
 
 @pytest.fixture
