@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -283,7 +284,9 @@ def _write_tables(
     partition_key, base = attempts[0].partition_key, attempts[0]
     # One chunk per column: a take from many chunks concatenates them all, on every slice
     # (a transient copy of every answer each time, and most of the join's time)
-    final = _merge(storage, attempts, outcome).combine_chunks()
+    final = _merge(storage, attempts, outcome)
+    with contextlib.suppress(pa.ArrowInvalid):  # past 2**31 vector values: kept in chunks
+        final = final.combine_chunks()
     inputs_path = storage.attempt_file("inputs", partition_key, base.attempt)
     invalid = storage.read_table(storage.attempt_file("invalid", partition_key, base.attempt))
     with inputs_path.open("rb") as fh:

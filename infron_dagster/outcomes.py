@@ -432,12 +432,14 @@ class _Fields:
         return pc.and_(out, self._id_ok()).fill_null(False)
 
     def _vector_plain(self) -> pa.Array:
-        """A vector of numbers (the per-line parser refuses a null inside)."""
+        """A vector of finite numbers (the per-line parser refuses a null inside, and decides
+        on an infinity: an integer too large for a float is one here, an error there)."""
         flat = pc.list_flatten(self.vector)
+        odd = pc.invert(pc.is_finite(flat)).fill_null(True)
         bad = np.zeros(self.n, bool)
-        if flat.null_count:
+        if pc.any(odd).as_py():
             parents = pc.list_parent_indices(self.vector).to_numpy()
-            bad[parents[flat.is_null().to_numpy(zero_copy_only=False)]] = True
+            bad[parents[odd.to_numpy(zero_copy_only=False)]] = True
         return pc.and_(pc.is_valid(self.vector), pa.array(~bad))
 
     def _tokens_plain(self) -> pa.Array:

@@ -204,6 +204,8 @@ def _bounded_lines(
                 if len(pending) > limit:
                     head = bytes(pending[:4096])
                     pending.clear()
+            elif len(head) < 4096:  # the head is the line's first 4 KB, across reads too
+                head += piece[: 4096 - len(head)]
             if end < 0:
                 break
             if head is not None:

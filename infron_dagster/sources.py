@@ -117,7 +117,7 @@ class ParquetInput:
                 meta = pq.ParquetFile(fh)
                 schemas.append(meta.schema_arrow)
                 counts.append(meta.metadata.num_rows)
-        self.schema = pa.unify_schemas(schemas, promote_options="permissive")
+        self.schema = _decoded(pa.unify_schemas(schemas, promote_options="permissive"))
         self.num_rows = sum(counts)
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
@@ -145,6 +145,15 @@ class ParquetInput:
         if columns is None:
             return self.schema
         return pa.schema([self.schema.field(c) for c in columns], metadata=self.schema.metadata)
+
+
+def _decoded(schema: pa.Schema) -> pa.Schema:
+    """Dictionary-encoded (categorical) columns as their values: each file and row group has
+    a dictionary of its own, which cannot be merged or spilled as one column."""
+    for i, column in enumerate(schema):
+        if pa.types.is_dictionary(column.type):
+            schema = schema.set(i, column.with_type(column.type.value_type))
+    return schema
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -45,6 +45,10 @@ def _chat(cid: str, content, **extra) -> dict:
     }
 
 
+def _vector(value) -> dict:
+    return {"data": [{"embedding": [0.5, value]}]}
+
+
 ODD_LINES = [
     json.dumps(_chat("a1", "plain answer")),
     json.dumps(_chat("a2", '{"x": 1}', usage={"input_tokens": 5, "output_tokens": 2})),
@@ -223,6 +227,10 @@ ODD_LINES = [
         {"custom_id": "g6", "body": {}, "status_code": 503, "error": {"code": "c", "message": "m"}}
     ),
     json.dumps({"custom_id": "g7", "response": None, "error": {"code": "c", "message": "m"}}),
+    # An integer too large for a float in a vector (an infinity to the fast reader)
+    json.dumps({"custom_id": "g8", "response": {"status_code": 200, "body": _vector(10**400)}}),
+    json.dumps({"custom_id": "g9", "response": {"status_code": 200, "body": _vector(1e999)}})
+    .replace("Infinity", "1e999"),
 ]
 
 
@@ -288,6 +296,14 @@ def test_over_long_lines_fail_their_rows_like_the_per_line_parser():
     # read the next line's id), and a long blank line is skipped uncounted
     no_id = b'{"pad": "' + b"y" * 400 + b'"}'
     _same(b"\n".join([no_id, json.dumps(_chat("next", "z" * 400)).encode(), b" " * 400]), 300)
+
+
+def test_an_over_long_line_across_a_read_keeps_a_4kb_head_as_the_per_line_parser_does():
+    # The per-line parser reads 1 MiB at a time: a line over the bound that starts just
+    # before a read's end has its head completed from the next read (its id is at the end).
+    filler = b'{"pad": "' + b"p" * (1024 * 1024 - 1500 - 12) + b'"}\n'
+    long_line = b'{"pad": "' + b"q" * 2000 + b'", "custom_id": "r1"}'
+    _same(filler + long_line + b"\n", max_line_bytes=1024)
 
 
 def test_lines_that_are_not_utf8_fail_their_rows_like_the_per_line_parser():
