@@ -26,6 +26,18 @@ from pathlib import Path
 PG_USER = "dagster"
 PG_PASSWORD = "dagster-test"  # trust auth ignores it; given to show the EnvVar in dagster.yaml
 
+# What the UI sends to launch a partition backfill (both deployment tests use it).
+LAUNCH_BACKFILL = """
+mutation($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+    ... on Error { message }
+  }
+}
+"""
+
 
 class PostgresUnavailable(RuntimeError):
     """The PostgreSQL server could not be found, installed or started; the message says why."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pyarrow.parquet as pq
 import pytest
+from deploy_support import LAUNCH_BACKFILL
 
 from infron_dagster.local import LocalServerConfig, save_config
 
@@ -29,17 +30,6 @@ PROJECT = Path(__file__).resolve().parents[1]
 DAYS = ["2026-11-20", "2026-11-21", "2026-11-22"]
 ROWS_PER_DAY = 240  # example_project/data.py: reviews_for_day(day, rows=240)
 PIPELINE = "review_sentiment"
-
-LAUNCH_BACKFILL = """
-mutation($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-    ... on Error { message }
-  }
-}
-"""
 
 RUNS_BY_TAG = """
 query($filter: RunsFilter) {

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from deploy_support import (
+    LAUNCH_BACKFILL,
     PG_PASSWORD,
     Postgres,
     PostgresUnavailable,
@@ -184,17 +185,6 @@ def accounted(lake: Lake, partition: str) -> tuple[int, int]:
 
 
 # -- 1. daemon + webserver on PostgreSQL, a backfill launched through GraphQL ----------------
-
-LAUNCH_BACKFILL = """
-mutation($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-    ... on Error { message }
-  }
-}
-"""
 
 
 @contextlib.contextmanager
