@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from .client import InfronClient
 from .errors import InfronError
-from .manifest import Manifest, load_manifests, now_iso
+from .manifest import ChunkRecord, Manifest, load_manifests, now_iso
 from .models import Batch, BatchStatus
 from .outcomes import OUTCOME_SCHEMA, outcomes_to_table, read_outcome_table, redact_table
 from .prepare import (
@@ -163,8 +163,9 @@ class InFlightRequests:
 
 def in_flight_requests(storage: BatchStorage, partition_key: str | None) -> InFlightRequests:
     """What the partition's uncollected attempts sent: the latest initial attempt and its
-    retries, and the in-flight attempts they themselves wait on. Only attempts whose every
-    chunk has its batch count (a half-submitted one is replaced, as before)."""
+    retries, and the in-flight attempts they themselves wait on. Of an attempt whose chunks
+    are only partly created (the rest wait for admission), the rows of its created chunks
+    count: they are paid for; the rest were never sent and a new attempt sends them."""
     manifests = load_manifests(storage, partition_key)
     by_attempt = {m.attempt: m for m in manifests}
     wanted: set[int] = set()
@@ -176,8 +177,10 @@ def in_flight_requests(storage: BatchStorage, partition_key: str | None) -> InFl
     found = InFlightRequests()
     for attempt in sorted(wanted):
         source = by_attempt.get(attempt)
-        if source is None or source.state != "submitted" or not source.fully_submitted:
+        if source is None or source.state not in ("submitting", "submitted"):
             continue
+        if not source.batch_ids:
+            continue  # nothing of it was created: nothing to wait for
         path = storage.attempt_file("inputs", partition_key, attempt)
         with path.open("rb") as fh:
             names = pq.ParquetFile(fh).schema_arrow.names
@@ -188,11 +191,25 @@ def in_flight_requests(storage: BatchStorage, partition_key: str | None) -> InFl
             snapshot = pq.read_table(fh, columns=columns)
         if CARRIED_FROM in snapshot.column_names:  # only what it sent itself
             snapshot = snapshot.filter(snapshot.column(CARRIED_FROM).is_null())
+        snapshot = _created_rows(snapshot, source)
         ids = snapshot.column(CUSTOM_ID).to_pylist()
         hashes = snapshot.column(REQUEST_HASH).to_pylist()
         found.requests.update(zip(ids, ((h, attempt) for h in hashes), strict=True))
         found.attempts[attempt] = source
     return found
+
+
+def _created_rows(sent: pa.Table, manifest: Manifest) -> pa.Table:
+    """The rows (in chunk order, as sent) of the chunks that have a batch."""
+    if manifest.fully_submitted:
+        return sent
+    keep = np.zeros(sent.num_rows, bool)
+    start = 0
+    for chunk in manifest.chunks:
+        if chunk.batch_id:
+            keep[start : start + chunk.requests] = True
+        start += chunk.requests
+    return sent.filter(pa.array(keep))
 
 
 def poll_manifest(client: InfronClient, manifest: Manifest) -> dict[str, Batch]:
@@ -228,7 +245,7 @@ def collect_partition(
     outcome.max_line_bytes = max_line_bytes
     outcome.key_redactor = client.redact
     for manifest in attempts:
-        if not manifest.fully_submitted:
+        if not manifest.settled:
             outcome.ready = False
             outcome.waiting_on.append(f"attempt {manifest.attempt} is not fully submitted")
             continue
@@ -252,11 +269,12 @@ def collect_partition(
     # of this partition may slip in between (it would be marked collected unseen).
     with storage.lock(partition_key):
         now = active_attempts(load_manifests(storage, partition_key))
-        if [m.attempt for m in now] != outcome.attempts:
+        if [m.attempt for m in now] != outcome.attempts or not all(m.settled for m in now):
             outcome.ready = False
             outcome.waiting_on.append("a new attempt was submitted meanwhile")
             return outcome
-        _write_tables(storage, spec, attempts, outcome, keep_columns, price)
+        # The manifests as they are now: what is marked collected keeps a cancel made since.
+        _write_tables(storage, spec, now, outcome, keep_columns, price)
     return outcome
 
 
@@ -591,6 +609,8 @@ def _missing_outcomes(
     ids = sent.take(pa.array(absent, pa.int64())).to_pylist()
     outcomes = [
         _missing(custom_id, manifest.chunks[c].batch_id or "", batches)
+        if manifest.chunks[c].batch_id
+        else _never_sent(custom_id, manifest.chunks[c])
         for custom_id, c in zip(ids, chunk_of.tolist(), strict=True)
     ]
     return outcomes_to_table(outcomes, [0] * len(outcomes), None)
@@ -727,6 +747,17 @@ def _carried(storage: BatchStorage, base: Manifest, parent: CollectOutcome) -> p
 def _empty_final() -> pa.Table:
     schema = OUTCOME_SCHEMA.remove(OUTCOME_SCHEMA.get_field_index("seq"))
     return schema.append(pa.field("attempt", pa.int64())).empty_table()
+
+
+def _never_sent(custom_id: str, chunk: ChunkRecord) -> Outcome:
+    """A request of a chunk that a cancel stopped before its batch was created."""
+    message = "the attempt was cancelled before this request was sent (nothing was paid)"
+    if chunk.uncertain:
+        message = (
+            "the attempt was cancelled after a create call for this request's chunk ended "
+            "ambiguously: a batch may exist that is not on record (check the provider)"
+        )
+    return Outcome(custom_id, ok=False, error_code="batch_cancelled", error_message=message)
 
 
 def _missing(custom_id: str, batch_id: str | None, batches: dict[str, dict[str, Any]]) -> Outcome:

@@ -85,6 +85,9 @@ class Manifest:
     # answers this attempt carries instead of sending again ({"attempt", "batch_ids"}): it is
     # collected only once their batches have ended too.
     waits_on: list[dict[str, Any]] = field(default_factory=list)
+    # Set by a cancel: no chunk of this attempt is created afterwards, whatever a ledger or
+    # a later run says; its unsent chunks' rows fail as batch_cancelled when collected.
+    cancelled_at: str | None = None
 
     def __post_init__(self) -> None:
         if not self.base_attempt:
@@ -104,6 +107,17 @@ class Manifest:
     def fully_submitted(self) -> bool:
         """True when every chunk has its batch."""
         return all(c.batch_id for c in self.chunks)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once a cancel stopped this attempt: nothing more of it is ever created."""
+        return self.cancelled_at is not None
+
+    @property
+    def settled(self) -> bool:
+        """True when no chunk will be created any more: every chunk has its batch, or the
+        attempt was cancelled (its unsent chunks never will be)."""
+        return self.fully_submitted or self.cancelled
 
     @property
     def run_key(self) -> str:
