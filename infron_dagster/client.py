@@ -35,7 +35,7 @@ from .errors import (
     error_for_status,
 )
 from .models import ApiStyle, Batch
-from .untrusted import check_provider_id, printable, safe_segment
+from .untrusted import check_provider_id, map_strings, printable, safe_segment
 
 __all__ = ["DEFAULT_BASE_URL", "InfronClient", "ResultFile", "RetryPolicy"]
 
@@ -238,7 +238,7 @@ class InfronClient:
             >>> client.retrieve_batch("batch_abc").status
             <BatchStatus.IN_PROGRESS: 'in_progress'>
         """
-        operation = f"retrieve batch {printable(batch_id, 80)}"
+        operation = f"retrieve batch {self._shown_id(batch_id)}"
         data = self._json(operation, "GET", f"/batches/{_path(batch_id)}")
         return self._parse_batch(operation, data)
 
@@ -249,7 +249,7 @@ class InfronClient:
             >>> client.cancel_batch("batch_abc").status
             <BatchStatus.CANCELLING: 'cancelling'>
         """
-        operation = f"cancel batch {printable(batch_id, 80)}"
+        operation = f"cancel batch {self._shown_id(batch_id)}"
         data = self._json(operation, "POST", f"/batches/{_path(batch_id)}/cancel")
         return self._parse_batch(operation, data)
 
@@ -314,9 +314,12 @@ class InfronClient:
             f"upload file {name}", "POST", "/files", files=files, data={"purpose": purpose}
         )
         try:
-            return check_provider_id(data.get("id"), "file id")
+            file_id = check_provider_id(data.get("id"), "file id")
         except ValueError as exc:
-            raise InfronProtocolError(f"upload file {name}", str(exc)) from None
+            raise InfronProtocolError(f"upload file {name}", self._redact(str(exc))) from None
+        if self._holds_key(file_id):  # it cannot be used redacted, nor stored as it is
+            raise InfronProtocolError(f"upload file {name}", "the file id contains the API key")
+        return file_id
 
     def result_files(self, batch: Batch) -> list[ResultFile]:
         """The files that hold a finished batch's results (output and errors).
@@ -393,11 +396,12 @@ class InfronClient:
         try:
             parsed = httpx.URL(url)
         except (httpx.InvalidURL, TypeError) as exc:
-            raise InfronProtocolError(operation, f"invalid result URL: {exc}") from None
+            message = self._redact(f"invalid result URL: {exc}")
+            raise InfronProtocolError(operation, message) from None
         if not parsed.scheme and not parsed.host:
             return url, self._http  # a path relative to base_url: our own server
         if parsed.scheme.lower() not in ("http", "https") or not parsed.host:
-            shown = printable(f"{parsed.scheme}://{parsed.host}", 100)
+            shown = printable(self._redact(f"{parsed.scheme}://{parsed.host}"), 100)
             raise InfronProtocolError(
                 operation, f"refusing a result URL that is not http(s): {shown}"
             )
@@ -411,14 +415,62 @@ class InfronClient:
         error is then ambiguous, so the chunk is never taken as "not sent".
         """
         try:
-            batch = Batch.from_infron(data) if "batch_id" in data else Batch.from_openai(data)
-            # A provider that echoes the key into a batch's error text must not put it into
-            # manifests or failed rows.
-            return dataclasses.replace(batch, errors=tuple(self._redact(e) for e in batch.errors))
-        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            return self._batch_from(data)
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            OverflowError,
+            RecursionError,  # metadata nested deeper than the stack, written out as text
+        ) as exc:
             error = InfronProtocolError(operation, self._redact(f"unreadable batch object: {exc}"))
             error.ambiguous = created
             raise error from None
+
+    def _batch_from(self, data: dict[str, Any]) -> Batch:
+        """Parse a batch object whose every string is redacted first: what the provider sends
+        goes into logs (an unknown status), manifests, ledgers and Dagster metadata.
+
+        A reference that must be used as sent cannot be redacted and still work. A batch id
+        that holds the key is refused (ValueError: the caller's protocol error, ambiguous
+        after a create). A file id or result URL that holds it is dropped, the reason in
+        ``errors``: the batch stays readable, and its rows fail as missing, never fetched
+        from a location that carries the key.
+        """
+        infron = "batch_id" in data
+        found: list[str] = []
+
+        def redact(text: str) -> str:
+            clean = self._redact(text)
+            if clean != text:
+                found.append(text)
+            return clean
+
+        clean = map_strings(data, redact)
+        if not found:  # the usual case: the key is nowhere
+            return Batch.from_infron(data) if infron else Batch.from_openai(data)
+        ident = "batch_id" if infron and data.get("batch_id") else "id"
+        if self._holds_key(data.get(ident)):
+            raise ValueError(
+                "the batch id contains the API key: a batch that cannot be recorded without "
+                "it is refused"
+            )
+        problems = []
+        for name in ("result_url",) if infron else ("output_file_id", "error_file_id"):
+            if self._holds_key(data.get(name)):
+                clean[name] = None
+                problems.append(f"unusable {name}: it contains the API key (not followed)")
+        batch = Batch.from_infron(clean) if infron else Batch.from_openai(clean)
+        return dataclasses.replace(batch, errors=(*batch.errors, *problems))
+
+    def _holds_key(self, value: Any) -> bool:
+        return isinstance(value, str) and self._redact(value) != value
+
+    def _shown_id(self, batch_id: str) -> str:
+        """A batch id for an error message: redacted before it is cut (a manifest written
+        before ids were checked may hold one that carries the key)."""
+        return printable(self._redact(batch_id), 80)
 
     def _json(
         self, operation: str, method: str, url: str, *, idempotent: bool = True, **kwargs: Any
@@ -510,7 +562,8 @@ class InfronClient:
         message, code = _server_message(response)
         # Redact before cutting: a key across the cut would otherwise leave its head behind.
         text = printable(self._redact(message), 500)
-        return error_for_status(operation, response.status_code, text, code)
+        shown_code = printable(self._redact(code), 100) if code else None
+        return error_for_status(operation, response.status_code, text, shown_code)
 
     def redact(self, text: str) -> str:
         """``text`` with this client's key replaced by ``***`` (for what the provider sends
@@ -606,7 +659,7 @@ def _server_message(response: httpx.Response) -> tuple[str, str | None]:
     err = body.get("error", body) if isinstance(body, dict) else body
     if isinstance(err, dict):
         message = err.get("message") or err.get("detail") or json.dumps(err)
-        code = printable(err["code"], 100) if err.get("code") else None
+        code = str(err["code"])[:_MESSAGE_CAP] if err.get("code") else None
         return str(message)[:_MESSAGE_CAP], code
     return str(err)[:_MESSAGE_CAP], None
 

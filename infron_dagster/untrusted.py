@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["MAX_ID_LENGTH", "check_provider_id", "printable", "safe_segment"]
+__all__ = ["MAX_ID_LENGTH", "check_provider_id", "map_strings", "printable", "safe_segment"]
 
 MAX_ID_LENGTH = 512
 _SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
@@ -84,3 +86,32 @@ def check_provider_id(value: object, what: str) -> str:
     if any(ord(ch) < 32 or ord(ch) == 127 or 0xD800 <= ord(ch) <= 0xDFFF for ch in text):
         raise ValueError(f"{what} {printable(text, 80)!r} contains control characters")
     return text
+
+
+def map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """A copy of a parsed JSON value with ``change`` applied to every string in it, the keys
+    of objects included (the client redacts what a provider sends this way, before anything
+    is parsed, stored or logged).
+
+    Walks without recursion: a deeply nested answer cannot exhaust the stack.
+
+    Example:
+        >>> map_strings({"a": ["x", 1, {"x": "xx"}]}, lambda s: s.replace("x", "*"))
+        {'a': ['*', 1, {'*': '**'}]}
+    """
+    root = [value]
+    todo: list[tuple[Any, Any]] = [(root, 0)]
+    while todo:
+        container, where = todo.pop()
+        item = container[where]
+        if isinstance(item, str):
+            container[where] = change(item)
+        elif isinstance(item, list):
+            copy = list(item)
+            container[where] = copy
+            todo.extend((copy, i) for i in range(len(copy)))
+        elif isinstance(item, dict):
+            fresh = {(change(k) if isinstance(k, str) else k): v for k, v in item.items()}
+            container[where] = fresh
+            todo.extend((fresh, k) for k in fresh)
+    return root[0]
