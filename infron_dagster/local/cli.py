@@ -7,7 +7,7 @@ It answers only requests whose Host header is a loopback name (localhost, 127.0.
 ::1), the address it is bound to, or a name given with ``--allowed-host`` (``*`` for any):
 otherwise a web page could read it by DNS rebinding. Request bodies over
 ``--max-body-bytes`` (default 256 MiB: a 200 MB batch file plus overhead) are refused
-with 413. See server.py for the connection limits (threads, read timeout, backlog).
+with 413. See server.py for the connection limits (threads, timeouts, connections).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from .app import create_app
 from .config import LocalServerConfig, save_config
 from .hosts import host_name, is_loopback
 from .server import (
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_READ_TIMEOUT,
+    DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_THREADS,
     BoundedWSGIServer,
     KeepAliveHandler,
@@ -98,13 +100,26 @@ def _add_hardening(serve: argparse.ArgumentParser, defaults: LocalServerConfig) 
         "--threads",
         type=int,
         default=DEFAULT_THREADS,
-        help="connections served at once; more wait in the listen backlog (%(default)s)",
+        help="requests answered at once; more wait, whole, for a free thread (%(default)s)",
     )
     serve.add_argument(
         "--read-timeout",
         type=float,
         default=DEFAULT_READ_TIMEOUT,
-        help="seconds a socket read may wait, idle keep-alive included (%(default)s)",
+        help="seconds a client may stay silent, idle keep-alive included (%(default)s)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        help="seconds a whole request (headers and body) may take to arrive; 408 after "
+        "(%(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="open connections at most; past it the longest-waiting one is closed (%(default)s)",
     )
 
 
@@ -127,7 +142,14 @@ def serve(args: argparse.Namespace) -> None:
     # No embedded host name on a socket: only the in-process transport may use it.
     app = create_app(args.data_dir, config, embedded_host=None)
     server = build_server(
-        app, args.host, args.port, threads=args.threads, read_timeout=args.read_timeout
+        app,
+        args.host,
+        args.port,
+        threads=args.threads,
+        read_timeout=args.read_timeout,
+        request_timeout=args.request_timeout,
+        max_connections=args.max_connections,
+        max_body_bytes=config.max_body_bytes,
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)
     print(
