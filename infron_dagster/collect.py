@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -318,7 +319,7 @@ def _write_tables(
         )
         outcome.input_rows = inputs.metadata.num_rows + invalid.num_rows
         reuse = BODY_HASH in inputs.schema_arrow.names
-        answers = _Answers(storage, partition_key) if reuse else None
+        answers = _Answers(storage, partition_key, outcome) if reuse else None
         columns = builder.input_columns + ([BODY_HASH] if answers else [])
         batches = inputs.iter_batches(batch_size=SLICE_ROWS, columns=columns)
         results_path = storage.table_path("results", partition_key)
@@ -357,10 +358,12 @@ class _Answers:
     """The requests this partition's own batches answered (reuse_answers="pipeline"): by
     body hash, for other partitions to carry instead of paying again (see ``reuse``)."""
 
-    def __init__(self, storage: BatchStorage, partition_key: str | None) -> None:
-        self.storage, self.partition_key = storage, partition_key
-        manifests = load_manifests(storage, partition_key)
-        self.own = pa.array(sorted({b for m in manifests for b in m.batch_ids}), pa.string())
+    def __init__(
+        self, storage: BatchStorage, partition_key: str | None, parent: CollectOutcome
+    ) -> None:
+        self.storage, self.partition_key, self.parent = storage, partition_key, parent
+        self.manifests = load_manifests(storage, partition_key)
+        self.own = pa.array(sorted({b for m in self.manifests for b in m.batch_ids}), pa.string())
         self.parts: list[pa.Table] = []
 
     def add(self, inputs: pa.Table, results: pa.Table) -> None:
@@ -378,15 +381,67 @@ class _Answers:
         )
 
     def write(self) -> None:
+        """Add them to the partition's answers file. Earlier entries stay while their
+        attempt's result files exist (a question no longer asked here was still answered);
+        an attempt with result files but not in the file (an unreadable or old-layout file,
+        an attempt replaced while in flight) is read from its result files once."""
         schema = _ANSWERED
         table = pa.concat_tables([p.cast(schema) for p in self.parts] or [schema.empty_table()])
         table = table.filter(table.column("body_hash").is_valid())
-        write_answers(self.storage, self.partition_key, table)
+        raw = self.storage.list_files(self.storage.partition_dir("raw", self.partition_key))
+        downloaded = {int(m.group(1)) for n in raw if (m := _MARKER_RE.match(n))}
+        write_answers(
+            self.storage,
+            self.partition_key,
+            table,
+            complete=[m.attempt for m in active_attempts(self.manifests)],
+            attempts=sorted(downloaded & {m.attempt for m in self.manifests}),
+            rebuild=self._rebuild,
+        )
+
+    def _rebuild(self, attempt: int) -> pa.Table | None:
+        """What attempt ``attempt`` itself sent and was answered, from its result files."""
+        manifest = next(m for m in self.manifests if m.attempt == attempt)
+        try:
+            with self.storage.attempt_file("inputs", self.partition_key, attempt).open("rb") as fh:
+                names = pq.ParquetFile(fh).schema_arrow.names
+                if BODY_HASH not in names:  # sent before pipeline reuse: no body hashes
+                    return _ANSWERED.empty_table()
+                fh.seek(0)
+                wanted = [CUSTOM_ID, BODY_HASH] + ([CARRIED_FROM] if CARRIED_FROM in names else [])
+                snapshot = pq.read_table(fh, columns=wanted)
+            if CARRIED_FROM in snapshot.column_names:  # carried rows were answered elsewhere
+                snapshot = snapshot.filter(snapshot.column(CARRIED_FROM).is_null())
+            marker = self.storage.attempt_dir("raw", self.partition_key, attempt) / "batches.json"
+            scratch = CollectOutcome(ready=True, batches=self.storage.read_json(marker))
+            scratch.max_line_bytes = self.parent.max_line_bytes
+            outcomes = _attempt_outcomes(self.storage, manifest, scratch)
+        except Exception as exc:  # tried again at the next collection
+            logger.warning(
+                "answers of partition %r attempt %d cannot be read back: %s",
+                self.partition_key,
+                attempt,
+                printable(str(exc), 200),
+            )
+            return None
+        ids = outcomes.filter(outcomes.column("ok")).column(CUSTOM_ID)
+        position = pc.index_in(ids, value_set=snapshot.column(CUSTOM_ID))
+        valid = position.is_valid()
+        found = pc.filter(ids, valid)
+        return pa.table(
+            {
+                "body_hash": snapshot.column(BODY_HASH).take(pc.filter(position, valid)),
+                "custom_id": found,
+                "attempt": pa.array([attempt] * len(found), pa.int64()),
+            },
+            schema=_ANSWERED,
+        )
 
 
 _ANSWERED = pa.schema(
     [("body_hash", pa.string()), ("custom_id", pa.string()), ("attempt", pa.int64())]
 )
+_MARKER_RE = re.compile(r"^attempt=(\d+)/batches\.json$")
 
 
 class _TableFile:
