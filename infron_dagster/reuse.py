@@ -2,24 +2,35 @@
 
 A request's *body hash* is the hash of its request line without the ``custom_id`` (which is
 derived from the partition, so the same prompt in two partitions is two different lines).
-Collection writes, per partition, a small Parquet file of the requests that partition's own
+Collection keeps, per partition, a small Parquet file of the requests that partition's own
 attempts answered successfully::
 
     <root>/<name>/answers/partition=<key>/answers.parquet
         hash64 (uint64), body_hash, partition_key, attempt, custom_id
+        schema metadata: the attempts whose every answer it lists
+
+The file is a cache of what the manifests and result files say. Each collection of the
+partition adds its answers and keeps the earlier entries whose attempt still has its result
+files (a question the partition no longer asks was still answered, and stays reusable); an
+attempt with result files that the file does not cover (an unreadable or old-layout file, an
+attempt replaced while in flight) is read back from its result files once. An unreadable
+file is skipped by readers, with a warning naming it: its answers are sent again, never
+fail a submission.
 
 A submission with ``reuse_answers="pipeline"`` loads only the ``hash64`` column of every
 partition's file (one listing, then concurrent reads), keeps it as one sorted numpy array
 (8 bytes per answered request, plus 8 to find the file and row again), and looks up each
 slice's body hashes in it. A candidate is confirmed against the full 128-bit hash, read from
-its partition's file (cached per file), so a 64-bit collision never carries a wrong answer.
+its partition's file (cached per file), so a 64-bit collision never carries a wrong answer;
+and it is carried only while its attempt's manifest, ``batches.json`` and every result file
+it lists exist (checked once per source attempt: two GETs and one LIST), else it is sent.
 
 Why this shape: the files are written where the answers are made (collection, under the
-partition's lock), so there is no shared index to lock or compact; a partition collected
-again rewrites its own file. The cost of a lookup is one LIST and one GET per collected
-partition (concurrent), and 16 bytes of memory per answered request in the pipeline: a
-year of daily partitions is ~365 GETs. Far beyond that (hundreds of thousands of
-partitions) a compacted index would be the next step.
+partition's lock), so there is no shared index to lock or compact. The cost of a lookup is
+one LIST and one GET per collected partition (concurrent), however many attempts each had,
+plus the check of each source attempt actually used, and 16 bytes of memory per answered
+request in the pipeline: a year of daily partitions is ~365 GETs. Far beyond that (hundreds
+of thousands of partitions) a compacted index would be the next step.
 
 Example:
     >>> index = AnswerIndex.load(storage, exclude="2026-11-24")

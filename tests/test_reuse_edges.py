@@ -230,3 +230,26 @@ def test_an_answer_whose_files_are_gone_is_sent_not_carried(flow):
     assert sorted(flow.sent()) == sorted([*before, *q([0, 1])])
     results, failed = flow.collect("b")
     assert failed.empty and sorted(results["text"]) == sorted(q([0, 1, 12]))
+
+
+def test_answers_of_an_attempt_replaced_in_flight_serve_the_others(flow, clock):
+    """a's input changes while its first attempt runs: the second carries the unchanged rows
+    from it (waits for it); the answers only the first attempt gave stay reusable too."""
+    make_local_dir(flow.server, in_progress_seconds=60)
+    flow.asks["a"] = q(range(10))
+    flow.submit("a")
+    clock.now += 10
+    flow.asks["a"] = q(range(5, 15))
+    assert flow.submit("a")["carried_from_in_flight"] == 5
+    clock.now += 100
+    results, failed = flow.collect("a")
+    assert failed.empty and sorted(results["text"]) == sorted(q(range(5, 15)))
+
+    before = sorted(flow.sent())
+    assert before == sorted(q(range(15)))
+    flow.asks["b"] = q(range(5))  # answered only by a's first attempt
+    assert flow.submit("b")["carried_from_other_partitions"] == 5
+    assert sorted(flow.sent()) == before
+    results, failed = flow.collect("b")
+    assert failed.empty and sorted(results["text"]) == sorted(q(range(5)))
+    assert results["response_text"].str.len().gt(0).all()
