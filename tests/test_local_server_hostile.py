@@ -331,12 +331,18 @@ def test_a_bug_while_finishing_a_batch_fails_that_batch_not_the_server(
 
 def test_deeply_nested_json_body_is_400(tmp_path: Path) -> None:
     client = make(tmp_path)
-    for payload in (b"[" * 100_000, b'{"requests":' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    cases = {
+        b"[" * 100_000: "JSON object",  # refused at its first byte, never parsed
+        b'{"requests":[' + deep + b"]}": "nest",
+        b'{"metadata":' + deep + b"}": "nest",
+    }
+    for payload, fragment in cases.items():
         response = client.post(
             "/batches", content=payload, headers={"Content-Type": "application/json"}
         )
         assert response.status_code == 400, response.text
-        assert "nest" in response.json()["error"]["message"]
+        assert fragment in response.json()["error"]["message"]
     assert temp_files(tmp_path) == []
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from . import engine, multipart
+from . import engine, jsonstream, multipart
 from .config import LocalServerConfig, load_config
 from .errors import ApiError
 from .hosts import EMBEDDED_HOST, host_allowed
@@ -78,21 +78,6 @@ class Request:
             raise _too_large(cap)
         return BodyInput(self.environ["wsgi.input"], length, cap)
 
-    def json(self, cap: int) -> dict[str, Any]:
-        """The body parsed as a JSON object (empty body -> {})."""
-        data = self.body_stream(cap).read_all()
-        if not data.strip():
-            return {}
-        try:
-            body = json.loads(data)
-        except RecursionError:
-            raise ApiError(400, "The request body is nested too deeply.") from None
-        except ValueError as exc:
-            raise ApiError(400, f"The request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "The request body must be a JSON object.")
-        return body
-
 
 class BodyInput:
     """``wsgi.input`` bounded by Content-Length and by the body cap.
@@ -126,15 +111,6 @@ class BodyInput:
         if self.received > self._cap:
             raise _too_large(self._cap)
         return data
-
-    def read_all(self) -> bytes:
-        """The whole body; a 400 when it ends before its declared length."""
-        chunks = []
-        while data := self.read(_CHUNK):
-            chunks.append(data)
-        if self._left:
-            raise ApiError(400, "The body ended before Content-Length bytes arrived.")
-        return b"".join(chunks)
 
     @property
     def short(self) -> bool:
@@ -404,12 +380,50 @@ class LocalBatchApp:
     # -- batches -----------------------------------------------------------------------------
 
     def create_batch(self, request: Request) -> Response:
-        """POST /batches: OpenAI style (input_file_id) or Infron style (inline requests)."""
-        body = request.json(self.config.max_body_bytes)
-        inline = "requests" in body
-        record = self._create_infron(body) if inline else self._create_openai(body)
+        """POST /batches: OpenAI style (input_file_id) or Infron style (inline requests).
+
+        The body is parsed as it streams in, the inline requests go to a temp file one by
+        one: a large inline batch never sits in memory whole (see jsonstream.py).
+        """
+        raw = self.store.tmp_path(".requests")
+        try:
+            body = self._read_create_body(request, raw)
+            inline = "requests" in body
+            record = self._create_infron(body, raw) if inline else self._create_openai(body)
+        finally:
+            raw.unlink(missing_ok=True)
         # Every batch answers its creation as validating, even with zero timings.
         return self._render(request, record, engine.State("validating"))
+
+    def _read_create_body(self, request: Request, raw: Path) -> dict[str, Any]:
+        stream = request.body_stream(self.config.max_body_bytes)
+
+        def read(size: int) -> bytes:
+            data = stream.read(size)
+            if not data and stream.short:
+                raise ApiError(400, "The body ended before Content-Length bytes arrived.")
+            return data
+
+        with open(raw, "w", encoding="utf-8") as out:
+
+            def keep(item: Any) -> None:
+                out.write(_dump_line(item) + "\n")
+
+            try:
+                return jsonstream.read_object(read, "requests", keep)
+            except RecursionError:
+                raise ApiError(400, "The request body is nested too deeply.") from None
+            except jsonstream.MemberTooLarge:
+                raise ApiError(
+                    413,
+                    "A member of the request body other than 'requests' is over "
+                    f"{jsonstream.MAX_MEMBER_CHARS} characters.",
+                    code="member_too_large",
+                ) from None
+            except jsonstream.JsonStreamError as exc:
+                if str(exc).startswith("expected one of '{'"):
+                    raise ApiError(400, "The request body must be a JSON object.") from None
+                raise ApiError(400, f"The request body is not valid JSON: {exc}") from None
 
     def _create_openai(self, body: dict[str, Any]) -> dict[str, Any]:
         file_id = body.get("input_file_id")
@@ -430,17 +444,19 @@ class LocalBatchApp:
             "openai", endpoint, file_id, window, _metadata(body.get("metadata")), mixed=False
         )
 
-    def _create_infron(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _create_infron(self, body: dict[str, Any], raw: Path) -> dict[str, Any]:
         requests = body["requests"]
-        if not isinstance(requests, list) or not requests:
+        if not isinstance(requests, jsonstream.Streamed) or not requests.count:
             raise ApiError(400, "'requests' must be a non-empty list.", param="requests")
         explicit = body.get("endpoint") is not None
         endpoint = _endpoint(body["endpoint"] if explicit else "/v1/chat/completions")
         metadata = _metadata(body.get("metadata"))
         tmp = self.store.tmp_path(".jsonl")
         try:
-            with open(tmp, "w", encoding="utf-8") as out:
-                for item in requests:
+            # A second pass, line by line: the endpoint may come after the requests.
+            with open(raw, encoding="utf-8") as lines, open(tmp, "w", encoding="utf-8") as out:
+                for line in lines:
+                    item = json.loads(line)
                     out.write(_dump_line(_infron_line(item, endpoint, explicit)) + "\n")
             meta = self.store.add_file(tmp, filename="infron_requests.jsonl", purpose="batch")
         finally:
