@@ -148,6 +148,11 @@ def _mtime(info: dict[str, Any]) -> float:
         return 0.0
 
 
+def _lock_body(token: str) -> bytes:
+    """A lock's content: its holder and when it last proved alive."""
+    return json.dumps({"token": token, "created": time.time()}, allow_nan=False).encode()
+
+
 class BatchStorage:
     """Paths, atomic writes and partition locks for one pipeline's files.
 
@@ -352,8 +357,17 @@ class BatchStorage:
                 os.remove(tmp)
 
     def write_json(self, path: UPath, data: dict[str, Any]) -> None:
-        """Atomically write a JSON document."""
-        self.write_bytes(path, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+        """Atomically write a JSON document.
+
+        A NaN or an infinity is refused (``ValueError`` naming the file) before anything is
+        written: JSON has no such numbers, and a file holding ``Infinity`` is not JSON to
+        other readers (Spark, jq, a browser).
+        """
+        try:
+            text = json.dumps(data, indent=2, sort_keys=True, default=str, allow_nan=False)
+        except ValueError as exc:
+            raise ValueError(f"{path} not written: {exc} (a NaN or an infinity)") from exc
+        self.write_bytes(path, text.encode())
 
     def read_json(self, path: UPath) -> dict[str, Any]:
         """Read a JSON document."""
@@ -443,7 +457,7 @@ class BatchStorage:
                 if self._owner(path) != token:
                     logger.warning("lock %s was broken by another run", path)
                     return  # judged dead by someone else: do not fight over it
-                body = json.dumps({"token": token, "created": time.time()}).encode()
+                body = _lock_body(token)
                 self.write_bytes(path, body)
             except OSError as exc:  # keep trying: a missed beat only risks staleness
                 logger.warning("could not refresh lock %s: %s", path, exc)
@@ -455,7 +469,7 @@ class BatchStorage:
             return None
 
     def _try_create(self, path: UPath, token: str) -> bool:
-        body = json.dumps({"token": token, "created": time.time()}).encode()
+        body = _lock_body(token)
         try:
             if self.is_local:
                 os.makedirs(os.path.dirname(path.path), exist_ok=True)
