@@ -25,11 +25,22 @@ import pyarrow.parquet as pq
 from .client import DEFAULT_INFRON_MAX_TOKENS
 from .spec import RequestSpec
 from .storage import BatchStorage
+from .untrusted import printable
 
-__all__ = ["CostEstimate", "ModelPrice", "estimate_cost", "max_output_tokens"]
+__all__ = ["CostEstimate", "ModelPrice", "estimate_cost", "max_output_tokens", "untrusted_fees"]
 
 _OUTPUT_LIMIT_PARAMS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _SAMPLED_PARTITIONS = 5  # recent collected partitions read for the observed output mean
+
+# A reported fee is what was billed only if it could be: never negative or infinite, never
+# more than this many times the worst case estimated before sending (prices change and
+# estimates err, but not by two orders of magnitude)...
+ABSURD_OVER_WORST_CASE = 100.0
+# ...and, with no estimate (no ModelPrice), never more than this per token (1,000,000 per
+# million tokens: over a thousand times the dearest model's list price in dollars, over
+# ten times in yen) or per request.
+ABSURD_PER_TOKEN = 1.0
+ABSURD_PER_REQUEST = 10_000.0
 
 
 @dataclass(frozen=True)
@@ -180,3 +191,50 @@ def estimate_cost(
         output_basis=basis,
         price=price,
     )
+
+
+def untrusted_fees(
+    fees: dict[str, Any],
+    *,
+    worst_cost: float | None = None,
+    tokens: int | None = None,
+    requests: int | None = None,
+) -> str | None:
+    """Why the fees a provider reported for some batches cannot be what it billed, or None.
+
+    A fee is not trusted when it is not a number, negative or not finite; the fees of an
+    attempt are not trusted together when their sum is not finite or is absurd: more than
+    :data:`ABSURD_OVER_WORST_CASE` times ``worst_cost`` (the estimate made before sending),
+    or, without an estimate, more than :data:`ABSURD_PER_TOKEN` per token or
+    :data:`ABSURD_PER_REQUEST` per request.
+
+    Example:
+        >>> untrusted_fees({"b1": -1.0})
+        'batch b1 reported a fee of -1, which is negative'
+        >>> untrusted_fees({"b1": 0.02, "b2": 0.03}, worst_cost=0.1) is None
+        True
+    """
+    total = 0.0
+    for batch_id, fee in fees.items():
+        where = f"batch {printable(str(batch_id), 80)} reported a fee of"
+        if isinstance(fee, bool) or not isinstance(fee, (int, float)):
+            return f"{where} {printable(repr(fee), 40)}, which is not a number"
+        if not math.isfinite(fee):
+            return f"{where} {fee!r}, which is not a finite amount"
+        if fee < 0:
+            return f"{where} {fee:g}, which is negative"
+        total += fee
+    if not math.isfinite(total):
+        return "the reported fees sum to more than a number holds (not a finite amount)"
+    if worst_cost is not None and math.isfinite(worst_cost) and worst_cost >= 0:
+        if total > ABSURD_OVER_WORST_CASE * worst_cost:
+            return (
+                f"the reported fees ({total:.6g}) are more than {ABSURD_OVER_WORST_CASE:g}x "
+                f"the worst-case estimate ({worst_cost:.6g})"
+            )
+        return None
+    if tokens and total > ABSURD_PER_TOKEN * tokens:
+        return f"the reported fees ({total:.6g}) are more than {ABSURD_PER_TOKEN:g} per token"
+    if requests and total > ABSURD_PER_REQUEST * requests:
+        return f"the reported fees ({total:.6g}) are more than {ABSURD_PER_REQUEST:g} per request"
+    return None

@@ -4,7 +4,9 @@ like any other value.
 A row's cost is its tokens at the pipeline's :class:`~infron_dagster.ModelPrice` (list
 price less the batch discount). Without a price, when the provider reports what each batch
 cost (Infron's ``fees``), that fee is shared among the batch's rows by their tokens, so the
-rows of a batch sum to its fee. With neither, the cost is unknown (null).
+rows of a batch sum to its fee. With neither, or with a fee that cannot be true (negative,
+not finite, absurd per token: see :func:`~infron_dagster.pricing.untrusted_fees`), the cost
+is unknown (null).
 
 Example:
     >>> costs = RowCosts.from_outcomes(final, fees={"batch_1": 0.004}, price=None)
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .pricing import ModelPrice
+from .pricing import ModelPrice, untrusted_fees
 
 __all__ = ["RowCosts"]
 
@@ -83,7 +85,15 @@ class RowCosts:
         return self._shared_fees(_tokens(prompt, completion), batch_id, known)
 
     def _shared_fees(self, tokens: pa.Array, batch_id: pa.Array, known: pa.Array) -> pa.Array:
-        ids = [b for b, total in self.batch_tokens.items() if b in self.fees and total > 0]
+        # A fee that cannot be what was billed (negative, infinite, absurd per token) is
+        # not shared: those rows' cost is unknown (null), never negative or infinite.
+        ids = [
+            b
+            for b, total in self.batch_tokens.items()
+            if b in self.fees
+            and total > 0
+            and untrusted_fees({b: self.fees[b]}, tokens=total) is None
+        ]
         per_token = pa.array([self.fees[b] / self.batch_tokens[b] for b in ids], pa.float64())
         index = pc.index_in(batch_id, value_set=pa.array(ids, pa.string()))
         rate = per_token.take(index)  # null where the batch reported no fee
