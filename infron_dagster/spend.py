@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +18,15 @@ from typing import Any
 from .budget import Budget, SpendLedger
 from .manifest import Manifest
 from .prepare import PreparedRequests
-from .pricing import CostEstimate, ModelPrice, estimate_cost
+from .pricing import CostEstimate, ModelPrice, estimate_cost, untrusted_fees
 from .spec import RequestSpec
 from .storage import BatchStorage
 from .submit import Gate
+from .untrusted import printable
 
 __all__ = ["DryRunStop", "SpendControl"]
+
+logger = logging.getLogger(__name__)
 
 
 class DryRunStop(Exception):
@@ -94,30 +98,63 @@ class SpendControl:
         cost_by_attempt: dict[int, float],
         batches: dict[str, dict[str, Any]],
         partial: frozenset[int] = frozenset(),
-    ) -> None:
-        """Record each collected attempt's actual cost in the ledger.
+    ) -> dict[str, Any]:
+        """Record each collected attempt's actual cost in the ledger; return, as metadata,
+        why reported fees were not trusted (``{}`` when they all were, or none was reported).
 
         An attempt's cost is the fees its batches reported when every one reported them
         (what was billed), else the sum of its rows' ``cost`` column. An attempt in
         ``partial`` (one whose answers were only partly kept, such as an attempt in flight
         that a newer one waited on) keeps its reserved worst case unless its fees are known:
-        its kept rows alone would understate what it was billed.
+        its kept rows alone would understate what it was billed. Fees that cannot be what
+        was billed (negative, not finite, more than 100x the attempt's worst-case estimate:
+        :func:`~infron_dagster.pricing.untrusted_fees`) count as not reported: the ledger
+        keeps the estimate, and ``cost_reported_untrusted`` says why.
         """
-        if self.price is None:
-            return  # no price, no ledger entries to settle
-        ledger = SpendLedger(self.storage)
+        ledger = SpendLedger(self.storage) if self.price is not None else None
+        doubts: list[str] = []
         for manifest in attempts:
-            actual = _reported_fees(manifest, batches)
+            actual, doubt = self._reported_fees(manifest, batches)
+            if doubt is not None:
+                keeps = (
+                    "the rows' cost is unknown (no price)"
+                    if ledger is None
+                    else "the ledger keeps its reserved worst case"
+                    if manifest.attempt in partial
+                    else "the ledger keeps the rows' cost at the pipeline's price"
+                )
+                doubts.append(f"attempt {manifest.attempt}: {doubt}: not trusted; {keeps}")
+                logger.warning(
+                    "partition %r: %s", printable(manifest.partition_key, 100), doubts[-1]
+                )
+            if ledger is None or not (manifest.spend and manifest.spend.get("entry")):
+                continue
             if actual is None and manifest.attempt in partial:
                 continue
             if actual is None:
                 actual = cost_by_attempt.get(manifest.attempt, 0.0)
-            if manifest.spend and manifest.spend.get("entry"):
-                ledger.settle(manifest.spend["day"], manifest.spend["entry"], actual)
+            ledger.settle(
+                manifest.spend["day"],
+                manifest.spend["entry"],
+                actual,
+                reservation={
+                    "partition_key": manifest.partition_key,
+                    "attempt": manifest.attempt,
+                    "worst_cost": manifest.spend.get("worst_cost"),
+                },
+            )
+        return {"cost_reported_untrusted": "; ".join(doubts)} if doubts else {}
 
-
-def _reported_fees(manifest: Manifest, batches: dict[str, dict[str, Any]]) -> float | None:
-    fees = [batches.get(batch_id, {}).get("cost") for batch_id in manifest.batch_ids]
-    if not fees or any(fee is None for fee in fees):
-        return None
-    return float(sum(fees))
+    def _reported_fees(
+        self, manifest: Manifest, batches: dict[str, dict[str, Any]]
+    ) -> tuple[float | None, str | None]:
+        """What the attempt's batches reported they cost (None unless every one did), and
+        why that cannot be what was billed (None when it can)."""
+        reported = {b: batches.get(b, {}).get("cost") for b in manifest.batch_ids}
+        known = {b: fee for b, fee in reported.items() if fee is not None}
+        worst = (manifest.spend or {}).get("worst_cost") if self.price is not None else None
+        requests = sum(c.requests for c in manifest.chunks if c.batch_id in known)
+        doubt = untrusted_fees(known, worst_cost=worst, requests=requests) if known else None
+        if doubt is not None or not reported or len(known) < len(reported):
+            return None, doubt
+        return float(sum(known.values())), None
