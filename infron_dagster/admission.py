@@ -16,6 +16,12 @@ an entry when it sees the chunk's batch terminal. A chunk's tokens are its share
 attempt's estimated input tokens (by bytes) plus ``requests x max_output_tokens`` (the
 output limit): more than the provider counts, so a submission that fits here fits there.
 
+The ledger is a cache: the manifests are the truth. What waits is read from the manifests
+(the attempts not fully submitted), never from the ledger; a ledger that is missing,
+unreadable or foreign is rebuilt from the manifests of the root's pipelines (with a warning
+naming the file), and an entry without a batch is checked against its manifest whenever no
+run holds the partition's lock.
+
 Example:
     >>> control = AdmissionControl(storage, max_enqueued_tokens=2_000_000, output_tokens=256)
     >>> control.in_flight()
@@ -25,9 +31,10 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -35,19 +42,15 @@ from typing import Any
 from .errors import InfronError
 from .manifest import ChunkRecord, Manifest, load_manifests
 from .models import Batch
-from .storage import BatchStorage, encode_partition
+from .storage import BatchStorage, LockTimeout, encode_partition
+from .untrusted import printable
 
 __all__ = ["AdmissionControl", "Admitted", "chunk_tokens", "is_limit_refusal"]
 
 logger = logging.getLogger(__name__)
 
 LEDGER = "_admission"
-# An entry reserved for a chunk that never got a batch (its run died before the create
-# call, or the call was refused) is released after this long unless the chunk is uncertain.
-RESERVATION_GRACE_SECONDS = 600.0
-# A submit run the sensor requested that admitted nothing by then (it failed, or it was
-# lost) is requested again, under a new run_key.
-REQUEST_RETRY_SECONDS = 600.0
+_VERSION = 2
 
 
 def chunk_tokens(manifest: Manifest, chunk: ChunkRecord, output_tokens: int) -> int:
@@ -82,17 +85,25 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _age(stamp: str | None) -> float:
-    try:
-        when = datetime.fromisoformat(stamp or "")
-    except ValueError:
-        return math.inf
-    return (datetime.now(timezone.utc) - when).total_seconds()
-
-
 def _entry_key(pipeline: str, partition_key: str | None, attempt: int, chunk: int | None) -> str:
     raw = f"{pipeline}\x1f{partition_key!r}\x1f{attempt}\x1f{chunk}"
     return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+def _valid_entry(entry: Any) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    tokens, chunk, attempt = entry.get("tokens"), entry.get("chunk"), entry.get("attempt")
+    numbers = (tokens, chunk, attempt)
+    if any(isinstance(n, bool) or not isinstance(n, int) for n in numbers):
+        return False
+    key, batch = entry.get("partition_key"), entry.get("batch_id")
+    return (
+        tokens >= 0
+        and isinstance(entry.get("pipeline"), str)
+        and (key is None or isinstance(key, str))
+        and (batch is None or isinstance(batch, str))
+    )
 
 
 class AdmissionControl:
@@ -113,55 +124,140 @@ class AdmissionControl:
     ) -> None:
         if max_enqueued_tokens < 1:
             raise ValueError(f"max_enqueued_tokens must be >= 1, not {max_enqueued_tokens!r}")
-        options = dict(getattr(storage.root, "storage_options", {}) or {})
+        self.options = dict(getattr(storage.root, "storage_options", {}) or {})
         self.storage = storage
         self.limit = int(max_enqueued_tokens)
         self.output_tokens = int(output_tokens)
         self.scope = scope
-        self._store = BatchStorage(str(storage.root), LEDGER, options)
+        self._store = BatchStorage(str(storage.root), LEDGER, self.options)
         self._path = self._store.base / f"{encode_partition(scope)}.json"
 
-    # --- the ledger ------------------------------------------------------------------------
+    @property
+    def path(self) -> Any:
+        """The ledger file: ``<root>/_admission/<resource key>.json``."""
+        return self._path
 
-    def _read(self) -> dict[str, Any]:
+    # --- the ledger: a cache of the manifests --------------------------------------------
+
+    def _read(self) -> dict[str, dict[str, Any]] | None:
+        """The entries, or None when the file is missing, unreadable or foreign."""
         path = self._store.fresh(self._path)
-        if not self._store.exists(path):
-            return {"entries": {}, "waiting": {}}
-        data = self._store.read_json(path)
-        data.setdefault("entries", {})
-        data.setdefault("waiting", {})
-        return data
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            logger.warning(
+                "admission ledger %s is unreadable (%s): rebuilt from the manifests",
+                self._path,
+                printable(exc, 200),
+            )
+            return None
+        entries = data.get("entries") if isinstance(data, dict) else None
+        if not isinstance(entries, dict) or not all(map(_valid_entry, entries.values())):
+            logger.warning(
+                "admission ledger %s is not a ledger this version wrote: rebuilt from the "
+                "manifests",
+                self._path,
+            )
+            return None
+        return entries
 
-    def _write(self, data: dict[str, Any]) -> None:
-        self._store.write_json(self._path, data)
+    def _load(self) -> dict[str, dict[str, Any]]:
+        """The entries, rebuilt (and written) when the file cannot be used. Under the lock."""
+        entries = self._read()
+        if entries is None:
+            entries = self._rebuild()
+            self._write(entries)
+        return entries
+
+    def rebuild(self) -> int:
+        """Rebuild the ledger from the manifests now (``doctor``); the entries written."""
+        with self._lock():
+            entries = self._rebuild()
+            self._write(entries)
+        return len(entries)
+
+    def _write(self, entries: dict[str, dict[str, Any]]) -> None:
+        self._store.write_json(self._path, {"version": _VERSION, "entries": entries})
 
     def _lock(self) -> Any:
         return self._store.lock(f"lock-{self.scope}")
 
+    def _rebuild(self) -> dict[str, dict[str, Any]]:
+        """Entries for every chunk of the root's pipelines that may be enqueued now: created
+        and not known finished, or uncertain. Finished ones are released by the next tick."""
+        from .inflight import InFlightIndex  # the sensor's index; a lazy import keeps it light
+
+        entries: dict[str, dict[str, Any]] = {}
+        for name in self._pipelines():
+            storage = BatchStorage(str(self.storage.root), name, self.options)
+            partitions = InFlightIndex(storage, rescan_seconds=None, log=logger).in_flight()
+            for manifest in (m for p in partitions for m in p.attempts):
+                if manifest.admission_scope != self.scope or manifest.state == "collected":
+                    continue
+                for chunk in manifest.chunks:
+                    if chunk.batch_id or (chunk.uncertain and not manifest.cancelled):
+                        entry = self._entry(name, manifest, chunk)
+                        entry["batch_id"] = chunk.batch_id
+                        entries[
+                            _entry_key(name, manifest.partition_key, manifest.attempt, chunk.index)
+                        ] = entry
+        # A new lake has no ledger yet: only a rebuild that found work in flight is news.
+        (logger.warning if entries else logger.info)(
+            "admission ledger %s rebuilt from the manifests: %d chunk(s) in flight",
+            self._path,
+            len(entries),
+        )
+        return entries
+
+    def _pipelines(self) -> list[str]:
+        """The pipeline folders under the root (those with an in-flight index)."""
+        root = self._store.fresh(self.storage.root)
+        try:
+            names = [p.name for p in root.iterdir()]
+        except FileNotFoundError:
+            return []
+        return sorted(
+            n
+            for n in names
+            if not n.startswith("_") and (self.storage.root / n / "inflight").exists()
+        )
+
+    def _entry(self, name: str, manifest: Manifest, chunk: ChunkRecord) -> dict[str, Any]:
+        return {
+            "pipeline": name,
+            "partition_key": manifest.partition_key,
+            "attempt": manifest.attempt,
+            "chunk": chunk.index,
+            "tokens": chunk_tokens(manifest, chunk, self.output_tokens),
+            "batch_id": None,
+            "reserved_at": _now(),
+        }
+
     def in_flight(self) -> int:
         """Estimated tokens of the chunks created (or being created) and not yet terminal."""
-        return sum(int(e.get("tokens", 0)) for e in self._read()["entries"].values())
-
-    def waiting(self) -> list[dict[str, Any]]:
-        """The attempts with pending chunks, oldest first (every pipeline of the root)."""
-        return sorted(self._read()["waiting"].values(), key=lambda w: w.get("since", ""))
+        entries = self._read()
+        if entries is None:
+            with self._lock():
+                entries = self._load()
+        return sum(int(e["tokens"]) for e in entries.values())
 
     # --- submission ------------------------------------------------------------------------
 
     def admit(self, manifest: Manifest) -> Admitted:
-        """Reserve capacity for the chunks of ``manifest`` that fit, in order, and record the
-        rest as waiting. A chunk reserved earlier (its create was interrupted) is admitted
-        again without a second reservation; a chunk bigger than the whole limit is admitted
-        alone, when nothing else is in flight."""
+        """Reserve capacity for the chunks of ``manifest`` that fit, in order; the rest wait
+        (in the manifest, as chunks without a batch). A chunk reserved earlier (its create
+        was interrupted) is admitted again without a second reservation; a chunk bigger than
+        the whole limit is admitted alone, when nothing else is in flight."""
         name, key, attempt = self.storage.name, manifest.partition_key, manifest.attempt
-        todo = [c for c in manifest.chunks if not c.batch_id]
+        manifest.admission_scope = self.scope
         result = Admitted()
         with self._lock():
-            data = self._read()
-            entries = data["entries"]
-            total = sum(int(e.get("tokens", 0)) for e in entries.values())
+            entries = self._load()
+            total = sum(int(e["tokens"]) for e in entries.values())
             blocked = False
-            for chunk in todo:
+            for chunk in (c for c in manifest.chunks if not c.batch_id):
                 ekey = _entry_key(name, key, attempt, chunk.index)
                 if ekey in entries:  # reserved by an interrupted run: counted already
                     result.chunks.append(chunk.index)
@@ -173,23 +269,13 @@ class AdmissionControl:
                     blocked = True
                     result.pending_chunks += 1
                     result.pending_requests += chunk.requests
-                    if not result.reason:
-                        result.reason = self._why(tokens, total)
+                    result.reason = result.reason or self._why(tokens, total)
                     continue
                 result.oversize = result.oversize or alone
                 total += tokens
-                entries[ekey] = {
-                    "pipeline": name,
-                    "partition_key": key,
-                    "attempt": attempt,
-                    "chunk": chunk.index,
-                    "tokens": tokens,
-                    "batch_id": None,
-                    "reserved_at": _now(),
-                }
+                entries[ekey] = self._entry(name, manifest, chunk)
                 result.chunks.append(chunk.index)
-            self._set_waiting(data, manifest, admitted_any=bool(result.chunks))
-            self._write(data)
+            self._write(entries)
         if result.oversize:
             logger.warning(
                 "partition %r attempt %d: a chunk is bigger than max_enqueued_tokens=%d; it is "
@@ -211,173 +297,132 @@ class AdmissionControl:
             f"chunk needs ~{tokens}; the sensor submits the rest when batches finish"
         )
 
-    def settle(self, manifest: Manifest, created_any: bool) -> None:
-        """After the create calls: record the batch ids, drop the reservations of chunks that
-        were not created (refused, or never tried; an uncertain chunk keeps its reservation:
-        it may exist), and update (or clear) the attempt's waiting record."""
-        name, key, attempt = self.storage.name, manifest.partition_key, manifest.attempt
+    def settle(self, manifest: Manifest, created_any: bool = True) -> None:
+        """After the create calls: record the batch ids and drop the reservations of chunks
+        that were not created (refused, or never tried; an uncertain chunk keeps its
+        reservation: it may exist)."""
         with self._lock():
-            data = self._read()
-            entries = data["entries"]
-            for chunk in manifest.chunks:
-                ekey = _entry_key(name, key, attempt, chunk.index)
-                if ekey not in entries:
-                    continue
-                if chunk.batch_id:
-                    entries[ekey]["batch_id"] = chunk.batch_id
-                elif not chunk.uncertain:
-                    del entries[ekey]
-            self._set_waiting(data, manifest, admitted_any=created_any)
-            self._write(data)
+            entries = self._load()
+            self._reconcile(entries, self.storage.name, manifest)
+            self._write(entries)
 
-    def _set_waiting(self, data: dict[str, Any], manifest: Manifest, admitted_any: bool) -> None:
-        name, key, attempt = self.storage.name, manifest.partition_key, manifest.attempt
-        wkey = _entry_key(name, key, attempt, None)
-        pending = [c for c in manifest.chunks if not c.batch_id]
-        entries = data["entries"]
-        unreserved = [
-            c for c in pending if _entry_key(name, key, attempt, c.index) not in entries
-        ]
-        if not unreserved:
-            data["waiting"].pop(wkey, None)
-            return
-        old = data["waiting"].get(wkey, {})
-        data["waiting"][wkey] = {
-            "pipeline": name,
-            "partition_key": key,
-            "attempt": attempt,
-            "kind": manifest.kind,  # a retry is resumed by a run with retry_failed set
-            "run_key": manifest.run_key,
-            "pending_chunks": len(unreserved),
-            "pending_requests": sum(c.requests for c in unreserved),
-            "tokens": [chunk_tokens(manifest, c, self.output_tokens) for c in unreserved],
-            "since": old.get("since", _now()),
-            # Bumped by a run that could create nothing: its run_key must not repeat.
-            "tries": int(old.get("tries", 0)) + (0 if admitted_any or not old else 1),
-        }
+    @staticmethod
+    def _reconcile(entries: dict[str, dict[str, Any]], name: str, manifest: Manifest) -> int:
+        """Make one attempt's entries agree with its manifest; how many were dropped."""
+        dropped = 0
+        for chunk in manifest.chunks:
+            ekey = _entry_key(name, manifest.partition_key, manifest.attempt, chunk.index)
+            if ekey not in entries:
+                continue
+            if chunk.batch_id:
+                entries[ekey]["batch_id"] = chunk.batch_id
+            elif not chunk.uncertain or manifest.cancelled:
+                del entries[ekey]
+                dropped += 1
+        return dropped
 
     # --- the sensor ------------------------------------------------------------------------
 
-    def release_and_schedule(
+    def release(
         self,
         polled: dict[str, Batch | Exception],
         poll: Callable[[list[str]], dict[str, Batch | Exception]],
         log: logging.Logger | None = None,
-    ) -> list[dict[str, Any]]:
-        """Release the entries of this pipeline whose batches are terminal, then return the
-        waiting attempts of this pipeline that now fit, oldest first (one run each).
-
-        ``polled`` holds what the tick already polled; ``poll`` polls the rest.
-        """
+    ) -> int:
+        """Release the entries of this pipeline whose batches are terminal, and the
+        reservations no run holds (checked against the manifests while holding the
+        partition's lock). ``polled`` holds what the tick already polled; ``poll`` polls the
+        rest. Returns how many entries were released."""
         log = log or logger
         name = self.storage.name
-        data = self._read()
-        mine = {k: e for k, e in data["entries"].items() if e.get("pipeline") == name}
-        waiting = [w for w in data["waiting"].values() if w.get("pipeline") == name]
-        if not mine and not waiting:
-            return []
-        ids = [e["batch_id"] for e in mine.values() if e.get("batch_id")]
+        entries = self._read()
+        if entries is None:
+            with self._lock():
+                entries = self._load()
+        mine = {k: e for k, e in entries.items() if e["pipeline"] == name}
+        ids = [e["batch_id"] for e in mine.values() if e["batch_id"]]
         missing = [bid for bid in ids if bid not in polled]
         states = {**polled, **(poll(missing) if missing else {})}
         done = {
             k
             for k, e in mine.items()
-            if isinstance(states.get(e.get("batch_id") or ""), Batch)
+            if isinstance(states.get(e["batch_id"] or ""), Batch)
             and states[e["batch_id"]].is_terminal
         }
-        stale, found = self._unbatched(mine)
-        if done or stale or found:
+        unbatched = {e["partition_key"] for e in mine.values() if not e["batch_id"]}
+        released = len(done)
+        if done:
             with self._lock():
-                data = self._read()
-                for k in done | stale:
-                    data["entries"].pop(k, None)
-                for k, bid in found.items():
-                    if k in data["entries"]:
-                        data["entries"][k]["batch_id"] = bid
-                self._write(data)
-            if done or stale:
-                log.info(f"{name}: released {len(done) + len(stale)} chunk(s) from the queue")
-        total = sum(int(e.get("tokens", 0)) for e in data["entries"].values())
-        ready, gone = [], []
-        for w in sorted(data["waiting"].values(), key=lambda w: w.get("since", "")):
-            if w.get("pipeline") != name:
-                continue
-            fitted, room = 0, total
-            for tokens in w.get("tokens", []):
+                entries = self._load()
+                for k in done:
+                    entries.pop(k, None)
+                self._write(entries)
+        for key in sorted(unbatched, key=lambda k: (k is None, k or "")):
+            released += self.reconcile_partition(key)
+        if released:
+            log.info(f"{name}: released {released} chunk(s) from the queue")
+        return released
+
+    def reconcile_partition(self, partition_key: str | None) -> int:
+        """Check a partition's entries against its manifests, if no run holds its lock (a
+        run that reserved and died leaves entries without a batch: they are released).
+        Returns how many entries were dropped; 0 when a run holds the lock."""
+        try:
+            with self.storage.lock(partition_key, wait_seconds=0):
+                manifests = load_manifests(self.storage, partition_key)
+                with self._lock():
+                    entries = self._load()
+                    dropped = self._drop_gone(entries, partition_key, manifests)
+                    for manifest in manifests:
+                        dropped += self._reconcile(entries, self.storage.name, manifest)
+                    self._write(entries)
+                return dropped
+        except LockTimeout:
+            return 0  # a submission runs now: its own settle reconciles
+
+    def _drop_gone(
+        self,
+        entries: dict[str, dict[str, Any]],
+        partition_key: str | None,
+        manifests: Sequence[Manifest],
+    ) -> int:
+        """Drop the partition's unbatched entries whose attempt has no manifest any more."""
+        have = {m.attempt for m in manifests}
+        gone = [
+            k
+            for k, e in entries.items()
+            if e["pipeline"] == self.storage.name
+            and e["partition_key"] == partition_key
+            and not e["batch_id"]
+            and e["attempt"] not in have
+        ]
+        for k in gone:
+            del entries[k]
+        return len(gone)
+
+    def ready(self, waiting: Sequence[Manifest]) -> list[Manifest]:
+        """The attempts of ``waiting`` (oldest first) whose next unsent chunk fits now,
+        each counted as taking its fitting chunks' room, so one tick does not promise the
+        same room twice."""
+        entries = self._read()
+        if entries is None:
+            with self._lock():
+                entries = self._load()
+        room = sum(int(e["tokens"]) for e in entries.values())
+        name, ready = self.storage.name, []
+        for manifest in waiting:
+            fitted = 0
+            for chunk in (c for c in manifest.chunks if not c.batch_id):
+                ekey = _entry_key(name, manifest.partition_key, manifest.attempt, chunk.index)
+                if ekey in entries:  # reserved already (uncertain): its room is counted
+                    fitted += 1
+                    continue
+                tokens = chunk_tokens(manifest, chunk, self.output_tokens)
                 if room + tokens <= self.limit or (room == 0 and tokens > self.limit):
                     room += tokens
                     fitted += 1
                 else:
                     break
-            if not fitted:
-                continue
-            if self._stale(w):  # replaced, or submitted by another run since
-                gone.append(_entry_key(name, w["partition_key"], int(w["attempt"]), None))
-                continue
-            total = room
-            ready.append(w)
-        return self._record_requests(ready, gone)
-
-    def _record_requests(
-        self, ready: list[dict[str, Any]], gone: list[str]
-    ) -> list[dict[str, Any]]:
-        """Drop the stale records; stamp when each ready one was requested, and give a new
-        run_key (``tries``) to one whose earlier request admitted nothing in time."""
-        if not ready and not gone:
-            return ready
-        name = self.storage.name
-        with self._lock():
-            data = self._read()
-            for k in gone:
-                data["waiting"].pop(k, None)
-            fresh = []
-            for w in ready:
-                key = _entry_key(name, w["partition_key"], int(w["attempt"]), None)
-                record = data["waiting"].get(key)
-                if record is None:  # admitted by its run meanwhile
-                    continue
-                if record.get("requested_at") is None:
-                    record["requested_at"] = _now()
-                elif _age(record["requested_at"]) > REQUEST_RETRY_SECONDS:
-                    record["tries"] = int(record.get("tries", 0)) + 1
-                    record["requested_at"] = _now()
-                fresh.append(dict(record))
-            self._write(data)
-        return fresh
-
-    def _unbatched(self, mine: dict[str, dict[str, Any]]) -> tuple[set[str], dict[str, str]]:
-        """Entries with no batch id past the grace: released unless their chunk is uncertain
-        (it may exist); a batch id found in the manifest is recorded instead."""
-        stale, found = set(), {}
-        for k, e in mine.items():
-            if e.get("batch_id") or _age(e.get("reserved_at")) < RESERVATION_GRACE_SECONDS:
-                continue
-            chunk = self._chunk(e["partition_key"], int(e["attempt"]), int(e["chunk"]))
-            if chunk is None or (not chunk.batch_id and not chunk.uncertain):
-                stale.add(k)
-            elif chunk.batch_id:
-                found[k] = chunk.batch_id
-        return stale, found
-
-    def _stale(self, w: dict[str, Any]) -> bool:
-        """A waiting record whose attempt is gone, abandoned or fully submitted since, or
-        replaced by a newer initial attempt (changed input): its chunks will never be sent,
-        so it must not hold the queue's room."""
-        attempt = int(w["attempt"])
-        manifests = {m.attempt: m for m in load_manifests(self.storage, w["partition_key"])}
-        manifest = manifests.get(attempt)
-        if manifest is None or manifest.state == "abandoned" or manifest.fully_submitted:
-            return True
-        return any(
-            m.attempt > attempt and m.kind == "initial" and m.state != "abandoned"
-            for m in manifests.values()
-        )
-
-    def _chunk(self, partition_key: str | None, attempt: int, index: int) -> ChunkRecord | None:
-        path = self.storage.manifest_path(partition_key, attempt)
-        if not self.storage.exists(path):
-            return None
-        manifest = Manifest.from_dict(self.storage.read_json(path))
-        if manifest.state == "abandoned":
-            return None
-        return next((c for c in manifest.chunks if c.index == index), None)
+            if fitted:
+                ready.append(manifest)
+        return ready

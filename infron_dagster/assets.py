@@ -277,6 +277,7 @@ def build_infron_batch_assets(
         minimum_interval_seconds=sensor_interval_seconds,
         default_status=sensor_default_status,
         admission=admission,
+        budget_ledger=price is not None,
     )
     retry_job = dg.define_asset_job(
         f"{name}_retry",
@@ -561,7 +562,7 @@ def _cancel_first(
         gate(manifest, new_spend)
         new = not storage.exists(storage.manifest_path(key, manifest.attempt))
         if new and new_spend:
-            outcome = cancel_partition(client, storage, key)
+            outcome = cancel_partition(client, storage, key, holding_lock=True)
             cancelled.extend(outcome.cancelled_ids)
 
     return check
@@ -649,12 +650,18 @@ class _Submission:
     def _admission_metadata(self) -> dict[str, Any]:
         """Chunks waiting for admission control (created later by a run the sensor asks)."""
         outcome = self.outcome
+        found: dict[str, Any] = {}
+        if outcome is not None and outcome.waiting_for:
+            found["waiting_for"] = outcome.waiting_for
+        if outcome is not None and outcome.cancelled:
+            found["cancelled"] = "this attempt was cancelled: none of its unsent chunks is sent"
         if outcome is None or not (outcome.pending_chunks or outcome.sent_alone):
-            return {}
+            return found
         why = [outcome.pending_reason] if outcome.pending_reason else []
         if outcome.sent_alone:
             why.insert(0, "a chunk bigger than max_enqueued_tokens was sent alone")
         return {
+            **found,
             "pending_chunks": outcome.pending_chunks,
             "pending_requests": outcome.pending_requests,
             "pending_why": "; ".join(why),
@@ -856,9 +863,9 @@ def _money_metadata(s: _Settings, key: str | None, outcome: CollectOutcome) -> d
         by_attempt[attempt] = by_attempt.get(attempt, 0.0) + cost
     # A waited-on source attempt's other answers were dropped: its kept rows understate it
     partial = frozenset(set(outcome.sources) - set(outcome.attempts))
-    s.spend.settle(attempts, by_attempt, outcome.batches, partial)
-    reported = outcome.cost
-    money: dict[str, Any] = {}
+    untrusted = s.spend.settle(attempts, by_attempt, outcome.batches, partial)
+    reported = None if untrusted else outcome.cost  # fees that cannot be billed are not shown
+    money: dict[str, Any] = dict(untrusted)  # {"cost_reported_untrusted": why} or {}
     if s.spend.price is not None or reported is not None:  # the rows' cost column is known
         money["cost"] = round(sum(by_attempt.values()), 6)
     if reported is not None:

@@ -1,11 +1,14 @@
 """CANCEL: stop a partition's in-flight batches, from the Dagster UI.
 
 ``cancel_partition`` asks the API to cancel every batch of the partition's active attempts
-(the latest initial attempt and its retries) that are not collected yet and not finished.
-It writes nothing to storage: the sensor then sees the batches end as ``cancelled`` and
-collects them as usual, keeping the rows that finished (paid for) and failing the others as
-``batch_cancelled`` (retryable). ``build_cancel_job`` wraps it in the ``<name>_cancel`` job,
-partitioned like the pipeline, so the launchpad lets you pick the partition(s).
+(the latest initial attempt and its retries) that are not collected yet and not finished,
+and marks those attempts cancelled in their manifests, under the partition's lock: no run
+creates any of their chunks afterwards (chunks waiting for admission, or left unsent by a
+crash, are never sent). The sensor then sees the batches end as ``cancelled`` and collects
+them as usual, keeping the rows that finished (paid for) and failing the others as
+``batch_cancelled`` (retryable), the rows of never-sent chunks included. ``build_cancel_job``
+wraps it in the ``<name>_cancel`` job, partitioned like the pipeline, so the launchpad lets
+you pick the partition(s).
 
 Cancelling is idempotent: a batch that already finished is skipped, one being cancelled is
 left alone, and a batch whose cancel call fails does not stop the others (the run fails at
@@ -27,7 +30,7 @@ import dagster as dg
 
 from .client import InfronClient
 from .collect import active_attempts
-from .manifest import ChunkRecord, Manifest, load_manifests
+from .manifest import ChunkRecord, Manifest, load_manifests, now_iso
 from .models import Batch, BatchStatus
 from .resources import InfronResource
 from .storage import BatchStorage
@@ -91,6 +94,8 @@ class CancelOutcome:
     attempts: list[int] = field(default_factory=list)
     collected_attempts: list[int] = field(default_factory=list)
     batches: list[BatchCancel] = field(default_factory=list)
+    # Attempts this call marked cancelled in their manifests (nothing of them is sent later).
+    marked: list[int] = field(default_factory=list)
     unsent_chunks: dict[int, int] = field(default_factory=dict)
     uncertain_chunks: dict[int, int] = field(default_factory=dict)
 
@@ -110,8 +115,10 @@ class CancelOutcome:
 
     @property
     def nothing_in_flight(self) -> bool:
-        """True when no batch was running (or being cancelled) when asked."""
-        return not self.ids("cancelled", "already_cancelling", "failed")
+        """True when no batch was running (or being cancelled) and no chunk waited to be
+        sent when asked."""
+        running = self.ids("cancelled", "already_cancelling", "failed")
+        return not running and not self.unsent_chunks
 
     @property
     def message(self) -> str:
@@ -139,15 +146,16 @@ class CancelOutcome:
             done = f" ({', '.join(parts)})" if parts else ""
             text = f"{where} has nothing in flight{done}; nothing to cancel"
         else:
-            text = f"{where}: {', '.join(parts)}"
+            text = f"{where}: {', '.join(parts) or 'no batch was running'}"
             if self.ids("cancelled", "already_cancelling"):
                 text += "; the sensor collects the finished rows and fails the rest as retryable"
         if self.unsent_chunks:
             text += (
-                f"; chunks not sent yet ({_per_attempt(self.unsent_chunks)}) have no batch to "
-                "cancel: a submission still running sends them (run this job again after it), "
-                "and the attempt is collected only once every chunk is sent"
+                f"; chunks not sent yet ({_per_attempt(self.unsent_chunks)}) will never be "
+                "sent: their rows fail as batch_cancelled (retryable), nothing paid"
             )
+        if self.marked:
+            text += f"; attempt(s) {self.marked} marked cancelled"
         if self.uncertain_chunks:
             text += (
                 f"; chunks whose create call failed ambiguously "
@@ -166,6 +174,8 @@ class CancelOutcome:
             "already_finished": len(self.ids("already_finished")),
             "could_not_cancel": len(self.failed),
             "nothing_in_flight": self.nothing_in_flight,
+            "state": "nothing in flight" if self.nothing_in_flight else "cancelled",
+            "attempts_marked_cancelled": dg.MetadataValue.json(self.marked),
             "cancelled_batch_ids": dg.MetadataValue.json(self.cancelled_ids),
             "failed_batch_ids": dg.MetadataValue.json([b.batch_id for b in self.failed]),
             "unsent_chunks": dg.MetadataValue.json(_json_keys(self.unsent_chunks)),
@@ -201,14 +211,18 @@ def cancel_partition(
     partition_key: str | None,
     *,
     on_batch: Callable[[BatchCancel], None] | None = None,
+    holding_lock: bool = False,
+    lock_wait_seconds: float = 600.0,
 ) -> CancelOutcome:
-    """Cancel every unfinished batch of the partition's active, uncollected attempts.
+    """Cancel every unfinished batch of the partition's active, uncollected attempts, and
+    mark those attempts cancelled so that nothing of them is ever created afterwards.
 
-    The manifests are read again after each round, so batches a running submission records
-    meanwhile are cancelled too (one it creates after the last read is not: run it again).
+    The batches that exist are cancelled first (spending stops at once); then, under the
+    partition's lock (a submission running now finishes its create calls first; pass
+    ``holding_lock`` when the caller holds it), the attempts are marked cancelled in their
+    manifests, and what was created meanwhile is cancelled too.
     Never raises for one batch: each failure is recorded in the outcome and the next batch is
     tried (check ``outcome.failed``). ``on_batch`` is called after each batch, for logging.
-    Nothing is written to storage; the sensor collects the cancelled batches.
 
     Example:
         >>> outcome = cancel_partition(client, storage, "2026-11-24", on_batch=print)
@@ -217,19 +231,53 @@ def cancel_partition(
     """
     manifests = load_manifests(storage, partition_key)
     outcome = CancelOutcome(partition_key, submitted=bool(manifests))
+    if not manifests:
+        return outcome
     seen: set[str] = set()
+    _cancel_rounds(client, storage, outcome, manifests, seen, on_batch)
+    if holding_lock:
+        manifests = _mark_cancelled(storage, outcome)
+    else:
+        with storage.lock(partition_key, wait_seconds=lock_wait_seconds):
+            manifests = _mark_cancelled(storage, outcome)
+    _cancel_rounds(client, storage, outcome, manifests, seen, on_batch)
+    return outcome
+
+
+def _cancel_rounds(
+    client: InfronClient,
+    storage: BatchStorage,
+    outcome: CancelOutcome,
+    manifests: list[Manifest],
+    seen: set[str],
+    on_batch: Callable[[BatchCancel], None] | None,
+) -> None:
+    """Cancel the batches not handled yet, reading the manifests again after each round."""
     while True:  # each round handles at least one new batch: it ends with the submissions
         pending = _pending(outcome, active_attempts(manifests), seen)
         if not pending:
-            break
+            return
         for attempt, batch_id in pending:
             seen.add(batch_id)
             result = _cancel_one(client, batch_id, attempt)
             outcome.batches.append(result)
             if on_batch is not None:
                 on_batch(result)
-        manifests = load_manifests(storage, partition_key)
-    return outcome
+        manifests = load_manifests(storage, outcome.partition_key)
+
+
+def _mark_cancelled(storage: BatchStorage, outcome: CancelOutcome) -> list[Manifest]:
+    """Mark the active, uncollected attempts cancelled (caller holds the partition lock)."""
+    manifests = load_manifests(storage, outcome.partition_key)
+    stamp = now_iso()
+    for manifest in active_attempts(manifests):
+        if manifest.state == "collected" or manifest.cancelled:
+            continue
+        manifest.cancelled_at = stamp
+        path = storage.manifest_path(manifest.partition_key, manifest.attempt)
+        storage.write_json(path, manifest.to_dict())
+        outcome.marked.append(manifest.attempt)
+    return manifests
 
 
 def _pending(
@@ -239,7 +287,9 @@ def _pending(
     live = [m for m in attempts if m.state != "collected"]
     outcome.collected_attempts = [m.attempt for m in attempts if m.state == "collected"]
     outcome.attempts = [m.attempt for m in live]
-    unsent = {m.attempt: [c for c in m.chunks if not c.batch_id] for m in live}
+    # Chunks this cancel stops (an attempt cancelled by an earlier call is not news)
+    stopping = [m for m in live if not m.cancelled or m.attempt in outcome.marked]
+    unsent = {m.attempt: [c for c in m.chunks if not c.batch_id] for m in stopping}
     outcome.unsent_chunks = {a: n for a, cs in unsent.items() if (n := _count(cs, False))}
     outcome.uncertain_chunks = {a: n for a, cs in unsent.items() if (n := _count(cs, True))}
     # With the batches of earlier in-flight attempts whose answers they carry (waits_on).

@@ -88,6 +88,9 @@ class Manifest:
     # Set by a cancel: no chunk of this attempt is created afterwards, whatever a ledger or
     # a later run says; its unsent chunks' rows fail as batch_cancelled when collected.
     cancelled_at: str | None = None
+    # The admission ledger (resource key) whose enqueued-token limit this attempt's chunks
+    # count against, when the pipeline has one: a lost ledger is rebuilt from these.
+    admission_scope: str | None = None
 
     def __post_init__(self) -> None:
         if not self.base_attempt:

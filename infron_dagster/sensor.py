@@ -29,15 +29,22 @@ from typing import Any
 import dagster as dg
 
 from .admission import AdmissionControl
+from .budget import SpendLedger
 from .client import InfronClient
 from .collect import active_attempts
 from .inflight import DEFAULT_RESCAN_SECONDS, InFlightIndex
 from .manifest import Manifest, load_manifests
 from .models import Batch
-from .storage import UNPARTITIONED, BatchStorage
+from .storage import UNPARTITIONED, BatchStorage, LockTimeout
 from .untrusted import printable
 
-__all__ = ["build_infron_batch_sensor", "find_in_flight", "find_in_flight_full_scan"]
+__all__ = [
+    "build_infron_batch_sensor",
+    "find_in_flight",
+    "find_in_flight_full_scan",
+    "open_partitions",
+    "submit_requests",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,11 @@ class InFlight:
     @property
     def latest(self) -> Manifest:
         return self.attempts[-1]
+
+    @property
+    def settled(self) -> bool:
+        """No attempt will create more batches: the partition only waits for them to end."""
+        return all(m.settled for m in self.attempts)
 
     @property
     def batch_ids(self) -> list[str]:
@@ -77,18 +89,35 @@ def find_in_flight(
     A partition whose manifests cannot be read is logged and skipped: one bad file must not
     stall every other partition's collection.
     """
+    found = open_partitions(
+        storage, partitioned, log, use_index=use_index, rescan_seconds=rescan_seconds
+    )
+    return [p for p in found if p.settled]
+
+
+def open_partitions(
+    storage: BatchStorage,
+    partitioned: bool,
+    log: logging.Logger | None = None,
+    *,
+    use_index: bool = True,
+    rescan_seconds: float | None = DEFAULT_RESCAN_SECONDS,
+) -> list[InFlight]:
+    """Every partition whose latest active attempt is not collected: those in flight, and
+    those with an attempt not fully submitted (chunks waiting for admission, or left unsent
+    by a run that died), which the sensor requests a submit run for."""
     if not use_index:
-        return find_in_flight_full_scan(storage, partitioned, log)
+        return find_in_flight_full_scan(storage, partitioned, log, settled_only=False)
     index = InFlightIndex(storage, rescan_seconds=rescan_seconds, log=log or logger)
-    return [
-        InFlight(p.partition_key, p.attempts)
-        for p in index.in_flight()
-        if all(m.fully_submitted for m in p.attempts)
-    ]
+    return [InFlight(p.partition_key, p.attempts) for p in index.in_flight()]
 
 
 def find_in_flight_full_scan(
-    storage: BatchStorage, partitioned: bool, log: logging.Logger | None = None
+    storage: BatchStorage,
+    partitioned: bool,
+    log: logging.Logger | None = None,
+    *,
+    settled_only: bool = True,
 ) -> list[InFlight]:
     """The same answer by reading every manifest of every partition, one at a time.
 
@@ -108,7 +137,7 @@ def find_in_flight_full_scan(
             continue
         if not attempts or attempts[-1].state == "collected":
             continue
-        if not all(m.fully_submitted for m in attempts):
+        if settled_only and not all(m.settled for m in attempts):
             continue
         found.append(InFlight(partition_key, attempts))
     return found
@@ -167,6 +196,7 @@ def build_infron_batch_sensor(
     index_rescan_seconds: float | None = DEFAULT_RESCAN_SECONDS,
     use_in_flight_index: bool = True,
     admission: AdmissionControl | None = None,
+    budget_ledger: bool = False,
 ) -> dg.SensorDefinition:
     """The ``<name>_sensor`` that polls batches and requests collection runs.
 
@@ -179,6 +209,8 @@ def build_infron_batch_sensor(
     ``admission`` (the pipeline's enqueued-token limit): each tick releases the capacity of
     batches seen terminal and requests a ``batches_key`` run for each partition whose
     pending chunks now fit, so the paid create call happens inside a run.
+    ``budget_ledger`` (the pipeline has a price): each tick releases the budget reservations
+    of attempts that never created anything (see ``SpendLedger.release_unpaid``).
 
     Example:
         >>> build_infron_batch_sensor(name="reviews", storage=BatchStorage("/lake", "reviews"),
@@ -188,7 +220,7 @@ def build_infron_batch_sensor(
 
     @dg.sensor(
         name=f"{name}_sensor",
-        asset_selection=[*collect_keys, *([observed_key] if admission else [])],
+        asset_selection=[*collect_keys, observed_key],
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=default_status,
         required_resource_keys={resource_key},
@@ -198,13 +230,15 @@ def build_infron_batch_sensor(
         started = time.monotonic()
         emitted = _load_cursor(context.cursor)
         observed = _load_progress(context.cursor)
-        in_flight = find_in_flight(
+        found = open_partitions(
             storage,
             partitioned,
             context.log,
             use_index=use_in_flight_index,
             rescan_seconds=index_rescan_seconds,
         )
+        in_flight = [p for p in found if p.settled]
+        unsettled = [p for p in found if not p.settled]
         pending = [p for p in in_flight if p.latest.run_key not in emitted]
         resource = resources.get(resource_key) or getattr(context.resources, resource_key)
         ids = [bid for p in pending for bid in p.batch_ids]
@@ -221,11 +255,21 @@ def build_infron_batch_sensor(
             rerun = _rerun_number(context, partition, emitted, max_collect_reruns)
             if rerun:
                 requests.append(_run_request(partition, collect_keys, name, rerun))
+        notes: list[str] = []
         if admission is not None:
             with resource.get_client() as client:
-                requests += _admission_requests(
-                    admission, client, polled, name, observed_key, max_concurrent_polls, context
+                admission.release(
+                    polled,
+                    lambda ids: _poll_all(client, ids, 10.0, max_concurrent_polls),
+                    context.log,
                 )
+        requests += submit_requests(
+            context, unsettled, storage, admission, name, observed_key, partitioned, notes
+        )
+        for note in notes:
+            context.log.warning(note)
+        if budget_ledger:
+            _release_unpaid(storage, context.log)
         # Keys of attempts no longer in flight (collected since) are dropped: the cursor stays
         # as small as what is in flight, and storage can always rebuild it.
         live = {p.latest.run_key for p in in_flight}
@@ -248,7 +292,9 @@ def build_infron_batch_sensor(
             run_requests=requests,
             cursor=json.dumps(cursor),
             asset_events=events,
-            skip_reason=None if requests else _skip_reason(in_flight, progress, partitioned),
+            skip_reason=None
+            if requests
+            else _skip_reason(in_flight, progress, partitioned, unsettled, notes),
         )
 
     return _sensor
@@ -275,46 +321,149 @@ def _partition_done(
     return len(batches) == len(states) and terminal == len(states)
 
 
-def _admission_requests(
-    admission: AdmissionControl,
-    client: InfronClient,
-    polled: dict[str, Batch | Exception],
+# A submit run the sensor requested for an attempt not fully submitted is tagged with the
+# attempt's run_key: how many ran, and when the last one did, set the next one's run_key and
+# the wait before it (15 s, 30 s, 1 min, ... 10 min at most).
+SUBMIT_TAG = "infron/submit_key"
+RESUME_BACKOFF_SECONDS = 15.0
+MAX_RESUME_BACKOFF_SECONDS = 600.0
+MAX_SUBMIT_FAILURES = 3
+_NOT_YET_RUNNING = (
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+)
+
+
+def _release_unpaid(storage: BatchStorage, log: logging.Logger) -> None:
+    """Budget reservations of attempts that never created anything are given back."""
+    try:
+        for line in SpendLedger(storage).release_unpaid():
+            log.warning(line)
+    except Exception as exc:  # the ledger never fails a tick: collection comes first
+        log.warning(f"budget ledger: could not release unpaid reservations: {printable(exc)}")
+
+
+def _backoff(runs: int) -> float:
+    if runs == 0:
+        return 0.0
+    return min(RESUME_BACKOFF_SECONDS * 2 ** (runs - 1), MAX_RESUME_BACKOFF_SECONDS)
+
+
+def submit_requests(
+    context: dg.SensorEvaluationContext,
+    unsettled: Sequence[InFlight],
+    storage: BatchStorage,
+    admission: AdmissionControl | None,
     name: str,
     batches_key: dg.AssetKey,
-    workers: int,
-    context: dg.SensorEvaluationContext,
+    partitioned: bool,
+    notes: list[str],
 ) -> list[dg.RunRequest]:
-    """Release what finished; a submit run for each waiting partition that now fits.
+    """A ``batches_key`` run for each attempt that is not fully submitted and can go on.
 
-    The run_key holds the attempt, how many chunks were pending and how many runs admitted
-    nothing: a run that submits some chunks, or none, leaves the next request a new key.
+    An attempt whose chunks wait for admission (when they now fit), or that a run left
+    half-submitted (it died, or a create call ended ambiguously), is resumed by a run that
+    creates only what is missing and pays for nothing twice. None is requested while a run
+    holds the partition's lock (a submission is running) or a requested run has not started,
+    nor before the backoff after the last one; ``notes`` says what needs a person instead.
     """
-
-    def poll(ids: list[str]) -> dict[str, Batch | Exception]:
-        return _poll_all(client, ids, 10.0, workers)
-
-    requests = []
-    for w in admission.release_and_schedule(polled, poll, context.log):
-        context.log.info(
-            f"{name}: capacity for partition {printable(w['partition_key'] or '-', 100)}: "
-            f"requesting the run that submits its {w['pending_chunks']} pending chunk(s)"
+    now = time.time()
+    candidates = []
+    for partition in unsettled:
+        manifest = next(m for m in partition.attempts if not m.settled)
+        runs = context.instance.get_run_records(
+            filters=dg.RunsFilter(tags={SUBMIT_TAG: manifest.run_key})
         )
-        requests.append(
-            dg.RunRequest(
-                run_key=f"{w['run_key']}:admit:{w['pending_chunks']}:{w.get('tries', 0)}",
-                partition_key=w["partition_key"],
-                asset_selection=[batches_key],
-                # A waiting retry resumes as the retry it is: without retry_failed the run
-                # would prepare the initial rows and start a new initial attempt instead.
-                run_config=_retry_config(batches_key) if w.get("kind") == "retry" else {},
-                tags={
-                    "infron/pipeline": name,
-                    "infron/attempt": str(w["attempt"]),
-                    "infron/admission": f"{w['pending_chunks']} pending chunk(s)",
-                },
-            )
+        if _resumable(manifest, runs, now, partitioned, notes):
+            candidates.append((manifest, len(runs)))
+    candidates.sort(key=lambda c: c[0].created_at)
+    fitting = None
+    if admission is not None:
+        needs_room = [m for m, _ in candidates if _unsent(m)]
+        fitting = {id(m) for m in admission.ready(needs_room)}
+    requests = []
+    for manifest, runs in candidates:
+        if fitting is not None and _unsent(manifest) and id(manifest) not in fitting:
+            continue  # waits for capacity: the release of a finished batch makes room
+        if _locked(storage, manifest.partition_key):
+            continue  # a submission runs now
+        requests.append(_submit_request(manifest, runs, name, batches_key))
+        context.log.info(
+            f"{name}: partition {printable(manifest.partition_key or '-', 100)} attempt "
+            f"{manifest.attempt} is not fully submitted: requesting the run that resumes it"
         )
     return requests
+
+
+def _unsent(manifest: Manifest) -> bool:
+    """Chunks that need room: neither created nor reserved by an uncertain create."""
+    return any(not c.batch_id and not c.uncertain for c in manifest.chunks)
+
+
+def _resumable(
+    manifest: Manifest,
+    runs: Sequence[Any],
+    now: float,
+    partitioned: bool,
+    notes: list[str],
+) -> bool:
+    where = printable(manifest.partition_key or "-", 100) if partitioned else "-"
+    label = f"partition {where} attempt {manifest.attempt}"
+    uncertain = [c.index for c in manifest.chunks if c.uncertain and not c.batch_id]
+    if uncertain and manifest.api_style != "openai":
+        notes.append(
+            f"{label}: chunk(s) {uncertain} may have been created (a create call ended "
+            "ambiguously, and this API cannot list batches): check the provider's dashboard, "
+            "then materialize the partition with resubmit_uncertain: true if they do not exist"
+        )
+        return False
+    if any(r.dagster_run.status in _NOT_YET_RUNNING for r in runs):
+        return False
+    failures = 0
+    for record in runs:  # newest first
+        if record.dagster_run.status != dg.DagsterRunStatus.FAILURE:
+            break
+        failures += 1
+    if failures >= MAX_SUBMIT_FAILURES:
+        notes.append(
+            f"{label}: the last {failures} runs resuming its submission failed; see them, "
+            "fix the cause and materialize the partition again"
+        )
+        return False
+    if runs:
+        last = runs[0]
+        when = last.end_time or last.start_time or last.create_timestamp.timestamp()
+        if now - when < _backoff(len(runs)):
+            return False
+    return True
+
+
+def _locked(storage: BatchStorage, partition_key: str | None) -> bool:
+    """Whether a run holds the partition's lock now (it is submitting or collecting)."""
+    try:
+        with storage.lock(partition_key, wait_seconds=0):
+            return False
+    except LockTimeout:
+        return True
+
+
+def _submit_request(
+    manifest: Manifest, runs: int, name: str, batches_key: dg.AssetKey
+) -> dg.RunRequest:
+    return dg.RunRequest(
+        run_key=f"{manifest.run_key}:submit:{runs}",
+        partition_key=manifest.partition_key,
+        asset_selection=[batches_key],
+        # A retry resumes as the retry it is: without retry_failed the run would prepare
+        # the initial rows and start a new initial attempt instead.
+        run_config=_retry_config(batches_key) if manifest.kind == "retry" else {},
+        tags={
+            "infron/pipeline": name,
+            "infron/attempt": str(manifest.attempt),
+            SUBMIT_TAG: manifest.run_key,
+        },
+    )
 
 
 def _retry_config(batches_key: dg.AssetKey) -> dict[str, Any]:
@@ -528,11 +677,20 @@ _SHOWN = 5
 
 
 def _skip_reason(
-    in_flight: Sequence[InFlight], progress: Sequence[Progress | None], partitioned: bool
+    in_flight: Sequence[InFlight],
+    progress: Sequence[Progress | None],
+    partitioned: bool,
+    unsettled: Sequence[InFlight] = (),
+    notes: Sequence[str] = (),
 ) -> str:
-    """One bounded line: how many partitions are in flight and how far the first few are."""
+    """One bounded line: how many partitions are in flight and how far the first few are,
+    then how many wait to be submitted and what needs a person."""
+    waiting = f" {len(unsettled)} waiting to be submitted." if unsettled else ""
+    attention = f" Needs attention: {printable(notes[0], 300)}" if notes else ""
+    if len(notes) > 1:
+        attention += f" (+{len(notes) - 1} more in the log)"
     if not in_flight:
-        return "No batches in flight."
+        return f"No batches in flight.{waiting}{attention}"
     parts = []
     for partition, state in list(zip(in_flight, progress, strict=True))[:_SHOWN]:
         if state is None:
@@ -547,4 +705,5 @@ def _skip_reason(
     more = f", +{len(in_flight) - _SHOWN} more" if len(in_flight) > _SHOWN else ""
     what = "partition" if partitioned else "attempt"
     plural = "" if len(in_flight) == 1 else "s"
-    return f"{len(in_flight)} {what}{plural} in flight: {', '.join(parts)}{more}"
+    line = f"{len(in_flight)} {what}{plural} in flight: {', '.join(parts)}{more}"
+    return f"{line}.{waiting}{attention}" if waiting or attention else line

@@ -105,6 +105,10 @@ class SubmitOutcome:
     pending_requests: int = 0
     pending_reason: str = ""
     sent_alone: bool = False  # a chunk bigger than the whole limit, sent with nothing else
+    # What the attempt waits for that only time settles (a create call that ended
+    # ambiguously, openai style): the run ends, the sensor requests the next one.
+    waiting_for: str = ""
+    cancelled: bool = False  # the attempt was cancelled: nothing of it is created any more
 
 
 def succeeded_requests(
@@ -160,7 +164,7 @@ def submit_prepared(
     with storage.lock(partition_key):
         manifests = load_manifests(storage, partition_key)
         match = None if force else _reusable(manifests, prepared.fingerprint, kind)
-        if match is not None and not match.fully_submitted:
+        if match is not None and not match.fully_submitted and _is_active(manifests, match):
             _pass(gate, match, False)
             return _resume(client, storage, match, resubmit_uncertain, admission)
         if match is not None and (kind == "retry" or match is _latest_initial(manifests)):
@@ -209,10 +213,17 @@ def _partial_retry(manifests: list[Manifest], initial: Manifest) -> Manifest | N
             manifest.kind == "retry"
             and manifest.base_attempt == initial.attempt
             and manifest.state != "abandoned"
-            and not manifest.fully_submitted
+            and not manifest.settled
         ):
             return manifest
     return None
+
+
+def _is_active(manifests: list[Manifest], match: Manifest) -> bool:
+    """Whether ``match`` is the latest initial attempt or one of its retries: an older,
+    replaced attempt is never resumed (its unsent chunks were sent by the newer one)."""
+    latest = _latest_initial(manifests)
+    return latest is not None and match.base_attempt == latest.attempt
 
 
 def _latest_initial(manifests: list[Manifest]) -> Manifest | None:
@@ -357,10 +368,21 @@ def _resume(
     """Finish an attempt a crashed run left half-submitted (or whose chunks waited for
     admission), re-attaching orphan batches."""
     outcome = SubmitOutcome(manifest=manifest)
+    if manifest.cancelled:
+        outcome.cancelled = outcome.reused = True
+        logger.info(
+            "partition %r attempt %d was cancelled: none of its unsent chunks is sent",
+            manifest.partition_key,
+            manifest.attempt,
+        )
+        return outcome
     if client.api_style == "openai":
         _reattach(client, manifest, outcome)
         _save(storage, manifest)
     if not resubmit_uncertain and any(c.uncertain and not c.batch_id for c in manifest.chunks):
+        if client.api_style == "openai":  # the provider's list settles it in time
+            outcome.waiting_for = _uncertain_wait(manifest)
+            return outcome
         raise SubmitIncomplete(manifest, "an earlier create call ended ambiguously")
     with tempfile.TemporaryDirectory(prefix="infron-resume-") as tmp:
         local = _Downloads(storage, manifest, tmp)
@@ -405,6 +427,17 @@ def _reattach(client: InfronClient, manifest: Manifest, outcome: SubmitOutcome) 
             outcome.reattached.append(chunk.batch_id)
         elif not chunk.batch_id and trusted and _past_grace(chunk.create_started_at):
             chunk.uncertain = False
+
+
+def _uncertain_wait(manifest: Manifest) -> str:
+    """Why an attempt waits on chunks whose create call ended ambiguously (openai style)."""
+    chunks = [c.index for c in manifest.chunks if c.uncertain and not c.batch_id]
+    return (
+        f"chunk(s) {chunks} may have been created although the create call failed: a batch "
+        "that the provider lists is re-attached by its metadata, and a chunk still not listed "
+        f"{REATTACH_GRACE_SECONDS // 60} minutes after its call is sent; the sensor requests "
+        "that run (nothing is paid twice)"
+    )
 
 
 def _past_grace(started: str | None) -> bool:
@@ -508,6 +541,12 @@ def _create_admitted(
             if exc.ambiguous and client.api_style == "openai":
                 _reattach(client, manifest, outcome)
             _save(storage, manifest)  # what was created so far stays on record
+            if not chunk.batch_id and exc.ambiguous and client.api_style == "openai":
+                # Only time settles it (the provider lists the batch, or the grace ends):
+                # no run fails for that; the sensor requests the run that resumes.
+                outcome.waiting_for = _uncertain_wait(manifest)
+                logger.warning("chunk %d: %s (%s)", chunk.index, outcome.waiting_for, exc)
+                break
             if not chunk.batch_id:
                 raise SubmitIncomplete(manifest, exc) from exc
             continue
