@@ -484,8 +484,25 @@ class BatchStorage:
         return True
 
     def _is_stale(self, path: UPath, stale_seconds: float) -> bool:
+        """Whether the lock's holder stopped refreshing it ``stale_seconds`` ago.
+
+        A lock whose body cannot be read (empty, truncated, foreign) is judged by when the
+        object was last written: its holder, if alive, rewrites it every beat, so an
+        unreadable body that old has no holder (before, it was never stale: a lock for ever).
+        """
         try:
-            created = float(json.loads(self.fresh(path).read_bytes()).get("created", 0))
-        except (FileNotFoundError, ValueError):
+            created = float(json.loads(self.fresh(path).read_bytes())["created"])
+        except FileNotFoundError:
             return False
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError):
+            created = self._written_at(path)
+        if created != created:  # NaN: no age can be told from it
+            created = self._written_at(path)
         return time.time() - created > stale_seconds
+
+    def _written_at(self, path: UPath) -> float:
+        """When the object was last written, from the store (now, if it cannot tell)."""
+        try:
+            return _mtime(path.fs.info(path.path)) or time.time()
+        except FileNotFoundError:
+            return time.time()

@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from infron_dagster import BatchStorage
+from infron_dagster.storage import LockTimeout
 
 
 def _overlap(storage: BatchStorage, **lock_kwargs) -> list[str]:
@@ -59,4 +60,20 @@ def test_s3_lock_of_a_dead_holder_is_broken(moto_s3):
     storage.write_bytes(path, b'{"token": "dead", "created": 0}')  # a run that died long ago
     with storage.lock("k", stale_seconds=1, wait_seconds=5):
         assert storage._owner(path) not in (None, "dead")
+    assert not storage.exists(path)
+
+
+@pytest.mark.parametrize("body", [b"", b'{"token": "x", "crea', b"[1, 2]", b'{"created": "soon"}'])
+def test_s3_lock_with_an_unreadable_body_goes_stale_by_its_age(moto_s3, body):
+    # An empty, truncated or foreign lock.json was never stale: the partition was locked for
+    # good. Its holder would have rewritten it every beat, so its age tells.
+    storage = BatchStorage(f"s3://lake/{uuid.uuid4().hex}", "p", moto_s3.storage_options)
+    path = storage.partition_dir("locks", "k") / "lock.json"
+    storage.write_bytes(path, body)
+    fresh = storage.lock("k", stale_seconds=30, wait_seconds=0.5)
+    with pytest.raises(LockTimeout), fresh:  # fresh: a holder may be writing it now
+        pass
+    time.sleep(1.5)  # older than stale_seconds=1 below
+    with storage.lock("k", stale_seconds=1, wait_seconds=10):
+        assert storage._owner(path) not in (None, "x")
     assert not storage.exists(path)
