@@ -349,16 +349,12 @@ def _batches_asset(
             yield from _submit_range(s, source, resource, rows, config, context)
             return
         key = context.partition_key if context.has_partition_key else None
+        if config.dry_run:
+            yield from _dry_run(s, source, resource, rows, key, config, context)
+            return
         submission = _submit_partition(s, source, resource, rows, key, config, context.run_id)
         metadata = submission.metadata(resource)
-        if not config.dry_run:
-            yield dg.MaterializeResult(metadata=metadata)
-            return
-        # A dry run materializes nothing: the estimate is an observation on the asset.
-        context.log_event(
-            dg.AssetObservation(context.assets_def.key, partition=key, metadata=metadata)
-        )
-        context.log.info(f"dry run of partition {key!r}: {submission.summary()}")
+        yield dg.MaterializeResult(metadata=metadata)
 
     decorator = dg.asset(
         name=f"{s.name}_batches",
@@ -385,6 +381,32 @@ def _batches_asset(
         yield from run(context, config, rows)
 
     return decorator(_from_upstream)
+
+
+def _dry_run(
+    s: _Settings,
+    source: Any,
+    resource: InfronResource,
+    rows: Any,
+    key: str | None,
+    config: SubmitConfig,
+    context: dg.AssetExecutionContext,
+) -> Iterator[Any]:
+    """A dry run materializes nothing, and what it finds (even a problem) is an observation:
+    a failed dry run must not mark the partition failed in the UI."""
+    asset_key = context.assets_def.key
+    try:
+        submission = _submit_partition(s, source, resource, rows, key, config, context.run_id)
+    except Exception as exc:  # reported as what a real run would hit, not as a failure
+        why = f"{type(exc).__name__}: {printable(exc, 1000)}"
+        context.log.error(f"dry run of partition {key!r}: a real run would fail: {why}")
+        metadata = {"dry_run": True, "would_pay": False, "dry_run_error": why}
+        context.log_event(dg.AssetObservation(asset_key, partition=key, metadata=metadata))
+        return
+    metadata = submission.metadata(resource)
+    context.log_event(dg.AssetObservation(asset_key, partition=key, metadata=metadata))
+    context.log.info(f"dry run of partition {key!r}: {submission.summary()}")
+    yield from ()
 
 
 def _submit_partition(
@@ -440,14 +462,17 @@ def _submit_range(
     if failures or config.dry_run:
         for key, metadata in done.items():
             context.log_event(event(batches_key, partition=key, metadata=metadata))
+    if config.dry_run:  # what a real run would hit is news, not a failed partition
+        for key, why in failures.items():
+            metadata = {"dry_run": True, "would_pay": False, "dry_run_error": why}
+            context.log_event(dg.AssetObservation(batches_key, partition=key, metadata=metadata))
+        return
     if failures:
         raise dg.Failure(
             f"{len(failures)} of {len(context.partition_keys)} partitions were not submitted: "
             + "; ".join(f"{k}: {why}" for k, why in list(failures.items())[:5]),
             metadata={"failed_partitions": dg.MetadataValue.json(failures)},
         )
-    if config.dry_run:
-        return
     for key, metadata in done.items():
         context.add_asset_metadata(metadata, partition_key=key)
     yield dg.MaterializeResult()
@@ -532,10 +557,16 @@ def _prepare_and_submit(
                     resubmit_uncertain=config.resubmit_uncertain,
                     gate=gate,
                     admission=s.admission,
+                    dry_run=config.dry_run,
                 )
             except DryRunStop as stop:
                 return _Submission(
-                    estimate, prepared.carried, stop.manifest, stop.new_spend, dry_run=True
+                    estimate,
+                    prepared.carried,
+                    stop.manifest,
+                    stop.new_spend,
+                    dry_run=True,
+                    budget_refusal=stop.budget_refusal,
                 )
             except BudgetExceeded as exc:
                 raise dg.Failure(str(exc), metadata=estimate.metadata()) from exc
@@ -607,6 +638,7 @@ class _Submission:
     dry_run: bool = False
     cancelled: list[str] = field(default_factory=list)  # running batches cancelled first
     elsewhere: int = 0  # carried rows answered in other partitions
+    budget_refusal: str = ""  # a dry run: why the budget would refuse a real run
 
     def summary(self) -> str:
         if self.outcome is not None:
@@ -636,7 +668,8 @@ class _Submission:
         if self.cancelled:
             common["cancelled_in_flight_batches"] = dg.MetadataValue.json(self.cancelled)
         if self.dry_run:
-            return {"dry_run": True, "would_pay": self.would_pay, **common}
+            verdict = {"budget_would_refuse": self.budget_refusal} if self.budget_refusal else {}
+            return {"dry_run": True, "would_pay": self.would_pay, **verdict, **common}
         assert self.outcome is not None
         return {
             **common,

@@ -158,6 +158,25 @@ class SpendLedger:
             self._store.write_json(path, record)
         return Reservation(day, entry, float(worst_cost))
 
+    def would_refuse(
+        self, partition_key: str | None, attempt: int, worst_cost: float, budget: Budget
+    ) -> str:
+        """Why :meth:`reserve` would refuse this now (``""`` when it would not), without
+        taking a lock or writing anything: what a dry run reports.
+
+        Example:
+            >>> SpendLedger(storage).would_refuse("a", 1, 0.5, Budget(max_cost_per_day=0.1))
+            "partition 'a': worst-case cost 0.5000 on top of 0.0000 ..."
+        """
+        day = self.today()
+        entry = _entry_name(partition_key, attempt)
+        try:
+            spent = self.spent_on(day, exclude=entry, budget=budget)
+            _check(partition_key, worst_cost, spent, day, budget)
+        except BudgetExceeded as exc:
+            return str(exc)
+        return ""
+
     def settle(
         self,
         day: str,

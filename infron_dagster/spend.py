@@ -32,10 +32,13 @@ logger = logging.getLogger(__name__)
 class DryRunStop(Exception):
     """Raised by a dry run's gate: the submission stops before writing or sending anything."""
 
-    def __init__(self, manifest: Manifest, new_spend: bool) -> None:
+    def __init__(self, manifest: Manifest, new_spend: bool, budget_refusal: str = "") -> None:
         super().__init__("dry run: nothing written, nothing sent")
         self.manifest = manifest
-        self.new_spend = new_spend
+        # A real run would create (and pay for) batches: a new attempt, or chunks of the
+        # attempt that still wait for admission or were left unsent.
+        self.new_spend = new_spend or not manifest.settled
+        self.budget_refusal = budget_refusal  # why the budget would refuse it, if it would
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,15 @@ class SpendControl:
 
         def check(manifest: Manifest, new_spend: bool) -> None:
             if dry_run:
-                raise DryRunStop(manifest, new_spend)
+                refusal = ""
+                if new_spend and self.price is not None and not allow_over_budget:
+                    refusal = SpendLedger(self.storage).would_refuse(
+                        partition_key,
+                        manifest.attempt,
+                        estimate.worst_cost or 0.0,
+                        self.budget or Budget(),
+                    )
+                raise DryRunStop(manifest, new_spend, refusal)
             if not new_spend or self.price is None:
                 return
             reservation = SpendLedger(self.storage).reserve(

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -150,6 +151,7 @@ def submit_prepared(
     resubmit_uncertain: bool = False,
     gate: Gate | None = None,
     admission: AdmissionControl | None = None,
+    dry_run: bool = False,
 ) -> SubmitOutcome:
     """Create (or reuse) the batches for one partition's prepared requests.
 
@@ -160,8 +162,9 @@ def submit_prepared(
     for or reserved); it may raise to stop the submission: a budget, a dry run.
     ``admission`` creates only the chunks that fit under its enqueued-token limit; the rest
     stay pending in the manifest (``outcome.pending_chunks``) for a later run to resume.
+    ``dry_run`` takes no lock (a dry run writes no file at all); its gate must stop it.
     """
-    with storage.lock(partition_key):
+    with contextlib.nullcontext() if dry_run else storage.lock(partition_key):
         manifests = load_manifests(storage, partition_key)
         match = None if force else _reusable(manifests, prepared.fingerprint, kind)
         if match is not None and not match.fully_submitted and _is_active(manifests, match):
