@@ -859,6 +859,9 @@ def _collect_results(
         "duplicate_lines": outcome.report.duplicates,
         "unknown_custom_ids": outcome.report.unknown_ids,
     }
+    if outcome.cancelled:  # what the partition's page says: stopped, not finished
+        common["state"] = "cancelled"
+        common["cancelled_attempts"] = dg.MetadataValue.json(outcome.cancelled)
     tokens = outcome.tokens
     yield dg.MaterializeResult(
         asset_key=results_key,

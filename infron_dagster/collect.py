@@ -81,6 +81,7 @@ class CollectOutcome:
     attempts: list[int] = field(default_factory=list)
     # Earlier attempts, in flight when the base attempt was submitted, whose answers it carries
     sources: list[int] = field(default_factory=list)
+    cancelled: list[int] = field(default_factory=list)  # attempts a cancel stopped
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: ParseReport = field(default_factory=ParseReport)
     input_rows: int = 0
@@ -243,6 +244,7 @@ def collect_partition(
     if not attempts:
         raise ValueError(f"partition {partition_key!r} has no submitted attempt to collect")
     outcome = CollectOutcome(ready=True, attempts=[m.attempt for m in attempts])
+    outcome.cancelled = [m.attempt for m in attempts if m.cancelled]
     outcome.max_line_bytes = max_line_bytes
     outcome.key_redactor = client.redact
     for manifest in attempts:
