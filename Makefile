@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test lint demo dev bench screenshots clean
+.PHONY: install test test-fast lint demo dev bench screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# The whole suite on two workers; a test file runs in one worker, so its fixtures are shared.
 test: $(STAMP) lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# The first two tiers (unit, emulator): a quick check while working.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "unit or emulator"
 
 demo: $(STAMP)
 	$(PY) -m example_project.demo

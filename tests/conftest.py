@@ -321,3 +321,37 @@ def review_pipeline(
         pipeline.definitions, dg.Definitions(assets=[reviews], resources=resources)
     )
     return ReviewPipeline(pipeline, reviews, resources, defs)
+
+
+# -- tiers: unit, emulator, dagster, deploy (`make test-fast` runs the first two) ------------
+
+DEPLOY_FILES = {
+    "test_daemon.py",
+    "test_deploy_postgres.py",
+    "test_dg_cli.py",
+    "test_example_project.py",
+    "test_restart_anywhere.py",
+}
+_EMULATOR_FIXTURES = {"local_dir", "resource", "infron_resource", "served_local", "scripted"}
+
+
+def _tier(item: pytest.Item) -> str:
+    """A test's tier from what it needs: real processes and services (deploy), Dagster
+    machinery (dagster), the local server or other real servers (emulator), nothing (unit)."""
+    module = getattr(item, "module", None)
+    name = os.path.basename(str(item.fspath))
+    if name in DEPLOY_FILES:
+        return "deploy"
+    imported = set(vars(module)) if module is not None else set()
+    if {"dg", "dagster"} & imported:
+        return "dagster"
+    fixtures = set(getattr(item, "fixturenames", ()))
+    servers = {"moto_s3", *_EMULATOR_FIXTURES}
+    if fixtures & servers or any(n in imported for n in ("create_app", "Store", "InfronClient")):
+        return "emulator"
+    return "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(_tier(item))
