@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from .errors import InfronDagsterError
 from .storage import UNPARTITIONED, BatchStorage, LockTimeout
 from .untrusted import printable
 
@@ -57,7 +58,7 @@ class Budget:
                 raise ValueError(f"Budget: {name} must be a finite amount >= 0, not {value!r}")
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(InfronDagsterError, RuntimeError):
     """A submission was refused before any paid call because its worst case crosses a limit."""
 
 

@@ -1,12 +1,35 @@
-"""Typed errors raised by the batch API client.
+"""Typed errors: one base, :class:`InfronDagsterError`, for every error this package raises on
+purpose, so ``except InfronDagsterError`` catches them all. Each keeps its stdlib base too, so
+code that catches ``ValueError`` or ``RuntimeError`` keeps working.
 
-Every message names the operation and the server's own message, and never the API key.
+The tree (a class in parentheses is the stdlib base it also keeps)::
+
+    Exception
+     └── InfronDagsterError                      this module
+          ├── InfronError                        the batch API (wire) errors, this module
+          │    ├── InfronAuthError               401/403
+          │    ├── InfronInsufficientCreditsError 402
+          │    ├── InfronBadRequestError         400/422
+          │    ├── InfronNotFoundError           404
+          │    ├── InfronRateLimitError          429 (retryable)
+          │    ├── InfronServerError             5xx/408/409 (retryable)
+          │    ├── InfronConnectionError         unreachable, timed out (retryable)
+          │    └── InfronProtocolError           an answer this client cannot understand
+          ├── InputError (ValueError)            prepare.py: the input cannot be prepared
+          ├── BudgetExceeded (RuntimeError)      budget.py: a Budget refused a submission
+          │    └── DamagedLedger                 the spend ledger cannot be read
+          ├── SubmitIncomplete (RuntimeError)    submit.py: a chunk could not be created
+          ├── LockTimeout (RuntimeError)         storage.py: a partition lock was not acquired
+          └── MissingPartitionError (FileNotFoundError)
+                                                 table_loader.py: a partition never collected
+
+The wire errors name the operation and the server's own message, and never the API key.
 
 Example:
-    >>> try:
-    ...     client.retrieve_batch("batch_123")
-    ... except InfronNotFoundError as exc:
-    ...     print(exc.operation, exc.status_code)
+    >>> from infron_dagster import InfronDagsterError, InfronNotFoundError
+    >>> err = InfronNotFoundError("retrieve batch", "no such batch", status_code=404)
+    >>> isinstance(err, InfronDagsterError), err.retryable, err.status_code
+    (True, False, 404)
 """
 
 from __future__ import annotations
@@ -15,6 +38,7 @@ __all__ = [
     "InfronAuthError",
     "InfronBadRequestError",
     "InfronConnectionError",
+    "InfronDagsterError",
     "InfronError",
     "InfronInsufficientCreditsError",
     "InfronNotFoundError",
@@ -24,8 +48,20 @@ __all__ = [
 ]
 
 
-class InfronError(Exception):
-    """Base class of every error the client raises.
+class InfronDagsterError(Exception):
+    """Base class of every error infron-dagster raises on purpose (see the module docstring).
+
+    Example:
+        >>> from infron_dagster import BudgetExceeded, InputError
+        >>> issubclass(InputError, InfronDagsterError), issubclass(InputError, ValueError)
+        (True, True)
+        >>> issubclass(BudgetExceeded, InfronDagsterError)
+        True
+    """
+
+
+class InfronError(InfronDagsterError):
+    """Base class of every error the batch API client raises.
 
     Example:
         >>> err = InfronError("retrieve batch", "no such batch", status_code=404)

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .errors import InfronDagsterError
 from .render import ColumnRenderer, RenderedSlice, line_buffer, with_newlines
 from .reorder import in_order
 from .sources import ParquetInput
@@ -64,7 +65,7 @@ DEFAULT_MAX_BYTES = 200 * 1024 * 1024
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 
 
-class InputError(ValueError):
+class InputError(InfronDagsterError, ValueError):
     """The input as a whole cannot be prepared (a missing column, duplicate keys, ...)."""
 
 

@@ -38,6 +38,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
 
+from .errors import InfronDagsterError
+
 __all__ = ["UNPARTITIONED", "BatchStorage", "LockTimeout", "decode_partition", "encode_partition"]
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ UNPARTITIONED = "__all__"
 _ATTEMPT_RE = re.compile(r"attempt=(\d+)\.json$")
 
 
-class LockTimeout(RuntimeError):
+class LockTimeout(InfronDagsterError, RuntimeError):
     """Another run holds the partition's lock for longer than we wait."""
 
 

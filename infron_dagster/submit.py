@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from .admission import AdmissionControl, is_limit_refusal
 from .client import InfronClient
-from .errors import InfronError
+from .errors import InfronDagsterError, InfronError
 from .inflight import mark_in_flight
 from .manifest import ChunkRecord, Manifest, load_manifests, now_iso
 from .prepare import CARRIED_FROM, CUSTOM_ID, REQUEST_HASH, PreparedRequests
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 REATTACH_GRACE_SECONDS = 600
 
 
-class SubmitIncomplete(RuntimeError):
+class SubmitIncomplete(InfronDagsterError, RuntimeError):
     """The API refused a chunk part-way; what was created is on record and a re-run resumes.
 
     Example:

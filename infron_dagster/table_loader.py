@@ -46,6 +46,7 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 
+from .errors import InfronDagsterError
 from .prepare import HIDDEN_COLUMNS
 from .storage import BatchStorage
 
@@ -65,7 +66,7 @@ KINDS = ("results", "failed")
 _READ_THREADS = 8
 
 
-class MissingPartitionError(FileNotFoundError):
+class MissingPartitionError(InfronDagsterError, FileNotFoundError):
     """A partition of a results/failed table has no file: it was never collected.
 
     Example:
