@@ -100,6 +100,15 @@ class CollectConfig(dg.Config):
 
     A collection whose batches are still running waits at most ``wait_seconds`` (default: not
     at all), then ends without collecting; the sensor collects the partition later.
+
+    Deprecated, accepted and ignored until 0.2.0 so that saved launchpad configs and
+    schedules keep launching: ``max_run_retries`` and ``retry_after_seconds`` (a collection
+    no longer retries its run while batches are running; the sensor requests it when they
+    end). Setting either warns (a ``FutureWarning``, shown by default, and a log line).
+
+    Example:
+        >>> CollectConfig(wait_seconds=60).wait_seconds
+        60.0
     """
 
     wait_seconds: float = Field(
@@ -108,6 +117,29 @@ class CollectConfig(dg.Config):
         "(the sensor collects them later). Default: do not hold a worker.",
     )
     poll_interval_seconds: float = Field(default=5.0, description="Seconds between polls.")
+    max_run_retries: int | None = Field(
+        default=None,
+        description="Deprecated and ignored (removed in 0.2.0): the sensor collects a "
+        "partition when its batches end; the run is no longer retried.",
+    )
+    retry_after_seconds: int | None = Field(
+        default=None,
+        description="Deprecated and ignored (removed in 0.2.0): see max_run_retries.",
+    )
+
+    def model_post_init(self, context: Any, /) -> None:
+        """Warn about deprecated fields that are set (they are ignored)."""
+        deprecated = ("max_run_retries", "retry_after_seconds")
+        old = [f for f in deprecated if getattr(self, f) is not None]
+        if old:
+            message = (
+                f"CollectConfig: {' and '.join(old)} {'is' if len(old) == 1 else 'are'} "
+                "deprecated and ignored (removed in 0.2.0): the sensor collects a partition "
+                "when its batches end; remove "
+                f"{'it' if len(old) == 1 else 'them'} from the run config."
+            )
+            warnings.warn(message, FutureWarning, stacklevel=2)
+            dg.get_dagster_logger().warning(message)
 
 
 @dataclass(frozen=True)
