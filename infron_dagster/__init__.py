@@ -19,6 +19,8 @@ Example:
 
 from .assets import CollectConfig, InfronBatchPipeline, SubmitConfig, build_infron_batch_assets
 from .budget import Budget, BudgetExceeded, SpendLedger
+from .cancel import BatchCancel, CancelOutcome, build_cancel_job, cancel_partition
+from .checks import build_collect_checks
 from .client import (
     DEFAULT_BASE_URL,
     DEFAULT_INFRON_MAX_TOKENS,
@@ -28,10 +30,12 @@ from .client import (
 )
 from .collect import CollectOutcome, collect_partition
 from .components import InfronBatchInferenceComponent, InfronResourceComponent
+from .doctor import DoctorReport, Finding, check_lake
 from .errors import (
     InfronAuthError,
     InfronBadRequestError,
     InfronConnectionError,
+    InfronDagsterError,
     InfronError,
     InfronInsufficientCreditsError,
     InfronNotFoundError,
@@ -39,6 +43,8 @@ from .errors import (
     InfronRateLimitError,
     InfronServerError,
 )
+from .local import LocalServerConfig, create_app
+from .local.embedded import embedded_client
 from .manifest import ChunkRecord, Manifest
 from .models import ApiStyle, Batch, BatchStatus, normalise_status
 from .prepare import InputError, PreparedRequests, make_custom_id, prepare_requests
@@ -48,8 +54,9 @@ from .results import DEFAULT_MAX_LINE_BYTES
 from .sensor import build_infron_batch_sensor
 from .sources import ParquetInput, ParquetSource
 from .spec import RequestSpec
-from .storage import BatchStorage
+from .storage import BatchStorage, LockTimeout
 from .submit import SubmitIncomplete, SubmitOutcome, submit_prepared
+from .table_loader import InfronTableIOManager, MissingPartitionError, read_batch_table
 
 __version__ = "0.1.0"
 
@@ -59,20 +66,25 @@ __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
     "ApiStyle",
     "Batch",
+    "BatchCancel",
     "BatchStatus",
     "BatchStorage",
     "Budget",
     "BudgetExceeded",
+    "CancelOutcome",
     "ChunkRecord",
     "CollectConfig",
     "CollectOutcome",
     "CostEstimate",
+    "DoctorReport",
+    "Finding",
     "InfronAuthError",
     "InfronBadRequestError",
     "InfronBatchInferenceComponent",
     "InfronBatchPipeline",
     "InfronClient",
     "InfronConnectionError",
+    "InfronDagsterError",
     "InfronError",
     "InfronInsufficientCreditsError",
     "InfronNotFoundError",
@@ -81,8 +93,12 @@ __all__ = [
     "InfronResource",
     "InfronResourceComponent",
     "InfronServerError",
+    "InfronTableIOManager",
     "InputError",
+    "LocalServerConfig",
+    "LockTimeout",
     "Manifest",
+    "MissingPartitionError",
     "ModelPrice",
     "ParquetInput",
     "ParquetSource",
@@ -94,12 +110,19 @@ __all__ = [
     "SubmitConfig",
     "SubmitIncomplete",
     "SubmitOutcome",
+    "build_cancel_job",
+    "build_collect_checks",
     "build_infron_batch_assets",
     "build_infron_batch_sensor",
+    "cancel_partition",
+    "check_lake",
     "collect_partition",
+    "create_app",
+    "embedded_client",
     "estimate_cost",
     "make_custom_id",
     "normalise_status",
     "prepare_requests",
+    "read_batch_table",
     "submit_prepared",
 ]
