@@ -38,6 +38,7 @@ from .collect import (
     collect_partition,
     in_flight_requests,
 )
+from .history import PartitionHistory
 from .manifest import load_manifests
 from .prepare import (
     CUSTOM_ID,
@@ -836,7 +837,8 @@ def _collect_waiting(
     ``wait_seconds`` it logs where the batches stand and ends, and the sensor collects the
     partition when they finish. The run succeeds and the partition is not marked failed.
     """
-    if not load_manifests(s.storage, key):
+    history = PartitionHistory.load(s.storage, key)
+    if not history.manifests:
         raise dg.Failure(
             f"partition {key!r} of {s.name} was never submitted: materialize "
             f"{s.name}_batches for it first (the sensor then collects it)"
@@ -852,6 +854,7 @@ def _collect_waiting(
                 keep_columns=s.keep_columns,
                 max_line_bytes=s.max_line_bytes,
                 price=s.spend.price,
+                history=history,
             )
             if outcome.ready:
                 return outcome
@@ -862,6 +865,7 @@ def _collect_waiting(
                 )
                 return None
             time.sleep(config.poll_interval_seconds)
+            history = history.reload()
 
 
 def _waiting_summary(outcome: CollectOutcome) -> str:
@@ -924,7 +928,8 @@ def _collect_results(
 def _money_metadata(s: _Settings, key: str | None, outcome: CollectOutcome) -> dict[str, Any]:
     """What the partition cost (settled in the budget ledger) next to what was estimated."""
     wanted = {*outcome.attempts, *outcome.sources}  # the in-flight sources were paid for too
-    attempts = [m for m in load_manifests(s.storage, key) if m.attempt in wanted]
+    assert outcome.history is not None  # the manifests as collection wrote them
+    attempts = [m for m in outcome.history.manifests if m.attempt in wanted]
     assert outcome.results_summary is not None and outcome.failed_summary is not None
     by_attempt = dict(outcome.results_summary.cost_by_attempt)
     for attempt, cost in outcome.failed_summary.cost_by_attempt.items():

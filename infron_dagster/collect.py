@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from .client import InfronClient
 from .errors import InfronError
+from .history import PartitionHistory, active_attempts, read_carry_columns
 from .manifest import ChunkRecord, Manifest, load_manifests, now_iso
 from .models import Batch, BatchStatus
 from .outcomes import OUTCOME_SCHEMA, outcomes_to_table, read_outcome_table, redact_table
@@ -82,6 +83,8 @@ class CollectOutcome:
     # Earlier attempts, in flight when the base attempt was submitted, whose answers it carries
     sources: list[int] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)  # attempts a cancel stopped
+    # The partition's manifests as this collection read them (under the lock, once ready)
+    history: PartitionHistory | None = None
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: ParseReport = field(default_factory=ParseReport)
     input_rows: int = 0
@@ -132,15 +135,6 @@ class CollectOutcome:
         """The sum of what the API reported as cost (fees), when it reports any."""
         costs = [b["cost"] for b in self.batches.values() if b.get("cost") is not None]
         return float(sum(costs)) if costs else None
-
-
-def active_attempts(manifests: Sequence[Manifest]) -> list[Manifest]:
-    """The latest initial attempt and its retries: what the partition's tables reflect."""
-    initial = [m for m in manifests if m.kind == "initial" and m.state != "abandoned"]
-    if not initial:
-        return []
-    base = initial[-1].attempt
-    return [m for m in manifests if m.base_attempt == base and m.state != "abandoned"]
 
 
 @dataclass
@@ -228,8 +222,12 @@ def collect_partition(
     keep_columns: Sequence[str] | None = None,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     price: ModelPrice | None = None,
+    history: PartitionHistory | None = None,
 ) -> CollectOutcome:
     """Collect one partition if every batch of every active attempt is terminal.
+
+    ``history`` is the partition's manifests if the caller read them already (they are
+    read again once, under the partition's lock, before anything is written).
 
     Each row's ``cost`` is its tokens at ``price``, else its share of the fees its batch
     reported, else null (see :class:`~infron_dagster.row_costs.RowCosts`).
@@ -240,10 +238,12 @@ def collect_partition(
     refused URL, a 404) fails the rows it held as ``missing_result``. Only a transient
     error (connection, 5xx) stops the run, to be collected again.
     """
-    attempts = active_attempts(load_manifests(storage, partition_key))
+    history = history or PartitionHistory.load(storage, partition_key)
+    attempts = history.active
     if not attempts:
         raise ValueError(f"partition {partition_key!r} has no submitted attempt to collect")
     outcome = CollectOutcome(ready=True, attempts=[m.attempt for m in attempts])
+    outcome.history = history
     outcome.cancelled = [m.attempt for m in attempts if m.cancelled]
     outcome.max_line_bytes = max_line_bytes
     outcome.key_redactor = client.redact
@@ -258,7 +258,7 @@ def collect_partition(
             outcome.waiting_on.extend(manifest.batch_ids)
             continue
         outcome.batches.update(batches)
-    for source in _waited_on(storage, attempts):
+    for source in history.waited_on(attempts):
         outcome.sources.append(source.attempt)
         batches = _fetch_attempt(client, storage, source)
         if batches is None:  # carried answers still being paid for: collect them too
@@ -271,7 +271,8 @@ def collect_partition(
     # Writing the tables and marking the attempts collected is one step: no submit or retry
     # of this partition may slip in between (it would be marked collected unseen).
     with storage.lock(partition_key):
-        now = active_attempts(load_manifests(storage, partition_key))
+        outcome.history = history = history.reload()
+        now = history.active
         if [m.attempt for m in now] != outcome.attempts or not all(m.settled for m in now):
             outcome.ready = False
             outcome.waiting_on.append("a new attempt was submitted meanwhile")
@@ -279,17 +280,6 @@ def collect_partition(
         # The manifests as they are now: what is marked collected keeps a cancel made since.
         _write_tables(storage, spec, now, outcome, keep_columns, price)
     return outcome
-
-
-def _waited_on(storage: BatchStorage, attempts: list[Manifest]) -> list[Manifest]:
-    """The in-flight attempts the base attempt carries answers from (see ``waits_on``)."""
-    numbers = sorted({int(w["attempt"]) for m in attempts for w in m.waits_on})
-    if not numbers:
-        return []
-    key = attempts[0].partition_key
-    return [
-        Manifest.from_dict(storage.read_json(storage.manifest_path(key, n))) for n in numbers
-    ]
 
 
 def _write_tables(
@@ -313,15 +303,17 @@ def _write_tables(
     with inputs_path.open("rb") as fh:
         inputs = pq.ParquetFile(fh)
         fees = {b: i["cost"] for b, i in outcome.batches.items() if i.get("cost") is not None}
-        every = load_manifests(storage, partition_key)  # earlier attempts' answers are ours too
-        own = pa.array(sorted({b for m in every for b in m.batch_ids}), pa.string())
+        history = outcome.history
+        assert history is not None
+        # earlier attempts' answers are ours too
+        own = pa.array(history.own_batch_ids, pa.string())
         costs = RowCosts.from_outcomes(final, fees, price, own_batches=own)
         builder = TablesBuilder(
             inputs.schema_arrow, final, spec=spec, keep_columns=keep_columns, costs=costs
         )
         outcome.input_rows = inputs.metadata.num_rows + invalid.num_rows
         reuse = BODY_HASH in inputs.schema_arrow.names
-        answers = _Answers(storage, partition_key, outcome) if reuse else None
+        answers = _Answers(storage, partition_key, outcome, history.manifests) if reuse else None
         columns = builder.input_columns + ([BODY_HASH] if answers else [])
         batches = inputs.iter_batches(batch_size=SLICE_ROWS, columns=columns)
         results_path = storage.table_path("results", partition_key)
@@ -349,7 +341,7 @@ def _write_tables(
         "results": lambda: storage.read_table(results_path).cast(results.schema),
         "failed": lambda: storage.read_table(failed_path).cast(failed.schema),
     }
-    _mark_collected(storage, [*attempts, *_waited_on(storage, attempts)], outcome.batches)
+    _mark_collected(storage, [*attempts, *history.waited_on(attempts)], outcome.batches)
 
 
 # Input rows joined and written at a time.
@@ -361,10 +353,14 @@ class _Answers:
     body hash, for other partitions to carry instead of paying again (see ``reuse``)."""
 
     def __init__(
-        self, storage: BatchStorage, partition_key: str | None, parent: CollectOutcome
+        self,
+        storage: BatchStorage,
+        partition_key: str | None,
+        parent: CollectOutcome,
+        manifests: list[Manifest],
     ) -> None:
         self.storage, self.partition_key, self.parent = storage, partition_key, parent
-        self.manifests = load_manifests(storage, partition_key)
+        self.manifests = manifests
         self.own = pa.array(sorted({b for m in self.manifests for b in m.batch_ids}), pa.string())
         self.parts: list[pa.Table] = []
 
@@ -494,8 +490,10 @@ def _fetch_attempt(
     """Download an attempt's result files once; None while a batch is still running."""
     raw = storage.attempt_dir("raw", manifest.partition_key, manifest.attempt)
     marker = raw / "batches.json"
-    if storage.exists(marker):
-        return storage.read_json(marker)
+    try:  # downloaded by an earlier collection: one read, not a lookup and a read
+        return storage.read_json(storage.fresh(marker))
+    except FileNotFoundError:
+        pass
     batches = poll_manifest(client, manifest)
     if not all(b.is_terminal for b in batches.values()):
         return None
@@ -600,7 +598,7 @@ def _attempt_outcomes(
 ) -> pa.Table:
     """One outcome per request an attempt sent: from its result lines (the first success,
     else the last line), or missing as its batch ended; with the attempt's number."""
-    sent, _ = _sent_and_carried(storage, manifest)
+    sent, _ = _sent_and_carried(storage, manifest, collected.history)
     report = collected.report
     parts, seq = [], 0
     for batch_id in manifest.batch_ids:
@@ -674,10 +672,10 @@ def _missing_outcomes(
 
 
 def _sent_and_carried(
-    storage: BatchStorage, manifest: Manifest
+    storage: BatchStorage, manifest: Manifest, history: PartitionHistory | None = None
 ) -> tuple[pa.Array, dict[int, pa.Array]]:
     """The custom_ids an attempt sent (in chunk order), and those it carried, by source."""
-    snapshot = _carry_columns(storage, manifest.partition_key, manifest.attempt)
+    snapshot = _carry_columns(storage, manifest.partition_key, manifest.attempt, history)
     ids = snapshot.column(CUSTOM_ID).combine_chunks()
     if CARRIED_FROM not in snapshot.column_names:
         return ids, {}
@@ -692,14 +690,16 @@ def _sent_and_carried(
     return sent, carried
 
 
-def _carry_columns(storage: BatchStorage, partition_key: str | None, attempt: int) -> pa.Table:
+def _carry_columns(
+    storage: BatchStorage,
+    partition_key: str | None,
+    attempt: int,
+    history: PartitionHistory | None = None,
+) -> pa.Table:
     """An attempt's snapshot, only its custom_ids and where its carried rows come from."""
-    path = storage.attempt_file("inputs", partition_key, attempt)
-    wanted = (CUSTOM_ID, CARRIED_FROM, CARRIED_PARTITION, CARRIED_ID)
-    with path.open("rb") as fh:
-        names = pq.ParquetFile(fh).schema_arrow.names
-        fh.seek(0)
-        return pq.read_table(fh, columns=[c for c in wanted if c in names])
+    if history is not None and history.partition_key == partition_key:
+        return history.carry_columns(attempt)
+    return read_carry_columns(storage, partition_key, attempt)
 
 
 # (partition, attempt) of another partition -> [(its custom_ids, ours, our attempt)]
@@ -774,11 +774,12 @@ def _carried_elsewhere(
 def _carried(storage: BatchStorage, base: Manifest, parent: CollectOutcome) -> pa.Table:
     """The paid-for answers a new attempt reused from earlier attempts, read from their files
     (and from other partitions' attempts, with reuse_answers="pipeline")."""
-    _, carried = _sent_and_carried(storage, base)
+    history = parent.history or PartitionHistory.load(storage, base.partition_key)
+    _, carried = _sent_and_carried(storage, base, history)
     elsewhere: _Elsewhere = {}
-    own = _carry_columns(storage, base.partition_key, base.attempt)
+    own = _carry_columns(storage, base.partition_key, base.attempt, history)
     _elsewhere(own, None, base.attempt, elsewhere)
-    by_attempt = {m.attempt: m for m in load_manifests(storage, base.partition_key)}
+    by_attempt = history.by_attempt
     # A row carried from an attempt that was in flight keeps that attempt's outcome, failed
     # or not (it was sent there, and only there); from a collected attempt, only successes
     # were carried.
@@ -790,13 +791,15 @@ def _carried(storage: BatchStorage, base: Manifest, parent: CollectOutcome) -> p
         scratch = CollectOutcome(ready=True, batches=storage.read_json(marker))
         scratch.max_line_bytes = parent.max_line_bytes
         scratch.key_redactor = parent.key_redactor
+        scratch.history = history
         earlier = _attempt_outcomes(storage, source, scratch)
         mine = pc.is_in(earlier.column(CUSTOM_ID), value_set=ids)
         if attempt not in waited:
             mine = pc.and_(mine, earlier.column("ok"))
         parts.append(earlier.filter(mine))
         # Rows that attempt itself carried from another partition: read from there.
-        _elsewhere(_carry_columns(storage, base.partition_key, attempt), ids, attempt, elsewhere)
+        source_columns = _carry_columns(storage, base.partition_key, attempt, history)
+        _elsewhere(source_columns, ids, attempt, elsewhere)
     parts += _carried_elsewhere(storage, elsewhere, parent)
     return pa.concat_tables(parts)
 

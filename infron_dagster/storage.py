@@ -13,8 +13,8 @@ Layout under ``<root>/<name>/`` (``<p>`` is the quoted partition key)::
 
 Example:
     >>> store = BatchStorage("s3://lake/llm", "reviews", {"anon": False})
-    >>> store.manifest_path("2026-11-24", 1)
-    S3Path('s3://lake/llm/reviews/manifests/partition=2026-11-24/attempt=1.json')
+    >>> str(store.manifest_path("2026-11-24", 1))
+    's3://lake/llm/reviews/manifests/partition=2026-11-24/attempt=1.json'
 """
 
 from __future__ import annotations
@@ -313,11 +313,9 @@ class BatchStorage:
         paths[0].fs.rm([p.path for p in paths])
 
     def attempts(self, partition_key: str | None) -> list[int]:
-        """The attempt numbers with a manifest, ascending."""
-        folder = self.fresh(self.partition_dir("manifests", partition_key))
-        if not folder.exists():
-            return []
-        found = (_ATTEMPT_RE.search(p.name) for p in folder.iterdir())
+        """The attempt numbers with a manifest, ascending (one listing on an object store)."""
+        names = self.list_files(self.partition_dir("manifests", partition_key))
+        found = (_ATTEMPT_RE.fullmatch(name) for name in names)
         return sorted(int(m.group(1)) for m in found if m)
 
     # --- atomic writes -------------------------------------------------------------------
@@ -372,8 +370,10 @@ class BatchStorage:
         self.write_bytes(path, text.encode())
 
     def read_json(self, path: UPath) -> dict[str, Any]:
-        """Read a JSON document."""
-        return json.loads(path.read_bytes())
+        """Read a JSON document (one GET on an object store: no size lookup first)."""
+        if self.is_local:
+            return json.loads(path.read_bytes())
+        return json.loads(path.fs.cat_file(path.path, max_concurrency=1))
 
     def write_table(self, path: UPath, table: pa.Table) -> None:
         """Atomically write a Parquet file (zstd)."""
@@ -381,10 +381,10 @@ class BatchStorage:
         pq.write_table(table, sink, compression="zstd")
         self.write_bytes(path, sink.getvalue())
 
-    def read_table(self, path: UPath) -> pa.Table:
-        """Read one Parquet file."""
+    def read_table(self, path: UPath, columns: list[str] | None = None) -> pa.Table:
+        """Read one Parquet file (only ``columns``, when given: the rest is not read)."""
         with path.open("rb") as fh:
-            return pq.read_table(fh)
+            return pq.read_table(fh, columns=columns)
 
     def upload_file(self, local_path: str, dest: UPath) -> None:
         """Copy a local file to storage, streaming, atomically."""
