@@ -93,23 +93,53 @@ class InfronError(InfronDagsterError):
 
 
 class InfronAuthError(InfronError):
-    """401 or 403: the key is missing, wrong, or lacks permission."""
+    """401 or 403: the key is missing, wrong, or lacks permission.
+
+    Example:
+        >>> err = error_for_status("create batch", 401, "invalid key", None)
+        >>> type(err).__name__, err.retryable
+        ('InfronAuthError', False)
+    """
 
 
 class InfronInsufficientCreditsError(InfronError):
-    """402: the account has no credit left for this call."""
+    """402: the account has no credit left for this call.
+
+    Example:
+        >>> err = error_for_status("create batch", 402, "no credit", None)
+        >>> type(err).__name__, err.retryable
+        ('InfronInsufficientCreditsError', False)
+    """
 
 
 class InfronBadRequestError(InfronError):
-    """400 or 422: the server rejected the request as malformed or over a limit."""
+    """400 or 422: the server rejected the request as malformed or over a limit.
+
+    Example:
+        >>> err = error_for_status("create batch", 422, "too many requests in one batch", None)
+        >>> type(err).__name__, err.retryable
+        ('InfronBadRequestError', False)
+    """
 
 
 class InfronNotFoundError(InfronError):
-    """404: the batch or file does not exist (or belongs to another key)."""
+    """404: the batch or file does not exist (or belongs to another key).
+
+    Example:
+        >>> err = error_for_status("retrieve batch", 404, "no such batch", None)
+        >>> type(err).__name__, err.retryable
+        ('InfronNotFoundError', False)
+    """
 
 
 class InfronRateLimitError(InfronError):
-    """429 after the retry budget ran out."""
+    """429 after the retry budget ran out.
+
+    Example:
+        >>> err = error_for_status("create batch", 429, "slow down", "rate_limit")
+        >>> type(err).__name__, err.retryable
+        ('InfronRateLimitError', True)
+    """
 
     @property
     def retryable(self) -> bool:
@@ -117,7 +147,13 @@ class InfronRateLimitError(InfronError):
 
 
 class InfronServerError(InfronError):
-    """5xx (or 408/409) after the retry budget ran out."""
+    """5xx (or 408/409) after the retry budget ran out.
+
+    Example:
+        >>> err = error_for_status("retrieve batch", 503, "unavailable", None)
+        >>> type(err).__name__, err.retryable
+        ('InfronServerError', True)
+    """
 
     @property
     def retryable(self) -> bool:
@@ -125,7 +161,13 @@ class InfronServerError(InfronError):
 
 
 class InfronConnectionError(InfronError):
-    """The server could not be reached or did not answer in time."""
+    """The server could not be reached or did not answer in time.
+
+    Example:
+        >>> err = InfronConnectionError("retrieve batch", "timed out")
+        >>> str(err), err.retryable
+        ('retrieve batch failed: timed out', True)
+    """
 
     @property
     def retryable(self) -> bool:
@@ -133,13 +175,24 @@ class InfronConnectionError(InfronError):
 
 
 class InfronProtocolError(InfronError):
-    """The server answered something this client cannot understand."""
+    """The server answered something this client cannot understand.
+
+    Example:
+        >>> err = InfronProtocolError("retrieve batch", "not JSON")
+        >>> str(err), err.retryable
+        ('retrieve batch failed: not JSON', False)
+    """
 
 
 def error_for_status(
     operation: str, status_code: int, message: str, code: str | None
 ) -> InfronError:
-    """Pick the error class for an HTTP status."""
+    """Pick the error class for an HTTP status.
+
+    Example:
+        >>> type(error_for_status("retrieve batch", 404, "no such batch", None)).__name__
+        'InfronNotFoundError'
+    """
     if status_code in (401, 403):
         cls: type[InfronError] = InfronAuthError
     elif status_code == 402:

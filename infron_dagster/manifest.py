@@ -32,7 +32,9 @@ class ChunkRecord:
     """One request file and the batch it became.
 
     Example:
-        >>> ChunkRecord(index=0, path="requests/.../chunk-00000.jsonl", requests=10, bytes=900)
+        >>> chunk = ChunkRecord(index=0, path="requests/chunk-00000.jsonl", requests=10, bytes=900)
+        >>> chunk.batch_id is None  # not created yet
+        True
     """
 
     index: int
@@ -57,6 +59,12 @@ class Manifest:
 
     ``base_attempt`` is the initial attempt a retry belongs to; collection merges every
     attempt from ``base_attempt`` on.
+
+    Example:
+        >>> m = Manifest(name="reviews", partition_key="2026-11-24", attempt=1, fingerprint="f",
+        ...              api_style="infron", endpoint="/v1/chat/completions", model="gpt-4o")
+        >>> m.state, Manifest.from_dict(m.to_dict()) == m
+        ('submitting', True)
     """
 
     name: str
@@ -154,8 +162,10 @@ def load_manifests(storage: BatchStorage, partition_key: str | None) -> list[Man
     sensor, checks and retries all start from.
 
     Example:
-        >>> [m.attempt for m in load_manifests(storage, "2026-11-24")]
-        [1, 2]
+        >>> import tempfile
+        >>> from infron_dagster.storage import BatchStorage
+        >>> load_manifests(BatchStorage(tempfile.mkdtemp(), "reviews"), "2026-11-24")
+        []
     """
     return [
         Manifest.from_dict(storage.read_json(storage.manifest_path(partition_key, attempt)))

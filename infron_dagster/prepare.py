@@ -66,7 +66,20 @@ DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 
 
 class InputError(InfronDagsterError, ValueError):
-    """The input as a whole cannot be prepared (a missing column, duplicate keys, ...)."""
+    """The input as a whole cannot be prepared (a missing column, duplicate keys, ...).
+
+    Example:
+        >>> import tempfile
+        >>> import pandas as pd
+        >>> from infron_dagster import RequestSpec
+        >>> spec = RequestSpec(model="gpt-4o-mini", prompt_template="{text}", key_columns=("id",))
+        >>> try:
+        ...     prepare_requests(pd.DataFrame({"text": ["hi"]}), spec, name="reviews",
+        ...                      partition_key=None, workdir=tempfile.mkdtemp())
+        ... except InputError as exc:
+        ...     print(exc)
+        key column 'id' is not in the input; columns are ['text']
+    """
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,13 @@ class PreparedRequests:
     is set by a slice, not the partition) holds every input column plus ``custom_id`` for
     the rows that were rendered; ``invalid`` holds the rest plus ``error_code`` and
     ``error_message``.
+
+    Example (:func:`prepare_requests` runs it)::
+
+        prepared = prepare_requests(rows, spec, name="reviews", partition_key="2026-11-24",
+                                    workdir=tempfile.mkdtemp())
+        prepared.valid_rows, prepared.invalid.column("error_code").to_pylist()
+        # -> (1, ['invalid_input'])
     """
 
     invalid: pa.Table
@@ -119,7 +139,7 @@ def make_custom_id(name: str, partition_key: str | None, key: str) -> str:
 
     Example:
         >>> make_custom_id("reviews", "2026-11-24", "r-17")
-        'req-6a1f0b5c23d0a4b1f8a1b2c5d16d1f7f'  # doctest: +SKIP
+        'req-1d538177935df22b091b23dcf60b2581'
     """
     raw = f"{name}\x1f{partition_key or ''}\x1f{key}".encode()
     return "req-" + hashlib.sha256(raw).hexdigest()[:32]
@@ -331,6 +351,20 @@ def prepare_requests(
     Memory is set by the slice, not the partition: rows are taken, rendered, hashed and
     written ``SLICE_ROWS`` at a time in ``custom_id`` order, the snapshot of the rows sent
     is a Parquet file in ``workdir`` (a row group per slice), and only the ids are held whole.
+
+    Example:
+        >>> import tempfile
+        >>> import pandas as pd
+        >>> from infron_dagster import RequestSpec
+        >>> spec = RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of: {text}",
+        ...                    key_columns=("id",))
+        >>> rows = pd.DataFrame({"id": [1, 2], "text": ["great", None]})
+        >>> prepared = prepare_requests(rows, spec, name="reviews", partition_key="2026-11-24",
+        ...                             workdir=tempfile.mkdtemp())
+        >>> prepared.valid_rows, len(prepared.chunks)
+        (1, 1)
+        >>> prepared.invalid.column("error_code").to_pylist()  # a null template value
+        ['invalid_input']
     """
     source = _Source(data, f"for partition {partition_key!r}")
     for reserved in (CUSTOM_ID, ERROR_CODE, ERROR_MESSAGE, *HIDDEN_COLUMNS):

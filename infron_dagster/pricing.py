@@ -51,7 +51,9 @@ class ModelPrice:
     most providers offer); ``0`` means no discount.
 
     Example:
-        >>> ModelPrice(input_per_million=2.5, output_per_million=10.0, batch_discount=0.5)
+        >>> price = ModelPrice(input_per_million=2.5, output_per_million=10.0, batch_discount=0.5)
+        >>> price.cost(input_tokens=1_000_000, output_tokens=0)  # half of the $2.50 list price
+        1.25
     """
 
     input_per_million: float
@@ -169,10 +171,15 @@ def estimate_cost(
     """Estimate what sending ``requests`` requests of ``input_tokens`` tokens costs.
 
     Example:
-        >>> estimate = estimate_cost(spec, storage, requests=100, input_tokens=12_000,
+        >>> import tempfile
+        >>> from infron_dagster import BatchStorage, RequestSpec
+        >>> spec = RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of: {text}",
+        ...                    params={"max_tokens": 50})
+        >>> estimate = estimate_cost(spec, BatchStorage(tempfile.mkdtemp(), "reviews"),
+        ...                          requests=100, input_tokens=12_000,
         ...                          price=ModelPrice(0.15, 0.60))
-        >>> estimate.worst_cost >= estimate.expected_cost
-        True
+        >>> estimate.max_output_tokens, estimate.worst_cost >= estimate.expected_cost
+        (5000, True)
     """
     limit = max_output_tokens(spec)
     observed = observed_output_mean(storage) if limit else None
