@@ -9,9 +9,10 @@ observation on ``<name>_batches`` (only when that changed since the last one) an
 one line as the tick's skip reason, so the asset pages and the sensor's tick list show
 progress instead of "0 runs requested".
 
-Example:
-    >>> sensor = build_infron_batch_sensor(name="reviews", storage=storage,
-    ...     collect_keys=[dg.AssetKey("reviews_results"), dg.AssetKey("reviews_failed")])
+Example::
+
+    sensor = build_infron_batch_sensor(name="reviews", storage=storage,
+        collect_keys=[dg.AssetKey("reviews_results"), dg.AssetKey("reviews_failed")])
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 import dagster as dg
 
+from . import submit as submit_module
 from .admission import AdmissionControl
 from .budget import SpendLedger
 from .client import InfronClient
@@ -212,9 +214,10 @@ def build_infron_batch_sensor(
     ``budget_ledger`` (the pipeline has a price): each tick releases the budget reservations
     of attempts that never created anything (see ``SpendLedger.release_unpaid``).
 
-    Example:
-        >>> build_infron_batch_sensor(name="reviews", storage=BatchStorage("/lake", "reviews"),
-        ...                           collect_keys=[dg.AssetKey("reviews_results")])
+    Example::
+
+        build_infron_batch_sensor(name="reviews", storage=BatchStorage("/lake", "reviews"),
+                                  collect_keys=[dg.AssetKey("reviews_results")])
     """
     observed_key = batches_key or dg.AssetKey(f"{name}_batches")
 
@@ -418,6 +421,16 @@ def _resumable(
             "then materialize the partition with resubmit_uncertain: true if they do not exist"
         )
         return False
+    grace = submit_module.REATTACH_GRACE_SECONDS
+    if uncertain and _past(manifest, uncertain, 2 * grace):
+        notes.append(
+            f"{label}: chunk(s) {uncertain} are still not listed by the provider "
+            f"{2 * grace // 60} minutes after their create call, and its list "
+            "cannot prove they do not exist (it shows no batch with our metadata): check the "
+            "provider's dashboard, then materialize the partition with resubmit_uncertain: "
+            "true if they do not exist"
+        )
+        return False
     if any(r.dagster_run.status in _NOT_YET_RUNNING for r in runs):
         return False
     failures = 0
@@ -437,6 +450,13 @@ def _resumable(
         if now - when < _backoff(len(runs)):
             return False
     return True
+
+
+def _past(manifest: Manifest, chunks: Sequence[int], seconds: float) -> bool:
+    """Whether every create call of ``chunks`` started more than ``seconds`` ago."""
+    wanted = set(chunks)
+    starts = [_timestamp(c.create_started_at) for c in manifest.chunks if c.index in wanted]
+    return all(t is not None and time.time() - t > seconds for t in starts)
 
 
 def _locked(storage: BatchStorage, partition_key: str | None) -> bool:

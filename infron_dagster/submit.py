@@ -457,15 +457,18 @@ def _orphans_by_key(client: InfronClient, keys: set[str]) -> tuple[dict[str, str
     """(key -> batch id of our orphans, whether absence from this list means anything)."""
     found: dict[str, str] = {}
     skipped: list[str] = []
-    echoes_metadata = False
+    echoes_metadata, listed = False, 0
     for batch in client.list_batches(skipped=skipped):
+        listed += 1
         key = batch.metadata.get("infron_dagster_key")
         echoes_metadata = echoes_metadata or key is not None
         if key in keys and key not in found:
             found[key] = batch.id
     if skipped:
         logger.warning("%d listed batch(es) could not be read: %s", len(skipped), skipped[0])
-    return found, echoes_metadata and not skipped
+    # A complete, empty list proves absence too: a batch that existed would be listed,
+    # with its metadata or without.
+    return found, (echoes_metadata or listed == 0) and not skipped
 
 
 def _create_batches(

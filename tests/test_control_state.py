@@ -15,9 +15,8 @@ moves forward.
    resubmits the partition, which converges, paid once, with the reservations released.
 7. A provider refusal is retried after a short backoff, each time under a new run_key.
 8. An ambiguous create in openai style ends the run successfully (``waiting_for``), and the
-   sensor requests the runs that settle it: no run fails, nothing is paid twice. Known gap
-   (xfail, strict): when the provider's list is complete but empty, the chunk is never
-   taken as unsent, and the partition waits forever.
+   sensor requests the runs that settle it: no run fails, nothing is paid twice; a complete,
+   empty provider list proves the chunk unsent once the grace has passed.
 """
 
 from __future__ import annotations
@@ -675,16 +674,6 @@ def test_an_ambiguous_openai_create_waits_and_the_sensor_settles_it(
         assert control.in_flight() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "HEAD: submit._reattach takes a chunk missing from the provider's list as never "
-        "created only if some listed batch echoes infron_dagster_key metadata; a complete, "
-        "empty list (the first create on the account never reached it) is never trusted, "
-        "so the chunk stays uncertain forever and the sensor requests a waiting run every "
-        "backoff (up to 10 min) indefinitely, with no note for a person"
-    ),
-)
 def test_an_ambiguous_create_of_a_first_and_only_batch_is_sent_after_the_grace(
     tmp_path, monkeypatch
 ):
