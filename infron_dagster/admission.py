@@ -22,10 +22,11 @@ unreadable or foreign is rebuilt from the manifests of the root's pipelines (wit
 naming the file), and an entry without a batch is checked against its manifest whenever no
 run holds the partition's lock.
 
-Example:
-    >>> control = AdmissionControl(storage, max_enqueued_tokens=2_000_000, output_tokens=256)
-    >>> control.in_flight()
-    0
+Example::
+
+    control = AdmissionControl(storage, max_enqueued_tokens=2_000_000, output_tokens=256)
+    control.in_flight()
+    # -> 0
 """
 
 from __future__ import annotations
@@ -109,9 +110,10 @@ def _valid_entry(entry: Any) -> bool:
 class AdmissionControl:
     """The enqueued-token limit of the pipelines sharing one storage root and resource.
 
-    Example:
-        >>> AdmissionControl(storage, max_enqueued_tokens=90_000, output_tokens=0).in_flight()
-        0
+    Example::
+
+        AdmissionControl(storage, max_enqueued_tokens=90_000, output_tokens=0).in_flight()
+        # -> 0
     """
 
     def __init__(

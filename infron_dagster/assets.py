@@ -147,9 +147,10 @@ class CollectConfig(dg.Config):
 class InfronBatchPipeline:
     """Everything one pipeline defines; ``definitions`` puts it all in a ``dg.Definitions``.
 
-    Example:
-        >>> pipeline.batches_asset.key
-        AssetKey(['review_sentiment_batches'])
+    Example::
+
+        pipeline.batches_asset.key
+        # -> AssetKey(['review_sentiment_batches'])
     """
 
     name: str

@@ -46,6 +46,7 @@ class Budget:
 
     Example:
         >>> Budget(max_cost_per_day=20.0)  # per UTC day, across the pipeline's partitions
+        Budget(max_cost_per_partition=None, max_cost_per_day=20.0)
     """
 
     max_cost_per_partition: float | None = None
@@ -78,10 +79,11 @@ class Reservation:
 class SpendLedger:
     """The day-by-day record of what a pipeline's submissions may spend and did spend.
 
-    Example:
-        >>> ledger = SpendLedger(storage)
-        >>> ledger.spent_on("2026-11-26")
-        0.0
+    Example::
+
+        ledger = SpendLedger(storage)
+        ledger.spent_on("2026-11-26")
+        # -> 0.0
     """
 
     def __init__(self, storage: BatchStorage) -> None:
@@ -165,9 +167,10 @@ class SpendLedger:
         """Why :meth:`reserve` would refuse this now (``""`` when it would not), without
         taking a lock or writing anything: what a dry run reports.
 
-        Example:
-            >>> SpendLedger(storage).would_refuse("a", 1, 0.5, Budget(max_cost_per_day=0.1))
-            "partition 'a': worst-case cost 0.5000 on top of 0.0000 ..."
+        Example::
+
+            SpendLedger(storage).would_refuse("a", 1, 0.5, Budget(max_cost_per_day=0.1))
+            # -> "partition 'a': worst-case cost 0.5000 on top of 0.0000 ..."
         """
         day = self.today()
         entry = _entry_name(partition_key, attempt)
@@ -254,9 +257,10 @@ class SpendLedger:
         released entry counts 0 and records why; settling it later records its cost again.
         Safe to call from every sensor tick of every process.
 
-        Example:
-            >>> SpendLedger(storage).release_unpaid(grace_seconds=600)
-            ["budget entry .../a1-....json (partition 'a' attempt 1): no manifest ..."]
+        Example::
+
+            SpendLedger(storage).release_unpaid(grace_seconds=600)
+            # -> ["budget entry .../a1-....json (partition 'a' attempt 1): no manifest ..."]
         """
         today = datetime.now(timezone.utc).date()
         wanted = (

@@ -14,11 +14,12 @@ Cancelling is idempotent: a batch that already finished is skipped, one being ca
 left alone, and a batch whose cancel call fails does not stop the others (the run fails at
 the end, naming it, and running the job again retries it).
 
-Example:
-    >>> with InfronResource().get_client() as client:
-    ...     outcome = cancel_partition(client, storage, "2026-11-24")
-    >>> outcome.cancelled_ids, outcome.message
-    (['batch_abc'], "partition '2026-11-24': cancelled 1 batch(es) ...")
+Example::
+
+    with InfronResource().get_client() as client:
+        outcome = cancel_partition(client, storage, "2026-11-24")
+    outcome.cancelled_ids, outcome.message
+    # -> (['batch_abc'], "partition '2026-11-24': cancelled 1 batch(es) ...")
 """
 
 import logging
@@ -224,10 +225,11 @@ def cancel_partition(
     Never raises for one batch: each failure is recorded in the outcome and the next batch is
     tried (check ``outcome.failed``). ``on_batch`` is called after each batch, for logging.
 
-    Example:
-        >>> outcome = cancel_partition(client, storage, "2026-11-24", on_batch=print)
-        >>> [b.action for b in outcome.batches]
-        ['cancelled', 'already_finished']
+    Example::
+
+        outcome = cancel_partition(client, storage, "2026-11-24", on_batch=print)
+        [b.action for b in outcome.batches]
+        # -> ['cancelled', 'already_finished']
     """
     manifests = load_manifests(storage, partition_key)
     outcome = CancelOutcome(partition_key, submitted=bool(manifests))
@@ -386,10 +388,11 @@ def build_cancel_job(
     succeeds and says so; a batch whose cancel failed fails the run at the end, by name,
     after every other batch was tried.
 
-    Example:
-        >>> job = build_cancel_job(name="reviews", storage=BatchStorage("/lake", "reviews"),
-        ...                        partitions_def=dg.StaticPartitionsDefinition(["a", "b"]))
-        >>> job.execute_in_process(partition_key="a", resources={"infron": InfronResource()})
+    Example::
+
+        job = build_cancel_job(name="reviews", storage=BatchStorage("/lake", "reviews"),
+                               partitions_def=dg.StaticPartitionsDefinition(["a", "b"]))
+        job.execute_in_process(partition_key="a", resources={"infron": InfronResource()})
     """
 
     @dg.op(

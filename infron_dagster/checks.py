@@ -5,10 +5,11 @@ result stays its own: a partition with 53 % failed rows stays failed whatever an
 partition does. They run in the collection run, after the tables, and are skipped when the
 run collected nothing (batches still in flight).
 
-Example:
-    >>> checks = build_collect_checks(name="reviews", storage=storage,
-    ...     results_key=dg.AssetKey("reviews_results"), failed_key=dg.AssetKey("reviews_failed"),
-    ...     partitions_def=daily, max_failure_rate=0.05, blocking=True)
+Example::
+
+    checks = build_collect_checks(name="reviews", storage=storage,
+        results_key=dg.AssetKey("reviews_results"), failed_key=dg.AssetKey("reviews_failed"),
+        partitions_def=daily, max_failure_rate=0.05, blocking=True)
 """
 
 import warnings
@@ -41,10 +42,11 @@ def build_collect_checks(
     With ``blocking=True`` a failure rate over ``max_failure_rate`` is an error that stops
     downstream assets of that partition from running; otherwise it is a warning.
 
-    Example:
-        >>> build_collect_checks(name="r", storage=BatchStorage("/lake", "r"),
-        ...     results_key=dg.AssetKey("r_results"), failed_key=dg.AssetKey("r_failed"),
-        ...     partitions_def=None, max_failure_rate=0.05)
+    Example::
+
+        build_collect_checks(name="r", storage=BatchStorage("/lake", "r"),
+            results_key=dg.AssetKey("r_results"), failed_key=dg.AssetKey("r_failed"),
+            partitions_def=None, max_failure_rate=0.05)
     """
     with warnings.catch_warnings():
         # Partitioned checks are in preview in Dagster, and they are the point: each

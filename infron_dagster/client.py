@@ -4,11 +4,12 @@ Both wire styles share one interface and return the same :class:`~infron_dagster
 Requests are always given as OpenAI-style JSONL lines (``{"custom_id","method","url","body"}``);
 the ``infron`` style turns them into ``{"custom_id","params"}`` while it streams them out.
 
-Example:
-    >>> client = InfronClient(api_key="sk-...", api_style="openai",
-    ...                       base_url="https://api.openai.com/v1")
-    >>> batch = client.create_batch("requests.jsonl", endpoint="/v1/chat/completions")
-    >>> client.retrieve_batch(batch.id).status
+Example::
+
+    client = InfronClient(api_key="sk-...", api_style="openai",
+                          base_url="https://api.openai.com/v1")
+    batch = client.create_batch("requests.jsonl", endpoint="/v1/chat/completions")
+    client.retrieve_batch(batch.id).status
 """
 
 from __future__ import annotations
@@ -119,10 +120,11 @@ class InfronClient:
     ``api_style="openai"`` is the OpenAI files + batches API (OpenAI, Azure, vLLM, LiteLLM).
     ``transport`` lets tests and the embedded local server plug in an in-process app.
 
-    Example:
-        >>> with InfronClient(api_key=os.environ["INFRON_API_KEY"]) as client:
-        ...     batch = client.create_batch("requests.jsonl")
-        ...     print(batch.id, batch.status)
+    Example::
+
+        with InfronClient(api_key=os.environ["INFRON_API_KEY"]) as client:
+            batch = client.create_batch("requests.jsonl")
+            print(batch.id, batch.status)
     """
 
     def __init__(
@@ -192,8 +194,9 @@ class InfronClient:
         must check before sending again. ``idempotency_key`` goes out as ``Idempotency-Key``.
         In openai style, ``input_file_id`` (from :meth:`upload_file`) replaces the path.
 
-        Example:
-            >>> client.create_batch("chunk-00000.jsonl", metadata={"partition": "2026-11-24"})
+        Example::
+
+            client.create_batch("chunk-00000.jsonl", metadata={"partition": "2026-11-24"})
         """
         if self.api_style == "openai":
             file_id = input_file_id or self.upload_file(_required(requests_path))
@@ -234,9 +237,10 @@ class InfronClient:
     def retrieve_batch(self, batch_id: str) -> Batch:
         """Fetch the current state of one batch.
 
-        Example:
-            >>> client.retrieve_batch("batch_abc").status
-            <BatchStatus.IN_PROGRESS: 'in_progress'>
+        Example::
+
+            client.retrieve_batch("batch_abc").status
+            # -> <BatchStatus.IN_PROGRESS: 'in_progress'>
         """
         operation = f"retrieve batch {self._shown_id(batch_id)}"
         data = self._json(operation, "GET", f"/batches/{_path(batch_id)}")
@@ -245,9 +249,10 @@ class InfronClient:
     def cancel_batch(self, batch_id: str) -> Batch:
         """Ask the server to cancel a batch; finished requests stay available.
 
-        Example:
-            >>> client.cancel_batch("batch_abc").status
-            <BatchStatus.CANCELLING: 'cancelling'>
+        Example::
+
+            client.cancel_batch("batch_abc").status
+            # -> <BatchStatus.CANCELLING: 'cancelling'>
         """
         operation = f"cancel batch {self._shown_id(batch_id)}"
         data = self._json(operation, "POST", f"/batches/{_path(batch_id)}/cancel")
@@ -262,8 +267,9 @@ class InfronClient:
         object that cannot be read is skipped (one odd batch must not hide all the others),
         and the reason appended to ``skipped`` when given.
 
-        Example:
-            >>> [b.id for b in client.list_batches() if b.metadata.get("partition") == "a"]
+        Example::
+
+            [b.id for b in client.list_batches() if b.metadata.get("partition") == "a"]
         """
         if self.api_style != "openai":
             raise NotImplementedError("Infron's batch API has no documented list operation")
@@ -301,9 +307,10 @@ class InfronClient:
     def upload_file(self, path: str | os.PathLike[str], purpose: str = "batch") -> str:
         """Upload a JSONL file (streamed, multipart) and return its file id.
 
-        Example:
-            >>> client.upload_file("chunk-00000.jsonl")
-            'file-abc123'
+        Example::
+
+            client.upload_file("chunk-00000.jsonl")
+            # -> 'file-abc123'
         """
         name = os.path.basename(os.fspath(path))
 
@@ -324,9 +331,10 @@ class InfronClient:
     def result_files(self, batch: Batch) -> list[ResultFile]:
         """The files that hold a finished batch's results (output and errors).
 
-        Example:
-            >>> [f.kind for f in client.result_files(batch)]
-            ['output', 'errors']
+        Example::
+
+            [f.kind for f in client.result_files(batch)]
+            # -> ['output', 'errors']
         """
         files: list[ResultFile] = []
         if batch.output_file_id:
@@ -340,9 +348,10 @@ class InfronClient:
     def iter_lines(self, result: ResultFile) -> Iterator[bytes]:
         """Stream one result file line by line, never holding it whole.
 
-        Example:
-            >>> for line in client.iter_lines(ResultFile("output", file_id="file-abc")):
-            ...     print(json.loads(line)["custom_id"])
+        Example::
+
+            for line in client.iter_lines(ResultFile("output", file_id="file-abc")):
+                print(json.loads(line)["custom_id"])
         """
         response, operation = self._open_result(result)
         try:
@@ -360,9 +369,10 @@ class InfronClient:
         The API key is sent only to the configured server, never to a foreign
         ``result_url`` (such as a pre-signed object-store link).
 
-        Example:
-            >>> with open("output.jsonl", "wb") as fh:
-            ...     client.download(ResultFile("output", file_id="file-abc"), fh)
+        Example::
+
+            with open("output.jsonl", "wb") as fh:
+                client.download(ResultFile("output", file_id="file-abc"), fh)
         """
         response, operation = self._open_result(result)
         written = 0
@@ -569,9 +579,10 @@ class InfronClient:
         """``text`` with this client's key replaced by ``***`` (for what the provider sends
         back: batch errors, result lines).
 
-        Example:
-            >>> client.redact("bad key sk-...")
-            'bad key ***'
+        Example::
+
+            client.redact("bad key sk-...")
+            # -> 'bad key ***'
         """
         return self._redact(text)
 

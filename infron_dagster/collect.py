@@ -5,10 +5,11 @@ attempts (a row that succeeds in any attempt is a result; otherwise its latest f
 stands), and writes the two hive-partitioned tables atomically. The manifests are marked
 collected last: they are the commit point.
 
-Example:
-    >>> outcome = collect_partition(client, storage, spec, "2026-11-24")
-    >>> outcome.ready, outcome.results.num_rows, outcome.failed.num_rows
-    (True, 980, 20)
+Example::
+
+    outcome = collect_partition(client, storage, spec, "2026-11-24")
+    outcome.ready, outcome.results.num_rows, outcome.failed.num_rows
+    # -> (True, 980, 20)
 """
 
 from __future__ import annotations

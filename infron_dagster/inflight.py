@@ -17,11 +17,12 @@ The manifests stay the truth; the index is a cache that errs on the side of read
   ``rescan_seconds``; deleting that file forces one. A scan longer than
   ``scan_budget_seconds`` goes on over the next ticks (``inflight/_scan.json`` says where).
 
-Example:
-    >>> index = InFlightIndex(storage)
-    >>> index.mark("2026-11-24", 1)            # submit: before the attempt's first manifest
-    >>> [a.partition_key for a in index.in_flight()]
-    ['2026-11-24']
+Example::
+
+    index = InFlightIndex(storage)
+    index.mark("2026-11-24", 1)            # submit: before the attempt's first manifest
+    [a.partition_key for a in index.in_flight()]
+    # -> ['2026-11-24']
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ _SCAN_SLICE = 250  # partitions read per slice of a full scan, concurrently
 def mark_in_flight(storage: BatchStorage, partition_key: str | None, attempt: int) -> None:
     """Record that ``attempt`` of a partition is about to exist: call before its manifest.
 
-    Example:
-        >>> mark_in_flight(storage, "2026-11-24", 2)
+    Example::
+
+        mark_in_flight(storage, "2026-11-24", 2)
     """
     InFlightIndex(storage).mark(partition_key, attempt)
 
@@ -91,8 +93,9 @@ class _Listing:
 class InFlightIndex:
     """Markers of uncollected attempts under ``<base>/inflight/``, checked against manifests.
 
-    Example:
-        >>> partitions = InFlightIndex(storage, rescan_seconds=3600).in_flight()
+    Example::
+
+        partitions = InFlightIndex(storage, rescan_seconds=3600).in_flight()
     """
 
     def __init__(

@@ -11,12 +11,13 @@ Only plain templates (``{column}`` placeholders, no format spec or conversion) r
 here; :meth:`ColumnRenderer.for_spec` returns None for anything else (and for ``body_fn``),
 and the per-row renderer takes over.
 
-Example:
-    >>> spec = RequestSpec(model="m", prompt_template="Hi {name}", key_columns=("id",))
-    >>> renderer = ColumnRenderer.for_spec(spec, max_request_bytes=1 << 20)
-    >>> out = renderer.render(pa.table({"name": ["Ann"]}), pa.array(["req-1"]))
-    >>> out.lines[0].as_py()
-    '{"custom_id":"req-1","method":"POST","url":"/v1/chat/completions","body":{"model":"m",...'
+Example::
+
+    spec = RequestSpec(model="m", prompt_template="Hi {name}", key_columns=("id",))
+    renderer = ColumnRenderer.for_spec(spec, max_request_bytes=1 << 20)
+    out = renderer.render(pa.table({"name": ["Ann"]}), pa.array(["req-1"]))
+    out.lines[0].as_py()
+    # -> '{"custom_id":"req-1","method":"POST","url":"/v1/chat/completions","body":{"model":"m",...'
 """
 
 from __future__ import annotations

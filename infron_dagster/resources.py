@@ -58,17 +58,18 @@ class InfronResource(dg.ConfigurableResource):
     (in-process, state on disk), so pipelines and tests run with no key and no network.
     ``base_url="local"`` or ``"local:///path"`` asks for it explicitly.
 
-    Example:
-        >>> import dagster as dg
-        >>> InfronResource(
-        ...     api_key=dg.EnvVar("INFRON_API_KEY"),
-        ...     api_style="infron",
-        ... )
-        >>> InfronResource(
-        ...     api_key=dg.EnvVar("OPENAI_API_KEY"),
-        ...     base_url="https://api.openai.com/v1",
-        ...     api_style="openai",
-        ... )
+    Example::
+
+        import dagster as dg
+        InfronResource(
+            api_key=dg.EnvVar("INFRON_API_KEY"),
+            api_style="infron",
+        )
+        InfronResource(
+            api_key=dg.EnvVar("OPENAI_API_KEY"),
+            base_url="https://api.openai.com/v1",
+            api_style="openai",
+        )
     """
 
     api_key: str | None = Field(
@@ -107,9 +108,10 @@ class InfronResource(dg.ConfigurableResource):
     def get_client(self) -> InfronClient:
         """A new client; close it (or use it as a context manager) when done.
 
-        Example:
-            >>> with InfronResource().get_client() as client:
-            ...     client.retrieve_batch("batch_abc")
+        Example::
+
+            with InfronResource().get_client() as client:
+                client.retrieve_batch("batch_abc")
         """
         retry = RetryPolicy(max_retries=self.max_retries, budget_seconds=self.retry_budget_seconds)
         if self.is_local:

@@ -2,11 +2,12 @@
 
 Pure data code. Lines are matched to requests on ``custom_id`` only, never on position.
 
-Example:
-    >>> line = b'{"custom_id":"req-1","response":{"status_code":200,"body":{"choices":'
-    ...        b'[{"message":{"content":"hi"},"finish_reason":"stop"}]}},"error":null}'
-    >>> parse_line(line).text
-    'hi'
+Example::
+
+    line = b'{"custom_id":"req-1","response":{"status_code":200,"body":{"choices":'
+           b'[{"message":{"content":"hi"},"finish_reason":"stop"}]}},"error":null}'
+    parse_line(line).text
+    # -> 'hi'
 """
 
 from __future__ import annotations

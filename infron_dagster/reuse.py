@@ -32,10 +32,11 @@ plus the check of each source attempt actually used, and 16 bytes of memory per 
 request in the pipeline: a year of daily partitions is ~365 GETs. Far beyond that (hundreds
 of thousands of partitions) a compacted index would be the next step.
 
-Example:
-    >>> index = AnswerIndex.load(storage, exclude="2026-11-24")
-    >>> index.find(["0f3a...", "77c1..."])
-    [('2026-11-23', 1, 'req-...'), None]
+Example::
+
+    index = AnswerIndex.load(storage, exclude="2026-11-24")
+    index.find(["0f3a...", "77c1..."])
+    # -> [('2026-11-23', 1, 'req-...'), None]
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ rows of a batch sum to its fee. With neither, or with a fee that cannot be true 
 not finite, absurd per token: see :func:`~infron_dagster.pricing.untrusted_fees`), the cost
 is unknown (null).
 
-Example:
-    >>> costs = RowCosts.from_outcomes(final, fees={"batch_1": 0.004}, price=None)
-    >>> costs(prompt_tokens, completion_tokens, batch_ids)  # doctest: +SKIP
+Example::
+
+    costs = RowCosts.from_outcomes(final, fees={"batch_1": 0.004}, price=None)
+    costs(prompt_tokens, completion_tokens, batch_ids)
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Where input rows come from when they are not an upstream asset: Parquet on storage.
 
-Example:
-    >>> src = ParquetSource("s3://lake/reviews/date={partition_key}/*.parquet")
-    >>> table = src.read("2026-11-24")
+Example::
+
+    src = ParquetSource("s3://lake/reviews/date={partition_key}/*.parquet")
+    table = src.read("2026-11-24")
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ class ParquetSource:
     naming it, so ``../../secret/x`` cannot read outside the source and ``*`` cannot read
     (and send, and pay for) every partition. Globbing comes from the template only.
 
-    Example:
-        >>> ParquetSource("/data/reviews/{partition_key}.parquet").path_for("2026-11-24")
-        '/data/reviews/2026-11-24.parquet'
-        >>> ParquetSource("/data/{partition_key}.parquet").path_for("../x")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ValueError: partition key '../x' cannot be put into a path: it holds '/' ...
+    Example::
+
+        ParquetSource("/data/reviews/{partition_key}.parquet").path_for("2026-11-24")
+        # -> '/data/reviews/2026-11-24.parquet'
+        ParquetSource("/data/{partition_key}.parquet").path_for("../x")
+        # -> Traceback (most recent call last):
+        #    ValueError: partition key '../x' cannot be put into a path: it holds '/' ...
     """
 
     path_template: str
@@ -84,10 +86,11 @@ class ParquetSource:
         """A partition's files, to be read a row group at a time (what prepare does: a
         10M-row partition never sits in memory whole). A missing path is an error naming it.
 
-        Example:
-            >>> rows = ParquetSource("/data/reviews/{partition_key}.parquet").input("2026-11-24")
-            >>> rows.num_rows, rows.schema.names  # doctest: +SKIP
-            (10000000, ['review_id', 'text'])
+        Example::
+
+            rows = ParquetSource("/data/reviews/{partition_key}.parquet").input("2026-11-24")
+            rows.num_rows, rows.schema.names
+            # -> (10000000, ['review_id', 'text'])
         """
         files = self.files(partition_key)
         if not files:
@@ -102,11 +105,12 @@ class ParquetInput:
     would (a column missing from a file is null there, int32 and int64 make int64), so
     streaming reads what reading whole would.
 
-    Example:
-        >>> rows = ParquetInput((UPath("/data/a.parquet"), UPath("/data/b.parquet")))
-        >>> keys = rows.read(["review_id"])  # doctest: +SKIP
-        >>> for batch in rows.iter_batches(65_536):  # doctest: +SKIP
-        ...     print(batch.num_rows)
+    Example::
+
+        rows = ParquetInput((UPath("/data/a.parquet"), UPath("/data/b.parquet")))
+        keys = rows.read(["review_id"])
+        for batch in rows.iter_batches(65_536):
+            print(batch.num_rows)
     """
 
     def __init__(self, files: tuple[UPath, ...]) -> None:

@@ -1,11 +1,12 @@
 """Money around one submission: estimate it, stop it (dry run, budget) before anything is
 written or sent, and settle what it actually cost once it is collected.
 
-Example:
-    >>> control = SpendControl(storage, spec, price=ModelPrice(0.15, 0.60),
-    ...                        budget=Budget(max_cost_per_day=10.0))
-    >>> estimate = control.estimate(prepared)
-    >>> gate = control.gate(estimate, "2026-11-26", dry_run=False, allow_over_budget=False)
+Example::
+
+    control = SpendControl(storage, spec, price=ModelPrice(0.15, 0.60),
+                           budget=Budget(max_cost_per_day=10.0))
+    estimate = control.estimate(prepared)
+    gate = control.gate(estimate, "2026-11-26", dry_run=False, allow_over_budget=False)
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ Under the partition's lock: an attempt whose rendered requests have the same fin
 reused; otherwise the intent (manifest, state ``submitting``) is written before any paid call
 and updated after each batch is created, so a crash leaves a record to resume from.
 
-Example:
-    >>> outcome = submit_prepared(client, storage, prepared, spec=spec, partition_key="p1")
-    >>> outcome.manifest.batch_ids, outcome.reused
-    (['batch_abc'], False)
+Example::
+
+    outcome = submit_prepared(client, storage, prepared, spec=spec, partition_key="p1")
+    outcome.manifest.batch_ids, outcome.reused
+    # -> (['batch_abc'], False)
 """
 
 from __future__ import annotations
@@ -51,11 +52,12 @@ REATTACH_GRACE_SECONDS = 600
 class SubmitIncomplete(InfronDagsterError, RuntimeError):
     """The API refused a chunk part-way; what was created is on record and a re-run resumes.
 
-    Example:
-        >>> try:
-        ...     submit_prepared(client, storage, prepared, spec=spec, partition_key="p")
-        ... except SubmitIncomplete as exc:
-        ...     print(exc.created, exc.total)
+    Example::
+
+        try:
+            submit_prepared(client, storage, prepared, spec=spec, partition_key="p")
+        except SubmitIncomplete as exc:
+            print(exc.created, exc.total)
     """
 
     def __init__(self, manifest: Manifest, error: InfronError | str) -> None:

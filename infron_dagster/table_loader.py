@@ -17,16 +17,17 @@ Which partitions are read follows Dagster's partition mapping:
   the partition and its path, unless the input's metadata says
   ``{"allow_missing_partitions": True}`` (Dagster's own convention): then it is skipped.
 
-Example:
-    >>> import dagster as dg
-    >>> import pandas as pd
-    >>> @dg.asset(partitions_def=daily)
-    ... def top_topics(review_sentiment_results: pd.DataFrame) -> pd.DataFrame:
-    ...     return review_sentiment_results.groupby("sentiment").size().to_frame("n")
-    >>> @dg.asset(ins={"rows": dg.AssetIn("review_sentiment_results",
-    ...                                   metadata={"allow_missing_partitions": True})})
-    ... def all_time(rows: pa.Table) -> None:  # every collected day, with a partition column
-    ...     ...
+Example::
+
+    import dagster as dg
+    import pandas as pd
+    @dg.asset(partitions_def=daily)
+    def top_topics(review_sentiment_results: pd.DataFrame) -> pd.DataFrame:
+        return review_sentiment_results.groupby("sentiment").size().to_frame("n")
+    @dg.asset(ins={"rows": dg.AssetIn("review_sentiment_results",
+                                      metadata={"allow_missing_partitions": True})})
+    def all_time(rows: pa.Table) -> None:  # every collected day, with a partition column
+        ...
 
 The collect assets name their IO manager :func:`tables_io_manager_key` (``<name>_tables``) and
 the pipeline supplies it. Another code location reads the same tables by declaring them as
@@ -69,11 +70,12 @@ _READ_THREADS = 8
 class MissingPartitionError(InfronDagsterError, FileNotFoundError):
     """A partition of a results/failed table has no file: it was never collected.
 
-    Example:
-        >>> try:
-        ...     read_batch_table(store, "results", ["2026-11-30"])
-        ... except MissingPartitionError as exc:
-        ...     print(exc.partition_key, exc.path)
+    Example::
+
+        try:
+            read_batch_table(store, "results", ["2026-11-30"])
+        except MissingPartitionError as exc:
+            print(exc.partition_key, exc.path)
     """
 
     def __init__(self, storage: BatchStorage, kind: str, partition_key: str | None) -> None:
@@ -115,11 +117,12 @@ def read_batch_table(
     partition lacks are null in its rows; internal columns never appear. A missing file
     raises :class:`MissingPartitionError`, or is skipped with ``allow_missing``.
 
-    Example:
-        >>> store = BatchStorage("s3://lake/llm", "review_sentiment")
-        >>> read_batch_table(store, "results", ["2026-11-24", "2026-11-25"],
-        ...                  partition_column=True).column_names[-1]
-        'partition'
+    Example::
+
+        store = BatchStorage("s3://lake/llm", "review_sentiment")
+        read_batch_table(store, "results", ["2026-11-24", "2026-11-25"],
+                         partition_column=True).column_names[-1]
+        # -> 'partition'
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
@@ -178,13 +181,14 @@ class InfronTableIOManager(dg.IOManager):
     The pipeline supplies one for its own collect assets. Elsewhere (another code
     location), declare the tables as external assets on the same key:
 
-    Example:
-        >>> key = tables_io_manager_key("review_sentiment")
-        >>> results = dg.AssetSpec("review_sentiment_results", partitions_def=daily)
-        >>> defs = dg.Definitions(
-        ...     assets=[results.with_io_manager_key(key), top_topics],
-        ...     resources={key: InfronTableIOManager(
-        ...         BatchStorage("s3://lake/llm", "review_sentiment"))})
+    Example::
+
+        key = tables_io_manager_key("review_sentiment")
+        results = dg.AssetSpec("review_sentiment_results", partitions_def=daily)
+        defs = dg.Definitions(
+            assets=[results.with_io_manager_key(key), top_topics],
+            resources={key: InfronTableIOManager(
+                BatchStorage("s3://lake/llm", "review_sentiment"))})
     """
 
     def __init__(self, storage: BatchStorage) -> None:

@@ -4,10 +4,11 @@ Pure data code: joins outcomes back to input rows on ``custom_id``, turns struct
 into typed columns (types from the JSON schema), and guarantees that every input row lands in
 exactly one of the two tables.
 
-Example:
-    >>> results, failed = build_tables(inputs, invalid, final, spec=spec)
-    >>> results.num_rows + failed.num_rows == inputs.num_rows + invalid.num_rows
-    True
+Example::
+
+    results, failed = build_tables(inputs, invalid, final, spec=spec)
+    results.num_rows + failed.num_rows == inputs.num_rows + invalid.num_rows
+    # -> True
 """
 
 from __future__ import annotations

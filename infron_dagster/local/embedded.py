@@ -1,10 +1,11 @@
 """The local server in-process: a real client over httpx's WSGI transport, no port, no network.
 
-Example:
-    >>> from infron_dagster.local.embedded import embedded_client
-    >>> client = embedded_client("/tmp/infron-local", api_style="openai")
-    >>> client.create_batch("requests.jsonl").status
-    <BatchStatus.VALIDATING: 'validating'>
+Example::
+
+    from infron_dagster.local.embedded import embedded_client
+    client = embedded_client("/tmp/infron-local", api_style="openai")
+    client.create_batch("requests.jsonl").status
+    # -> <BatchStatus.VALIDATING: 'validating'>
 """
 
 from __future__ import annotations

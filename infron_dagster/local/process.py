@@ -1,8 +1,9 @@
 """``infron-local serve`` as a child process, for tests, benchmarks and scripts.
 
-Example:
-    >>> with serve_in_subprocess("/tmp/srv", "--api-key", "sk-x") as base_url:
-    ...     InfronClient("sk-x", base_url).retrieve_batch("batch_1")
+Example::
+
+    with serve_in_subprocess("/tmp/srv", "--api-key", "sk-x") as base_url:
+        InfronClient("sk-x", base_url).retrieve_batch("batch_1")
 """
 
 from __future__ import annotations
