@@ -60,7 +60,15 @@ class Budget:
 
 
 class BudgetExceeded(InfronDagsterError, RuntimeError):
-    """A submission was refused before any paid call because its worst case crosses a limit."""
+    """A submission was refused before any paid call because its worst case crosses a limit.
+
+    Example::
+
+        try:
+            submit_prepared(client, storage, prepared, spec=spec, partition_key="a", gate=gate)
+        except BudgetExceeded as exc:
+            print(exc)  # names the limit, the worst case and what was spent already
+    """
 
 
 class DamagedLedger(BudgetExceeded):

@@ -76,6 +76,16 @@ class CollectOutcome:
     The tables are written slice by slice and never held whole: ``results_summary`` and
     ``failed_summary`` hold their schema, row count, token sums and error counts; the
     ``results`` and ``failed`` properties read a table back from storage when asked.
+
+    Example::
+
+        outcome = collect_partition(client, storage, spec, "2026-11-24")
+        if not outcome.ready:
+            print("still running:", outcome.waiting_on)
+        else:
+            print(outcome.results_summary.rows, outcome.failed_summary.error_counts)
+
+    (:func:`collect_partition` shows one that runs.)
     """
 
     ready: bool
@@ -238,6 +248,26 @@ def collect_partition(
     fails its row (``result_too_large``), a result file that cannot be fetched for good (a
     refused URL, a 404) fails the rows it held as ``missing_result``. Only a transient
     error (connection, 5xx) stops the run, to be collected again.
+
+    Example:
+        >>> import tempfile
+        >>> import pandas as pd
+        >>> from infron_dagster import (BatchStorage, LocalServerConfig, RequestSpec,
+        ...                             embedded_client, prepare_requests)
+        >>> instant = LocalServerConfig(validating_seconds=0, in_progress_seconds=0,
+        ...                             finalizing_seconds=0)
+        >>> client = embedded_client(tempfile.mkdtemp(), config=instant)  # the local server
+        >>> storage = BatchStorage(tempfile.mkdtemp(), "reviews")
+        >>> spec = RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of: {text}",
+        ...                    key_columns=("id",))
+        >>> rows = pd.DataFrame({"id": [1, 2, 3], "text": ["great", "awful", None]})
+        >>> prepared = prepare_requests(rows, spec, name="reviews", partition_key="2026-11-24",
+        ...                             workdir=tempfile.mkdtemp())
+        >>> from infron_dagster import submit_prepared
+        >>> _ = submit_prepared(client, storage, prepared, spec=spec, partition_key="2026-11-24")
+        >>> outcome = collect_partition(client, storage, spec, "2026-11-24")
+        >>> outcome.ready, outcome.results.num_rows, outcome.failed.column("error_code").to_pylist()
+        (True, 2, ['invalid_input'])
     """
     history = history or PartitionHistory.load(storage, partition_key)
     attempts = history.active

@@ -214,6 +214,24 @@ def build_infron_batch_sensor(
     ``budget_ledger`` (the pipeline has a price): each tick releases the budget reservations
     of attempts that never created anything (see ``SpendLedger.release_unpaid``).
 
+    Args:
+        name: the pipeline's name; the sensor is ``<name>_sensor``.
+        storage: the pipeline's :class:`BatchStorage` (its manifests say what is in flight).
+        collect_keys: the collect assets a finished partition's run materializes.
+        resource_key: the key of the :class:`InfronResource` the sensor polls with.
+        partitioned: whether the pipeline is partitioned (run requests carry the key).
+        minimum_interval_seconds: seconds between ticks.
+        time_budget_seconds: a tick stops polling after this long (ticks die at 60 s).
+        max_concurrent_polls: batches polled at once in a tick.
+        default_status: RUNNING (default) or STOPPED when the code location loads.
+        max_collect_reruns: collect runs requested again for one attempt before giving up.
+        batches_key: the submit asset that gets the progress observations.
+        index_rescan_seconds: how often a tick checks the in-flight index against every
+            manifest (None: only when the index is missing).
+        use_in_flight_index: False reads every manifest on every tick.
+        admission: the pipeline's :class:`AdmissionControl` (enqueued-token limit), if any.
+        budget_ledger: release the budget reservations of attempts that created nothing.
+
     Example::
 
         build_infron_batch_sensor(name="reviews", storage=BatchStorage("/lake", "reviews"),

@@ -49,7 +49,16 @@ _ATTEMPT_RE = re.compile(r"attempt=(\d+)\.json$")
 
 
 class LockTimeout(InfronDagsterError, RuntimeError):
-    """Another run holds the partition's lock for longer than we wait."""
+    """Another run holds the partition's lock for longer than we wait.
+
+    Example::
+
+        try:
+            with storage.lock("2026-11-24", wait_seconds=5):
+                ...
+        except LockTimeout as exc:
+            print(exc)  # names the partition and the lock file
+    """
 
 
 @contextlib.contextmanager

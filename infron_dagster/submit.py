@@ -96,7 +96,16 @@ Gate = Callable[[Manifest, bool], None]
 
 @dataclass
 class SubmitOutcome:
-    """What a submission did: the manifest, and which batches were created or reused."""
+    """What a submission did: the manifest, and which batches were created or reused.
+
+    Example::
+
+        outcome = submit_prepared(client, storage, prepared, spec=spec, partition_key="a")
+        outcome.manifest.attempt, outcome.created, outcome.reused
+        # -> (1, ['batch_22d1...'], False)
+
+    (:func:`submit_prepared` shows one that runs.)
+    """
 
     manifest: Manifest
     created: list[str] = field(default_factory=list)
@@ -165,6 +174,29 @@ def submit_prepared(
     ``admission`` creates only the chunks that fit under its enqueued-token limit; the rest
     stay pending in the manifest (``outcome.pending_chunks``) for a later run to resume.
     ``dry_run`` takes no lock (a dry run writes no file at all); its gate must stop it.
+
+    Example:
+        >>> import tempfile
+        >>> import pandas as pd
+        >>> from infron_dagster import (BatchStorage, LocalServerConfig, RequestSpec,
+        ...                             embedded_client, prepare_requests)
+        >>> instant = LocalServerConfig(validating_seconds=0, in_progress_seconds=0,
+        ...                             finalizing_seconds=0)
+        >>> client = embedded_client(tempfile.mkdtemp(), config=instant)  # the local server
+        >>> storage = BatchStorage(tempfile.mkdtemp(), "reviews")
+        >>> spec = RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of: {text}",
+        ...                    key_columns=("id",))
+        >>> rows = pd.DataFrame({"id": [1, 2, 3], "text": ["great", "awful", None]})
+        >>> prepared = prepare_requests(rows, spec, name="reviews", partition_key="2026-11-24",
+        ...                             workdir=tempfile.mkdtemp())
+        >>> outcome = submit_prepared(client, storage, prepared, spec=spec,
+        ...                           partition_key="2026-11-24")
+        >>> outcome.manifest.attempt, len(outcome.created), outcome.reused
+        (1, 1, False)
+        >>> again = submit_prepared(client, storage, prepared, spec=spec,
+        ...                         partition_key="2026-11-24")
+        >>> again.reused, again.created  # the same requests are never paid for twice
+        (True, [])
     """
     with contextlib.nullcontext() if dry_run else storage.lock(partition_key):
         manifests = load_manifests(storage, partition_key)

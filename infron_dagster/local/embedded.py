@@ -56,6 +56,12 @@ def embedded_client(
     """A client whose every call is served by the local app over ``data_dir``.
 
     Processes that share ``data_dir`` share batches, so a run and a sensor agree.
+
+    Example:
+        >>> import tempfile
+        >>> client = embedded_client(tempfile.mkdtemp(), api_style="openai")
+        >>> client.api_style, client.base_url
+        ('openai', 'http://infron.local/v1')
     """
     os.makedirs(data_dir, exist_ok=True)
     app = create_app(data_dir, config)
