@@ -66,7 +66,13 @@ KINDS = {"infron"}
 
 
 class SubmitConfig(dg.Config):
-    """Run config of ``<name>_batches`` (the launchpad shows each field's description)."""
+    """Run config of ``<name>_batches`` (the launchpad shows each field's description).
+
+    Example:
+        >>> SubmitConfig(dry_run=True).force_resubmit
+        False
+        >>> run_config = {"ops": {"review_sentiment_batches": {"config": {"retry_failed": True}}}}
+    """
 
     force_resubmit: bool = Field(
         default=False,
@@ -250,6 +256,49 @@ def build_infron_batch_assets(
     and ``resource_key``) caps the estimated tokens of created batches not yet finished: a
     submission creates the chunks that fit and leaves the rest pending; the sensor requests
     the run that submits them when capacity frees.
+
+    Args:
+        name: the pipeline's name, the prefix of every asset, job and sensor it defines.
+        spec: the :class:`RequestSpec` (model, prompt template or body function, schema).
+        source: the upstream asset (key, name or definition) or a :class:`ParquetSource`.
+        partitions_def: the partitions of the pipeline (None: unpartitioned).
+        storage_root: where files live, a local folder or ``s3://...``.
+        storage_options: fsspec options for ``storage_root`` (credentials, endpoint).
+        keep_columns: input columns copied to the results and failed tables.
+        max_requests_per_batch: requests per batch (chunk), at most 50,000.
+        max_bytes_per_batch: bytes per request file, at most 200 MB.
+        max_attempts: attempts per partition, the first included, before retries stop.
+        max_failure_rate: the ``failure_rate`` check's threshold.
+        max_result_line_bytes: a longer result line fails its row (``result_too_large``).
+        resource_key: the key of the :class:`InfronResource`.
+        group_name: the Dagster asset group.
+        owners: owners of the batches asset and the collected tables.
+        tags: tags of the batches asset and the collected tables.
+        automation_condition: when to submit (on the batches asset).
+        backfill_policy: the batches asset's backfill policy.
+        pool: a Dagster concurrency pool for submit and collect runs.
+        price: the :class:`ModelPrice` of ``spec.model``: costs in money.
+        budget: a :class:`Budget` that refuses submissions over a limit.
+        block_on_failure_rate: make the ``failure_rate`` check blocking.
+        sensor_interval_seconds: seconds between sensor ticks.
+        sensor_default_status: the sensor's status when the code location loads.
+        on_changed_input_in_flight: ``"carry"`` or ``"cancel"`` (see above).
+        reuse_answers: ``"partition"`` or ``"pipeline"`` (see above).
+        max_enqueued_tokens: admission control's limit of tokens in flight (None: none).
+
+    Example::
+
+        pipeline = build_infron_batch_assets(
+            name="review_sentiment",
+            spec=RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of: {text}",
+                             key_columns=("review_id",)),
+            source=dg.AssetKey("reviews"),
+            partitions_def=dg.DailyPartitionsDefinition(start_date="2026-11-01"),
+            price=ModelPrice(input_per_million=0.15, output_per_million=0.60),
+            budget=Budget(max_cost_per_day=20.0),
+        )
+        defs = dg.Definitions.merge(pipeline.definitions, dg.Definitions(
+            resources={"infron": InfronResource(api_key=dg.EnvVar("INFRON_API_KEY"))}))
     """
     if reuse_answers not in ("partition", "pipeline"):
         raise ValueError(f"reuse_answers must be 'partition' or 'pipeline', not {reuse_answers!r}")
