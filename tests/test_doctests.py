@@ -18,9 +18,8 @@ import infron_dagster
 # Modules whose examples are not doctests yet (owned elsewhere; their examples need a lake).
 NOT_YET = {"infron_dagster.doctor"}
 
-MODULES = ["infron_dagster"] + sorted(
-    m.name for m in pkgutil.walk_packages(infron_dagster.__path__, "infron_dagster.")
-)
+_SUBMODULES = pkgutil.walk_packages(infron_dagster.__path__, "infron_dagster.")
+MODULES = ["infron_dagster", *sorted(m.name for m in _SUBMODULES)]
 
 
 @pytest.mark.parametrize("name", [m for m in MODULES if m not in NOT_YET])
