@@ -54,7 +54,7 @@ from .reuse import AnswerIndex
 from .sensor import build_infron_batch_sensor
 from .sources import ParquetSource
 from .spec import RequestSpec
-from .spend import DryRunStop, SpendControl
+from .spend import DryRunStop, SpendControl, cost_by_attempt, settle_collected
 from .storage import BatchStorage
 from .submit import SubmitOutcome, submit_prepared, succeeded_requests
 from .table_loader import InfronTableIOManager, tables_io_manager_key
@@ -861,6 +861,12 @@ def _collect_assets(
     def _collect(context: dg.AssetExecutionContext, config: CollectConfig):
         key = context.partition_key if context.has_partition_key else None
         resource: InfronResource = getattr(context.resources, s.resource_key)
+        for old in ("max_run_retries", "retry_after_seconds"):
+            if getattr(config, old) is not None:  # the run's own log, where its owner looks
+                context.log.warning(
+                    f"run config {old!r} is deprecated and ignored (removed in 0.2.0): the "
+                    f"sensor requests a failed collection again by itself"
+                )
         outcome = _collect_waiting(s, resource, key, config, context)
         if outcome is not None:  # else still in flight: nothing is materialized or failed
             yield from _collect_results(s, key, outcome, results_key, failed_key)
@@ -905,6 +911,7 @@ def _collect_waiting(
                 max_line_bytes=s.max_line_bytes,
                 price=s.spend.price,
                 history=history,
+                on_written=lambda written: settle_collected(s.spend, written),
             )
             if outcome.ready:
                 return outcome
@@ -980,13 +987,8 @@ def _money_metadata(s: _Settings, key: str | None, outcome: CollectOutcome) -> d
     wanted = {*outcome.attempts, *outcome.sources}  # the in-flight sources were paid for too
     assert outcome.history is not None  # the manifests as collection wrote them
     attempts = [m for m in outcome.history.manifests if m.attempt in wanted]
-    assert outcome.results_summary is not None and outcome.failed_summary is not None
-    by_attempt = dict(outcome.results_summary.cost_by_attempt)
-    for attempt, cost in outcome.failed_summary.cost_by_attempt.items():
-        by_attempt[attempt] = by_attempt.get(attempt, 0.0) + cost
-    # A waited-on source attempt's other answers were dropped: its kept rows understate it
-    partial = frozenset(set(outcome.sources) - set(outcome.attempts))
-    untrusted = s.spend.settle(attempts, by_attempt, outcome.batches, partial)
+    by_attempt = cost_by_attempt(outcome)
+    untrusted = outcome.settled  # the ledger was settled before the commit point
     reported = None if untrusted else outcome.cost  # fees that cannot be billed are not shown
     money: dict[str, Any] = dict(untrusted)  # {"cost_reported_untrusted": why} or {}
     if s.spend.price is not None or reported is not None:  # the rows' cost column is known

@@ -96,6 +96,8 @@ class CollectOutcome:
     cancelled: list[int] = field(default_factory=list)  # attempts a cancel stopped
     # The partition's manifests as this collection read them (under the lock, once ready)
     history: PartitionHistory | None = None
+    # What ``on_written`` said (the money code: fees it did not trust, and why)
+    settled: dict[str, Any] = field(default_factory=dict)
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: ParseReport = field(default_factory=ParseReport)
     input_rows: int = 0
@@ -234,11 +236,15 @@ def collect_partition(
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     price: ModelPrice | None = None,
     history: PartitionHistory | None = None,
+    on_written: Callable[[CollectOutcome], dict[str, Any]] | None = None,
 ) -> CollectOutcome:
     """Collect one partition if every batch of every active attempt is terminal.
 
     ``history`` is the partition's manifests if the caller read them already (they are
     read again once, under the partition's lock, before anything is written).
+    ``on_written(outcome)`` runs once the tables are written and before the manifests are
+    marked collected (the commit point): settling the budget there means a run killed in
+    between settles again when collected again, never leaves a reservation unsettled.
 
     Each row's ``cost`` is its tokens at ``price``, else its share of the fees its batch
     reported, else null (see :class:`~infron_dagster.row_costs.RowCosts`).
@@ -309,7 +315,7 @@ def collect_partition(
             outcome.waiting_on.append("a new attempt was submitted meanwhile")
             return outcome
         # The manifests as they are now: what is marked collected keeps a cancel made since.
-        _write_tables(storage, spec, now, outcome, keep_columns, price)
+        _write_tables(storage, spec, now, outcome, keep_columns, price, on_written)
     return outcome
 
 
@@ -320,6 +326,7 @@ def _write_tables(
     outcome: CollectOutcome,
     keep_columns: Sequence[str] | None,
     price: ModelPrice | None,
+    on_written: Callable[[CollectOutcome], dict[str, Any]] | None = None,
 ) -> None:
     """Merge the attempts' outcomes, then join them to the inputs a row group at a time and
     write both tables: memory is set by the outcomes' columns and one slice of the inputs."""
@@ -372,6 +379,8 @@ def _write_tables(
         "results": lambda: storage.read_table(results_path).cast(results.schema),
         "failed": lambda: storage.read_table(failed_path).cast(failed.schema),
     }
+    if on_written is not None:
+        outcome.settled = on_written(outcome)
     _mark_collected(storage, [*attempts, *history.waited_on(attempts)], outcome.batches)
 
 

@@ -12,10 +12,13 @@ per-line parser's. One known difference: JSON nested deeper than Python's recurs
 that row as ``unparseable_result``.
 
 Example:
-    >>> with open("output.jsonl", "rb") as fh:
-    ...     table = read_outcome_table(fh, ParseReport(), "batch_1", first_seq=0)
+    >>> line = (b'{"custom_id": "r1", "response": {"status_code": 200, "body": '
+    ...         b'{"choices": [{"message": {"content": "hi"}}]}}}\\n')
+    >>> table = read_outcome_table(io.BytesIO(line), ParseReport(), "batch_1", first_seq=0)
     >>> table.column_names[:3]
     ['custom_id', 'ok', 'text']
+    >>> table.column("text").to_pylist()
+    ['hi']
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .budget import Budget, SpendLedger
+from .collect import CollectOutcome
 from .manifest import Manifest
 from .prepare import PreparedRequests
 from .pricing import CostEstimate, ModelPrice, estimate_cost, untrusted_fees
@@ -25,7 +26,7 @@ from .storage import BatchStorage
 from .submit import Gate
 from .untrusted import printable
 
-__all__ = ["DryRunStop", "SpendControl"]
+__all__ = ["DryRunStop", "SpendControl", "cost_by_attempt", "settle_collected"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,3 +171,29 @@ class SpendControl:
         if doubt is not None or not reported or len(known) < len(reported):
             return None, doubt
         return float(sum(known.values())), None
+
+
+def settle_collected(control: SpendControl, outcome: CollectOutcome) -> dict[str, Any]:
+    """Settle what a collection's attempts cost (its rows' ``cost``, or the fees reported),
+    before the collection marks them collected; returns what was not trusted, and why.
+
+    Example::
+
+        collect_partition(client, storage, spec, "a",
+                          on_written=lambda outcome: settle_collected(control, outcome))
+    """
+    assert outcome.history is not None
+    wanted = {*outcome.attempts, *outcome.sources}  # the in-flight sources were paid for too
+    attempts = [m for m in outcome.history.manifests if m.attempt in wanted]
+    # A waited-on source attempt's other answers were dropped: its kept rows understate it
+    partial = frozenset(set(outcome.sources) - set(outcome.attempts))
+    return control.settle(attempts, cost_by_attempt(outcome), outcome.batches, partial)
+
+
+def cost_by_attempt(outcome: CollectOutcome) -> dict[int, float]:
+    """The rows' ``cost`` summed by attempt, results and failed together."""
+    assert outcome.results_summary is not None and outcome.failed_summary is not None
+    by_attempt = dict(outcome.results_summary.cost_by_attempt)
+    for attempt, cost in outcome.failed_summary.cost_by_attempt.items():
+        by_attempt[attempt] = by_attempt.get(attempt, 0.0) + cost
+    return by_attempt

@@ -129,8 +129,8 @@ LOCAL_POINTS = {
         "write raw-batches",  # 3: the batches' final states
         "open results",  # 4
         "open failed",  # 5
-        "write manifest",  # 6: collected (the commit point)
-        "write ledger",  # 7: the budget entry settled
+        "write ledger",  # 6: the budget entry settled, before the commit point
+        "write manifest",  # 7: collected (the commit point)
     ],
 }
 
@@ -156,26 +156,18 @@ S3_POINTS = {
     },
     "cancel": {1: "client cancel_batch", 2: "write manifest", 3: "delete lock"},
     "collect": {
-        6: "write manifest",  # collected (the commit point)
-        7: "delete lock",
-        8: "write ledger",
+        6: "write ledger",  # the budget entry settled
+        7: "delete lock",  # the day ledger's lock, left behind
+        8: "write manifest",  # collected (the commit point)
     },
 }
 S3_TOTAL = {"submit": 21, "admission": 15, "cancel": 3, "collect": 9}
 
 # Kill points that show a bug: (step, storage, k) -> what goes wrong (the owner removes an
 # entry once the library is fixed; strict: a fixed one fails until its entry is removed).
-_SETTLE_AFTER_COMMIT = (
-    "killed after collection marked the manifest collected and before the budget entry was "
-    "settled: the partition is collected, so no collection runs again and the entry keeps "
-    "its reserved worst case for ever (the day's spend is overstated); nothing settles or "
-    "releases the reservation of a collected attempt"
-)
-KNOWN_BUGS: dict[tuple[str, str, int], str] = {
-    ("collect", "local", 7): _SETTLE_AFTER_COMMIT,
-    ("collect", "s3", 7): _SETTLE_AFTER_COMMIT,
-    ("collect", "s3", 8): _SETTLE_AFTER_COMMIT,
-}
+# Fixed: a kill between the commit point and the budget settle left the reservation
+# unsettled for ever (collection now settles before it marks the manifests collected).
+KNOWN_BUGS: dict[tuple[str, str, int], str] = {}
 
 
 def _cases() -> Iterator[Any]:
