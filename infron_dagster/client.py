@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -29,65 +28,25 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from .errors import (
-    InfronConnectionError,
-    InfronError,
-    InfronProtocolError,
-    error_for_status,
-)
+from .errors import InfronConnectionError, InfronProtocolError
+from .infron_style import DEFAULT_INFRON_MAX_TOKENS, infron_body, messages_params
 from .models import ApiStyle, Batch
+from .retry import RetryPolicy, json_object, send
 from .untrusted import check_provider_id, map_strings, printable, safe_segment
 
-__all__ = ["DEFAULT_BASE_URL", "InfronClient", "ResultFile", "RetryPolicy"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_INFRON_MAX_TOKENS",
+    "InfronClient",
+    "ResultFile",
+    "RetryPolicy",
+    "messages_params",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://llm.onerouter.pro/v1"
-_RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 _CHUNK = 1 << 20
-# Infron's create-batch params are Messages-style and require max_tokens; when a chat body
-# has none, this is sent (documented in the README).
-DEFAULT_INFRON_MAX_TOKENS = 4096
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How hard the client retries 408/409/429/5xx answers and connection errors.
-
-    Waits grow exponentially from ``initial_delay`` (with full jitter) up to ``max_delay``;
-    a ``Retry-After`` or ``retry-after-ms`` header from the server wins. No retry starts once
-    ``budget_seconds`` have passed since the first try.
-
-    Example:
-        >>> RetryPolicy(max_retries=2, initial_delay=0.1).delay(1, None)  # doctest: +SKIP
-        0.13
-    """
-
-    max_retries: int = 6
-    initial_delay: float = 0.5
-    max_delay: float = 30.0
-    budget_seconds: float = 180.0
-
-    def delay(self, attempt: int, response: httpx.Response | None) -> float:
-        """Seconds to wait before retry number ``attempt`` (1-based)."""
-        hinted = _retry_after(response) if response is not None else None
-        if hinted is not None:
-            return min(hinted, self.max_delay)
-        ceiling = min(self.max_delay, self.initial_delay * 2 ** (attempt - 1))
-        return random.uniform(ceiling / 2, ceiling)
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    millis = response.headers.get("retry-after-ms")
-    seconds = response.headers.get("retry-after")
-    try:
-        if millis is not None:
-            return max(0.0, float(millis) / 1000)
-        if seconds is not None:
-            return max(0.0, float(seconds))
-    except ValueError:
-        return None  # an HTTP-date; fall back to our own backoff
-    return None
 
 
 @dataclass(frozen=True)
@@ -217,7 +176,7 @@ class InfronClient:
             return self._parse_batch("create batch", data, created=True)
         # A file, not a generator: its length is known, so no chunked upload is needed.
         with tempfile.TemporaryFile() as body:
-            for part in _infron_body(_required(requests_path), endpoint):
+            for part in infron_body(_required(requests_path), endpoint):
                 body.write(part)
 
             def rewind() -> IO[bytes]:
@@ -486,94 +445,23 @@ class InfronClient:
         self, operation: str, method: str, url: str, *, idempotent: bool = True, **kwargs: Any
     ) -> dict[str, Any]:
         response = self._send(operation, method, url, idempotent=idempotent, **kwargs)
-        try:
-            data = response.json()
-        except (ValueError, RecursionError):
-            shown = printable(self._redact(response.text[:_MESSAGE_CAP]), 200)
-            error = InfronProtocolError(operation, f"expected JSON, got {shown!r}")
-            error.ambiguous = not idempotent  # a 2xx to a create: it may well have happened
-            raise error from None
-        if not isinstance(data, dict):
-            error = InfronProtocolError(operation, "expected a JSON object")
-            error.ambiguous = not idempotent
-            raise error
-        return data
+        return json_object(response, operation, redact=self._redact, idempotent=idempotent)
 
     def _send(
-        self,
-        operation: str,
-        method: str,
-        url: str,
-        *,
-        http: httpx.Client | None = None,
-        stream: bool = False,
-        content: Callable[[], Iterator[bytes] | IO[bytes]] | None = None,
-        files: Callable[[], dict[str, Any]] | None = None,
-        idempotent: bool = True,
-        **kwargs: Any,
+        self, operation: str, method: str, url: str, *, http: httpx.Client | None = None, **kw: Any
     ) -> httpx.Response:
-        """One logical call: retries retryable answers within the policy's budget."""
-        http = http or self._http
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            request_kwargs = dict(kwargs)
-            if content is not None:
-                request_kwargs["content"] = content()
-            if files is not None:
-                request_kwargs["files"] = files()
-            try:
-                request = http.build_request(method, url, **request_kwargs)
-            except (httpx.InvalidURL, UnicodeEncodeError) as exc:
-                message = self._redact(f"cannot build the request: {exc}")
-                raise InfronProtocolError(operation, message) from None
-            response = None
-            error: InfronError
-            try:
-                # A redirect may repeat a paid POST elsewhere: a create follows none.
-                response = http.send(request, stream=True, follow_redirects=idempotent)
-                if response.status_code >= 400 or not stream:
-                    response.read()  # inside the try: a body cut off is a transport error
-            except httpx.TooManyRedirects as exc:
-                error = InfronProtocolError(operation, self._redact(str(exc)))
-                error.ambiguous = not idempotent
-                raise error from None
-            except (httpx.TransportError, httpx.DecodingError) as exc:
-                if response is not None:
-                    response.close()
-                error = InfronConnectionError(operation, self._redact(str(exc)))
-                # Only a failed connect proves the server never saw the request.
-                error.ambiguous = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
-            else:
-                if response.status_code < 400:
-                    return response
-                error = self._error(operation, response)
-                error.ambiguous = response.status_code >= 500 or response.status_code in (408, 409)
-            finally:
-                _close_files(request_kwargs.get("files"))
-            if not self._should_retry(error, attempt, started) or (
-                error.ambiguous and not idempotent
-            ):
-                raise error
-            wait = self.retry.delay(attempt, response)
-            logger.info("%s: %s; retry %d in %.2fs", operation, error, attempt, wait)
-            self._sleep(wait)
-
-    def _should_retry(self, error: InfronError, attempt: int, started: float) -> bool:
-        if isinstance(error, InfronConnectionError):
-            retryable = True
-        else:
-            retryable = error.status_code in _RETRY_STATUSES
-        within_budget = time.monotonic() - started < self.retry.budget_seconds
-        return retryable and attempt <= self.retry.max_retries and within_budget
-
-    def _error(self, operation: str, response: httpx.Response) -> InfronError:
-        message, code = _server_message(response)
-        # Redact before cutting: a key across the cut would otherwise leave its head behind.
-        text = printable(self._redact(message), 500)
-        shown_code = printable(self._redact(code), 100) if code else None
-        return error_for_status(operation, response.status_code, text, shown_code)
+        """One logical call (see :func:`~infron_dagster.retry.send`), under this client's
+        retry policy (read at each call), sleep and redaction."""
+        return send(
+            http or self._http,
+            operation,
+            method,
+            url,
+            policy=self.retry,
+            sleep=self._sleep,
+            redact=self._redact,
+            **kw,
+        )
 
     def redact(self, text: str) -> str:
         """``text`` with this client's key replaced by ``***`` (for what the provider sends
@@ -660,92 +548,3 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     scheme = url.scheme.lower()
     default = {"http": 80, "https": 443}.get(scheme)
     return scheme, url.host.lower(), url.port or default
-
-
-def _server_message(response: httpx.Response) -> tuple[str, str | None]:
-    try:
-        body = response.json()
-    except (ValueError, RecursionError):
-        return (response.text or response.reason_phrase or "no message")[:_MESSAGE_CAP], None
-    err = body.get("error", body) if isinstance(body, dict) else body
-    if isinstance(err, dict):
-        message = err.get("message") or err.get("detail") or json.dumps(err)
-        code = str(err["code"])[:_MESSAGE_CAP] if err.get("code") else None
-        return str(message)[:_MESSAGE_CAP], code
-    return str(err)[:_MESSAGE_CAP], None
-
-
-# Server messages are cut here before redaction, then to 500 characters after it.
-_MESSAGE_CAP = 20_000
-
-
-def _close_files(files: Any) -> None:
-    if isinstance(files, dict):
-        for value in files.values():
-            handle = value[1] if isinstance(value, tuple) else value
-            if hasattr(handle, "close"):
-                handle.close()
-
-
-def _infron_body(requests_path: str | os.PathLike[str], endpoint: str) -> Iterator[bytes]:
-    """Stream ``{"requests": [{"custom_id", "params"}, ...]}`` from OpenAI-style JSONL.
-
-    Chat bodies become Infron's documented Messages-style params (see
-    :func:`messages_params`). Another endpoint is named explicitly so the server cannot
-    mistake a Responses ``input`` for an embeddings one.
-    """
-    chat = endpoint == "/v1/chat/completions"
-    if not chat:
-        yield b'{"endpoint":' + json.dumps(endpoint).encode() + b","
-    else:
-        yield b"{"
-    yield b'"requests":['
-    first = True
-    with open(requests_path, "rb") as fh:
-        for raw in fh:
-            if not raw.strip():
-                continue
-            line = json.loads(raw)
-            params = messages_params(line["body"]) if chat else line["body"]
-            item = {"custom_id": line["custom_id"], "params": params}
-            yield (b"" if first else b",") + json.dumps(item, separators=(",", ":")).encode()
-            first = False
-    yield b"]}"
-
-
-def messages_params(body: dict[str, Any]) -> dict[str, Any]:
-    """An OpenAI chat body as Infron's Messages-style params.
-
-    System messages become the top-level ``system`` string; ``max_tokens`` comes from
-    ``max_tokens`` or ``max_completion_tokens``, else :data:`DEFAULT_INFRON_MAX_TOKENS`
-    (Infron requires it); ``stop`` becomes ``stop_sequences``. Other keys pass through.
-
-    Example:
-        >>> messages_params({"model": "m", "messages": [
-        ...     {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]})
-        {'model': 'm', 'messages': [{'role': 'user', 'content': 'Hi'}], 'system': 'Be brief.', 'max_tokens': 4096}
-    """  # noqa: E501
-    params = dict(body)
-    messages = params.get("messages")
-    if isinstance(messages, list):
-        system = [m for m in messages if isinstance(m, dict) and m.get("role") in _SYSTEM_ROLES]
-        if system:
-            params["messages"] = [m for m in messages if m not in system]
-            texts = [_message_text(m.get("content")) for m in system]
-            params["system"] = "\n\n".join(t for t in texts if t)
-    limit = params.pop("max_completion_tokens", None)
-    if params.get("max_tokens") is None:  # absent, or an explicit None: Infron requires it
-        params["max_tokens"] = limit if limit is not None else DEFAULT_INFRON_MAX_TOKENS
-    if "stop" in params:
-        stop = params.pop("stop")
-        params["stop_sequences"] = [stop] if isinstance(stop, str) else stop
-    return params
-
-
-_SYSTEM_ROLES = ("system", "developer")
-
-
-def _message_text(content: Any) -> str:
-    if isinstance(content, list):  # content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return "" if content is None else str(content)

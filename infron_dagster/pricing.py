@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .client import DEFAULT_INFRON_MAX_TOKENS
+from .infron_style import DEFAULT_INFRON_MAX_TOKENS
 from .spec import RequestSpec
 from .storage import BatchStorage
 from .untrusted import printable
