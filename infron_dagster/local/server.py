@@ -37,9 +37,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import http.client
 import io
-import json
 import queue
 import selectors
 import socket
@@ -47,13 +45,22 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from email.message import Message
-from http import HTTPStatus
-from typing import IO, Any, BinaryIO
+from typing import IO, Any
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 from .config import DEFAULT_MAX_BODY_BYTES
+from .framing import (
+    MAX_HEAD,
+    MAX_LINE,
+    BadBody,
+    ChunkedScanner,
+    Refusal,
+    RequestBody,
+    error_response,
+    framing_of,
+    parse_head,
+    too_large,
+)
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
@@ -72,222 +79,12 @@ DEFAULT_READ_TIMEOUT = 30.0
 DEFAULT_REQUEST_TIMEOUT = 60.0
 DEFAULT_MAX_CONNECTIONS = 256
 LISTEN_BACKLOG = 128
-_MAX_LINE = 65536
-_MAX_HEAD = 2 * _MAX_LINE
-_MAX_TRAILERS = 100
 _SPOOL_IN_MEMORY = 1 << 16
 _RECV_SIZE = 1 << 16
 # How long a closing connection is read (and discarded) so its last answer is not lost to
 # a reset: closing a socket with unread input sends RST, which may drop the answer.
 _LINGER = 2.0
 _TICK = 0.25
-
-
-class BadBody(ValueError):
-    """The request body is not valid chunked transfer coding."""
-
-
-class _Refusal(Exception):
-    """A request the reading loop answers itself with an error, then closes."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-# -- framing ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Framing:
-    """How a request's body is delimited, or the refusal its headers earn."""
-
-    length: int = 0
-    chunked: bool = False
-    refusal: _Refusal | None = None
-
-
-def framing_of(headers: Message) -> Framing:
-    """The body framing the headers declare; both the reading loop and the handler use it,
-    so they can never disagree on where a request ends."""
-    codings = headers.get_all("Transfer-Encoding") or []
-    lengths = headers.get_all("Content-Length") or []
-    if codings and lengths:
-        # Both framings at once is the classic request-smuggling shape: refuse it.
-        message = "Send Content-Length or Transfer-Encoding, not both."
-        return Framing(refusal=_Refusal(400, "bad_framing", message))
-    if codings:
-        if ",".join(codings).strip().lower() != "chunked":
-            message = "Only chunked is supported."
-            return Framing(refusal=_Refusal(501, "unsupported_transfer_encoding", message))
-        return Framing(chunked=True)
-    if not lengths:
-        return Framing()
-    text = lengths[0].strip()
-    if len(set(lengths)) > 1 or not text.isdigit() or not text.isascii():
-        message = "Content-Length must be one integer."
-        return Framing(refusal=_Refusal(400, "bad_content_length", message))
-    return Framing(length=int(text))
-
-
-def _chunk_size(line: bytes) -> int:
-    size_text = line.split(b";", 1)[0].strip()
-    if not line.endswith(b"\n") or not size_text or len(size_text) > 16:
-        raise BadBody("malformed chunk size line")
-    if any(c not in b"0123456789abcdefABCDEF" for c in size_text):
-        raise BadBody("malformed chunk size line")
-    return int(size_text, 16)
-
-
-class ChunkedScanner:
-    """Finds where a chunked body ends as its bytes arrive, without decoding it.
-
-    It follows the same grammar as `RequestBody` (which decodes the spooled body later),
-    line by line, so it needs no more memory than one line.
-    """
-
-    def __init__(self) -> None:
-        self._line = bytearray()
-        self._left = 0  # data bytes left in the current chunk
-        self._after_data = False  # the CRLF closing a chunk's data is next
-        self._trailers = -1  # trailer lines read once past the last chunk
-        self.data_bytes = 0
-        self.done = False
-
-    def feed(self, data: bytes | bytearray) -> int:
-        """How many bytes of `data` belong to the body (all of them until it ends)."""
-        at = 0
-        while at < len(data) and not self.done:
-            if self._left:
-                taken = min(self._left, len(data) - at)
-                self._left -= taken
-                at += taken
-                continue
-            newline = data.find(b"\n", at)
-            stop = len(data) if newline == -1 else newline + 1
-            self._line += data[at:stop]
-            at = stop
-            if len(self._line) > _MAX_LINE:
-                raise BadBody("a chunked body line is too long")
-            if newline != -1:
-                self._end_line(bytes(self._line))
-                self._line.clear()
-        return at
-
-    def _end_line(self, line: bytes) -> None:
-        blank = line in (b"\r\n", b"\n")
-        if self._trailers >= 0:
-            self._trailers += 1
-            self.done = blank
-            if not blank and self._trailers >= _MAX_TRAILERS:
-                raise BadBody("too many chunked trailer lines")
-        elif self._after_data:
-            if not blank:
-                raise BadBody("a chunk does not end with CRLF")
-            self._after_data = False
-        else:
-            size = _chunk_size(line)
-            self._left, self._after_data = size, size > 0
-            self.data_bytes += size
-            if size == 0:
-                self._trailers = 0
-
-
-class RequestBody:
-    """``wsgi.input`` for one request: Content-Length bytes, or a decoded chunked body.
-
-    It reads the spooled request, never past the body; a read error marks it broken.
-    """
-
-    def __init__(self, rfile: BinaryIO, length: int | None, chunked: bool = False) -> None:
-        self._rfile = rfile
-        self._left = 0 if length is None else length  # bytes left in the body or chunk
-        self._chunked = chunked
-        self._eof = not chunked and self._left == 0
-        self.broken = False
-
-    def read(self, size: int = -1) -> bytes:
-        """Up to `size` bytes of the body (all of it when negative); b"" at its end."""
-        out = bytearray()
-        try:
-            while (size < 0 or len(out) < size) and not self._eof:
-                out += self._read_some(self._left if size < 0 else min(self._left, size - len(out)))
-        except Exception:
-            self.broken = True
-            raise
-        return bytes(out)
-
-    def readline(self, size: int = -1) -> bytes:
-        """One line of the body (WSGI requires it; the app reads by size)."""
-        out = bytearray()
-        while (size < 0 or len(out) < size) and not out.endswith(b"\n"):
-            byte = self.read(1)
-            if not byte:
-                break
-            out += byte
-        return bytes(out)
-
-    def __iter__(self) -> Any:
-        return iter(self.readline, b"")
-
-    def _read_some(self, want: int) -> bytes:
-        if self._chunked and self._left == 0:
-            self._next_chunk()
-            if self._eof:
-                return b""
-        data = self._rfile.read(min(want, self._left)) if want else b""
-        if want and not data:
-            raise ConnectionError("the request ended mid-body")
-        self._left -= len(data)
-        if self._left == 0:
-            if self._chunked:
-                self._expect_crlf()
-            else:
-                self._eof = True
-        return data
-
-    def _next_chunk(self) -> None:
-        self._left = _chunk_size(self._rfile.readline(_MAX_LINE + 1))
-        if self._left == 0:
-            self._skip_trailers()
-            self._eof = True
-
-    def _expect_crlf(self) -> None:
-        if self._rfile.readline(3) not in (b"\r\n", b"\n"):
-            raise BadBody("a chunk does not end with CRLF")
-
-    def _skip_trailers(self) -> None:
-        for _ in range(_MAX_TRAILERS):
-            line = self._rfile.readline(_MAX_LINE + 1)
-            if not line.endswith(b"\n"):
-                raise BadBody("malformed chunked trailer")
-            if line in (b"\r\n", b"\n"):
-                return
-        raise BadBody("too many chunked trailer lines")
-
-
-def _error_payload(status: int, code: str, message: str) -> bytes:
-    error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
-    return json.dumps({"error": error}).encode()
-
-
-def _error_response(refusal: _Refusal) -> bytes:
-    payload = _error_payload(refusal.status, refusal.code, refusal.message)
-    head = (
-        f"HTTP/1.1 {refusal.status} {HTTPStatus(refusal.status).phrase}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("latin-1") + payload
-
-
-def _too_large(cap: int) -> _Refusal:
-    return _Refusal(
-        413,
-        "body_too_large",
-        f"The request body is larger than this server accepts ({cap} bytes; "
-        "infron-local serve --max-body-bytes raises it).",
-    )
 
 
 # -- one connection, as the reading loop sees it ------------------------------------------------
@@ -331,7 +128,7 @@ class _Connection:
     def advance(self) -> bool:
         """Move pending bytes into the request; whether the request is now whole.
 
-        Raises `_Refusal` for a request the loop must refuse itself (too large, malformed).
+        Raises `Refusal` for a request the loop must refuse itself (too large, malformed).
         """
         if not self.pending and self._spool is None:
             return False
@@ -358,21 +155,21 @@ class _Connection:
     def _take_head(self) -> bool:
         end = self._head_end()
         if end is None:
-            if b"\n" not in self.pending[: _MAX_LINE + 1] and len(self.pending) > _MAX_LINE:
-                raise _Refusal(414, "uri_too_long", "The request line is too long.")
-            if len(self.pending) > _MAX_HEAD:
-                raise _Refusal(431, "headers_too_large", "The request headers are too large.")
+            if b"\n" not in self.pending[: MAX_LINE + 1] and len(self.pending) > MAX_LINE:
+                raise Refusal(414, "uri_too_long", "The request line is too long.")
+            if len(self.pending) > MAX_HEAD:
+                raise Refusal(431, "headers_too_large", "The request headers are too large.")
             return False
         head = bytes(self.pending[:end])
         # Closed by `discard` or by the worker's handler, not here: it outlives this call.
         self._spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)  # noqa: SIM115
         self._keep(end)
         self._scanned = 0
-        framing, expects_continue = _parse_head(head)
+        framing, expects_continue = parse_head(head)
         if framing.chunked:
             self._chunks = ChunkedScanner()
         elif framing.length > self._cap:
-            raise _too_large(self._cap)
+            raise too_large(self._cap)
         self._body_left = framing.length
         if expects_continue and (framing.length or framing.chunked):
             self._send_quietly(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -394,9 +191,9 @@ class _Connection:
         try:
             taken = self._chunks.feed(self.pending)
         except BadBody as exc:
-            raise _Refusal(400, "bad_chunked_body", f"Invalid chunked body: {exc}") from None
+            raise Refusal(400, "bad_chunked_body", f"Invalid chunked body: {exc}") from None
         if self._chunks.data_bytes > self._cap:
-            raise _too_large(self._cap)
+            raise too_large(self._cap)
         self._keep(taken)
         self._ready = self._chunks.done
 
@@ -410,9 +207,9 @@ class _Connection:
         with contextlib.suppress(OSError):
             self.sock.send(data)
 
-    def refuse(self, refusal: _Refusal) -> None:
+    def refuse(self, refusal: Refusal) -> None:
         """Answer `refusal` without waiting."""
-        self._send_quietly(_error_response(refusal))
+        self._send_quietly(error_response(refusal))
 
     def discard(self) -> None:
         """Forget the request being received (its temp file goes)."""
@@ -420,18 +217,6 @@ class _Connection:
             self._spool.close()
             self._spool = None
         self.pending.clear()
-
-
-def _parse_head(head: bytes) -> tuple[Framing, bool]:
-    """The framing a request head declares, and whether it waits for ``100 Continue``."""
-    request_line, _, rest = head.partition(b"\n")
-    try:
-        headers = http.client.parse_headers(io.BytesIO(rest))
-    except (http.client.HTTPException, ValueError):
-        # The handler fails on the same headers, answers and closes: no body to wait for.
-        return Framing(), False
-    expect = (headers.get("Expect") or "").strip().lower() == "100-continue"
-    return framing_of(headers), expect and request_line.rstrip().endswith(b"HTTP/1.1")
 
 
 # -- the handler a worker runs on one whole request ---------------------------------------------
@@ -510,10 +295,10 @@ class KeepAliveHandler(WSGIRequestHandler):
         pass
 
     def _serve_one(self) -> None:
-        self.raw_requestline = self.rfile.readline(_MAX_LINE + 1)
+        self.raw_requestline = self.rfile.readline(MAX_LINE + 1)
         if not self.raw_requestline:
             return
-        if len(self.raw_requestline) > _MAX_LINE:
+        if len(self.raw_requestline) > MAX_LINE:
             self.requestline, self.request_version, self.command = "", "", ""
             self.send_error(414)
             return
@@ -534,9 +319,9 @@ class KeepAliveHandler(WSGIRequestHandler):
         if handler.status is not None or body.broken:
             self.close_connection = True
 
-    def _refuse(self, refusal: _Refusal) -> None:
+    def _refuse(self, refusal: Refusal) -> None:
         self.close_connection = True
-        self.wfile.write(_error_response(refusal))
+        self.wfile.write(error_response(refusal))
 
 
 # -- the server: one reading loop, a pool of workers ----------------------------------------------
@@ -677,7 +462,7 @@ class BoundedWSGIServer(WSGIServer):
     def _advance(self, connection: _Connection) -> None:
         try:
             ready = connection.advance()
-        except _Refusal as refusal:
+        except Refusal as refusal:
             connection.refuse(refusal)
             self._close_softly(connection)
             return
@@ -721,7 +506,7 @@ class BoundedWSGIServer(WSGIServer):
                 now - connection.last_read >= self.read_timeout
                 or now - connection.started >= self.request_timeout
             ):
-                connection.refuse(_Refusal(408, "timeout", "The request took too long."))
+                connection.refuse(Refusal(408, "timeout", "The request took too long."))
                 self._close_softly(connection)
 
     def _close_softly(self, connection: _Connection) -> None:
