@@ -38,15 +38,10 @@ from .collect import (
     collect_partition,
     in_flight_requests,
 )
+from .columns import CUSTOM_ID, HIDDEN_COLUMNS
 from .history import PartitionHistory
 from .manifest import load_manifests
-from .prepare import (
-    CUSTOM_ID,
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_REQUESTS,
-    HIDDEN_COLUMNS,
-    prepare_requests,
-)
+from .prepare import DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUESTS, prepare_requests
 from .pricing import CostEstimate, ModelPrice, max_output_tokens
 from .resources import InfronResource
 from .results import DEFAULT_MAX_LINE_BYTES

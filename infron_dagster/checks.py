@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .collect import active_attempts
+from .columns import CUSTOM_ID
 from .manifest import load_manifests
-from .prepare import CUSTOM_ID
 from .storage import BatchStorage
 
 __all__ = ["build_collect_checks"]

@@ -29,12 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .client import InfronClient
-from .errors import InfronError
-from .history import PartitionHistory, active_attempts, read_carry_columns
-from .manifest import ChunkRecord, Manifest, load_manifests, now_iso
-from .models import Batch, BatchStatus
-from .outcomes import OUTCOME_SCHEMA, outcomes_to_table, read_outcome_table, redact_table
-from .prepare import (
+from .columns import (
     BODY_HASH,
     CARRIED_FROM,
     CARRIED_ID,
@@ -42,6 +37,11 @@ from .prepare import (
     CUSTOM_ID,
     REQUEST_HASH,
 )
+from .errors import InfronError
+from .history import PartitionHistory, active_attempts, read_carry_columns
+from .manifest import ChunkRecord, Manifest, load_manifests, now_iso
+from .models import Batch, BatchStatus
+from .outcomes import OUTCOME_SCHEMA, outcomes_to_table, read_outcome_table, redact_table
 from .pricing import ModelPrice
 from .results import DEFAULT_MAX_LINE_BYTES, Outcome, ParseReport
 from .reuse import write_answers

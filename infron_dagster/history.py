@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .columns import CARRIED_FROM, CARRIED_ID, CARRIED_PARTITION, CUSTOM_ID
 from .manifest import Manifest
-from .prepare import CARRIED_FROM, CARRIED_ID, CARRIED_PARTITION, CUSTOM_ID
 from .storage import BatchStorage
 
 __all__ = ["PartitionHistory", "active_attempts"]

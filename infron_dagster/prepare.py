@@ -32,6 +32,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .columns import (
+    BODY_HASH,
+    CARRIED_FROM,
+    CARRIED_ID,
+    CARRIED_PARTITION,
+    CUSTOM_ID,
+    ERROR_CODE,
+    ERROR_MESSAGE,
+    HIDDEN_COLUMNS,
+    INVALID_INPUT,
+    REQUEST_HASH,
+)
 from .errors import InfronDagsterError
 from .render import ColumnRenderer, RenderedSlice, line_buffer, with_newlines
 from .reorder import in_order
@@ -39,7 +51,6 @@ from .sources import ParquetInput
 from .spec import RequestSpec
 
 __all__ = [
-    "CUSTOM_ID",
     "InputError",
     "LocalChunk",
     "PreparedRequests",
@@ -48,18 +59,6 @@ __all__ = [
     "to_arrow",
 ]
 
-CUSTOM_ID = "custom_id"
-# Hidden bookkeeping columns of the input snapshot (never in results or failed):
-REQUEST_HASH = "__request_hash"  # hash of the exact request line sent for the row
-CARRIED_FROM = "__carried_from"  # attempt whose paid-for success this row reuses
-# Only with reuse_answers="pipeline" (older snapshots have none of these):
-BODY_HASH = "__body_hash"  # hash of the request line without its custom_id
-CARRIED_PARTITION = "__carried_partition"  # the other partition whose answer is reused
-CARRIED_ID = "__carried_id"  # the custom_id of that answer in its partition
-HIDDEN_COLUMNS = (REQUEST_HASH, CARRIED_FROM, BODY_HASH, CARRIED_PARTITION, CARRIED_ID)
-ERROR_CODE = "error_code"
-ERROR_MESSAGE = "error_message"
-INVALID_INPUT = "invalid_input"
 DEFAULT_MAX_REQUESTS = 50_000
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024

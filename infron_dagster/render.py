@@ -30,11 +30,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .columns import INVALID_INPUT
 from .spec import RequestSpec
 
 __all__ = ["ColumnRenderer", "RenderedSlice", "line_buffer", "with_newlines"]
 
-INVALID_INPUT = "invalid_input"
 _SLOT = "\x00slot{}\x00"  # never in a template literal, a prompt or params: JSON escapes NUL
 _ID_SLOT = "\x00id\x00"
 # What JSON must escape in a string (encode_basestring's set, ensure_ascii=False).

@@ -21,6 +21,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from .columns import (
+    BATCH_CANCELLED,
+    BATCH_EXPIRED,
+    EMPTY_RESPONSE,
+    MISSING_RESPONSE,
+    REFUSAL,
+    RETRYABLE_CODES,
+    TOO_LARGE,
+    UNPARSEABLE,
+)
 from .untrusted import printable
 
 __all__ = [
@@ -35,31 +45,6 @@ __all__ = [
 # A result line longer than this fails its row instead of taking memory; the raw file is
 # kept, so collecting again with a higher bound recovers the answer without paying.
 DEFAULT_MAX_LINE_BYTES = 8 * 1024 * 1024
-UNPARSEABLE = "unparseable_result"
-TOO_LARGE = "result_too_large"
-EMPTY_RESPONSE = "empty_response"
-
-_RETRYABLE_CODES = frozenset(
-    {
-        "batch_expired",
-        "batch_cancelled",
-        "batch_failed",
-        "missing_result",
-        "server_error",
-        "rate_limit_exceeded",
-        "timeout",
-        "overloaded_error",
-        "api_error",
-        "invalid_structured_output",
-        "expired",
-        "canceled",
-        UNPARSEABLE,
-        EMPTY_RESPONSE,
-        "missing_response",
-    }
-)
-
-
 def is_retryable(code: str | None, http_status: int | None) -> bool:
     """Whether sending the same request again may succeed.
 
@@ -69,7 +54,7 @@ def is_retryable(code: str | None, http_status: int | None) -> bool:
     """
     if http_status is not None and (http_status >= 500 or http_status in (408, 409, 429)):
         return True
-    return (code or "") in _RETRYABLE_CODES
+    return (code or "") in RETRYABLE_CODES
 
 
 @dataclass
@@ -268,7 +253,7 @@ def _parse_object(custom_id: str, data: dict[str, Any]) -> Outcome:
         return _error(custom_id, error, status)
     if response is None:
         return Outcome(
-            custom_id, ok=False, error_code="missing_response", error_message="no response"
+            custom_id, ok=False, error_code=MISSING_RESPONSE, error_message="no response"
         )
     if not isinstance(response, dict):
         raise _Unusable(f"response is {type(response).__name__}, not an object")
@@ -334,7 +319,7 @@ def _anthropic(custom_id: str, result: dict[str, Any]) -> Outcome:
         return _success(custom_id, message)
     if kind == "errored":
         return _error(custom_id, result.get("error") or {}, None)
-    code = {"canceled": "batch_cancelled", "expired": "batch_expired"}.get(str(kind))
+    code = {"canceled": BATCH_CANCELLED, "expired": BATCH_EXPIRED}.get(str(kind))
     if code is None:
         raise _Unusable(f"unknown result type {printable(kind, 40)!r}")
     return Outcome(custom_id, ok=False, error_code=code, error_message=f"request {kind}")
@@ -378,7 +363,7 @@ def _chat(outcome: Outcome, choices: Any) -> None:
         outcome.text = _optional_text(choice.get("text"))
     outcome.finish_reason = _label(choice.get("finish_reason"))
     if outcome.text is None and message and message.get("refusal"):
-        outcome.ok, outcome.error_code = False, "refusal"
+        outcome.ok, outcome.error_code = False, REFUSAL
         outcome.error_message = printable(message["refusal"], 2000)
 
 

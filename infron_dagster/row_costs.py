@@ -26,7 +26,6 @@ from .pricing import ModelPrice, untrusted_fees
 
 __all__ = ["RowCosts"]
 
-COST = "cost"
 _NO_COST = pa.scalar(None, pa.float64())
 
 

@@ -26,10 +26,11 @@ import pyarrow as pa
 
 from .admission import AdmissionControl, is_limit_refusal
 from .client import InfronClient
+from .columns import CARRIED_FROM, CUSTOM_ID, REQUEST_HASH
 from .errors import InfronDagsterError, InfronError
 from .inflight import mark_in_flight
 from .manifest import ChunkRecord, Manifest, load_manifests, now_iso
-from .prepare import CARRIED_FROM, CUSTOM_ID, REQUEST_HASH, PreparedRequests
+from .prepare import PreparedRequests
 from .pricing import max_output_tokens
 from .spec import RequestSpec
 from .storage import BatchStorage

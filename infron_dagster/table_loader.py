@@ -47,8 +47,8 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 
+from .columns import HIDDEN_COLUMNS
 from .errors import InfronDagsterError
-from .prepare import HIDDEN_COLUMNS
 from .storage import BatchStorage
 
 __all__ = [

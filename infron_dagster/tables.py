@@ -25,10 +25,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
+from .columns import (
+    COST,
+    CUSTOM_ID,
+    ERROR_CODE,
+    ERROR_MESSAGE,
+    HIDDEN_COLUMNS,
+    INVALID_STRUCTURED_OUTPUT,
+    MISSING_RESULT,
+    OUTPUT_NAMES,
+    RETRYABLE_CODES,
+)
 from .outcomes import OUTCOME_SCHEMA, outcomes_to_table, read_json_lines
-from .prepare import CUSTOM_ID, ERROR_CODE, ERROR_MESSAGE, HIDDEN_COLUMNS
-from .results import _RETRYABLE_CODES, Outcome
-from .row_costs import COST, RowCosts
+from .results import Outcome
+from .row_costs import RowCosts
 from .spec import RequestSpec
 
 __all__ = [
@@ -44,17 +54,6 @@ __all__ = [
 # Embeddings are float32 on the wire (and in base64); float64 doubled the table for nothing.
 # Partitions written before as float64 still read: the loader promotes per partition.
 EMBEDDING_TYPE = pa.list_(pa.float32())
-
-RESULT_COLUMNS = (
-    "model",
-    "finish_reason",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    COST,
-    "batch_id",
-    "attempt",
-)
 
 
 @dataclass(frozen=True)
@@ -264,8 +263,8 @@ class TablesBuilder:
         missing = pc.is_null(got.column(CUSTOM_ID))
         code = pc.if_else(
             is_bad,
-            pa.scalar("invalid_structured_output"),
-            pc.if_else(missing, pa.scalar("missing_result"), got.column("error_code")),
+            pa.scalar(INVALID_STRUCTURED_OUTPUT),
+            pc.if_else(missing, pa.scalar(MISSING_RESULT), got.column("error_code")),
         )
         message = pc.if_else(
             is_bad,
@@ -319,7 +318,7 @@ FAILURE_FIELDS = [
     pa.field("batch_id", pa.string()),
     pa.field(COST, pa.float64()),  # null: unknown; 0 for rows never sent
 ]
-_RETRYABLE = pa.array(sorted(_RETRYABLE_CODES), pa.string())
+_RETRYABLE = pa.array(sorted(RETRYABLE_CODES), pa.string())
 
 
 def _retryable(code: pa.Array, status: pa.Array) -> pa.Array:
@@ -381,22 +380,6 @@ def _results_schema(
         pa.field("attempt", pa.int64()),
     ]
     return pa.schema([*inputs, *answer, *structured, *tail])
-
-
-# Names this library writes, plus the hive partition column: an input column with one of
-# these names is kept as ``input_<name>`` so the tables never hold two columns of one name.
-OUTPUT_NAMES = frozenset(
-    {
-        *RESULT_COLUMNS,
-        "response_text",
-        "embedding",
-        ERROR_CODE,
-        ERROR_MESSAGE,
-        "http_status",
-        "retryable",
-        "partition",
-    }
-)
 
 
 def _input_columns(table: pa.Table, keep: list[str]) -> pa.Table:

@@ -41,10 +41,10 @@ import pytest
 from crash_child import SPEC, rows, submit
 
 from infron_dagster import BatchStorage, InfronClient, ResultFile, prepare_requests
+from infron_dagster.columns import CUSTOM_ID
 from infron_dagster.local import LocalServerConfig
 from infron_dagster.local.embedded import embedded_client
 from infron_dagster.local.process import serve_in_subprocess
-from infron_dagster.prepare import CUSTOM_ID
 from infron_dagster.submit import SubmitIncomplete, load_manifests
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_child.py")

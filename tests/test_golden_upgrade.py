@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
 from golden_specs import Golden, goldens
 
 from infron_dagster import BatchStorage, collect_partition, prepare_requests
+from infron_dagster.columns import CUSTOM_ID, HIDDEN_COLUMNS, REQUEST_HASH
 from infron_dagster.manifest import Manifest
-from infron_dagster.prepare import CUSTOM_ID, HIDDEN_COLUMNS, REQUEST_HASH
 from infron_dagster.submit import submit_prepared, succeeded_requests
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "golden")

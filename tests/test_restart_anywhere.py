@@ -68,9 +68,9 @@ from conftest import make_local_dir
 import infron_dagster.sensor as sensor_module
 import infron_dagster.submit as submit_module
 from infron_dagster import ResultFile
+from infron_dagster.columns import CUSTOM_ID
 from infron_dagster.local.embedded import embedded_client
 from infron_dagster.manifest import load_manifests
-from infron_dagster.prepare import CUSTOM_ID
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A partition converges in ~5 ticks (resume, release, resume, collect), or a few seconds
