@@ -19,7 +19,8 @@ Example:
 
 from .assets import CollectConfig, InfronBatchPipeline, SubmitConfig, build_infron_batch_assets
 from .budget import Budget, BudgetExceeded, SpendLedger
-from .cancel import BatchCancel, CancelOutcome, build_cancel_job, cancel_partition
+from .cancel import BatchCancel, CancelOutcome, cancel_partition
+from .cancel_job import build_cancel_job
 from .checks import build_collect_checks
 from .client import (
     DEFAULT_BASE_URL,

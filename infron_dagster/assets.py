@@ -29,7 +29,8 @@ from pydantic import Field
 
 from .admission import AdmissionControl
 from .budget import Budget, BudgetExceeded
-from .cancel import build_cancel_job, cancel_partition
+from .cancel import cancel_partition
+from .cancel_job import build_cancel_job
 from .checks import build_collect_checks
 from .collect import (
     CollectOutcome,

@@ -1,4 +1,4 @@
-"""CANCEL: stop a partition's in-flight batches, from the Dagster UI.
+"""CANCEL: stop a partition's in-flight batches (the use case; no Dagster here).
 
 ``cancel_partition`` asks the API to cancel every batch of the partition's active attempts
 (the latest initial attempt and its retries) that are not collected yet and not finished,
@@ -6,9 +6,9 @@ and marks those attempts cancelled in their manifests, under the partition's loc
 creates any of their chunks afterwards (chunks waiting for admission, or left unsent by a
 crash, are never sent). The sensor then sees the batches end as ``cancelled`` and collects
 them as usual, keeping the rows that finished (paid for) and failing the others as
-``batch_cancelled`` (retryable), the rows of never-sent chunks included. ``build_cancel_job``
-wraps it in the ``<name>_cancel`` job, partitioned like the pipeline, so the launchpad lets
-you pick the partition(s).
+``batch_cancelled`` (retryable), the rows of never-sent chunks included.
+``build_cancel_job`` (``cancel_job.py``, the Dagster side) wraps it in the ``<name>_cancel``
+job, partitioned like the pipeline, so the launchpad lets you pick the partition(s).
 
 Cancelling is idempotent: a batch that already finished is skipped, one being cancelled is
 left alone, and a batch whose cancel call fails does not stop the others (the run fails at
@@ -22,22 +22,18 @@ Example::
     # -> (['batch_abc'], "partition '2026-11-24': cancelled 1 batch(es) ...")
 """
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-import dagster as dg
 
 from .client import InfronClient
 from .collect import active_attempts
 from .manifest import ChunkRecord, Manifest, load_manifests, now_iso
 from .models import Batch, BatchStatus
-from .resources import InfronResource
 from .storage import BatchStorage
 from .untrusted import printable
 
-__all__ = ["BatchCancel", "CancelOutcome", "build_cancel_job", "cancel_partition"]
+__all__ = ["BatchCancel", "CancelOutcome", "cancel_partition"]
 
 CancelAction = Literal["cancelled", "already_cancelling", "already_finished", "failed"]
 
@@ -165,45 +161,9 @@ class CancelOutcome:
             )
         return text
 
-    def metadata(self) -> dict[str, Any]:
-        """Run metadata: counts, ids and a Markdown table of every batch."""
-        return {
-            "partition": self.partition_key or "",
-            "attempts": dg.MetadataValue.json(self.attempts),
-            "cancelled": len(self.cancelled_ids),
-            "already_cancelling": len(self.ids("already_cancelling")),
-            "already_finished": len(self.ids("already_finished")),
-            "could_not_cancel": len(self.failed),
-            "nothing_in_flight": self.nothing_in_flight,
-            "state": "nothing in flight" if self.nothing_in_flight else "cancelled",
-            "attempts_marked_cancelled": dg.MetadataValue.json(self.marked),
-            "cancelled_batch_ids": dg.MetadataValue.json(self.cancelled_ids),
-            "failed_batch_ids": dg.MetadataValue.json([b.batch_id for b in self.failed]),
-            "unsent_chunks": dg.MetadataValue.json(_json_keys(self.unsent_chunks)),
-            "uncertain_chunks": dg.MetadataValue.json(_json_keys(self.uncertain_chunks)),
-            "batches": dg.MetadataValue.json([b.to_dict() for b in self.batches]),
-            "summary": dg.MetadataValue.md(self._summary_md()),
-        }
-
-    def _summary_md(self) -> str:
-        lines = [self.message, ""]
-        if self.batches:
-            lines += ["| batch | attempt | action | status | finished |", "|---|---|---|---|---|"]
-        for b in self.batches:
-            done = f"{b.finished_requests}/{b.total_requests}" if b.total_requests else "-"
-            action = f"{b.action}: {b.error}" if b.error else b.action
-            name = printable(b.batch_id, 80).replace("|", "\\|")
-            action = action.replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| `{name}` | {b.attempt} | {action} | {b.status or '-'} | {done} |")
-        return "\n".join(lines)
-
 
 def _per_attempt(counts: dict[int, int]) -> str:
     return ", ".join(f"attempt {a}: {n}" for a, n in sorted(counts.items()))
-
-
-def _json_keys(counts: dict[int, int]) -> dict[str, int]:
-    return {str(a): n for a, n in sorted(counts.items())}
 
 
 def cancel_partition(
@@ -356,87 +316,3 @@ def _with_counts(result: BatchCancel, batch: Batch) -> BatchCancel:
         finished_requests=done,
         total_requests=batch.total_requests,
     )
-
-
-def _log_line(name: str, key: str | None, result: BatchCancel) -> tuple[int, str]:
-    where = f"{name} partition {printable(key or '-', 100)} attempt {result.attempt}"
-    batch = f"batch {printable(result.batch_id, 80)}"
-    done = ""
-    if result.total_requests:
-        done = f" ({result.finished_requests}/{result.total_requests} requests finished)"
-    if result.action == "cancelled":
-        return logging.INFO, f"{where}: cancelled {batch}, now {result.status}{done}"
-    if result.action == "already_cancelling":
-        return logging.INFO, f"{where}: {batch} is already being cancelled{done}"
-    if result.action == "already_finished":
-        return logging.INFO, f"{where}: {batch} already ended {result.status}; skipped{done}"
-    return logging.ERROR, f"{where}: could not cancel {batch}: {result.error}"
-
-
-def build_cancel_job(
-    *,
-    name: str,
-    storage: BatchStorage,
-    partitions_def: dg.PartitionsDefinition | None,
-    resource_key: str = "infron",
-) -> dg.JobDefinition:
-    """The ``<name>_cancel`` job: cancel the in-flight batches of the chosen partition(s).
-
-    An op job (it materializes no asset), partitioned like the pipeline so the launchpad and
-    backfills pick partitions. Each batch cancelled is logged; the step output's metadata
-    lists what was cancelled, skipped and refused. A partition with nothing in flight
-    succeeds and says so; a batch whose cancel failed fails the run at the end, by name,
-    after every other batch was tried.
-
-    Example::
-
-        job = build_cancel_job(name="reviews", storage=BatchStorage("/lake", "reviews"),
-                               partitions_def=dg.StaticPartitionsDefinition(["a", "b"]))
-        job.execute_in_process(partition_key="a", resources={"infron": InfronResource()})
-    """
-
-    @dg.op(
-        name=f"{name}_cancel_batches",
-        required_resource_keys={resource_key},
-        out=dg.Out(dg.Nothing),
-        description=f"Cancels the in-flight batches of one partition of {name}.",
-    )
-    def _cancel(context: dg.OpExecutionContext) -> dg.Output[None]:
-        key = context.partition_key if context.has_partition_key else None
-        resource: InfronResource = getattr(context.resources, resource_key)
-
-        def log(result: BatchCancel) -> None:
-            level, text = _log_line(name, key, result)
-            context.log.log(level, text)
-
-        with resource.get_client() as client:
-            outcome = cancel_partition(client, storage, key, on_batch=log)
-        context.log.info(outcome.message)
-        if outcome.failed:
-            named = "; ".join(
-                f"{printable(b.batch_id, 80)} (attempt {b.attempt}): {b.error}"
-                for b in outcome.failed
-            )
-            raise dg.Failure(
-                description=(
-                    f"could not cancel {len(outcome.failed)} batch(es) of {name} partition "
-                    f"{printable(key or '-', 100)!r}: {named}. The others were handled; "
-                    "running this job again retries only what is still in flight."
-                ),
-                metadata=outcome.metadata(),
-            )
-        return dg.Output(None, metadata=outcome.metadata())
-
-    @dg.job(
-        name=f"{name}_cancel",
-        partitions_def=partitions_def,
-        tags={"infron/pipeline": name, "infron/action": "cancel"},
-        description=(
-            f"Cancel the in-flight batches of the chosen partition(s) of {name}; the sensor "
-            "then collects the finished rows and fails the rest as batch_cancelled (retryable)."
-        ),
-    )
-    def _job() -> None:
-        _cancel()
-
-    return _job

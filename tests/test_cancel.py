@@ -18,6 +18,7 @@ from conftest import make_local_dir, review_pipeline, tick_and_run
 
 from infron_dagster import InfronBatchPipeline, InfronResource, RequestSpec
 from infron_dagster.cancel import BatchCancel, CancelOutcome, cancel_partition
+from infron_dagster.cancel_job import cancel_metadata
 from infron_dagster.submit import load_manifests
 
 SPEC = RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of {text}", key_columns="id")
@@ -292,6 +293,6 @@ def test_outcome_message_and_markdown_escape_provider_text():
     assert "dashboard" not in outcome.message
     outcome.uncertain_chunks = {2: 1}
     assert "failed ambiguously (attempt 2: 1)" in outcome.message
-    table = outcome.metadata()["summary"].value
+    table = cancel_metadata(outcome)["summary"].value
     assert "`batch\\|1`" in table and "no way \\| here" in table
     assert "| `batch_2` | 1 | cancelled | cancelling | 3/7 |" in table
