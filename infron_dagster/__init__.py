@@ -44,11 +44,12 @@ from .errors import (
     InfronRateLimitError,
     InfronServerError,
 )
+from .keys import make_custom_id
 from .local import LocalServerConfig, create_app
 from .local.embedded import embedded_client
 from .manifest import ChunkRecord, Manifest
 from .models import ApiStyle, Batch, BatchStatus, normalise_status
-from .prepare import InputError, PreparedRequests, make_custom_id, prepare_requests
+from .prepare import PreparedRequests, prepare_requests
 from .pricing import CostEstimate, ModelPrice, estimate_cost
 from .resources import InfronResource
 from .results import DEFAULT_MAX_LINE_BYTES
@@ -58,6 +59,7 @@ from .spec import RequestSpec
 from .storage import BatchStorage, LockTimeout
 from .submit import SubmitIncomplete, SubmitOutcome, submit_prepared
 from .table_loader import InfronTableIOManager, MissingPartitionError, read_batch_table
+from .validate import InputError
 
 __version__ = "0.1.0"
 

@@ -1,11 +1,17 @@
-"""Render request lines by columns: a slice of rows -> one buffer of JSONL lines.
+"""Render request lines: a slice of rows -> the JSONL line of each row, or why it cannot be sent.
 
-Pure data code, used by :mod:`prepare`. The bytes are exactly what the per-row renderer
-writes (``json.dumps(line, ensure_ascii=False, separators=(",", ":"))``), because request
-hashes and the fingerprint are computed over them and an upgrade must never send a
-partition again: a line is the JSON of a sentinel request cut at its sentinels (fixed
-fragments, computed once), with the JSON-escaped cell values put between the fragments.
-JSON escaping is per character, so escaping the parts is escaping the whole.
+Pure data code, used by :mod:`prepare`. Two renderers give the same bytes:
+:class:`ColumnRenderer` renders plain templates by columns, all rows at once;
+:class:`RowRenderer` renders row by row what it cannot (``body_fn``, format specs and
+conversions in the template). A row's own problem (a null template value, bytes that are
+not UTF-8, a request over the size bound) fails only that row, as ``invalid_input``.
+
+By columns, the bytes are exactly what the per-row renderer writes
+(``json.dumps(line, ensure_ascii=False, separators=(",", ":"))``), because request hashes
+and the fingerprint are computed over them and an upgrade must never send a partition
+again: a line is the JSON of a sentinel request cut at its sentinels (fixed fragments,
+computed once), with the JSON-escaped cell values put between the fragments. JSON escaping
+is per character, so escaping the parts is escaping the whole.
 
 Only plain templates (``{column}`` placeholders, no format spec or conversion) render
 here; :meth:`ColumnRenderer.for_spec` returns None for anything else (and for ``body_fn``),
@@ -23,8 +29,10 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import string
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +41,7 @@ import pyarrow.compute as pc
 from .columns import INVALID_INPUT
 from .spec import RequestSpec
 
-__all__ = ["ColumnRenderer", "RenderedSlice", "line_buffer", "with_newlines"]
+__all__ = ["ColumnRenderer", "RenderedSlice", "RowRenderer", "line_buffer", "with_newlines"]
 
 _SLOT = "\x00slot{}\x00"  # never in a template literal, a prompt or params: JSON escapes NUL
 _ID_SLOT = "\x00id\x00"
@@ -277,3 +285,124 @@ def line_buffer(lines: pa.Array) -> tuple[memoryview, np.ndarray]:
     offsets = offsets[lines.offset :].astype(np.int64)
     data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
     return data, offsets
+
+
+# --- row by row -----------------------------------------------------------------------------
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+
+class RowRenderer:
+    """The per-row renderer over a slice, for what :class:`ColumnRenderer` cannot render
+    (``body_fn``, format specs and conversions in the template)."""
+
+    def __init__(self, spec: RequestSpec, *, max_request_bytes: int) -> None:
+        self.spec, self.max_bytes = spec, max_request_bytes
+
+    def render(
+        self, rows: pa.Table, custom_ids: pa.Array, problems: dict[int, str]
+    ) -> RenderedSlice:
+        renderer = _RowLines(rows, self.spec, max_request_bytes=self.max_bytes)
+        lines, kept, tokens = [], [], []
+        for row, custom_id in enumerate(custom_ids.to_pylist()):
+            if row in problems:
+                continue
+            line, problem, row_tokens = renderer.render(row, custom_id)
+            if problem is not None:
+                problems[row] = problem
+                continue
+            lines.append(line)
+            kept.append(row)
+            tokens.append(row_tokens)
+        return RenderedSlice(
+            np.array(kept, np.int64),
+            pa.array(lines, pa.large_binary()),
+            np.array(tokens, np.int64),
+            problems,
+        )
+
+
+class _RowLines:
+    """Turns one row into one request line, or a reason it cannot be sent."""
+
+    def __init__(self, table: pa.Table, spec: RequestSpec, *, max_request_bytes: int) -> None:
+        self.spec = spec
+        self.max_bytes = max_request_bytes
+        self.columns = {c: table.column(c).to_pylist() for c in spec.template_columns}
+        self.rows = table.to_pylist() if spec.body_fn is not None else None
+        self.system_len = len(spec.system_prompt or "")
+
+    def render(self, row: int, custom_id: str) -> tuple[bytes, str | None, int]:
+        body, problem, prompt_len = self._body(row)
+        if problem is not None:
+            return b"", problem, 0
+        line_obj = {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": self.spec.endpoint,
+            "body": body,
+        }
+        try:
+            text = json.dumps(line_obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            return b"", f"{INVALID_INPUT}: request body cannot be serialised to JSON: {exc}", 0
+        try:
+            line = text.encode()
+        except UnicodeEncodeError as exc:  # only body_fn output can still hold a lone surrogate
+            source = "body_fn returned" if self.rows is not None else "request body holds"
+            detail = f"a lone surrogate {text[exc.start]!a}"
+            return b"", f"{INVALID_INPUT}: {source} text that is not valid Unicode ({detail})", 0
+        if len(line) > self.max_bytes:
+            return b"", f"{INVALID_INPUT}: request is {len(line)} bytes, over {self.max_bytes}", 0
+        return line, None, (prompt_len + self.system_len) // 4 + 1
+
+    def _body(self, row: int) -> tuple[dict[str, Any], str | None, int]:
+        if self.rows is not None:
+            assert self.spec.body_fn is not None
+            try:
+                body = self.spec.body_fn(self.rows[row])
+            except Exception as exc:  # a user callable: any error is this row's problem
+                return {}, f"{INVALID_INPUT}: body_fn raised {type(exc).__name__}: {exc}", 0
+            if not isinstance(body, dict):
+                return {}, f"{INVALID_INPUT}: body_fn returned {type(body).__name__}, not dict", 0
+            return body, None, len(json.dumps(body, default=str))
+        values = {}
+        for column, cells in self.columns.items():
+            value = cells[row]
+            if _is_null(value):
+                return {}, f"{INVALID_INPUT}: column {column!r} is null", 0
+            if isinstance(value, (bytes, bytearray)):
+                value, problem = _decoded(column, value)
+                if problem is not None:
+                    return {}, problem, 0
+            values[column] = value
+        try:
+            prompt = self.spec.prompt_template.format_map(values)  # type: ignore[union-attr]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            columns = ", ".join(repr(c) for c in self.columns)
+            reason = f"template cannot render this row's {columns}: {type(exc).__name__}: {exc}"
+            return {}, f"{INVALID_INPUT}: {reason}", 0
+        if not prompt.strip():
+            return {}, f"{INVALID_INPUT}: prompt is empty after rendering", 0
+        return self.spec.build_body(prompt), None, len(prompt)
+
+
+def _decoded(column: str, value: bytes | bytearray) -> tuple[str, str | None]:
+    """A binary cell as text, or the reason it fails its row.
+
+    Why decode rather than refuse the column: Parquet written without the UTF8 annotation
+    (Impala, Hive, older Spark) reads as binary, and ParquetSource has no hook to cast it,
+    so refusing would block those tables outright. The old rendering, ``b'...'``, was never
+    a usable prompt, so no valid request changes. Bytes that are not UTF-8 fail their own
+    row only, naming the column, like a null does.
+    """
+    try:
+        return bytes(value).decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        return "", (
+            f"{INVALID_INPUT}: column {column!r} holds bytes that are not UTF-8 text "
+            f"({exc.reason} at byte {exc.start})"
+        )

@@ -16,7 +16,9 @@ from upath import UPath
 
 from infron_dagster import ParquetSource, RequestSpec, prepare_requests, reorder
 from infron_dagster import prepare as prepare_module
+from infron_dagster.input_slices import InputSlices
 from infron_dagster.sources import ParquetInput
+from infron_dagster.validate import InputError
 
 SPEC = RequestSpec(
     model="m", prompt_template="Review {id}: {text}", key_columns=("id",), system_prompt="s"
@@ -126,7 +128,7 @@ def test_a_file_rewritten_between_the_two_reads_is_refused(tmp_path, small_bucke
     _write_files(tmp_path / "src", table, files=1)
     (tmp_path / "src" / "part-0.parquet").rename(path)
     source = ParquetSource(str(tmp_path / "src" / "{partition_key}.parquet")).input("p")
-    real = prepare_module._Source.key_table
+    real = InputSlices.key_table
 
     def read_keys_then_rewrite(self, columns):
         keys = real(self, columns)
@@ -134,12 +136,12 @@ def test_a_file_rewritten_between_the_two_reads_is_refused(tmp_path, small_bucke
         pq.write_table(shifted, path)
         return keys
 
-    prepare_module._Source.key_table = read_keys_then_rewrite
+    InputSlices.key_table = read_keys_then_rewrite
     try:
-        with pytest.raises(prepare_module.InputError, match="changed while it was read"):
+        with pytest.raises(InputError, match="changed while it was read"):
             prepare_requests(source, SPEC, name="s", partition_key="p", workdir=tmp_path / "w")
     finally:
-        prepare_module._Source.key_table = real
+        InputSlices.key_table = real
 
 
 def test_an_input_column_named_like_the_spill_bookkeeping_is_kept(tmp_path, small_buckets):

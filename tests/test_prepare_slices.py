@@ -11,6 +11,7 @@ import pytest
 
 from infron_dagster import RequestSpec, prepare_requests
 from infron_dagster import prepare as prepare_module
+from infron_dagster.chunks import ChunkWriter
 
 
 def _prepare(tmp_path, name: str, rows: pd.DataFrame, spec: RequestSpec, **kwargs):
@@ -71,11 +72,11 @@ def test_block_writes_split_chunks_where_line_writes_do(tmp_path, max_requests, 
 
     rng = random.Random(max_bytes)
     lines = [b"x" * rng.randint(1, 120) for _ in range(200)]
-    by_line = prepare_module._ChunkWriter(tmp_path / "a", max_requests, max_bytes)
+    by_line = ChunkWriter(tmp_path / "a", max_requests, max_bytes)
     with by_line:
         for line in lines:
             by_line.write(line)
-    by_block = prepare_module._ChunkWriter(tmp_path / "b", max_requests, max_bytes)
+    by_block = ChunkWriter(tmp_path / "b", max_requests, max_bytes)
     data = b"".join(line + b"\n" for line in lines)
     offsets = np.concatenate(([0], np.cumsum([len(line) + 1 for line in lines])))
     with by_block:

@@ -16,8 +16,7 @@ import pyarrow as pa
 import pytest
 
 from infron_dagster import RequestSpec
-from infron_dagster.prepare import _RowRenderer
-from infron_dagster.render import ColumnRenderer, line_buffer
+from infron_dagster.render import ColumnRenderer, RowRenderer, line_buffer
 
 ALPHABET = [chr(c) for c in range(0, 0x80)] + list("éü中文🎉\u2028\u2029\u00a0\u3000\x85\u200b")
 
@@ -62,7 +61,7 @@ def _render_both(spec: RequestSpec, table: pa.Table, max_bytes: int):
     column = ColumnRenderer.for_spec(spec, max_request_bytes=max_bytes)
     assert column is not None
     results = []
-    for renderer in (column, _RowRenderer(spec, max_request_bytes=max_bytes)):
+    for renderer in (column, RowRenderer(spec, max_request_bytes=max_bytes)):
         out = renderer.render(table, ids, {0: "invalid_input: preset"})
         data, offsets = line_buffer(out.lines)
         results.append(

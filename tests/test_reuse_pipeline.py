@@ -12,8 +12,8 @@ import pytest
 from conftest import make_local_dir
 
 from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
+from infron_dagster.keys import make_custom_id
 from infron_dagster.local.store import Store
-from infron_dagster.prepare import make_custom_id
 
 PARTS = dg.StaticPartitionsDefinition(["a", "b", "c"])
 ROWS = 1000

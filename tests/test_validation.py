@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from infron_dagster import InputError, RequestSpec, prepare_requests
-from infron_dagster.prepare import to_arrow
+from infron_dagster.validate import to_arrow
 
 SCHEMA = {
     "type": "object",
