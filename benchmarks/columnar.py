@@ -169,7 +169,7 @@ def pyarrow_collect(storage: Any, out_dir: str) -> tuple[int, int]:
     import pyarrow.json as pj
     import pyarrow.parquet as pq
 
-    from infron_dagster.tables import arrow_type_for_schema
+    from infron_dagster.structured import arrow_type_for_schema
 
     info = storage.read_json(storage.attempt_dir("raw", "p", 1) / "batches.json")
     tables = []

@@ -143,15 +143,15 @@ def read_outcomes(
             continue
         report.lines += 1
         if not whole:
-            outcome = _too_large(raw, max_line_bytes, report)
+            outcome = too_large_outcome(raw, max_line_bytes, report)
         else:
-            outcome = _parse_counted(raw, report)
+            outcome = parse_counted(raw, report)
         if outcome is not None:
             outcome.batch_id = batch_id
             yield outcome
 
 
-def _parse_counted(raw: bytes, report: ParseReport) -> Outcome | None:
+def parse_counted(raw: bytes, report: ParseReport) -> Outcome | None:
     try:
         outcome = parse_line(raw)
     except (ValueError, TypeError, RecursionError) as exc:
@@ -216,7 +216,7 @@ def _sniff_custom_id(raw: bytes) -> str | None:
     return match.group(1).decode() if match else None
 
 
-def _too_large(head: bytes, limit: int, report: ParseReport) -> Outcome | None:
+def too_large_outcome(head: bytes, limit: int, report: ParseReport) -> Outcome | None:
     report.too_large += 1
     custom_id = _sniff_custom_id(head)
     report.note(f"result line over {limit} bytes for {custom_id or 'an unknown request'}")

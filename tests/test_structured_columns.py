@@ -1,6 +1,6 @@
 """Structured output read by columns decides every text as the per-row rules do.
 
-``_structured`` sends the texts it can to ``pyarrow.json`` and the rest to the per-row
+``parse_structured`` sends the texts it can to ``pyarrow.json`` and the rest to the per-row
 rules (``_one_structured``); whatever the mix, each row's verdict, values and message must
 be what the per-row rules give on their own.
 """
@@ -16,7 +16,12 @@ import pytest
 
 from benchmarks import data
 from infron_dagster import RequestSpec
-from infron_dagster.tables import _for_arrow, _one_structured, _structured, arrow_type_for_schema
+from infron_dagster.structured import (
+    _for_arrow,
+    _one_structured,
+    arrow_type_for_schema,
+    parse_structured,
+)
 
 SPEC = RequestSpec(**data.SPEC_KWARGS)
 TYPES = {p: arrow_type_for_schema(s) for p, s in data.SCHEMA["properties"].items()}
@@ -78,7 +83,7 @@ def _per_row(texts: list[str | None]):
 
 
 def _same(texts: list[str | None]) -> None:
-    parsed = _structured(pa.array(texts, pa.large_string()), SPEC)
+    parsed = parse_structured(pa.array(texts, pa.large_string()), SPEC)
     good, values, problems = _per_row(texts)
     assert parsed.good.tolist() == good
     assert parsed.problems == problems
@@ -105,6 +110,6 @@ def test_odd_texts_mixed_with_plain_ones(seed: int) -> None:
 
 def test_a_sliced_array_is_read_at_its_own_offsets() -> None:
     texts = pa.array(["x", "\n", *[json.dumps(GOOD)] * 5, "{bad}"], pa.large_string())
-    parsed = _structured(texts.slice(2, 5), SPEC)
+    parsed = parse_structured(texts.slice(2, 5), SPEC)
     assert parsed.good.tolist() == [True] * 5
     assert np.all(parsed.values["stars"].to_numpy() == 5)
