@@ -31,14 +31,12 @@ from .admission import AdmissionControl
 from .budget import Budget, BudgetExceeded
 from .cancel import cancel_partition
 from .cancel_job import build_cancel_job
+from .carry import CarryIndex as AnswerIndex
+from .carry import InFlightCarry as InFlightRequests
+from .carry import carry_in_flight as in_flight_requests
+from .carry import carry_succeeded as succeeded_requests
 from .checks import build_collect_checks
-from .collect import (
-    CollectOutcome,
-    InFlightRequests,
-    active_attempts,
-    collect_partition,
-    in_flight_requests,
-)
+from .collect import CollectOutcome, active_attempts, collect_partition
 from .columns import CUSTOM_ID, HIDDEN_COLUMNS
 from .history import PartitionHistory
 from .manifest import load_manifests
@@ -46,13 +44,12 @@ from .prepare import DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUESTS, prepare_requests
 from .pricing import CostEstimate, ModelPrice, max_output_tokens
 from .resources import InfronResource
 from .results import DEFAULT_MAX_LINE_BYTES
-from .reuse import AnswerIndex
 from .sensor import build_infron_batch_sensor
 from .sources import ParquetSource
 from .spec import RequestSpec
 from .spend import DryRunStop, SpendControl, cost_by_attempt, settle_collected
 from .storage import BatchStorage
-from .submit import SubmitOutcome, submit_prepared, succeeded_requests
+from .submit import SubmitOutcome, submit_prepared
 from .table_loader import InfronTableIOManager, tables_io_manager_key
 from .untrusted import printable
 

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .carry_cache import write_answers
 from .client import InfronClient
 from .columns import (
     BODY_HASH,
@@ -35,16 +36,14 @@ from .columns import (
     CARRIED_ID,
     CARRIED_PARTITION,
     CUSTOM_ID,
-    REQUEST_HASH,
 )
 from .errors import InfronError
 from .history import PartitionHistory, active_attempts, read_carry_columns
-from .manifest import ChunkRecord, Manifest, load_manifests, now_iso
+from .manifest import ChunkRecord, Manifest, now_iso
 from .models import Batch, BatchStatus
 from .outcomes import OUTCOME_SCHEMA, outcomes_to_table, read_outcome_table, redact_table
 from .pricing import ModelPrice
 from .results import DEFAULT_MAX_LINE_BYTES, Outcome, ParseReport
-from .reuse import write_answers
 from .row_costs import RowCosts
 from .spec import RequestSpec
 from .storage import BatchStorage
@@ -53,10 +52,8 @@ from .untrusted import printable, safe_segment
 
 __all__ = [
     "CollectOutcome",
-    "InFlightRequests",
     "active_attempts",
     "collect_partition",
-    "in_flight_requests",
     "poll_manifest",
 ]
 
@@ -148,77 +145,6 @@ class CollectOutcome:
         """The sum of what the API reported as cost (fees), when it reports any."""
         costs = [b["cost"] for b in self.batches.values() if b.get("cost") is not None]
         return float(sum(costs)) if costs else None
-
-
-@dataclass
-class InFlightRequests:
-    """The requests a partition's uncollected attempts sent and are still being paid for.
-
-    ``requests`` maps custom_id -> (request hash, attempt); ``attempts`` holds those attempts'
-    manifests (a new attempt that carries from one waits for its batches).
-    """
-
-    requests: dict[str, tuple[str, int]] = field(default_factory=dict)
-    attempts: dict[int, Manifest] = field(default_factory=dict)
-
-    def waits_on(self, used: dict[int, int]) -> list[dict[str, Any]]:
-        """The manifest's ``waits_on`` for the source attempts a preparation used."""
-        return [
-            {"attempt": a, "batch_ids": list(self.attempts[a].batch_ids), "rows": used[a]}
-            for a in sorted(used)
-            if a in self.attempts
-        ]
-
-
-def in_flight_requests(storage: BatchStorage, partition_key: str | None) -> InFlightRequests:
-    """What the partition's uncollected attempts sent: the latest initial attempt and its
-    retries, and the in-flight attempts they themselves wait on. Of an attempt whose chunks
-    are only partly created (the rest wait for admission), the rows of its created chunks
-    count: they are paid for; the rest were never sent and a new attempt sends them."""
-    manifests = load_manifests(storage, partition_key)
-    by_attempt = {m.attempt: m for m in manifests}
-    wanted: set[int] = set()
-    for manifest in active_attempts(manifests):
-        if manifest.state == "collected":
-            continue
-        wanted.add(manifest.attempt)
-        wanted.update(int(w["attempt"]) for w in manifest.waits_on)
-    found = InFlightRequests()
-    for attempt in sorted(wanted):
-        source = by_attempt.get(attempt)
-        if source is None or source.state not in ("submitting", "submitted"):
-            continue
-        if not source.batch_ids:
-            continue  # nothing of it was created: nothing to wait for
-        path = storage.attempt_file("inputs", partition_key, attempt)
-        with path.open("rb") as fh:
-            names = pq.ParquetFile(fh).schema_arrow.names
-            if REQUEST_HASH not in names:
-                continue  # written before request hashes: nothing can be matched
-            columns = [CUSTOM_ID, REQUEST_HASH] + ([CARRIED_FROM] if CARRIED_FROM in names else [])
-            fh.seek(0)
-            snapshot = pq.read_table(fh, columns=columns)
-        if CARRIED_FROM in snapshot.column_names:  # only what it sent itself
-            snapshot = snapshot.filter(snapshot.column(CARRIED_FROM).is_null())
-        snapshot = _created_rows(snapshot, source)
-        ids = snapshot.column(CUSTOM_ID).to_pylist()
-        hashes = snapshot.column(REQUEST_HASH).to_pylist()
-        found.requests.update(zip(ids, ((h, attempt) for h in hashes), strict=True))
-        found.attempts[attempt] = source
-    return found
-
-
-def _created_rows(sent: pa.Table, manifest: Manifest) -> pa.Table:
-    """The rows (in chunk order, as sent) of the chunks that have a batch."""
-    if manifest.fully_submitted:
-        return sent
-    keep = np.zeros(sent.num_rows, bool)
-    start = 0
-    for chunk in manifest.chunks:
-        if chunk.batch_id:
-            keep[start : start + chunk.requests] = True
-        start += chunk.requests
-    return sent.filter(pa.array(keep))
 
 
 def poll_manifest(client: InfronClient, manifest: Manifest) -> dict[str, Batch]:

@@ -305,7 +305,7 @@ class _PreparedBuilder:
     ) -> tuple[list[str], list[str | None], list[str | None]]:
         """Each line's body hash; lines not carried already whose body was answered in
         another partition are carried from there (``carried`` is updated in place)."""
-        from .reuse import body_hashes
+        from .carry_cache import body_hashes
 
         whole = bytes(data[offsets[0] : offsets[-1]])
         bodies = body_hashes(whole, (offsets - offsets[0]).tolist())

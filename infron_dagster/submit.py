@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from .admission import AdmissionControl, is_limit_refusal
 from .client import InfronClient
-from .columns import CARRIED_FROM, CUSTOM_ID, REQUEST_HASH
+from .columns import CARRIED_FROM
 from .errors import InfronDagsterError, InfronError
 from .inflight import mark_in_flight
 from .manifest import ChunkRecord, Manifest, load_manifests, now_iso
@@ -40,7 +40,6 @@ __all__ = [
     "SubmitOutcome",
     "load_manifests",
     "submit_prepared",
-    "succeeded_requests",
 ]
 
 logger = logging.getLogger(__name__)
@@ -122,32 +121,6 @@ class SubmitOutcome:
     # ambiguously, openai style): the run ends, the sensor requests the next one.
     waiting_for: str = ""
     cancelled: bool = False  # the attempt was cancelled: nothing of it is created any more
-
-
-def succeeded_requests(
-    storage: BatchStorage, partition_key: str | None
-) -> dict[str, tuple[str, int]]:
-    """custom_id -> (request hash, attempt) of every request the partition's collected
-    results answered: what a new attempt need not pay for again if its request is unchanged.
-    """
-    # The results table holds only collected, paid-for answers, whatever is in flight now.
-    results_path = storage.table_path("results", partition_key)
-    if not storage.exists(results_path):
-        return {}
-    results = storage.read_table(results_path).select([CUSTOM_ID, "attempt"]).to_pylist()
-    attempts = {row["attempt"] for row in results}
-    hashes: dict[tuple[int, str], str] = {}
-    for attempt in attempts:
-        snapshot = storage.read_table(storage.attempt_file("inputs", partition_key, attempt))
-        if REQUEST_HASH in snapshot.column_names:
-            ids = snapshot.column(CUSTOM_ID).to_pylist()
-            for cid, h in zip(ids, snapshot.column(REQUEST_HASH).to_pylist(), strict=True):
-                hashes[(attempt, cid)] = h
-    return {
-        row[CUSTOM_ID]: (hashes[(row["attempt"], row[CUSTOM_ID])], row["attempt"])
-        for row in results
-        if (row["attempt"], row[CUSTOM_ID]) in hashes
-    }
 
 
 def submit_prepared(

@@ -29,9 +29,9 @@ from conftest import Clock, make_local_dir, tick_and_run
 
 from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
 from infron_dagster.budget import Budget, SpendLedger
+from infron_dagster.carry_cache import answers_path
 from infron_dagster.doctor import check_lake
 from infron_dagster.pricing import ModelPrice
-from infron_dagster.reuse import answers_path
 from infron_dagster.storage import BatchStorage
 
 PARTS = dg.StaticPartitionsDefinition(["a", "b", "c"])

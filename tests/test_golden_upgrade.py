@@ -26,9 +26,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
 from golden_specs import Golden, goldens
 
 from infron_dagster import BatchStorage, collect_partition, prepare_requests
+from infron_dagster.carry import carry_succeeded
 from infron_dagster.columns import CUSTOM_ID, HIDDEN_COLUMNS, REQUEST_HASH
 from infron_dagster.manifest import Manifest
-from infron_dagster.submit import submit_prepared, succeeded_requests
+from infron_dagster.submit import submit_prepared
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "golden")
 GOLDENS = {g.name: g for g in goldens()}
@@ -111,7 +112,7 @@ def test_unchanged_partition_is_not_sent_again(name, lake, tmp_path):
     golden = GOLDENS[name]
     storage = BatchStorage(lake, name)
     before = storage.attempts(golden.partition_key)
-    succeeded = succeeded_requests(storage, golden.partition_key)
+    succeeded = carry_succeeded(storage, golden.partition_key)
     prepared = _prepare(golden, _rows(golden), tmp_path / "w", succeeded=succeeded)
     outcome = submit_prepared(
         NoCallsClient(), storage, prepared, spec=golden.spec, partition_key=golden.partition_key
@@ -172,7 +173,7 @@ def test_a_changed_row_carries_every_answered_row(lake, tmp_path):
     changed_id = answered.column("id")[0].as_py()
     texts = pc.if_else(pc.equal(rows.column("id"), changed_id), "changed text", rows.column("text"))
     rows = rows.set_column(rows.column_names.index("text"), "text", texts)
-    succeeded = succeeded_requests(storage, key)
+    succeeded = carry_succeeded(storage, key)
     assert len(succeeded) == answered.num_rows
     prepared = _prepare(golden, rows, tmp_path / "w", succeeded=succeeded)
     assert prepared.carried == answered.num_rows - 1

@@ -17,8 +17,8 @@ import pytest
 from conftest import make_local_dir
 
 from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
+from infron_dagster.carry_cache import ANSWERS_SCHEMA, answers_path
 from infron_dagster.local.store import Store
-from infron_dagster.reuse import ANSWERS_SCHEMA, answers_path
 
 PARTS = dg.StaticPartitionsDefinition(["a", "b", "c", "d"])
 
