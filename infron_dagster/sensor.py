@@ -6,8 +6,9 @@ run_key that includes the attempt.
 
 While batches run, each tick reports where every in-flight partition stands as an asset
 observation on ``<name>_batches`` (only when that changed since the last one) and says it in
-one line as the tick's skip reason, so the asset pages and the sensor's tick list show
-progress instead of "0 runs requested".
+one line as the tick's skip reason (``progress.py``), so the asset pages and the sensor's
+tick list show progress instead of "0 runs requested". It also requests the runs that resume
+attempts not fully submitted (``resume.py``).
 
 Example::
 
@@ -17,27 +18,26 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import dagster as dg
 
-from . import submit as submit_module
 from .admission import AdmissionControl
 from .budget import SpendLedger
 from .client import InfronClient
 from .collect import active_attempts
 from .inflight import DEFAULT_RESCAN_SECONDS, InFlightIndex
-from .manifest import Manifest, load_manifests
+from .manifest import load_manifests
 from .models import Batch
-from .storage import UNPARTITIONED, BatchStorage, LockTimeout
+from .progress import InFlight, Progress, measure_progress, progress_observations, skip_reason
+from .resume import submit_requests
+from .storage import UNPARTITIONED, BatchStorage
 from .untrusted import printable
 
 __all__ = [
@@ -45,34 +45,9 @@ __all__ = [
     "find_in_flight",
     "find_in_flight_full_scan",
     "open_partitions",
-    "submit_requests",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class InFlight:
-    """One partition whose latest attempts are submitted but not yet collected."""
-
-    partition_key: str | None
-    attempts: list[Manifest]
-
-    @property
-    def latest(self) -> Manifest:
-        return self.attempts[-1]
-
-    @property
-    def settled(self) -> bool:
-        """No attempt will create more batches: the partition only waits for them to end."""
-        return all(m.settled for m in self.attempts)
-
-    @property
-    def batch_ids(self) -> list[str]:
-        """The batches of its uncollected attempts, and of the in-flight attempts they carry
-        answers from (collection waits for those too)."""
-        live = [m for m in self.attempts if m.state != "collected"]
-        return [bid for m in live for bid in (*m.batch_ids, *m.waiting_batch_ids)]
 
 
 def find_in_flight(
@@ -237,88 +212,179 @@ def build_infron_batch_sensor(
         build_infron_batch_sensor(name="reviews", storage=BatchStorage("/lake", "reviews"),
                                   collect_keys=[dg.AssetKey("reviews_results")])
     """
-    observed_key = batches_key or dg.AssetKey(f"{name}_batches")
+    t = _Tick(
+        name=name,
+        storage=storage,
+        collect_keys=tuple(collect_keys),
+        observed_key=batches_key or dg.AssetKey(f"{name}_batches"),
+        resource_key=resource_key,
+        partitioned=partitioned,
+        time_budget_seconds=time_budget_seconds,
+        max_concurrent_polls=max_concurrent_polls,
+        max_collect_reruns=max_collect_reruns,
+        index_rescan_seconds=index_rescan_seconds,
+        use_in_flight_index=use_in_flight_index,
+        admission=admission,
+        budget_ledger=budget_ledger,
+    )
 
     @dg.sensor(
         name=f"{name}_sensor",
-        asset_selection=[*collect_keys, observed_key],
+        asset_selection=[*collect_keys, t.observed_key],
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=default_status,
         required_resource_keys={resource_key},
         description=f"Polls in-flight batches of {name} and collects finished partitions.",
     )
     def _sensor(context: dg.SensorEvaluationContext, **resources: Any) -> dg.SensorResult:
+        resource = resources.get(resource_key) or getattr(context.resources, resource_key)
+        return t.run(context, resource)
+
+    return _sensor
+
+
+@dataclass(frozen=True)
+class _Tick:
+    """What one sensor tick does, with the sensor's settings: poll what is in flight,
+    request collections, resume unfinished submissions, report progress."""
+
+    name: str
+    storage: BatchStorage
+    collect_keys: tuple[dg.AssetKey, ...]
+    observed_key: dg.AssetKey
+    resource_key: str
+    partitioned: bool
+    time_budget_seconds: float
+    max_concurrent_polls: int
+    max_collect_reruns: int
+    index_rescan_seconds: float | None
+    use_in_flight_index: bool
+    admission: AdmissionControl | None
+    budget_ledger: bool
+
+    def run(self, context: dg.SensorEvaluationContext, resource: Any) -> dg.SensorResult:
         started = time.monotonic()
         emitted = _load_cursor(context.cursor)
-        observed = _load_progress(context.cursor)
         found = open_partitions(
-            storage,
-            partitioned,
+            self.storage,
+            self.partitioned,
             context.log,
-            use_index=use_in_flight_index,
-            rescan_seconds=index_rescan_seconds,
+            use_index=self.use_in_flight_index,
+            rescan_seconds=self.index_rescan_seconds,
         )
         in_flight = [p for p in found if p.settled]
         unsettled = [p for p in found if not p.settled]
         pending = [p for p in in_flight if p.latest.run_key not in emitted]
-        resource = resources.get(resource_key) or getattr(context.resources, resource_key)
         ids = [bid for p in pending for bid in p.batch_ids]
         # Reading storage (a full scan of the manifests, now and then) used part of the tick.
-        budget = max(5.0, time_budget_seconds - (time.monotonic() - started))
+        budget = max(5.0, self.time_budget_seconds - (time.monotonic() - started))
         with resource.get_client() as client:
-            polled = _poll_all(client, ids, budget, max_concurrent_polls)
-        requests = []
-        for partition in pending:
-            if _partition_done(context, partition, polled):
-                requests.append(_run_request(partition, collect_keys, name))
-                emitted[partition.latest.run_key] = time.time()
-        for partition in in_flight:
-            rerun = _rerun_number(context, partition, emitted, max_collect_reruns)
-            if rerun:
-                requests.append(_run_request(partition, collect_keys, name, rerun))
+            polled = _poll_all(client, ids, budget, self.max_concurrent_polls)
+        requests = self._collect_requests(context, in_flight, pending, polled, emitted)
         notes: list[str] = []
-        if admission is not None:
-            with resource.get_client() as client:
-                admission.release(
-                    polled,
-                    lambda ids: _poll_all(client, ids, 10.0, max_concurrent_polls),
-                    context.log,
-                )
-        requests += submit_requests(
-            context, unsettled, storage, admission, name, observed_key, partitioned, notes
-        )
-        for note in notes:
-            context.log.warning(note)
-        if budget_ledger:
-            _release_unpaid(storage, context.log)
-        # Keys of attempts no longer in flight (collected since) are dropped: the cursor stays
-        # as small as what is in flight, and storage can always rebuild it.
-        live = {p.latest.run_key for p in in_flight}
-        cursor: dict[str, Any] = {"emitted": {k: v for k, v in emitted.items() if k in live}}
-        pending_keys = {p.latest.run_key for p in pending}
-        now = time.time()
-        progress = [
-            _progress(p, polled, now) if p.latest.run_key in pending_keys else None
-            for p in in_flight
-        ]
-        events, signatures = _observations(in_flight, progress, observed, observed_key)
-        if signatures:  # only partitions in flight now: the cursor never outgrows them
-            cursor["progress"] = signatures
+        requests += self._submit_requests(context, resource, polled, unsettled, notes)
+        progress = self._progress(in_flight, pending, polled)
+        events, cursor = self._cursor(context.cursor, in_flight, progress, emitted)
         context.log.info(
-            f"{name}: {len(pending)} partition(s) in flight, {len(polled)}/{len(ids)} batch(es) "
-            f"polled in {time.monotonic() - started:.1f}s, {len(requests)} collection(s) "
-            f"requested, {len(events)} progress observation(s)"
+            f"{self.name}: {len(pending)} partition(s) in flight, {len(polled)}/{len(ids)} "
+            f"batch(es) polled in {time.monotonic() - started:.1f}s, {len(requests)} "
+            f"collection(s) requested, {len(events)} progress observation(s)"
         )
+        reason = skip_reason(in_flight, progress, self.partitioned, unsettled, notes)
         return dg.SensorResult(
             run_requests=requests,
             cursor=json.dumps(cursor),
             asset_events=events,
-            skip_reason=None
-            if requests
-            else _skip_reason(in_flight, progress, partitioned, unsettled, notes),
+            skip_reason=None if requests else reason,
         )
 
-    return _sensor
+    def _collect_requests(
+        self,
+        context: dg.SensorEvaluationContext,
+        in_flight: Sequence[InFlight],
+        pending: Sequence[InFlight],
+        polled: dict[str, Batch | Exception],
+        emitted: dict[str, float],
+    ) -> list[dg.RunRequest]:
+        """A collection for each partition whose batches all ended, and reruns of failed
+        collections; ``emitted`` records the run keys requested."""
+        requests = []
+        for partition in pending:
+            if _partition_done(context, partition, polled):
+                requests.append(_run_request(partition, self.collect_keys, self.name))
+                emitted[partition.latest.run_key] = time.time()
+        for partition in in_flight:
+            rerun = _rerun_number(context, partition, emitted, self.max_collect_reruns)
+            if rerun:
+                requests.append(_run_request(partition, self.collect_keys, self.name, rerun))
+        return requests
+
+    def _submit_requests(
+        self,
+        context: dg.SensorEvaluationContext,
+        resource: Any,
+        polled: dict[str, Batch | Exception],
+        unsettled: Sequence[InFlight],
+        notes: list[str],
+    ) -> list[dg.RunRequest]:
+        """Admission's capacity released, then the runs resuming unfinished submissions;
+        the budget reservations of attempts that created nothing are given back."""
+        if self.admission is not None:
+            with resource.get_client() as client:
+                self.admission.release(
+                    polled,
+                    lambda ids: _poll_all(client, ids, 10.0, self.max_concurrent_polls),
+                    context.log,
+                )
+        requests = submit_requests(
+            context,
+            unsettled,
+            self.storage,
+            self.admission,
+            self.name,
+            self.observed_key,
+            self.partitioned,
+            notes,
+        )
+        for note in notes:
+            context.log.warning(note)
+        if self.budget_ledger:
+            _release_unpaid(self.storage, context.log)
+        return requests
+
+    def _progress(
+        self,
+        in_flight: Sequence[InFlight],
+        pending: Sequence[InFlight],
+        polled: dict[str, Batch | Exception],
+    ) -> list[Progress | None]:
+        """Each in-flight partition's progress; None for those whose collection was asked."""
+        pending_keys = {p.latest.run_key for p in pending}
+        now = time.time()
+        return [
+            measure_progress(p, polled, now) if p.latest.run_key in pending_keys else None
+            for p in in_flight
+        ]
+
+    def _cursor(
+        self,
+        raw: str | None,
+        in_flight: Sequence[InFlight],
+        progress: Sequence[Progress | None],
+        emitted: dict[str, float],
+    ) -> tuple[list[dg.AssetObservation], dict[str, Any]]:
+        """The progress observations to record and the next cursor.
+
+        Keys of attempts no longer in flight (collected since) are dropped: the cursor stays
+        as small as what is in flight, and storage can always rebuild it.
+        """
+        live = {p.latest.run_key for p in in_flight}
+        cursor: dict[str, Any] = {"emitted": {k: v for k, v in emitted.items() if k in live}}
+        observed = _load_progress(raw)
+        events, signatures = progress_observations(in_flight, progress, observed, self.observed_key)
+        if signatures:  # only partitions in flight now: the cursor never outgrows them
+            cursor["progress"] = signatures
+        return events, cursor
 
 
 def _partition_done(
@@ -342,20 +408,6 @@ def _partition_done(
     return len(batches) == len(states) and terminal == len(states)
 
 
-# A submit run the sensor requested for an attempt not fully submitted is tagged with the
-# attempt's run_key: how many ran, and when the last one did, set the next one's run_key and
-# the wait before it (15 s, 30 s, 1 min, ... 10 min at most).
-SUBMIT_TAG = "infron/submit_key"
-RESUME_BACKOFF_SECONDS = 15.0
-MAX_RESUME_BACKOFF_SECONDS = 600.0
-MAX_SUBMIT_FAILURES = 3
-_NOT_YET_RUNNING = (
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-)
-
-
 def _release_unpaid(storage: BatchStorage, log: logging.Logger) -> None:
     """Budget reservations of attempts that never created anything are given back."""
     try:
@@ -363,149 +415,6 @@ def _release_unpaid(storage: BatchStorage, log: logging.Logger) -> None:
             log.warning(line)
     except Exception as exc:  # the ledger never fails a tick: collection comes first
         log.warning(f"budget ledger: could not release unpaid reservations: {printable(exc)}")
-
-
-def _backoff(runs: int) -> float:
-    if runs == 0:
-        return 0.0
-    return min(RESUME_BACKOFF_SECONDS * 2 ** (runs - 1), MAX_RESUME_BACKOFF_SECONDS)
-
-
-def submit_requests(
-    context: dg.SensorEvaluationContext,
-    unsettled: Sequence[InFlight],
-    storage: BatchStorage,
-    admission: AdmissionControl | None,
-    name: str,
-    batches_key: dg.AssetKey,
-    partitioned: bool,
-    notes: list[str],
-) -> list[dg.RunRequest]:
-    """A ``batches_key`` run for each attempt that is not fully submitted and can go on.
-
-    An attempt whose chunks wait for admission (when they now fit), or that a run left
-    half-submitted (it died, or a create call ended ambiguously), is resumed by a run that
-    creates only what is missing and pays for nothing twice. None is requested while a run
-    holds the partition's lock (a submission is running) or a requested run has not started,
-    nor before the backoff after the last one; ``notes`` says what needs a person instead.
-    """
-    now = time.time()
-    candidates = []
-    for partition in unsettled:
-        manifest = next(m for m in partition.attempts if not m.settled)
-        runs = context.instance.get_run_records(
-            filters=dg.RunsFilter(tags={SUBMIT_TAG: manifest.run_key})
-        )
-        if _resumable(manifest, runs, now, partitioned, notes):
-            candidates.append((manifest, len(runs)))
-    candidates.sort(key=lambda c: c[0].created_at)
-    fitting = None
-    if admission is not None:
-        needs_room = [m for m, _ in candidates if _unsent(m)]
-        fitting = {id(m) for m in admission.ready(needs_room)}
-    requests = []
-    for manifest, runs in candidates:
-        if fitting is not None and _unsent(manifest) and id(manifest) not in fitting:
-            continue  # waits for capacity: the release of a finished batch makes room
-        if _locked(storage, manifest.partition_key):
-            continue  # a submission runs now
-        requests.append(_submit_request(manifest, runs, name, batches_key))
-        context.log.info(
-            f"{name}: partition {printable(manifest.partition_key or '-', 100)} attempt "
-            f"{manifest.attempt} is not fully submitted: requesting the run that resumes it"
-        )
-    return requests
-
-
-def _unsent(manifest: Manifest) -> bool:
-    """Chunks that need room: neither created nor reserved by an uncertain create."""
-    return any(not c.batch_id and not c.uncertain for c in manifest.chunks)
-
-
-def _resumable(
-    manifest: Manifest,
-    runs: Sequence[Any],
-    now: float,
-    partitioned: bool,
-    notes: list[str],
-) -> bool:
-    where = printable(manifest.partition_key or "-", 100) if partitioned else "-"
-    label = f"partition {where} attempt {manifest.attempt}"
-    uncertain = [c.index for c in manifest.chunks if c.uncertain and not c.batch_id]
-    if uncertain and manifest.api_style != "openai":
-        notes.append(
-            f"{label}: chunk(s) {uncertain} may have been created (a create call ended "
-            "ambiguously, and this API cannot list batches): check the provider's dashboard, "
-            "then materialize the partition with resubmit_uncertain: true if they do not exist"
-        )
-        return False
-    grace = submit_module.REATTACH_GRACE_SECONDS
-    if uncertain and _past(manifest, uncertain, 2 * grace):
-        notes.append(
-            f"{label}: chunk(s) {uncertain} are still not listed by the provider "
-            f"{2 * grace // 60} minutes after their create call, and its list "
-            "cannot prove they do not exist (it shows no batch with our metadata): check the "
-            "provider's dashboard, then materialize the partition with resubmit_uncertain: "
-            "true if they do not exist"
-        )
-        return False
-    if any(r.dagster_run.status in _NOT_YET_RUNNING for r in runs):
-        return False
-    failures = 0
-    for record in runs:  # newest first
-        if record.dagster_run.status != dg.DagsterRunStatus.FAILURE:
-            break
-        failures += 1
-    if failures >= MAX_SUBMIT_FAILURES:
-        notes.append(
-            f"{label}: the last {failures} runs resuming its submission failed; see them, "
-            "fix the cause and materialize the partition again"
-        )
-        return False
-    if runs:
-        last = runs[0]
-        when = last.end_time or last.start_time or last.create_timestamp.timestamp()
-        if now - when < _backoff(len(runs)):
-            return False
-    return True
-
-
-def _past(manifest: Manifest, chunks: Sequence[int], seconds: float) -> bool:
-    """Whether every create call of ``chunks`` started more than ``seconds`` ago."""
-    wanted = set(chunks)
-    starts = [_timestamp(c.create_started_at) for c in manifest.chunks if c.index in wanted]
-    return all(t is not None and time.time() - t > seconds for t in starts)
-
-
-def _locked(storage: BatchStorage, partition_key: str | None) -> bool:
-    """Whether a run holds the partition's lock now (it is submitting or collecting)."""
-    try:
-        with storage.lock(partition_key, wait_seconds=0):
-            return False
-    except LockTimeout:
-        return True
-
-
-def _submit_request(
-    manifest: Manifest, runs: int, name: str, batches_key: dg.AssetKey
-) -> dg.RunRequest:
-    return dg.RunRequest(
-        run_key=f"{manifest.run_key}:submit:{runs}",
-        partition_key=manifest.partition_key,
-        asset_selection=[batches_key],
-        # A retry resumes as the retry it is: without retry_failed the run would prepare
-        # the initial rows and start a new initial attempt instead.
-        run_config=_retry_config(batches_key) if manifest.kind == "retry" else {},
-        tags={
-            "infron/pipeline": name,
-            "infron/attempt": str(manifest.attempt),
-            SUBMIT_TAG: manifest.run_key,
-        },
-    )
-
-
-def _retry_config(batches_key: dg.AssetKey) -> dict[str, Any]:
-    return {"ops": {batches_key.path[-1]: {"config": {"retry_failed": True}}}}
 
 
 _COLLECT_TAG = "infron/collect_key"
@@ -547,201 +456,3 @@ def _run_request(
             _COLLECT_TAG: key,
         },
     )
-
-
-@dataclass
-class Progress:
-    """Where one in-flight partition stands this tick, as the provider reports it.
-
-    A batch that is terminal counts all of its requests as settled (what it did not finish
-    never will: collection fails those rows); a live batch counts what it completed or failed.
-    ``known`` is False when some batch did not answer this tick.
-    """
-
-    attempt: int
-    run_key: str
-    known: bool
-    requests_total: int
-    completed: int
-    failed: int
-    settled: int
-    batches_total: int
-    batches_finished: int
-    elapsed: float | None
-
-    @property
-    def percent(self) -> float:
-        """Settled share of the requests, one decimal, rounded down: 100.0 only when done."""
-        return (1000 * self.settled // self.requests_total) / 10 if self.requests_total else 100.0
-
-    @property
-    def eta(self) -> float | None:
-        """Seconds left by linear extrapolation since submission; None when unknown."""
-        if self.batches_finished == self.batches_total:
-            return 0.0
-        if not self.elapsed or not 0 < self.settled < self.requests_total:
-            return None
-        return self.elapsed * (self.requests_total - self.settled) / self.settled
-
-    @property
-    def signature(self) -> str:
-        """What must change for a new observation: not the clock, only the work done."""
-        stamp = self.run_key.rsplit(":", 1)[-1]
-        return (
-            f"{self.attempt}.{stamp}:{self.completed}+{self.failed}={self.settled}"
-            f"/{self.requests_total}:{self.batches_finished}/{self.batches_total}"
-        )
-
-    def metadata(self) -> dict[str, Any]:
-        """Numbers for people: ints, a one-decimal percent, and a one-line summary."""
-        summary = (
-            f"{self.settled}/{self.requests_total} requests ({self.percent} %), "
-            f"{self.failed} failed, {self.batches_finished}/{self.batches_total} batches finished"
-        )
-        values: dict[str, Any] = {
-            "attempt": self.attempt,
-            "requests_completed": self.completed,
-            "requests_failed": self.failed,
-            "requests_settled": self.settled,
-            "requests_total": self.requests_total,
-            "progress_percent": dg.MetadataValue.float(self.percent),
-            "batches_finished": self.batches_finished,
-            "batches_total": self.batches_total,
-        }
-        if self.elapsed is not None:
-            values["elapsed_seconds"] = round(self.elapsed)
-            summary += f", {_duration(self.elapsed)} since submission"
-        eta = self.eta
-        if eta is not None:
-            values["eta_seconds"] = round(eta)
-            summary += ", finished" if eta == 0 else f", about {_duration(eta)} left"
-        return {"progress": summary, **values}
-
-
-def _progress(partition: InFlight, polled: dict[str, Batch | Exception], now: float) -> Progress:
-    uncollected = [m for m in partition.attempts if m.state != "collected"]
-    sizes = {c.batch_id: c.requests for m in uncollected for c in m.chunks if c.batch_id}
-    known, completed, failed, settled, finished = True, 0, 0, 0, 0
-    for batch_id in partition.batch_ids:
-        size = max(0, sizes.get(batch_id, 0))
-        batch = polled.get(batch_id)
-        if not isinstance(batch, Batch):
-            known = False
-            continue
-        # A provider's counts are input, not truth: bounded by what this batch was sent.
-        ok = min(size, max(0, batch.completed_requests or 0))
-        bad = min(size - ok, max(0, batch.failed_requests or 0))
-        completed, failed = completed + ok, failed + bad
-        if batch.is_terminal:
-            finished += 1
-            settled += size
-        else:
-            settled += ok + bad
-    starts = [_timestamp(m.submitted_at or m.created_at) for m in uncollected]
-    known_starts = [t for t in starts if t is not None]
-    return Progress(
-        attempt=partition.latest.attempt,
-        run_key=partition.latest.run_key,
-        known=known,
-        requests_total=sum(max(0, n) for n in sizes.values()),
-        completed=completed,
-        failed=failed,
-        settled=settled,
-        batches_total=len(partition.batch_ids),
-        batches_finished=finished,
-        elapsed=max(0.0, now - min(known_starts)) if known_starts else None,
-    )
-
-
-def _timestamp(text: str | None) -> float | None:
-    try:
-        when = datetime.fromisoformat(text or "")
-    except (TypeError, ValueError):
-        return None
-    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
-
-
-def _duration(seconds: float) -> str:
-    """``42 s``, ``7 min``, ``3 h 05 min``, ``2 d 4 h``."""
-    total = round(seconds)
-    if total < 60:
-        return f"{total} s"
-    minutes = round(total / 60)
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours} h {minutes:02d} min"
-    return f"{hours // 24} d {hours % 24} h"
-
-
-def _slot(partition_key: str | None) -> str:
-    """A partition's short, fixed-size key in the cursor (partition keys may be long)."""
-    return hashlib.sha256((partition_key or "").encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
-def _observations(
-    in_flight: Sequence[InFlight],
-    progress: Sequence[Progress | None],
-    observed: dict[str, str],
-    asset_key: dg.AssetKey,
-) -> tuple[list[dg.AssetObservation], dict[str, str]]:
-    """Observations of the partitions whose progress changed, and the signatures to keep.
-
-    A partition not polled this tick (collection already requested) or not fully answered
-    keeps its last signature, so a flaky poll does not make the UI flicker.
-    """
-    events, signatures = [], {}
-    for partition, state in zip(in_flight, progress, strict=True):
-        slot = _slot(partition.partition_key)
-        if state is None or not state.known:
-            if slot in observed:
-                signatures[slot] = observed[slot]
-            continue
-        signatures[slot] = state.signature
-        if observed.get(slot) != state.signature:
-            events.append(
-                dg.AssetObservation(
-                    asset_key=asset_key,
-                    partition=partition.partition_key,
-                    metadata=state.metadata(),
-                    description="Progress of the in-flight batches, reported by the sensor.",
-                )
-            )
-    return events, signatures
-
-
-_SHOWN = 5
-
-
-def _skip_reason(
-    in_flight: Sequence[InFlight],
-    progress: Sequence[Progress | None],
-    partitioned: bool,
-    unsettled: Sequence[InFlight] = (),
-    notes: Sequence[str] = (),
-) -> str:
-    """One bounded line: how many partitions are in flight and how far the first few are,
-    then how many wait to be submitted and what needs a person."""
-    waiting = f" {len(unsettled)} waiting to be submitted." if unsettled else ""
-    attention = f" Needs attention: {printable(notes[0], 300)}" if notes else ""
-    if len(notes) > 1:
-        attention += f" (+{len(notes) - 1} more in the log)"
-    if not in_flight:
-        return f"No batches in flight.{waiting}{attention}"
-    parts = []
-    for partition, state in list(zip(in_flight, progress, strict=True))[:_SHOWN]:
-        if state is None:
-            where = "finished, collection requested"
-        elif not state.known:
-            where = f"?/{state.requests_total} (not every batch answered)"
-        else:
-            where = f"{state.settled}/{state.requests_total}"
-        key = partition.partition_key
-        label = printable(key, 40) if partitioned else f"attempt {partition.latest.attempt}"
-        parts.append(f"{label} {where}")
-    more = f", +{len(in_flight) - _SHOWN} more" if len(in_flight) > _SHOWN else ""
-    what = "partition" if partitioned else "attempt"
-    plural = "" if len(in_flight) == 1 else "s"
-    line = f"{len(in_flight)} {what}{plural} in flight: {', '.join(parts)}{more}"
-    return f"{line}.{waiting}{attention}" if waiting or attention else line

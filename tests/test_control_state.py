@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import Clock, make_local_dir
 
+import infron_dagster.resume as resume_module
 import infron_dagster.sensor as sensor_module
 import infron_dagster.submit as submit_module
 from infron_dagster import InfronResource, ParquetSource, RequestSpec, build_infron_batch_assets
@@ -222,7 +223,7 @@ def watch_creates(monkeypatch, fail: Callable[[int], str | None] | None = None) 
 
 
 class SensorTime:
-    """``time`` for the sensor module: the real clock plus an offset the test moves."""
+    """``time`` for the sensor and resume modules: the real clock plus an offset the test moves."""
 
     def __init__(self) -> None:
         self.offset = 0.0
@@ -240,6 +241,7 @@ class SensorTime:
     def install(cls, monkeypatch) -> SensorTime:
         fake = cls()
         monkeypatch.setattr(sensor_module, "time", fake)
+        monkeypatch.setattr(resume_module, "time", fake)  # the resume runs' backoff clock
         return fake
 
 
@@ -642,8 +644,8 @@ def test_an_ambiguous_openai_create_waits_and_the_sensor_settles_it(
     # creates it after the client gave up (re-attached by its metadata, never sent again).
     # With admission control, the uncertain chunk keeps its reservation until settled.
     monkeypatch.setattr(submit_module, "REATTACH_GRACE_SECONDS", 2)
-    monkeypatch.setattr(sensor_module, "RESUME_BACKOFF_SECONDS", 0.2, raising=False)
-    monkeypatch.setattr(sensor_module, "MAX_RESUME_BACKOFF_SECONDS", 1.0, raising=False)
+    monkeypatch.setattr(resume_module, "RESUME_BACKOFF_SECONDS", 0.2, raising=False)
+    monkeypatch.setattr(resume_module, "MAX_RESUME_BACKOFF_SECONDS", 1.0, raising=False)
     creates = watch_creates(monkeypatch, fail=lambda n: fault if n == 2 else None)
     flow = make_flow(
         tmp_path, rows=6, per_chunk=3, api_style="openai", limit=limit, in_progress_seconds=0.2
@@ -681,8 +683,8 @@ def test_an_ambiguous_create_of_a_first_and_only_batch_is_sent_after_the_grace(
     # reached the server: the provider's list is complete and empty. After the grace the
     # chunk must be taken as never created and sent, by a run the sensor requests.
     monkeypatch.setattr(submit_module, "REATTACH_GRACE_SECONDS", 2)
-    monkeypatch.setattr(sensor_module, "RESUME_BACKOFF_SECONDS", 0.2, raising=False)
-    monkeypatch.setattr(sensor_module, "MAX_RESUME_BACKOFF_SECONDS", 1.0, raising=False)
+    monkeypatch.setattr(resume_module, "RESUME_BACKOFF_SECONDS", 0.2, raising=False)
+    monkeypatch.setattr(resume_module, "MAX_RESUME_BACKOFF_SECONDS", 1.0, raising=False)
     creates = watch_creates(monkeypatch, fail=lambda n: "lost" if n == 1 else None)
     flow = make_flow(tmp_path, rows=3, per_chunk=3, api_style="openai", in_progress_seconds=0.2)
     with dg.instance_for_test() as instance:

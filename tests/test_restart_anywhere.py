@@ -65,7 +65,7 @@ import pytest
 import restart_child as rc
 from conftest import make_local_dir
 
-import infron_dagster.sensor as sensor_module
+import infron_dagster.resume as resume_module
 import infron_dagster.submit as submit_module
 from infron_dagster import ResultFile
 from infron_dagster.columns import CUSTOM_ID
@@ -536,7 +536,7 @@ def _check(step: str, case: rc.Case, flow: rc.Flow, unsent_before: dict[str, lis
 def test_a_kill_at_any_write_converges_unattended(
     step, storage, k, label, bases, forks, monkeypatch, request
 ):
-    monkeypatch.setattr(sensor_module, "RESUME_BACKOFF_SECONDS", 0.0)
+    monkeypatch.setattr(resume_module, "RESUME_BACKOFF_SECONDS", 0.0)
     monkeypatch.setattr(submit_module, "REATTACH_GRACE_SECONDS", GRACE_SECONDS)
     place, prepared = bases(storage)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.callspec.id)
