@@ -20,12 +20,15 @@ from typing import Any
 from upath import UPath
 
 from .admission import LEDGER, AdmissionControl, _entry_key, _valid_entry
+from .carry_cache import ANSWERED_SCHEMA as _ANSWERED
 from .carry_cache import ANSWERS, answers_path, write_answers
 from .carry_cache import parse_answers as _parse_answers
-from .collect import _ANSWERED, _MARKER_RE, CollectOutcome, _Answers
+from .collect import CollectOutcome
 from .doctor_lake import Finding, Lake, Pipeline
 from .inflight import InFlightIndex
 from .manifest import Manifest
+from .merge import BATCHES_MARKER_RE as _MARKER_RE
+from .merge import CarryCacheWriter as _Answers
 from .storage import BatchStorage, decode_partition, encode_partition
 from .untrusted import printable
 
