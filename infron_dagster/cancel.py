@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .client import InfronClient
-from .collect import active_attempts
+from .history import active_attempts
 from .manifest import ChunkRecord, Manifest, load_manifests, now_iso
 from .models import Batch, BatchStatus
 from .storage import BatchStorage

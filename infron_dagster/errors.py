@@ -19,6 +19,8 @@ The tree (a class in parentheses is the stdlib base it also keeps)::
           ├── BudgetExceeded (RuntimeError)      budget.py: a Budget refused a submission
           │    └── DamagedLedger                 the spend ledger cannot be read
           ├── SubmitIncomplete (RuntimeError)    submit.py: a chunk could not be created
+          ├── SubmitRefused (RuntimeError)       this module: a submission refused before
+          │                                      any paid call (nothing to retry, a budget)
           ├── LockTimeout (RuntimeError)         storage.py: a partition lock was not acquired
           └── MissingPartitionError (FileNotFoundError)
                                                  table_loader.py: a partition never collected
@@ -33,6 +35,8 @@ Example:
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "InfronAuthError",
@@ -58,6 +62,23 @@ class InfronDagsterError(Exception):
         >>> issubclass(BudgetExceeded, InfronDagsterError)
         True
     """
+
+
+class SubmitRefused(InfronDagsterError, RuntimeError):
+    """A submission refused before any paid call: a retry with nothing to retry, a partition
+    over ``max_attempts``, a budget's limit. ``details`` are plain values for the run's
+    metadata (the cost estimate of a budget refusal); the asset turns it into a
+    ``dg.Failure``.
+
+    Example:
+        >>> err = SubmitRefused("partition 'a' has no retryable failed rows")
+        >>> isinstance(err, InfronDagsterError), isinstance(err, RuntimeError), err.details
+        (True, True, {})
+    """
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.details: dict[str, Any] = dict(details or {})
 
 
 class InfronError(InfronDagsterError):
