@@ -20,7 +20,6 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import pyarrow as pa
 
@@ -32,6 +31,7 @@ from .inflight import mark_in_flight
 from .manifest import ChunkRecord, Manifest, load_manifests, now_iso
 from .prepare import PreparedRequests
 from .pricing import max_output_tokens
+from .reattach import reattach_orphans, uncertain_wait
 from .spec import RequestSpec
 from .storage import BatchStorage
 
@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 # How long after a create call was started a batch missing from the provider's list is taken
 # as never created (openai style). A server may still be creating it when the client gave up.
+# Read here at call time (by the sensor too) and passed to :mod:`~infron_dagster.reattach`.
 REATTACH_GRACE_SECONDS = 600
 
 
@@ -388,11 +389,11 @@ def _resume(
         )
         return outcome
     if client.api_style == "openai":
-        _reattach(client, manifest, outcome)
+        outcome.reattached += reattach_orphans(client, manifest, REATTACH_GRACE_SECONDS)
         _save(storage, manifest)
     if not resubmit_uncertain and any(c.uncertain and not c.batch_id for c in manifest.chunks):
         if client.api_style == "openai":  # the provider's list settles it in time
-            outcome.waiting_for = _uncertain_wait(manifest)
+            outcome.waiting_for = uncertain_wait(manifest, REATTACH_GRACE_SECONDS)
             return outcome
         raise SubmitIncomplete(manifest, "an earlier create call ended ambiguously")
     with tempfile.TemporaryDirectory(prefix="infron-resume-") as tmp:
@@ -414,69 +415,6 @@ class _Downloads(dict):  # type: ignore[type-arg]
         self._storage.download_file(self._storage.resolve(chunk.path), path)
         self[index] = path
         return path
-
-
-def _reattach(client: InfronClient, manifest: Manifest, outcome: SubmitOutcome) -> None:
-    """Record batches that exist on the server (found by metadata) but not in the manifest.
-
-    A chunk missing from the list is taken as never created only when the list can be
-    trusted: it was read whole, and it shows our metadata on some batch (a provider that
-    drops metadata would otherwise make every lost create look unsent), and the call was
-    long enough ago. Otherwise the chunk stays uncertain.
-    """
-    missing = {c.idempotency_key for c in manifest.chunks if not c.batch_id}
-    if not missing:
-        return
-    try:
-        orphans, trusted = _orphans_by_key(client, missing)
-    except InfronError as exc:
-        logger.warning("cannot list batches to re-attach orphans (%s); chunks stay uncertain", exc)
-        return
-    for chunk in manifest.chunks:
-        if not chunk.batch_id and chunk.idempotency_key in orphans:
-            chunk.batch_id, chunk.uncertain = orphans[chunk.idempotency_key], False
-            outcome.reattached.append(chunk.batch_id)
-        elif not chunk.batch_id and trusted and _past_grace(chunk.create_started_at):
-            chunk.uncertain = False
-
-
-def _uncertain_wait(manifest: Manifest) -> str:
-    """Why an attempt waits on chunks whose create call ended ambiguously (openai style)."""
-    chunks = [c.index for c in manifest.chunks if c.uncertain and not c.batch_id]
-    return (
-        f"chunk(s) {chunks} may have been created although the create call failed: a batch "
-        "that the provider lists is re-attached by its metadata, and a chunk still not listed "
-        f"{REATTACH_GRACE_SECONDS // 60} minutes after its call is sent; the sensor requests "
-        "that run (nothing is paid twice)"
-    )
-
-
-def _past_grace(started: str | None) -> bool:
-    if started is None:
-        return True
-    try:
-        when = datetime.fromisoformat(started)
-    except ValueError:
-        return True
-    return (datetime.now(timezone.utc) - when).total_seconds() > REATTACH_GRACE_SECONDS
-
-
-def _orphans_by_key(client: InfronClient, keys: set[str]) -> tuple[dict[str, str], bool]:
-    """(key -> batch id of our orphans, whether absence from this list means anything)."""
-    found: dict[str, str] = {}
-    skipped: list[str] = []
-    echoes_metadata, listed = False, 0
-    for batch in client.list_batches(skipped=skipped):
-        listed += 1
-        key = batch.metadata.get("infron_dagster_key")
-        echoes_metadata = echoes_metadata or key is not None
-        if key in keys and key not in found:
-            found[key] = batch.id
-    if skipped:
-        logger.warning("%d listed batch(es) could not be read: %s", len(skipped), skipped[0])
-    # A complete, empty list proves absence too: a batch that existed would be listed,
-    # with its metadata or without.
-    return found, (echoes_metadata or listed == 0) and not skipped
 
 
 def _create_batches(
@@ -553,12 +491,12 @@ def _create_admitted(
                 logger.warning("chunk %d waits: %s", chunk.index, exc)
                 break
             if exc.ambiguous and client.api_style == "openai":
-                _reattach(client, manifest, outcome)
+                outcome.reattached += reattach_orphans(client, manifest, REATTACH_GRACE_SECONDS)
             _save(storage, manifest)  # what was created so far stays on record
             if not chunk.batch_id and exc.ambiguous and client.api_style == "openai":
                 # Only time settles it (the provider lists the batch, or the grace ends):
                 # no run fails for that; the sensor requests the run that resumes.
-                outcome.waiting_for = _uncertain_wait(manifest)
+                outcome.waiting_for = uncertain_wait(manifest, REATTACH_GRACE_SECONDS)
                 logger.warning("chunk %d: %s (%s)", chunk.index, outcome.waiting_for, exc)
                 break
             if not chunk.batch_id:
