@@ -29,6 +29,7 @@ from .columns import CARRIED_FROM
 from .errors import InfronDagsterError, InfronError
 from .inflight import mark_in_flight
 from .manifest import ChunkRecord, Manifest, load_manifests, now_iso
+from .models import Batch
 from .prepare import PreparedRequests
 from .pricing import max_output_tokens
 from .reattach import reattach_orphans, uncertain_wait
@@ -460,47 +461,12 @@ def _create_admitted(
     for chunk in manifest.chunks:
         if chunk.batch_id or (admitted is not None and chunk.index not in admitted):
             continue
-        metadata = {
-            "infron_dagster_key": chunk.idempotency_key,
-            "fingerprint": manifest.fingerprint[:16],
-        }
         try:
-            # Uploading costs nothing and creates no batch: its failure is not ambiguous.
-            file_id = _upload(client, local_paths[chunk.index])
+            batch = _create_one(client, storage, manifest, chunk, local_paths[chunk.index])
         except InfronError as exc:
-            raise SubmitIncomplete(manifest, exc) from exc
-        try:
-            # The intent, on storage before the paid call: a crash from here on (kill -9, a
-            # lost answer) leaves the chunk uncertain, never "not sent".
-            chunk.uncertain, chunk.create_started_at = True, now_iso()
-            _save(storage, manifest)
-            batch = client.create_batch(
-                None if file_id else local_paths[chunk.index],
-                input_file_id=file_id,
-                endpoint=manifest.endpoint,
-                metadata=metadata,
-                idempotency_key=chunk.idempotency_key,
-            )
-        except InfronError as exc:
-            chunk.uncertain = exc.ambiguous
-            if admitted is not None and not exc.ambiguous and is_limit_refusal(exc):
-                # The provider's queue is fuller than our ledger knows (another client of
-                # the account): the chunk waits as pending, like one that did not fit.
-                _save(storage, manifest)
-                outcome.pending_reason = f"the provider refused the create: {exc}"
-                logger.warning("chunk %d waits: %s", chunk.index, exc)
+            limited = admitted is not None
+            if _create_failed(client, storage, manifest, chunk, outcome, exc, limited):
                 break
-            if exc.ambiguous and client.api_style == "openai":
-                outcome.reattached += reattach_orphans(client, manifest, REATTACH_GRACE_SECONDS)
-            _save(storage, manifest)  # what was created so far stays on record
-            if not chunk.batch_id and exc.ambiguous and client.api_style == "openai":
-                # Only time settles it (the provider lists the batch, or the grace ends):
-                # no run fails for that; the sensor requests the run that resumes.
-                outcome.waiting_for = uncertain_wait(manifest, REATTACH_GRACE_SECONDS)
-                logger.warning("chunk %d: %s (%s)", chunk.index, outcome.waiting_for, exc)
-                break
-            if not chunk.batch_id:
-                raise SubmitIncomplete(manifest, exc) from exc
             continue
         chunk.batch_id, chunk.status, chunk.uncertain = batch.id, batch.status.value, False
         outcome.created.append(batch.id)
@@ -516,6 +482,71 @@ def _create_admitted(
     _save(storage, manifest)
     outcome.manifest = manifest
     return outcome
+
+
+def _create_one(
+    client: InfronClient,
+    storage: BatchStorage,
+    manifest: Manifest,
+    chunk: ChunkRecord,
+    local_path: str,
+) -> Batch:
+    """Upload one chunk and create its batch, the intent recorded before the paid call;
+    InfronError when the create fails (SubmitIncomplete when the upload does)."""
+    metadata = {
+        "infron_dagster_key": chunk.idempotency_key,
+        "fingerprint": manifest.fingerprint[:16],
+    }
+    try:
+        # Uploading costs nothing and creates no batch: its failure is not ambiguous.
+        file_id = _upload(client, local_path)
+    except InfronError as exc:
+        raise SubmitIncomplete(manifest, exc) from exc
+    # The intent, on storage before the paid call: a crash from here on (kill -9, a
+    # lost answer) leaves the chunk uncertain, never "not sent".
+    chunk.uncertain, chunk.create_started_at = True, now_iso()
+    _save(storage, manifest)
+    return client.create_batch(
+        None if file_id else local_path,
+        input_file_id=file_id,
+        endpoint=manifest.endpoint,
+        metadata=metadata,
+        idempotency_key=chunk.idempotency_key,
+    )
+
+
+def _create_failed(
+    client: InfronClient,
+    storage: BatchStorage,
+    manifest: Manifest,
+    chunk: ChunkRecord,
+    outcome: SubmitOutcome,
+    exc: InfronError,
+    limited: bool,
+) -> bool:
+    """Record a failed create call; True when no further chunk is created in this run (it
+    waits for admission or for time), False to go on; SubmitIncomplete when it must stop.
+    ``limited``: the run creates only what admission control admitted."""
+    chunk.uncertain = exc.ambiguous
+    if limited and not exc.ambiguous and is_limit_refusal(exc):
+        # The provider's queue is fuller than our ledger knows (another client of
+        # the account): the chunk waits as pending, like one that did not fit.
+        _save(storage, manifest)
+        outcome.pending_reason = f"the provider refused the create: {exc}"
+        logger.warning("chunk %d waits: %s", chunk.index, exc)
+        return True
+    if exc.ambiguous and client.api_style == "openai":
+        outcome.reattached += reattach_orphans(client, manifest, REATTACH_GRACE_SECONDS)
+    _save(storage, manifest)  # what was created so far stays on record
+    if not chunk.batch_id and exc.ambiguous and client.api_style == "openai":
+        # Only time settles it (the provider lists the batch, or the grace ends):
+        # no run fails for that; the sensor requests the run that resumes.
+        outcome.waiting_for = uncertain_wait(manifest, REATTACH_GRACE_SECONDS)
+        logger.warning("chunk %d: %s (%s)", chunk.index, outcome.waiting_for, exc)
+        return True
+    if not chunk.batch_id:
+        raise SubmitIncomplete(manifest, exc) from exc
+    return False
 
 
 def _upload(client: InfronClient, path: str) -> str | None:
