@@ -15,7 +15,7 @@ The tree (a class in parentheses is the stdlib base it also keeps)::
           │    ├── InfronServerError             5xx/408/409 (retryable)
           │    ├── InfronConnectionError         unreachable, timed out (retryable)
           │    └── InfronProtocolError           an answer this client cannot understand
-          ├── InputError (ValueError)            prepare.py: the input cannot be prepared
+          ├── InputError (ValueError)            validate.py: the input cannot be prepared
           ├── BudgetExceeded (RuntimeError)      budget.py: a Budget refused a submission
           │    └── DamagedLedger                 the spend ledger cannot be read
           ├── SubmitIncomplete (RuntimeError)    submit.py: a chunk could not be created

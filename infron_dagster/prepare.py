@@ -127,7 +127,7 @@ def prepare_requests(
     carried (``__carried_from``); only changed or new rows are paid for. ``in_flight`` is
     the same for requests sent by attempts still in flight: an unchanged row waits for the
     answer already paid for (``succeeded`` wins when both match). ``elsewhere`` (an
-    :class:`~infron_dagster.reuse.AnswerIndex`) finds the other rows' request bodies answered
+    :class:`~infron_dagster.carry.CarryIndex`) finds the other rows' request bodies answered
     in other partitions: those are carried from there (``__carried_partition``,
     ``__carried_id``), and every row's ``__body_hash`` is kept. ``keep_columns``
     (the input columns collection will copy to results) must all exist: checked here, before
