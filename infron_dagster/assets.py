@@ -35,6 +35,7 @@ from .prepare import DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUESTS
 from .pricing import ModelPrice, max_output_tokens
 from .resources import InfronResource
 from .results import DEFAULT_MAX_LINE_BYTES
+from .retry_queue import DEFAULT_BACKOFF_SECONDS
 from .run_config import CollectConfig, SubmitConfig
 from .sensor import build_infron_batch_sensor
 from .sources import ParquetSource
@@ -133,6 +134,8 @@ def build_infron_batch_assets(
     on_changed_input_in_flight: Literal["carry", "cancel"] = "carry",
     reuse_answers: Literal["partition", "pipeline"] = "partition",
     max_enqueued_tokens: int | None = None,
+    auto_retry: bool = False,
+    auto_retry_backoff_seconds: Sequence[float] = DEFAULT_BACKOFF_SECONDS,
 ) -> InfronBatchPipeline:
     """Build ``<name>_batches``, ``<name>_results``/``<name>_failed``, ``<name>_sensor``,
     ``<name>_retry`` and ``<name>_cancel`` for one batch inference step.
@@ -181,6 +184,11 @@ def build_infron_batch_assets(
             and ``resource_key``): a cap on the estimated tokens of created batches not yet
             finished; a submission creates the chunks that fit, and the sensor requests the
             run that submits the rest when capacity frees (None: no cap).
+        auto_retry: the sensor retries a collected partition's retryable failed rows by
+            itself (a ``<name>_batches`` run with ``retry_failed``), up to ``max_attempts``;
+            non-retryable failures are never retried.
+        auto_retry_backoff_seconds: the wait before attempt 2, attempt 3, ... (the last
+            value repeats); default 10 and 30 minutes.
 
     Example::
 
@@ -197,6 +205,8 @@ def build_infron_batch_assets(
             resources={"infron": InfronResource(api_key=dg.EnvVar("INFRON_API_KEY"))}))
     """
     _check_choices(reuse_answers, on_changed_input_in_flight, max_result_line_bytes)
+    if any(not 0 <= float(b) < float("inf") for b in auto_retry_backoff_seconds):
+        raise ValueError("auto_retry_backoff_seconds must be finite delays >= 0")
     _check_source(source, partitions_def)
     storage = BatchStorage(storage_root, name, storage_options)
     admission = None
@@ -224,6 +234,8 @@ def build_infron_batch_assets(
         on_changed_input_in_flight=on_changed_input_in_flight,
         reuse_answers=reuse_answers,
         admission=admission,
+        auto_retry=auto_retry,
+        auto_retry_backoff=tuple(float(b) for b in auto_retry_backoff_seconds),
     )
     batches = _batches_asset(
         settings, source, partitions_def, group_name, automation_condition, backfill_policy
@@ -249,6 +261,8 @@ def build_infron_batch_assets(
         default_status=sensor_default_status,
         admission=admission,
         budget_ledger=price is not None,
+        auto_retry=auto_retry,
+        max_attempts=max_attempts,
     )
     retry_job = _retry_job(name, batches, partitions_def)
     cancel_job = build_cancel_job(

@@ -14,6 +14,7 @@ Example::
 import time
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import dagster as dg
 
@@ -21,6 +22,7 @@ from .collect import CollectOutcome, collect_partition
 from .history import PartitionHistory
 from .metadata import failed_metadata, results_metadata, table_metadata
 from .resources import InfronResource
+from .retry_queue import RetryQueue, retry_delay
 from .run_config import CollectConfig
 from .spend import settle_collected
 from .submission import PipelineSettings
@@ -124,7 +126,7 @@ def _collect_waiting(
                 max_line_bytes=s.max_line_bytes,
                 price=s.spend.price,
                 history=history,
-                on_written=lambda written: settle_collected(s.spend, written),
+                on_written=lambda written: _before_commit(s, written, context),
             )
             if outcome.ready:
                 return outcome
@@ -136,6 +138,43 @@ def _collect_waiting(
                 return None
             time.sleep(config.poll_interval_seconds)
             history = history.reload()
+
+
+def _before_commit(
+    s: PipelineSettings, outcome: CollectOutcome, context: dg.AssetExecutionContext
+) -> dict[str, Any]:
+    """What must hold before the manifests say collected: the budget settled, and (with
+    ``auto_retry``) the partition queued for its retry. Killed in between, the collection
+    runs again and does both again."""
+    settled = settle_collected(s.spend, outcome)
+    if s.auto_retry:
+        note = queue_retry(s, outcome)
+        if note:
+            context.log.info(note)
+            settled = {**settled, "auto_retry": note}
+    return settled
+
+
+def queue_retry(s: PipelineSettings, outcome: CollectOutcome) -> str:
+    """Queue the automatic retry of a collection's retryable failed rows, if attempts
+    remain; what was decided, in one sentence (empty when nothing failed retryably)."""
+    retryable = outcome.retryable_rows
+    if not retryable:
+        return ""
+    attempts = len(outcome.attempts)
+    if attempts >= s.max_attempts:
+        return (
+            f"{retryable} retryable row(s) stay failed: {attempts} of max_attempts="
+            f"{s.max_attempts} attempts used, no automatic retry"
+        )
+    delay = retry_delay(s.auto_retry_backoff, attempts)
+    assert outcome.history is not None
+    key, latest = outcome.history.partition_key, outcome.attempts[-1]
+    RetryQueue(s.storage).mark(key, latest, time.time() + delay, retryable)
+    return (
+        f"{retryable} retryable row(s): the sensor retries them as attempt {latest + 1} of "
+        f"{s.max_attempts} in about {round(delay)} s"
+    )
 
 
 def _waiting_summary(outcome: CollectOutcome) -> str:

@@ -203,6 +203,8 @@ def failed_metadata(
         "dagster/column_schema": column_schema(failed.schema),
         "error_codes": dg.MetadataValue.json(outcome.error_counts),
         "retryable": outcome.retryable_rows,
+        # what the sensor will do about the retryable rows (auto_retry), if anything
+        **{k: v for k, v in outcome.settled.items() if k == "auto_retry"},
     }
 
 
@@ -232,7 +234,8 @@ def _money_metadata(s: PipelineSettings, outcome: CollectOutcome) -> dict[str, A
     assert outcome.history is not None  # the manifests as collection wrote them
     attempts = [m for m in outcome.history.manifests if m.attempt in wanted]
     by_attempt = cost_by_attempt(outcome)
-    untrusted = outcome.settled  # the ledger was settled before the commit point
+    # the ledger was settled before the commit point; what it did not trust, and why
+    untrusted = {k: v for k, v in outcome.settled.items() if k == "cost_reported_untrusted"}
     reported = None if untrusted else outcome.cost  # fees that cannot be billed are not shown
     money: dict[str, Any] = dict(untrusted)  # {"cost_reported_untrusted": why} or {}
     if s.spend.price is not None or reported is not None:  # the rows' cost column is known

@@ -29,6 +29,7 @@ from typing import Any
 import dagster as dg
 
 from .admission import AdmissionControl
+from .auto_retry import retry_requests
 from .budget import SpendLedger
 from .client import InfronClient
 from .collect import active_attempts
@@ -174,6 +175,8 @@ def build_infron_batch_sensor(
     use_in_flight_index: bool = True,
     admission: AdmissionControl | None = None,
     budget_ledger: bool = False,
+    auto_retry: bool = False,
+    max_attempts: int = 3,
 ) -> dg.SensorDefinition:
     """The ``<name>_sensor`` that polls batches and requests collection runs.
 
@@ -206,6 +209,9 @@ def build_infron_batch_sensor(
         use_in_flight_index: False reads every manifest on every tick.
         admission: the pipeline's :class:`AdmissionControl` (enqueued-token limit), if any.
         budget_ledger: release the budget reservations of attempts that created nothing.
+        auto_retry: request the retry run of each collected partition whose retryable
+            failed rows a collection queued (see ``retry_queue``), when it is due.
+        max_attempts: attempts per partition, the first included (bounds auto_retry).
 
     Example::
 
@@ -226,6 +232,8 @@ def build_infron_batch_sensor(
         use_in_flight_index=use_in_flight_index,
         admission=admission,
         budget_ledger=budget_ledger,
+        auto_retry=auto_retry,
+        max_attempts=max_attempts,
     )
 
     @dg.sensor(
@@ -261,6 +269,8 @@ class _Tick:
     use_in_flight_index: bool
     admission: AdmissionControl | None
     budget_ledger: bool
+    auto_retry: bool = False
+    max_attempts: int = 3
 
     def run(self, context: dg.SensorEvaluationContext, resource: Any) -> dg.SensorResult:
         started = time.monotonic()
@@ -283,6 +293,10 @@ class _Tick:
         requests = self._collect_requests(context, in_flight, pending, polled, emitted)
         notes: list[str] = []
         requests += self._submit_requests(context, resource, polled, unsettled, notes)
+        if self.auto_retry:
+            requests += retry_requests(
+                context, self.storage, self.name, self.observed_key, self.max_attempts, notes
+            )
         progress = self._progress(in_flight, pending, polled)
         events, cursor = self._cursor(context.cursor, in_flight, progress, emitted)
         context.log.info(

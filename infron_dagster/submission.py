@@ -41,6 +41,7 @@ from .history import active_attempts
 from .manifest import Manifest, load_manifests
 from .prepare import PreparedRequests, prepare_requests
 from .pricing import CostEstimate
+from .retry_queue import DEFAULT_BACKOFF_SECONDS
 from .spec import RequestSpec
 from .spend import DryRunStop, SpendControl
 from .storage import BatchStorage
@@ -87,6 +88,9 @@ class PipelineSettings:
     on_changed_input_in_flight: str = "carry"
     reuse_answers: str = "partition"
     admission: AdmissionControl | None = None
+    # The sensor retries retryable failed rows itself, after these delays (see retry_queue)
+    auto_retry: bool = False
+    auto_retry_backoff: tuple[float, ...] = DEFAULT_BACKOFF_SECONDS
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ DAGSTER = frozenset(
         "resume",
         "run_config",
         "collect_asset",
+        "auto_retry",
     )
 )
 DAGSTER_PACKAGES = (f"{PACKAGE}.components",)

@@ -409,6 +409,15 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
         "limit) in created, unfinished batches, shared by the pipelines of the storage root; "
         "chunks that do not fit wait, and the sensor submits them when capacity frees.",
     )
+    auto_retry: bool = Field(
+        default=False,
+        description="The sensor retries a collected partition's retryable failed rows by "
+        "itself, after auto_retry_backoff_seconds, up to max_attempts (no retry job to launch).",
+    )
+    auto_retry_backoff_seconds: list[float] = Field(
+        default_factory=lambda: [600.0, 1800.0],
+        description="Seconds to wait before attempt 2, attempt 3, ... (the last repeats).",
+    )
     resource_key: str = "infron"
     group_name: str | None = None
     sensor_interval_seconds: int = 30
@@ -473,6 +482,8 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
             on_changed_input_in_flight=self.on_changed_input_in_flight,
             reuse_answers=self.reuse_answers,
             max_enqueued_tokens=self.max_enqueued_tokens,
+            auto_retry=self.auto_retry,
+            auto_retry_backoff_seconds=self.auto_retry_backoff_seconds,
         )
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:

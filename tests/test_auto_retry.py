@@ -1,0 +1,135 @@
+"""auto_retry (issue 18): the sensor retries a collected partition's retryable failed rows
+by itself, after a backoff, up to max_attempts; nobody launches the retry job.
+
+Real Dagster runs and the real sensor on the embedded local server, whose failure_rate
+knob fails a fresh draw of requests in every batch (as a real service's transient errors).
+"""
+
+from __future__ import annotations
+
+import time
+
+import dagster as dg
+import pyarrow.compute as pc
+from conftest import make_local_dir, review_pipeline
+
+from infron_dagster import InfronResource
+from infron_dagster.history import PartitionHistory
+from infron_dagster.retry_queue import RetryQueue
+
+PARTS = dg.StaticPartitionsDefinition(["a", "b", "c"])
+ROWS = 20
+
+
+def _flow(tmp_path, **factory):
+    local = make_local_dir(str(tmp_path / "local"), failure_rate=0.3)
+    resource = InfronResource(base_url=f"local://{local}", api_style="infron")
+    return review_pipeline(tmp_path, resource, PARTS, rows=ROWS, **factory)
+
+
+def _submit(flow, instance, key):
+    run = dg.materialize(
+        [flow.upstream, flow.pipeline.batches_asset],
+        partition_key=key,
+        resources=flow.resources,
+        instance=instance,
+    )
+    assert run.success
+
+
+def _tick(flow, instance, cursor, seen):
+    """One sensor tick, and the runs it requests run once per run_key, as the daemon would."""
+    context = dg.build_sensor_context(
+        instance=instance, definitions=flow.defs, resources=flow.resources, cursor=cursor
+    )
+    result = flow.pipeline.sensor(context)
+    job = flow.defs.resolve_implicit_global_asset_job_def()
+    ran = []
+    for request in result.run_requests or []:
+        if request.run_key in seen:
+            continue
+        seen.add(request.run_key)
+        run = job.execute_in_process(
+            partition_key=request.partition_key,
+            asset_selection=request.asset_selection,
+            tags=request.tags,
+            run_config=request.run_config,
+            instance=instance,
+        )
+        assert run.success, request.run_key
+        ran.append(request)
+    return result.cursor, ran
+
+
+def _settled(flow, keys) -> bool:
+    storage = flow.pipeline.storage
+    done = all(
+        (a := PartitionHistory.load(storage, k).active) and a[-1].state == "collected"
+        for k in keys
+    )
+    return done and not RetryQueue(storage).queued()
+
+
+def _drive(flow, instance, keys, timeout=90.0):
+    cursor, seen, requested = None, set(), []
+    deadline = time.monotonic() + timeout
+    while not _settled(flow, keys):
+        assert time.monotonic() < deadline, "did not converge"
+        cursor, ran = _tick(flow, instance, cursor, seen)
+        requested += ran
+    return requested
+
+
+def test_the_sensor_retries_retryable_failures_until_none_remain_or_attempts_run_out(tmp_path):
+    flow = _flow(tmp_path, auto_retry=True, auto_retry_backoff_seconds=(0.0,), max_attempts=3)
+    storage = flow.pipeline.storage
+    with dg.instance_for_test() as instance:
+        for key in PARTS.get_partition_keys():  # the only runs a person launches
+            _submit(flow, instance, key)
+        requested = _drive(flow, instance, PARTS.get_partition_keys())
+    retries = [r for r in requested if "auto-retry" in (r.run_key or "")]
+    assert retries, "30% of 60 rows failing: some partition needs a retry"
+    assert all(
+        r.run_config == {"ops": {"rev_batches": {"config": {"retry_failed": True}}}}
+        for r in retries
+    )
+    for key in PARTS.get_partition_keys():
+        active = PartitionHistory.load(storage, key).active
+        assert [m.kind for m in active][1:] == ["retry"] * (len(active) - 1)
+        results = storage.read_table(storage.table_path("results", key))
+        failed = storage.read_table(storage.table_path("failed", key))
+        assert results.num_rows + failed.num_rows == ROWS
+        retryable = pc.sum(failed.column("retryable")).as_py() or 0
+        # Converged: nothing retryable is left, or the attempts are used up
+        assert retryable == 0 or len(active) == 3, (key, retryable, len(active))
+    # Each retry was asked once per attempt: no attempt retried twice
+    assert len({r.run_key for r in retries}) == len(retries)
+
+
+def test_the_retry_waits_for_its_backoff(tmp_path):
+    flow = _flow(tmp_path, auto_retry=True, auto_retry_backoff_seconds=(3600.0,))
+    storage = flow.pipeline.storage
+    with dg.instance_for_test() as instance:
+        _submit(flow, instance, "a")
+        cursor, seen = None, set()
+        for _ in range(3):  # collect, then ticks within the hour: no retry yet
+            cursor, ran = _tick(flow, instance, cursor, seen)
+            assert not [r for r in ran if "auto-retry" in (r.run_key or "")]
+        (queued,) = RetryQueue(storage).queued()
+    assert queued.attempt == 1 and queued.rows > 0
+    assert 3500 < queued.due_at - time.time() <= 3600
+    assert len(PartitionHistory.load(storage, "a").manifests) == 1
+
+
+def test_without_auto_retry_the_sensor_never_retries(tmp_path):
+    flow = _flow(tmp_path)
+    storage = flow.pipeline.storage
+    with dg.instance_for_test() as instance:
+        _submit(flow, instance, "a")
+        cursor, seen = None, set()
+        for _ in range(3):
+            cursor, ran = _tick(flow, instance, cursor, seen)
+            assert not [r for r in ran if "auto-retry" in (r.run_key or "")]
+    failed = storage.read_table(storage.table_path("failed", "a"))
+    assert failed.num_rows and not RetryQueue(storage).queued()
+    assert len(PartitionHistory.load(storage, "a").manifests) == 1
