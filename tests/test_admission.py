@@ -161,7 +161,6 @@ def test_a_backfill_of_30_partitions_stays_under_the_enqueued_token_limit(tmp_pa
     )
     resource = InfronResource(base_url=f"local://{local}", api_style="infron")
     flow = _parquet_pipeline(tmp_path, resource)
-    started = time.monotonic()
     with dg.instance_for_test() as instance:
         backfill = dg.materialize(  # a single-run backfill of the 30 submit partitions
             [flow.pipeline.batches_asset],
@@ -188,7 +187,6 @@ def test_a_backfill_of_30_partitions_stays_under_the_enqueued_token_limit(tmp_pa
     assert statuses[200] == len(KEYS) * 2  # one create per chunk, never a second
     assert set(statuses) == {200}, statuses  # never a 429, never a limit refusal
     assert AdmissionControl(storage, max_enqueued_tokens=LIMIT, output_tokens=16).in_flight() == 0
-    assert time.monotonic() - started < 60
 
 
 def test_a_partition_bigger_than_the_limit_is_sent_alone_and_completes(tmp_path, monkeypatch):
