@@ -268,59 +268,12 @@ def tick_and_run(sensor: Any, defs: Any, resources: dict[str, Any], instance: An
     ]
 
 
-@dataclass
-class ReviewPipeline:
-    """An upstream ``reviews`` asset, the ``rev`` pipeline on it, its resources and definitions."""
+def review_pipeline(tmp_path, resource: InfronResource, partitions_def: Any, **kw: Any) -> Any:
+    """``harness.Pipeline.build``: ``rows`` reviews per partition, 7 requests per batch, the
+    lake and IO under tmp_path (imported here lazily: unit tests need no Dagster)."""
+    from harness import Pipeline
 
-    pipeline: Any
-    upstream: Any
-    resources: dict[str, Any]
-    defs: Any
-
-
-def review_pipeline(
-    tmp_path,
-    resource: InfronResource,
-    partitions_def: Any,
-    *,
-    rows: int = 20,
-    resource_key: str = "infron",
-    params: dict[str, Any] | None = None,
-    **factory: Any,
-) -> ReviewPipeline:
-    """``rows`` reviews per partition, 7 requests per batch, the lake and IO under tmp_path.
-
-    ``params`` go into each request body; ``factory`` overrides the factory's arguments."""
-    import dagster as dg
-    import pandas as pd
-
-    from infron_dagster import RequestSpec, build_infron_batch_assets
-
-    @dg.asset(name="reviews", partitions_def=partitions_def)
-    def reviews():  # no annotation: under postponed annotations Dagster cannot resolve it here
-        return pd.DataFrame({"id": range(rows), "text": [f"review {i}" for i in range(rows)]})
-
-    pipeline = build_infron_batch_assets(
-        name="rev",
-        spec=RequestSpec(
-            model="gpt-4o-mini",
-            prompt_template="Sentiment of {text}",
-            key_columns="id",
-            params=params or {},
-        ),
-        source="reviews",
-        partitions_def=partitions_def,
-        resource_key=resource_key,
-        **{"storage_root": str(tmp_path / "lake"), "max_requests_per_batch": 7, **factory},
-    )
-    resources = {
-        resource_key: resource,
-        "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
-    }
-    defs = dg.Definitions.merge(
-        pipeline.definitions, dg.Definitions(assets=[reviews], resources=resources)
-    )
-    return ReviewPipeline(pipeline, reviews, resources, defs)
+    return Pipeline.build(tmp_path, resource, partitions_def, **kw)
 
 
 # -- tiers: unit, emulator, dagster, deploy (`make test-fast` runs the first two) ------------

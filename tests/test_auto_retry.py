@@ -8,10 +8,12 @@ knob fails a fresh draw of requests in every batch (as a real service's transien
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import dagster as dg
 import pyarrow.compute as pc
-from conftest import make_local_dir, review_pipeline
+from conftest import make_local_dir
+from harness import Pipeline
 
 from infron_dagster import InfronResource
 from infron_dagster.history import PartitionHistory
@@ -21,63 +23,23 @@ PARTS = dg.StaticPartitionsDefinition(["a", "b", "c"])
 ROWS = 20
 
 
-def _flow(tmp_path, **factory):
+def _flow(tmp_path, **factory) -> Pipeline:
     local = make_local_dir(str(tmp_path / "local"), failure_rate=0.3)
     resource = InfronResource(base_url=f"local://{local}", api_style="infron")
-    return review_pipeline(tmp_path, resource, PARTS, rows=ROWS, **factory)
+    return Pipeline.build(tmp_path, resource, PARTS, rows=ROWS, **factory)
 
 
-def _submit(flow, instance, key):
-    run = dg.materialize(
-        [flow.upstream, flow.pipeline.batches_asset],
-        partition_key=key,
-        resources=flow.resources,
-        instance=instance,
-    )
-    assert run.success
+def _settled(flow: Pipeline, keys) -> Callable[[], bool]:
+    storage = flow.storage
 
-
-def _tick(flow, instance, cursor, seen):
-    """One sensor tick, and the runs it requests run once per run_key, as the daemon would."""
-    context = dg.build_sensor_context(
-        instance=instance, definitions=flow.defs, resources=flow.resources, cursor=cursor
-    )
-    result = flow.pipeline.sensor(context)
-    job = flow.defs.resolve_implicit_global_asset_job_def()
-    ran = []
-    for request in result.run_requests or []:
-        if request.run_key in seen:
-            continue
-        seen.add(request.run_key)
-        run = job.execute_in_process(
-            partition_key=request.partition_key,
-            asset_selection=request.asset_selection,
-            tags=request.tags,
-            run_config=request.run_config,
-            instance=instance,
+    def check() -> bool:
+        done = all(
+            (a := PartitionHistory.load(storage, k).active) and a[-1].state == "collected"
+            for k in keys
         )
-        assert run.success, request.run_key
-        ran.append(request)
-    return result.cursor, ran
+        return done and not RetryQueue(storage).queued()
 
-
-def _settled(flow, keys) -> bool:
-    storage = flow.pipeline.storage
-    done = all(
-        (a := PartitionHistory.load(storage, k).active) and a[-1].state == "collected"
-        for k in keys
-    )
-    return done and not RetryQueue(storage).queued()
-
-
-def _drive(flow, instance, keys, timeout=90.0):
-    cursor, seen, requested = None, set(), []
-    deadline = time.monotonic() + timeout
-    while not _settled(flow, keys):
-        assert time.monotonic() < deadline, "did not converge"
-        cursor, ran = _tick(flow, instance, cursor, seen)
-        requested += ran
-    return requested
+    return check
 
 
 def test_the_sensor_retries_retryable_failures_until_none_remain_or_attempts_run_out(tmp_path):
@@ -85,8 +47,9 @@ def test_the_sensor_retries_retryable_failures_until_none_remain_or_attempts_run
     storage = flow.pipeline.storage
     with dg.instance_for_test() as instance:
         for key in PARTS.get_partition_keys():  # the only runs a person launches
-            _submit(flow, instance, key)
-        requested = _drive(flow, instance, PARTS.get_partition_keys())
+            assert flow.submit(instance, key).success
+        keys = PARTS.get_partition_keys()
+        requested = flow.drive(instance, _settled(flow, keys), timeout=90.0)
     retries = [r for r in requested if "auto-retry" in (r.run_key or "")]
     assert retries, "30% of 60 rows failing: some partition needs a retry"
     assert all(
@@ -110,10 +73,9 @@ def test_the_retry_waits_for_its_backoff(tmp_path):
     flow = _flow(tmp_path, auto_retry=True, auto_retry_backoff_seconds=(3600.0,))
     storage = flow.pipeline.storage
     with dg.instance_for_test() as instance:
-        _submit(flow, instance, "a")
-        cursor, seen = None, set()
+        assert flow.submit(instance, "a").success
         for _ in range(3):  # collect, then ticks within the hour: no retry yet
-            cursor, ran = _tick(flow, instance, cursor, seen)
+            ran = flow.tick(instance)
             assert not [r for r in ran if "auto-retry" in (r.run_key or "")]
         (queued,) = RetryQueue(storage).queued()
     assert queued.attempt == 1 and queued.rows > 0
@@ -125,10 +87,9 @@ def test_without_auto_retry_the_sensor_never_retries(tmp_path):
     flow = _flow(tmp_path)
     storage = flow.pipeline.storage
     with dg.instance_for_test() as instance:
-        _submit(flow, instance, "a")
-        cursor, seen = None, set()
+        assert flow.submit(instance, "a").success
         for _ in range(3):
-            cursor, ran = _tick(flow, instance, cursor, seen)
+            ran = flow.tick(instance)
             assert not [r for r in ran if "auto-retry" in (r.run_key or "")]
     failed = storage.read_table(storage.table_path("failed", "a"))
     assert failed.num_rows and not RetryQueue(storage).queued()
