@@ -10,15 +10,15 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import make_local_dir, review_pipeline
+from conftest import make_local_dir
+from harness import Pipeline
 
-from infron_dagster import InfronResource, ParquetSource, RequestSpec, build_infron_batch_assets
+from infron_dagster import InfronResource, ParquetSource
 from infron_dagster.admission import AdmissionControl
 from infron_dagster.local import embedded
 from infron_dagster.manifest import ChunkRecord, Manifest
@@ -58,50 +58,6 @@ def _count_creates(monkeypatch) -> Counter:
     return statuses
 
 
-def _drive(flow, instance, keys, timeout: float = 60.0, done=None) -> list[dg.RunRequest]:
-    """Tick the sensor and run what it requests, as the daemon would, until all collected
-    (or until ``done()``)."""
-    seen: set[str] = set()
-    requested: list[dg.RunRequest] = []
-    cursor = None
-    deadline = time.monotonic() + timeout
-    storage = flow.pipeline.storage
-    job = flow.defs.resolve_implicit_global_asset_job_def()
-    tables = [storage.table_path("results", k) for k in keys]
-    collected = done or (lambda: all(storage.exists(path) for path in tables))
-    while not collected():
-        assert time.monotonic() < deadline, "timed out"
-        context = dg.build_sensor_context(
-            instance=instance, definitions=flow.defs, resources=flow.resources, cursor=cursor
-        )
-        result = flow.pipeline.sensor(context)
-        cursor = result.cursor
-        for request in result.run_requests or []:
-            if request.run_key in seen:  # the daemon runs a run_key once
-                continue
-            seen.add(request.run_key)
-            requested.append(request)
-            run = job.execute_in_process(
-                partition_key=request.partition_key,
-                asset_selection=request.asset_selection,
-                tags=request.tags,
-                run_config=request.run_config,
-                instance=instance,
-            )
-            assert run.success, request.run_key
-        time.sleep(0.05)
-    return requested
-
-
-def _accounted(storage: BatchStorage, key: str) -> int:
-    total = 0
-    for kind in ("results", "failed"):
-        path = storage.table_path(kind, key)
-        if storage.exists(path):
-            total += pq.read_metadata(storage.table_path(kind, key).path).num_rows
-    return total
-
-
 def _submit_metadata(instance, key: dg.AssetKey) -> dict[str, dict]:
     records = instance.fetch_materializations(key, limit=1000).records
     found: dict[str, dict] = {}
@@ -110,37 +66,22 @@ def _submit_metadata(instance, key: dg.AssetKey) -> dict[str, dict]:
     return found
 
 
-@dataclass
-class _Flow:
-    pipeline: Any
-    defs: dg.Definitions
-    resources: dict[str, Any]
-
-
-def _parquet_pipeline(tmp_path, resource: InfronResource) -> _Flow:
+def _parquet_pipeline(tmp_path, resource: InfronResource) -> Pipeline:
     source = tmp_path / "source"
     source.mkdir()
     for key in KEYS:
         texts = [f"review {i} of {key}" for i in range(ROWS)]
         pq.write_table(pa.table({"id": range(ROWS), "text": texts}), source / f"{key}.parquet")
-    pipeline = build_infron_batch_assets(
-        name="rev",
-        spec=RequestSpec(
-            model="gpt-4o-mini",
-            prompt_template="Sentiment of {text}",
-            key_columns="id",
-            params={"max_tokens": 16},
-        ),
+    return Pipeline.build(
+        tmp_path,
+        resource,
+        DAYS,
+        params={"max_tokens": 16},
         source=ParquetSource(str(source / "{partition_key}.parquet")),
-        partitions_def=DAYS,
-        storage_root=str(tmp_path / "lake"),
         max_requests_per_batch=2,
         backfill_policy=dg.BackfillPolicy.single_run(),
         max_enqueued_tokens=LIMIT,
     )
-    resources = {"infron": resource}
-    defs = dg.Definitions.merge(pipeline.definitions, dg.Definitions(resources=resources))
-    return _Flow(pipeline, defs, resources)
 
 
 def test_a_backfill_of_30_partitions_stays_under_the_enqueued_token_limit(tmp_path, monkeypatch):
@@ -176,10 +117,10 @@ def test_a_backfill_of_30_partitions_stays_under_the_enqueued_token_limit(tmp_pa
         waiting = [k for k in KEYS if first[k].get("pending_chunks")]
         assert len(waiting) >= 25, "the limit must hold most partitions back at first"
         assert "max_enqueued_tokens=300" in first[KEYS[-1]]["pending_why"].value
-        requested = _drive(flow, instance, KEYS)
+        requested = flow.drive(instance, KEYS)
     storage = flow.pipeline.storage
     for key in KEYS:
-        assert _accounted(storage, key) == ROWS, key
+        assert flow.accounted(key) == ROWS, key
         (manifest,) = load_manifests(storage, key)
         assert manifest.state == "collected" and manifest.fully_submitted
     submits = [r for r in requested if r.asset_selection == [flow.pipeline.batches_asset.key]]
@@ -195,7 +136,7 @@ def test_a_partition_bigger_than_the_limit_is_sent_alone_and_completes(tmp_path,
     resource = InfronResource(base_url=f"local://{local}", api_style="infron")
     parts = dg.StaticPartitionsDefinition(["a", "b"])
     # one chunk of 4 requests: ~12 input + 4 x 16 output tokens, over a limit of 40
-    flow = review_pipeline(
+    flow = Pipeline.build(
         tmp_path,
         resource,
         parts,
@@ -206,19 +147,13 @@ def test_a_partition_bigger_than_the_limit_is_sent_alone_and_completes(tmp_path,
     )
     with dg.instance_for_test() as instance:
         for key in ("a", "b"):
-            run = dg.materialize(
-                [flow.upstream, flow.pipeline.batches_asset],
-                partition_key=key,
-                resources=flow.resources,
-                instance=instance,
-            )
-            assert run.success
+            assert flow.submit(instance, key).success
         meta = _submit_metadata(instance, flow.pipeline.batches_asset.key)
         assert "sent alone" in meta["a"]["pending_why"].value
         assert meta["b"]["pending_chunks"].value == 1  # a is in flight: b waits
-        _drive(flow, instance, ["a", "b"])
+        flow.drive(instance, ["a", "b"])
     for key in ("a", "b"):
-        assert _accounted(flow.pipeline.storage, key) == ROWS
+        assert flow.accounted(key) == ROWS
     assert statuses == Counter({200: 2})
 
 
@@ -283,7 +218,7 @@ def test_a_create_the_provider_refuses_for_its_queue_waits_as_pending(tmp_path):
         ),
     )
     resource = InfronResource(base_url=f"local://{local}", api_style="infron")
-    flow = review_pipeline(
+    flow = Pipeline.build(
         tmp_path,
         resource,
         dg.StaticPartitionsDefinition(["a"]),
@@ -293,20 +228,14 @@ def test_a_create_the_provider_refuses_for_its_queue_waits_as_pending(tmp_path):
         max_enqueued_tokens=100_000,
     )
     with dg.instance_for_test() as instance:
-        run = dg.materialize(
-            [flow.upstream, flow.pipeline.batches_asset],
-            partition_key="a",
-            resources=flow.resources,
-            instance=instance,
-        )
-        assert run.success
+        assert flow.submit(instance, "a").success
         meta = _submit_metadata(instance, flow.pipeline.batches_asset.key)["a"]
         assert meta["pending_chunks"].value == 1
         assert "the provider refused the create" in meta["pending_why"].value
         (manifest,) = load_manifests(flow.pipeline.storage, "a")
         assert not manifest.fully_submitted and not any(c.uncertain for c in manifest.chunks)
-        _drive(flow, instance, ["a"])
-    assert _accounted(flow.pipeline.storage, "a") == ROWS
+        flow.drive(instance, ["a"])
+    assert flow.accounted("a") == ROWS
 
 
 def test_a_retry_that_waits_for_capacity_resumes_as_the_same_retry(tmp_path):
@@ -315,7 +244,7 @@ def test_a_retry_that_waits_for_capacity_resumes_as_the_same_retry(tmp_path):
     local = make_local_dir(str(tmp_path / "local"), in_progress_seconds=0.2, failure_rate=0.3)
     resource = InfronResource(base_url=f"local://{local}", api_style="infron", max_retries=3)
     rows = 20
-    flow = review_pipeline(
+    flow = Pipeline.build(
         tmp_path,
         resource,
         dg.StaticPartitionsDefinition(["a", "b"]),
@@ -325,22 +254,18 @@ def test_a_retry_that_waits_for_capacity_resumes_as_the_same_retry(tmp_path):
         max_enqueued_tokens=400,  # one partition's chunk (~60 input + 20 x 16 output tokens)
     )
     with dg.instance_for_test() as instance:
-        submit = [flow.upstream, flow.pipeline.batches_asset]
-        common = {"resources": flow.resources, "instance": instance}
-        assert dg.materialize(submit, partition_key="a", **common).success
-        _drive(flow, instance, ["a"])
+        assert flow.submit(instance, "a").success
+        flow.drive(instance, ["a"])
         failed = flow.pipeline.storage.read_table(flow.pipeline.storage.table_path("failed", "a"))
         assert failed.num_rows, "failure_rate=0.3 should fail some of 20 rows"
-        assert dg.materialize(submit, partition_key="b", **common).success  # holds the capacity
-        retry = flow.defs.resolve_job_def("rev_retry")
-        assert retry.execute_in_process(partition_key="a", instance=instance).success
+        assert flow.submit(instance, "b").success  # holds the capacity
+        assert flow.job("retry", instance, "a").success
         (_, waiting) = load_manifests(flow.pipeline.storage, "a")
         assert waiting.kind == "retry" and not waiting.batch_ids  # pending, not sent
         storage = flow.pipeline.storage
-        requested = _drive(
-            flow, instance, ["a", "b"], done=lambda: all(
-                m.state == "collected" for k in "ab" for m in load_manifests(storage, k)
-            )
+        requested = flow.drive(
+            instance,
+            lambda: all(m.state == "collected" for k in "ab" for m in load_manifests(storage, k)),
         )
     manifests = load_manifests(flow.pipeline.storage, "a")
     assert [(m.attempt, m.kind) for m in manifests] == [(1, "initial"), (2, "retry")]
@@ -350,7 +275,7 @@ def test_a_retry_that_waits_for_capacity_resumes_as_the_same_retry(tmp_path):
         r.run_config == {"ops": {"rev_batches": {"config": {"retry_failed": True}}}}
         for r in admitted
     )
-    assert _accounted(flow.pipeline.storage, "a") == rows
+    assert flow.accounted("a") == rows
 
 
 def _waiting_manifest(key: str, attempt: int, tokens: int) -> Manifest:
