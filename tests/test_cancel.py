@@ -8,15 +8,13 @@ the real clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
-import pandas as pd
-import pyarrow.parquet as pq
-from conftest import make_local_dir, review_pipeline, tick_and_run
+from conftest import make_local_dir
+from harness import Pipeline
 
-from infron_dagster import InfronBatchPipeline, InfronResource, RequestSpec
+from infron_dagster import InfronResource, RequestSpec
 from infron_dagster.cancel import BatchCancel, CancelOutcome, cancel_partition
 from infron_dagster.cancel_job import cancel_metadata
 from infron_dagster.submit import load_manifests
@@ -26,56 +24,13 @@ PARTS = dg.StaticPartitionsDefinition(["a", "b"])
 ROWS = 20
 
 
-@dataclass
-class Flow:
-    pipeline: InfronBatchPipeline
-    cancel_job: dg.JobDefinition
-    resource: InfronResource
-    instance: dg.DagsterInstance
-    defs: dg.Definitions
-    resources: dict[str, Any]
-
-    @property
-    def store(self):
-        return self.pipeline.storage
-
-    def submit(self, partition: str | None = "a") -> None:
-        upstream = self.defs.resolve_assets_def("reviews")
-        dg.materialize(
-            [upstream, self.pipeline.batches_asset],
-            partition_key=partition,
-            instance=self.instance,
-            resources=self.resources,
-        )
-
-    def cancel(self, partition: str | None = "a", **kw: Any) -> dg.ExecuteInProcessResult:
-        """Run the cancel job as the UI would: resolved from the definitions."""
-        job = self.defs.resolve_job_def("rev_cancel")
-        return job.execute_in_process(partition_key=partition, instance=self.instance, **kw)
-
-    def retry(self, partition: str | None = "a") -> None:
-        job = self.defs.resolve_job_def("rev_retry")
-        job.execute_in_process(partition_key=partition, instance=self.instance)
-
-    def sensor_collects(self) -> list[dg.ExecuteInProcessResult]:
-        """One sensor tick, and the collection runs it requests executed like the daemon."""
-        return tick_and_run(self.pipeline.sensor, self.defs, self.resources, self.instance)
-
-    def table(self, kind: str, partition: str | None = "a") -> pd.DataFrame:
-        return pq.read_table(str(self.store.table_path(kind, partition))).to_pandas()
-
-    def server_status(self, batch_id: str) -> str:
-        with self.resource.get_client() as client:
-            return client.retrieve_batch(batch_id).status.value
+def make_flow(tmp_path, resource: InfronResource, *, partitions_def=PARTS, key="infron"):
+    return Pipeline.build(tmp_path, resource, partitions_def, rows=ROWS, resource_key=key)
 
 
-def make_flow(
-    tmp_path, resource: InfronResource, instance, *, partitions_def=PARTS, key: str = "infron"
-) -> Flow:
-    built = review_pipeline(tmp_path, resource, partitions_def, rows=ROWS, resource_key=key)
-    pipeline, defs, resources = built.pipeline, built.defs, built.resources
-    cancel_job = pipeline.cancel_job  # the factory builds it and its definitions hold it
-    return Flow(pipeline, cancel_job, resource, instance, defs, resources)
+def server_status(flow: Pipeline, batch_id: str) -> str:
+    with flow.resource.get_client() as client:
+        return client.retrieve_batch(batch_id).status.value
 
 
 def slow_resource(tmp_path, api_style: str, **knobs: Any) -> InfronResource:
@@ -88,14 +43,14 @@ def cancel_meta(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
     return {k: v.value for k, v in event.step_output_data.metadata.items()}
 
 
-def run_logs(flow: Flow, result: dg.ExecuteInProcessResult) -> list[str]:
+def run_logs(instance, result: dg.ExecuteInProcessResult) -> list[str]:
     """What the op logged (context.log), from the run's event log."""
-    records = flow.instance.all_logs(result.run_id)
+    records = instance.all_logs(result.run_id)
     return [r.user_message for r in records if r.dagster_event is None]
 
 
-def batch_ids(flow: Flow, partition: str | None = "a") -> dict[int, list[str]]:
-    return {m.attempt: m.batch_ids for m in load_manifests(flow.store, partition)}
+def batch_ids(flow: Pipeline, partition: str | None = "a") -> dict[int, list[str]]:
+    return {m.attempt: m.batch_ids for m in load_manifests(flow.storage, partition)}
 
 
 # --- end to end ---------------------------------------------------------------------------------
@@ -104,38 +59,38 @@ def batch_ids(flow: Flow, partition: str | None = "a") -> dict[int, list[str]]:
 def test_cancel_keeps_finished_rows_and_fails_the_rest_retryable(
     tmp_path, api_style, instance, clock
 ):
-    flow = make_flow(tmp_path, slow_resource(tmp_path, api_style), instance)
-    flow.submit("a")
+    flow = make_flow(tmp_path, slow_resource(tmp_path, api_style))
+    flow.submit(instance, "a")
     first_ids = batch_ids(flow)[1]
     assert len(first_ids) == 3
-    assert flow.sensor_collects() == []  # in flight: nothing to collect
+    assert flow.tick_runs(instance) == []  # in flight: nothing to collect
 
     clock.now += 30  # half-way through in_progress_seconds=60
-    result = flow.cancel("a")
+    result = flow.job("cancel", instance, "a")
     assert result.success
     meta = cancel_meta(result)
     assert meta["cancelled"] == 3 and meta["could_not_cancel"] == 0
     assert sorted(meta["cancelled_batch_ids"]) == sorted(first_ids)
     assert meta["attempts"] == [1] and meta["nothing_in_flight"] is False
     assert {b["status"] for b in meta["batches"]} == {"cancelling"}
-    logs = run_logs(flow, result)
+    logs = run_logs(instance, result)
     for batch_id in first_ids:
         assert any(f"cancelled batch {batch_id}" in line for line in logs), logs
     assert any("cancelled 3 batch(es)" in line for line in logs)
-    assert {flow.server_status(b) for b in first_ids} == {"cancelled"}
+    assert {server_status(flow, b) for b in first_ids} == {"cancelled"}
 
     # Again: harmless, every batch is skipped as already finished, nothing is sent.
-    again = flow.cancel("a")
+    again = flow.job("cancel", instance, "a")
     assert again.success
     meta = cancel_meta(again)
     assert meta["cancelled"] == 0 and meta["already_finished"] == 3
     assert meta["nothing_in_flight"] is True
-    assert any("has nothing in flight" in line for line in run_logs(flow, again))
+    assert any("has nothing in flight" in line for line in run_logs(instance, again))
 
     # The sensor collects: what finished is kept, the rest fails as batch_cancelled.
-    (collected,) = flow.sensor_collects()
+    (collected,) = flow.tick_runs(instance)
     assert collected.success
-    results, failed = flow.table("results"), flow.table("failed")
+    results, failed = flow.frame("results"), flow.frame("failed")
     assert 0 < len(results) < ROWS and len(failed) > 0
     assert sorted([*results["id"], *failed["id"]]) == list(range(ROWS))
     assert set(failed["error_code"]) == {"batch_cancelled"}
@@ -143,21 +98,21 @@ def test_cancel_keeps_finished_rows_and_fails_the_rest_retryable(
     assert set(results["attempt"]) == {1}
 
     # Collected: nothing in flight any more, and the run says why.
-    after = flow.cancel("a")
+    after = flow.job("cancel", instance, "a")
     assert after.success and cancel_meta(after)["attempts"] == []
-    assert any("already collected" in line for line in run_logs(flow, after))
+    assert any("already collected" in line for line in run_logs(instance, after))
 
     # The retry resubmits the cancelled rows; cancelling again touches only the new attempt.
     cancelled_rows = set(failed["id"])
-    flow.retry("a")
+    flow.job("retry", instance, "a")
     retry_ids = batch_ids(flow)[2]
     clock.now += 30
-    meta = cancel_meta(flow.cancel("a"))
+    meta = cancel_meta(flow.job("cancel", instance, "a"))
     assert meta["attempts"] == [2]
     assert sorted(meta["cancelled_batch_ids"]) == sorted(retry_ids)
     assert not set(retry_ids) & set(first_ids)
-    (collected,) = flow.sensor_collects()
-    results, failed = flow.table("results"), flow.table("failed")
+    (collected,) = flow.tick_runs(instance)
+    results, failed = flow.frame("results"), flow.frame("failed")
     assert sorted([*results["id"], *failed["id"]]) == list(range(ROWS))
     assert set(results.loc[results["attempt"] == 2, "id"]) <= cancelled_rows
     assert (results["attempt"] == 2).any()  # half of the retry finished before its cancel
@@ -165,16 +120,16 @@ def test_cancel_keeps_finished_rows_and_fails_the_rest_retryable(
 
 
 def test_one_refused_cancel_fails_the_run_after_trying_the_others(tmp_path, instance, clock):
-    flow = make_flow(tmp_path, slow_resource(tmp_path, "openai"), instance)
-    flow.submit("a")
+    flow = make_flow(tmp_path, slow_resource(tmp_path, "openai"))
+    flow.submit(instance, "a")
     ids = batch_ids(flow)[1]
     # The server does not know the first batch any more: its cancel (and lookups) are 404.
-    path = flow.store.manifest_path("a", 1)
-    manifest = flow.store.read_json(path)
+    path = flow.storage.manifest_path("a", 1)
+    manifest = flow.storage.read_json(path)
     manifest["chunks"][0]["batch_id"] = "batch_gone"
-    flow.store.write_json(path, manifest)
+    flow.storage.write_json(path, manifest)
 
-    result = flow.cancel("a", raise_on_error=False)
+    result = flow.job("cancel", instance, "a", raise_on_error=False)
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     text = failure.step_failure_data.error.to_string()
@@ -183,8 +138,8 @@ def test_one_refused_cancel_fails_the_run_after_trying_the_others(tmp_path, inst
     meta = {k: v.value for k, v in failure.step_failure_data.user_failure_data.metadata.items()}
     assert meta["failed_batch_ids"] == ["batch_gone"]
     assert sorted(meta["cancelled_batch_ids"]) == sorted(ids[1:])
-    assert any("could not cancel batch batch_gone" in line for line in run_logs(flow, result))
-    assert {flow.server_status(b) for b in ids[1:]} == {"cancelled"}
+    assert any("could not cancel batch batch_gone" in line for line in run_logs(instance, result))
+    assert {server_status(flow, b) for b in ids[1:]} == {"cancelled"}
 
     # Running it again still names the unknown batch and does not touch the others.
     meta_again = cancel_partition_outcome(flow, "a")
@@ -192,15 +147,15 @@ def test_one_refused_cancel_fails_the_run_after_trying_the_others(tmp_path, inst
     assert meta_again.ids("already_finished") == ids[1:]
 
 
-def cancel_partition_outcome(flow: Flow, partition: str | None) -> CancelOutcome:
+def cancel_partition_outcome(flow: Pipeline, partition: str | None) -> CancelOutcome:
     with flow.resource.get_client() as client:
-        return cancel_partition(client, flow.store, partition)
+        return cancel_partition(client, flow.storage, partition)
 
 
 def test_a_batch_being_cancelled_is_left_alone(tmp_path, instance, clock):
     resource = slow_resource(tmp_path, "openai", finalizing_seconds=10)
-    flow = make_flow(tmp_path, resource, instance)
-    flow.submit("a")
+    flow = make_flow(tmp_path, resource)
+    flow.submit(instance, "a")
     clock.now += 30
     first = cancel_partition_outcome(flow, "a")
     assert [b.action for b in first.batches] == ["cancelled"] * 3
@@ -215,8 +170,8 @@ def test_a_batch_being_cancelled_is_left_alone(tmp_path, instance, clock):
 
 
 def test_a_batch_that_finishes_before_its_cancel_is_skipped(tmp_path, instance, clock, monkeypatch):
-    flow = make_flow(tmp_path, slow_resource(tmp_path, "infron"), instance)
-    flow.submit("a")
+    flow = make_flow(tmp_path, slow_resource(tmp_path, "infron"))
+    flow.submit(instance, "a")
     clock.now += 59.5
     with flow.resource.get_client() as client:
         cancel = client.cancel_batch
@@ -226,7 +181,7 @@ def test_a_batch_that_finishes_before_its_cancel_is_skipped(tmp_path, instance, 
             return cancel(batch_id)
 
         monkeypatch.setattr(client, "cancel_batch", late_cancel)
-        outcome = cancel_partition(client, flow.store, "a")
+        outcome = cancel_partition(client, flow.storage, "a")
     assert [b.action for b in outcome.batches] == ["already_finished"] * 3
     assert {b.status for b in outcome.batches} == {"completed"}
     assert not outcome.failed and outcome.nothing_in_flight
@@ -236,44 +191,45 @@ def test_a_batch_that_finishes_before_its_cancel_is_skipped(tmp_path, instance, 
 
 
 def test_nothing_in_flight_succeeds_and_says_so(tmp_path, infron_resource, instance):
-    flow = make_flow(tmp_path, infron_resource, instance)  # instant server: batches end at once
+    flow = make_flow(tmp_path, infron_resource)  # instant server: batches end at once
 
-    never = flow.cancel("b")
+    never = flow.job("cancel", instance, "b")
     assert never.success
     assert cancel_meta(never)["nothing_in_flight"] is True
-    assert any("was never submitted: nothing to cancel" in line for line in run_logs(flow, never))
+    logs = run_logs(instance, never)
+    assert any("was never submitted: nothing to cancel" in line for line in logs)
 
-    flow.submit("a")
-    finished = flow.cancel("a")
+    flow.submit(instance, "a")
+    finished = flow.job("cancel", instance, "a")
     assert finished.success
     meta = cancel_meta(finished)
     assert meta["cancelled"] == 0 and meta["already_finished"] == 3
     assert {b["status"] for b in meta["batches"]} == {"completed"}
     assert any(
         "has nothing in flight (3 already finished (skipped))" in line
-        for line in run_logs(flow, finished)
+        for line in run_logs(instance, finished)
     )
 
-    assert not flow.store.table_path("results", "a").exists()  # collecting is the sensor's job
+    assert not flow.storage.table_path("results", "a").exists()  # collecting is the sensor's job
 
 
 def test_unpartitioned_pipeline_and_custom_resource_key(tmp_path, instance, clock):
     flow = make_flow(
-        tmp_path, slow_resource(tmp_path, "infron"), instance, partitions_def=None, key="llm"
+        tmp_path, slow_resource(tmp_path, "infron"), partitions_def=None, key="llm"
     )
-    assert flow.cancel_job.partitions_def is None
-    flow.submit(None)
+    assert flow.pipeline.cancel_job.partitions_def is None
+    flow.submit(instance, None)
     clock.now += 30
-    meta = cancel_meta(flow.cancel(None))
+    meta = cancel_meta(flow.job("cancel", instance, None))
     assert meta["cancelled"] == 3 and meta["partition"] == ""
-    (collected,) = flow.sensor_collects()
+    (collected,) = flow.tick_runs(instance)
     assert collected.success
-    ok, bad = flow.table("results", None), flow.table("failed", None)
+    ok, bad = flow.frame("results", None), flow.frame("failed", None)
     assert len(ok) + len(bad) == ROWS and set(bad["error_code"]) == {"batch_cancelled"}
 
 
 def test_the_job_is_an_op_job_partitioned_like_the_pipeline(tmp_path, infron_resource, instance):
-    flow = make_flow(tmp_path, infron_resource, instance)
+    flow = make_flow(tmp_path, infron_resource)
     job = flow.defs.resolve_job_def("rev_cancel")
     assert job.partitions_def == PARTS
     assert job.asset_layer.executable_asset_keys == set()  # it materializes nothing
