@@ -8,6 +8,7 @@ Imported like the conftest helpers: ``from harness import Pipeline``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -39,6 +40,15 @@ def failure(result: dg.ExecuteInProcessResult) -> str:
     """The step failures of a run, for an assertion message."""
     events = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     return "; ".join(str(e.step_failure_data.error.message)[:500] for e in events) or "?"
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
 
 
 @dataclass
@@ -118,6 +128,11 @@ class Pipeline:
     def resource(self) -> InfronResource:
         return self.resources[self.resource_key]
 
+    @resource.setter
+    def resource(self, resource: InfronResource) -> None:
+        """Swap the resource the next ticks and runs see (a failing or another server)."""
+        self.resources[self.resource_key] = resource
+
     @property
     def local_dir(self) -> str:
         """The local server's folder (a ``local://`` resource)."""
@@ -126,6 +141,10 @@ class Pipeline:
     @property
     def batches_key(self) -> dg.AssetKey:
         return self.pipeline.batches_asset.key
+
+    @property
+    def collect_keys(self) -> list[dg.AssetKey]:
+        return [self.pipeline.results_key, self.pipeline.failed_key]
 
     # -- what a person launches -----------------------------------------------------------
 
@@ -164,6 +183,18 @@ class Pipeline:
         return dg.build_sensor_context(
             instance=instance, definitions=self.defs, resources=self.resources, cursor=cursor
         )
+
+    def sense(
+        self, instance, cursor: str | None = None, *, log: list[str] | None = None
+    ) -> dg.SensorResult:
+        """One evaluation on ``cursor`` (None: a fresh one), nothing run, the kept cursor
+        untouched; ``log`` (when given) receives the tick's log lines."""
+        context = self.context(instance, cursor)
+        if log is not None:
+            context.log.addHandler(_ListHandler(log))
+        result = self.pipeline.sensor(context)
+        assert isinstance(result, dg.SensorResult)
+        return result
 
     def evaluate(self, instance) -> dg.SensorResult:
         """One sensor tick with the kept cursor; nothing run."""
