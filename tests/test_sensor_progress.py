@@ -9,14 +9,14 @@ persistent instance, manifests on disk and the embedded local server, made slow
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import dagster as dg
-from conftest import make_local_dir, review_pipeline
+from conftest import make_local_dir
+from harness import Pipeline
 
-from infron_dagster import InfronBatchPipeline, InfronResource, RequestSpec
+from infron_dagster import InfronResource, RequestSpec
 
 SPEC = RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of {text}", key_columns="id")
 KEYS = ["2026-11-23", "2026-11-24", "2026-11-25"]
@@ -24,40 +24,10 @@ BATCHES = dg.AssetKey("rev_batches")
 SLOW = 3600  # seconds in progress: nothing finishes, nothing moves, while a test runs
 
 
-@dataclass
-class Flow:
-    pipeline: InfronBatchPipeline
-    upstream: dg.AssetsDefinition
-    resource: InfronResource
-    instance: dg.DagsterInstance
-    defs: dg.Definitions
-    resources: dict[str, Any]
-
-    def context(self, cursor: str | None = None) -> dg.SensorEvaluationContext:
-        return dg.build_sensor_context(
-            instance=self.instance,
-            definitions=self.defs,
-            resources={"infron": self.resource},
-            cursor=cursor,
-        )
-
-    def tick(self, cursor: str | None = None) -> dg.SensorResult:
-        result = self.pipeline.sensor(self.context(cursor))
-        assert isinstance(result, dg.SensorResult)
-        return result
-
-    def submit(self, partition: str | None) -> None:
-        assert dg.materialize(
-            [self.upstream, self.pipeline.batches_asset],
-            partition_key=partition,
-            instance=self.instance,
-            resources=self.resources,
-        ).success
-
-    def batch_ids(self, partition: str | None) -> list[str]:
-        store = self.pipeline.storage
-        manifest = store.read_json(store.manifest_path(partition, 1))
-        return [chunk["batch_id"] for chunk in manifest["chunks"]]
+def batch_ids(flow: Pipeline, partition: str | None) -> list[str]:
+    store = flow.pipeline.storage
+    manifest = store.read_json(store.manifest_path(partition, 1))
+    return [chunk["batch_id"] for chunk in manifest["chunks"]]
 
 
 def make_flow(
@@ -70,7 +40,7 @@ def make_flow(
     dynamic=False,
     api_style="infron",
     **knobs: Any,
-) -> Flow:
+) -> Pipeline:
     folder = make_local_dir(str(tmp_path / "server"), in_progress_seconds=seconds, **knobs)
     resource = InfronResource(base_url=f"local://{folder}", api_style=api_style, max_retries=0)
     if dynamic:
@@ -79,8 +49,7 @@ def make_flow(
     else:
         partitions_def = dg.StaticPartitionsDefinition(keys) if keys else None
 
-    built = review_pipeline(tmp_path, resource, partitions_def, rows=rows)
-    return Flow(built.pipeline, built.upstream, resource, instance, built.defs, built.resources)
+    return Pipeline.build(tmp_path, resource, partitions_def, rows=rows)
 
 
 def meta(event: dg.AssetObservation) -> dict[str, Any]:
@@ -108,10 +77,10 @@ def progress_cursor(result: dg.SensorResult) -> dict[str, str]:
 
 def test_each_in_flight_partition_is_observed_with_its_progress(tmp_path, instance):
     flow = make_flow(tmp_path, instance)
-    flow.submit(KEYS[0])
-    flow.submit(KEYS[1])
+    flow.submit(instance, KEYS[0])
+    flow.submit(instance, KEYS[1])
 
-    result = flow.tick()
+    result = flow.sense(instance)
     assert result.run_requests == []
     seen = by_partition(result)
     assert set(seen) == {KEYS[0], KEYS[1]}
@@ -136,30 +105,30 @@ def test_each_in_flight_partition_is_observed_with_its_progress(tmp_path, instan
 
 def test_unchanged_progress_is_not_observed_again(tmp_path, instance):
     flow = make_flow(tmp_path, instance)
-    flow.submit(KEYS[0])
-    first = flow.tick()
+    flow.submit(instance, KEYS[0])
+    first = flow.sense(instance)
     assert set(by_partition(first)) == {KEYS[0]}
 
-    second = flow.tick(first.cursor)
+    second = flow.sense(instance, first.cursor)
     assert second.asset_events == []
     assert second.run_requests == []
     assert progress_cursor(second) == progress_cursor(first)
-    third = flow.tick(second.cursor)
+    third = flow.sense(instance, second.cursor)
     assert third.asset_events == []
 
     # The cursor is only a cache: without it, or with a corrupt one, the sensor starts over
     # and observes the partition once more, then is quiet again.
     for cursor in (None, "not json", "[]", '{"progress": 3}', '{"progress": {"x": 1}}'):
-        again = flow.tick(cursor)
+        again = flow.sense(instance, cursor)
         assert set(by_partition(again)) == {KEYS[0]}, cursor
-        assert flow.tick(again.cursor).asset_events == [], cursor
+        assert flow.sense(instance, again.cursor).asset_events == [], cursor
 
 
 def test_a_finished_batch_and_a_new_partition_are_observed(tmp_path, instance):
     flow = make_flow(tmp_path, instance, rows=21)  # three batches of 7
-    flow.submit(KEYS[0])
-    flow.submit(KEYS[1])
-    first = flow.tick()
+    flow.submit(instance, KEYS[0])
+    flow.submit(instance, KEYS[1])
+    first = flow.sense(instance)
     assert set(by_partition(first)) == {KEYS[0], KEYS[1]}
 
     # The attempt was submitted 100 s ago, and one batch of 7 requests ends (cancelled: what
@@ -171,9 +140,9 @@ def test_a_finished_batch_and_a_new_partition_are_observed(tmp_path, instance):
     manifest["submitted_at"] = earlier.isoformat(timespec="seconds")
     store.write_json(path, manifest)
     with flow.resource.get_client() as client:
-        client.cancel_batch(flow.batch_ids(KEYS[0])[0])
+        client.cancel_batch(batch_ids(flow, KEYS[0])[0])
 
-    second = flow.tick(first.cursor)
+    second = flow.sense(instance, first.cursor)
     assert second.run_requests == []
     seen = by_partition(second)
     assert list(seen) == [KEYS[0]]  # only the partition that moved
@@ -190,30 +159,30 @@ def test_a_finished_batch_and_a_new_partition_are_observed(tmp_path, instance):
         "numbers are rounded for people"
     )
 
-    flow.submit(KEYS[2])
-    third = flow.tick(second.cursor)
+    flow.submit(instance, KEYS[2])
+    third = flow.sense(instance, second.cursor)
     assert list(by_partition(third)) == [KEYS[2]]
-    assert flow.tick(third.cursor).asset_events == []
+    assert flow.sense(instance, third.cursor).asset_events == []
 
 
 def test_a_partition_whose_batches_do_not_answer_keeps_its_last_observation(tmp_path, instance):
     flow = make_flow(tmp_path, instance)
-    flow.submit(KEYS[0])
+    flow.submit(instance, KEYS[0])
     with flow.resource.get_client() as client:
-        client.cancel_batch(flow.batch_ids(KEYS[0])[0])
-    first = flow.tick()
+        client.cancel_batch(batch_ids(flow, KEYS[0])[0])
+    first = flow.sense(instance)
     assert by_partition(first)[KEYS[0]]["batches_finished"] == 1
 
     good = flow.resource
     elsewhere = make_local_dir(str(tmp_path / "other-server"))
     flow.resource = InfronResource(base_url=f"local://{elsewhere}", max_retries=0)
-    blind = flow.tick(first.cursor)
+    blind = flow.sense(instance, first.cursor)
     assert blind.asset_events == []  # unknown is not "0 done": no observation
     assert progress_cursor(blind) == progress_cursor(first)
     assert skip(blind) == f"1 partition in flight: {KEYS[0]} ?/20 (not every batch answered)"
 
     flow.resource = good
-    assert flow.tick(blind.cursor).asset_events == []
+    assert flow.sense(instance, blind.cursor).asset_events == []
 
 
 # --- the tick's one line -----------------------------------------------------------------------
@@ -223,21 +192,21 @@ def test_skip_reason_lists_partitions_and_progress_bounded(tmp_path, instance):
     keys = [f"day-{i}" for i in range(6)]
     flow = make_flow(tmp_path, instance, keys=keys, rows=3)
     for key in keys:
-        flow.submit(key)
-    result = flow.tick()
+        flow.submit(instance, key)
+    result = flow.sense(instance)
     assert result.run_requests == []
     assert len(result.asset_events) == 6
     shown = ", ".join(f"day-{i} 0/3" for i in range(5))
     assert skip(result) == f"6 partitions in flight: {shown}, +1 more"
     # Quiet ticks still say where things stand.
-    assert skip(flow.tick(result.cursor)) == skip(result)
+    assert skip(flow.sense(instance, result.cursor)) == skip(result)
 
 
 def test_partition_keys_in_the_skip_reason_are_printable(tmp_path, instance):
     key = "evil\nFORGED line \x1b[31m" + "x" * 100
     flow = make_flow(tmp_path, instance, keys=[key], rows=3, dynamic=True)
-    flow.submit(key)
-    result = flow.tick()
+    flow.submit(instance, key)
+    result = flow.sense(instance)
     assert by_partition(result)[key]["requests_total"] == 3  # the real key on the event
     reason = skip(result)
     assert reason is not None and "\n" not in reason and "\x1b" not in reason
@@ -247,9 +216,9 @@ def test_partition_keys_in_the_skip_reason_are_printable(tmp_path, instance):
 
 def test_unpartitioned_pipeline_is_observed_without_a_partition(tmp_path, instance):
     flow = make_flow(tmp_path, instance, keys=None)
-    assert skip(flow.tick()) == "No batches in flight."
-    flow.submit(None)
-    result = flow.tick()
+    assert skip(flow.sense(instance)) == "No batches in flight."
+    flow.submit(instance, None)
+    result = flow.sense(instance)
     assert list(by_partition(result)) == [None]
     assert skip(result) == "1 attempt in flight: attempt 1 0/20"
 
@@ -257,8 +226,8 @@ def test_unpartitioned_pipeline_is_observed_without_a_partition(tmp_path, instan
 def test_finished_partition_is_observed_then_forgotten_once_collected(tmp_path, instance):
     # Instant: batches end at once, and lose some rows (neither completed nor failed).
     flow = make_flow(tmp_path, instance, seconds=0, lost_rate=0.2)
-    flow.submit(KEYS[0])
-    first = flow.tick()
+    flow.submit(instance, KEYS[0])
+    first = flow.sense(instance)
     (request,) = first.run_requests
     assert first.skip_reason is None  # a tick that requests a run needs no excuse
     values = by_partition(first)[KEYS[0]]
@@ -269,19 +238,13 @@ def test_finished_partition_is_observed_then_forgotten_once_collected(tmp_path, 
     assert values["progress"].startswith("20/20 requests (100.0 %)")
 
     # Collection requested: not polled again, nothing new to say, still in flight.
-    second = flow.tick(first.cursor)
+    second = flow.sense(instance, first.cursor)
     assert second.asset_events == [] and second.run_requests == []
     assert skip(second) == f"1 partition in flight: {KEYS[0]} finished, collection requested"
     assert progress_cursor(second) == progress_cursor(first)
 
-    job = flow.defs.resolve_implicit_global_asset_job_def()
-    assert job.execute_in_process(
-        partition_key=request.partition_key,
-        asset_selection=request.asset_selection,
-        tags=request.tags,
-        instance=flow.instance,
-    ).success
-    third = flow.tick(second.cursor)
+    assert flow.run(instance, request).success
+    third = flow.sense(instance, second.cursor)
     assert "progress" not in json.loads(third.cursor)  # no entry outlives its partition
     assert third.asset_events == [] and skip(third) == "No batches in flight."
 
@@ -293,9 +256,9 @@ def test_observations_are_recorded_as_the_daemon_records_them(tmp_path):
     with dg.instance_for_test() as instance:
         # The other tests speak infron; this one openai, so both wire styles are observed.
         flow = make_flow(tmp_path, instance, api_style="openai")
-        flow.submit(KEYS[1])
+        flow.submit(instance, KEYS[1])
         # What the sensor daemon does with a tick: evaluate, then store its asset events.
-        data = flow.pipeline.sensor.evaluate_tick(flow.context())
+        data = flow.pipeline.sensor.evaluate_tick(flow.context(instance))
         assert data.run_requests == []
         assert data.skip_message == f"1 partition in flight: {KEYS[1]} 0/20"
         for event in data.asset_events:
