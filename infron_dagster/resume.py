@@ -107,8 +107,8 @@ def submit_requests(
     for manifest, runs in candidates:
         if fitting is not None and _unsent(manifest) and id(manifest) not in fitting:
             continue  # waits for capacity: the release of a finished batch makes room
-        if _locked(storage, manifest.partition_key):
-            continue  # a submission runs now
+        if not _stalled(storage, manifest):
+            continue  # a submission runs now, or finished since the manifests were read
         requests.append(_submit_request(manifest, runs, name, batches_key))
         context.log.info(
             f"{name}: partition {printable(manifest.partition_key or '-', 100)} attempt "
@@ -190,13 +190,19 @@ def _past(manifest: Manifest, chunks: Sequence[int], seconds: float) -> bool:
     return all(t is not None and time.time() - t > seconds for t in starts)
 
 
-def _locked(storage: BatchStorage, partition_key: str | None) -> bool:
-    """Whether a run holds the partition's lock now (it is submitting or collecting)."""
+def _stalled(storage: BatchStorage, manifest: Manifest) -> bool:
+    """Whether no run holds the partition's lock and the attempt, read again under it, is
+    still not fully submitted (a submission that ended since the tick read the manifests
+    must not get a second run)."""
+    key = manifest.partition_key
     try:
-        with storage.lock(partition_key, wait_seconds=0):
-            return False
+        with storage.lock(key, wait_seconds=0):
+            now = storage.read_json(storage.manifest_path(key, manifest.attempt))
+            return not Manifest.from_dict(now).settled
     except LockTimeout:
-        return True
+        return False
+    except (FileNotFoundError, ValueError):
+        return False  # gone or unreadable: the next tick reads it again
 
 
 def _submit_request(
