@@ -157,19 +157,29 @@ class Pipeline:
         raise_on_error: bool = True,
         **config: Any,
     ) -> dg.ExecuteInProcessResult:
-        """A materialization of the submit asset (and ``reviews`` with it), as from the UI;
-        ``config`` is the submit op's run config."""
-        assets = [self.pipeline.batches_asset]
-        if upstream and self.upstream is not None:
-            assets.insert(0, self.upstream)
+        """A materialization of the submit asset (and ``reviews`` with it, unless not
+        ``upstream``: then it is loaded), as from the UI; ``config`` is the submit op's run
+        config."""
+        assets = [a for a in (self.upstream, self.pipeline.batches_asset) if a is not None]
         op = f"{self.pipeline.name}_batches"
         return dg.materialize(
             assets,
+            selection=None if upstream else [self.pipeline.batches_asset],
             partition_key=key,
             instance=instance,
             resources=self.resources,
             run_config={"ops": {op: {"config": config}}} if config else None,
             raise_on_error=raise_on_error,
+        )
+
+    def collect(self, instance, key: str | None = "a", **kw: Any) -> dg.ExecuteInProcessResult:
+        """A manual materialization of the results and failed tables (``kw``: materialize's)."""
+        return dg.materialize(
+            self.pipeline.collect_definitions,
+            partition_key=key,
+            instance=instance,
+            resources=self.resources,
+            **kw,
         )
 
     def job(self, suffix: str, instance, key: str | None = "a", **kw: Any):

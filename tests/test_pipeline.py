@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
@@ -22,9 +21,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from conftest import INSTANT, make_local_dir
+from harness import Pipeline
 
 from infron_dagster import (
-    InfronBatchPipeline,
     InfronResource,
     ParquetSource,
     RequestSpec,
@@ -48,7 +47,6 @@ SPEC = RequestSpec(
     response_schema=SCHEMA,
 )
 PARTS = dg.StaticPartitionsDefinition(["a", "b", "c"])
-FORCE = {"ops": {"rev_batches": {"config": {"force_resubmit": True}}}}
 
 
 def reviews_frame(n: int = 20, tag: str = "") -> pd.DataFrame:
@@ -58,62 +56,10 @@ def reviews_frame(n: int = 20, tag: str = "") -> pd.DataFrame:
 
 
 @dataclass
-class Flow:
-    """A pipeline plus its upstream asset, its resource and a Dagster instance."""
+class Flow(Pipeline):
+    """The shared pipeline whose upstream returns ``rows[partition]`` (default 20 reviews)."""
 
-    pipeline: InfronBatchPipeline
-    upstream: dg.AssetsDefinition | None
-    resource: InfronResource
-    instance: dg.DagsterInstance
-    rows: dict[str | None, Any]
-    defs: dg.Definitions
-    io_manager: dg.FilesystemIOManager
-
-    @property
-    def resources(self) -> dict[str, Any]:
-        return {"infron": self.resource, "io_manager": self.io_manager}
-
-    @property
-    def store(self):
-        return self.pipeline.storage
-
-    def _assets(self) -> list[dg.AssetsDefinition]:
-        return [a for a in (self.upstream, self.pipeline.batches_asset) if a is not None]
-
-    def submit(self, partition: str | None = "a", run_config=None, *, upstream: bool = True, **kw):
-        selection = None if upstream else [self.pipeline.batches_asset]
-        return dg.materialize(
-            self._assets(),
-            selection=selection,
-            partition_key=partition,
-            run_config=run_config,
-            instance=self.instance,
-            resources=self.resources,
-            **kw,
-        )
-
-    def resubmit(self, partition: str | None = "a", run_config=None, **kw):
-        return self.submit(partition, run_config, upstream=False, **kw)
-
-    def retry(self, partition: str | None = "a", **kw):
-        """Run the pipeline's own retry job, as the UI would."""
-        job = self.defs.resolve_job_def("rev_retry")
-        return job.execute_in_process(partition_key=partition, instance=self.instance, **kw)
-
-    def collect(self, partition: str | None = "a", **kw):
-        return dg.materialize(
-            self.pipeline.collect_definitions,
-            partition_key=partition,
-            instance=self.instance,
-            resources=self.resources,
-            **kw,
-        )
-
-    def results(self, partition: str | None = "a") -> pa.Table:
-        return pq.read_table(str(self.store.table_path("results", partition)))
-
-    def failed(self, partition: str | None = "a") -> pa.Table:
-        return pq.read_table(str(self.store.table_path("failed", partition)))
+    rows: dict[str | None, Any] = field(default_factory=dict)
 
 
 @pytest.fixture
@@ -124,41 +70,26 @@ def openai_resource(local_dir) -> InfronResource:
 def make_flow(
     tmp_path,
     resource: InfronResource,
-    instance: dg.DagsterInstance,
     *,
     partitions_def: dg.PartitionsDefinition | None = PARTS,
     spec: RequestSpec = SPEC,
     source: Any = None,
-    rows: Callable[[str | None], Any] | None = None,
     **kwargs: Any,
 ) -> Flow:
     """Build the pipeline; the upstream asset returns ``flow.rows[partition]`` (default 20)."""
     data: dict[str | None, Any] = {}
-    upstream = None
-    if source is None:
-
-        @dg.asset(name="reviews", partitions_def=partitions_def)
-        def reviews(context):
-            key = context.partition_key if context.has_partition_key else None
-            return data[key] if key in data else reviews_frame()
-
-        upstream, source = reviews, "reviews"
-    kwargs.setdefault("max_requests_per_batch", 7)
-    pipeline = build_infron_batch_assets(
-        name="rev",
+    if source is not None:
+        kwargs["source"] = source
+    flow = Flow.build(
+        tmp_path,
+        resource,
+        partitions_def,
         spec=spec,
-        source=source,
-        partitions_def=partitions_def,
-        storage_root=str(tmp_path / "lake"),
+        frame=lambda key: data[key] if key in data else reviews_frame(),
         **kwargs,
     )
-    io_manager = dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))
-    extra = dg.Definitions(
-        assets=[upstream] if upstream is not None else [],
-        resources={"infron": resource, "io_manager": io_manager},
-    )
-    defs = dg.Definitions.merge(pipeline.definitions, extra)
-    return Flow(pipeline, upstream, resource, instance, data, defs, io_manager)
+    flow.rows = data
+    return flow
 
 
 def faulty_resource(tmp_path, api_style: str, **knobs: Any) -> InfronResource:
@@ -192,19 +123,20 @@ def ids(table: pa.Table) -> set[int]:
 
 
 def assert_partitioned_exactly(flow: Flow, expected: set[int], partition: str | None = "a"):
-    ok, bad = ids(flow.results(partition)), ids(flow.failed(partition))
+    ok, bad = ids(flow.table("results", partition)), ids(flow.table("failed", partition))
     assert not ok & bad, f"rows in both results and failed: {ok & bad}"
     assert ok | bad == expected
-    assert flow.results(partition).num_rows + flow.failed(partition).num_rows == len(expected)
+    rows = flow.table("results", partition).num_rows + flow.table("failed", partition).num_rows
+    assert rows == len(expected)
 
 
 # --- submit ------------------------------------------------------------------------------------
 
 
 def test_submit_chunks_reuses_and_resubmits_only_when_asked(tmp_path, resource, instance):
-    flow = make_flow(tmp_path, resource, instance)
+    flow = make_flow(tmp_path, resource)
 
-    first = submit_meta(flow.submit())
+    first = submit_meta(flow.submit(instance))
     assert first["dagster/row_count"] == 20
     assert first["chunks"] == 3
     assert first["batches_created"] == 3
@@ -214,14 +146,14 @@ def test_submit_chunks_reuses_and_resubmits_only_when_asked(tmp_path, resource, 
     assert len(first["batch_ids"]) == 3
     assert [b + ".json" for b in sorted(first["batch_ids"])] == server_batches(resource)
 
-    again = submit_meta(flow.resubmit())
+    again = submit_meta(flow.submit(instance, upstream=False))
     assert again["batches_created"] == 0
     assert again["reused_existing_batches"] is True
     assert again["batch_ids"] == first["batch_ids"]
     assert again["attempt"] == 1
     assert len(server_batches(resource)) == 3
 
-    forced = submit_meta(flow.resubmit(run_config=FORCE))
+    forced = submit_meta(flow.submit(instance, upstream=False, force_resubmit=True))
     assert forced["batches_created"] == 3
     assert forced["reused_existing_batches"] is False
     assert forced["attempt"] == 2
@@ -230,11 +162,11 @@ def test_submit_chunks_reuses_and_resubmits_only_when_asked(tmp_path, resource, 
 
 
 def test_changed_input_creates_new_batches(tmp_path, infron_resource, instance):
-    flow = make_flow(tmp_path, infron_resource, instance)
-    first = submit_meta(flow.submit())
+    flow = make_flow(tmp_path, infron_resource)
+    first = submit_meta(flow.submit(instance))
 
     flow.rows["a"] = reviews_frame(tag=" (edited)")
-    changed = submit_meta(flow.submit())
+    changed = submit_meta(flow.submit(instance))
     assert changed["batches_created"] == 3
     assert changed["reused_existing_batches"] is False
     assert changed["attempt"] == 2
@@ -242,7 +174,7 @@ def test_changed_input_creates_new_batches(tmp_path, infron_resource, instance):
     assert len(server_batches(infron_resource)) == 6
 
     # Another partition is independent: its first submission is its attempt 1.
-    other = submit_meta(flow.submit("b"))
+    other = submit_meta(flow.submit(instance, "b"))
     assert other["attempt"] == 1 and other["batches_created"] == 3
     assert len(server_batches(infron_resource)) == 9
 
@@ -250,21 +182,21 @@ def test_changed_input_creates_new_batches(tmp_path, infron_resource, instance):
 def test_empty_partition_submits_nothing_and_collects_empty_tables(
     tmp_path, infron_resource, instance
 ):
-    flow = make_flow(tmp_path, infron_resource, instance)
+    flow = make_flow(tmp_path, infron_resource)
     flow.rows["a"] = pa.table({"id": pa.array([], pa.int64()), "text": pa.array([], pa.string())})
 
-    meta = submit_meta(flow.submit())
+    meta = submit_meta(flow.submit(instance))
     assert meta["dagster/row_count"] == 0
     assert meta["chunks"] == 0
     assert meta["batches_created"] == 0
     assert meta["batch_ids"] == []
     assert server_batches(infron_resource) == []
 
-    result = flow.collect()
-    assert flow.results().num_rows == 0
-    assert flow.failed().num_rows == 0
-    assert "sentiment" in flow.results().column_names
-    assert "error_code" in flow.failed().column_names
+    result = flow.collect(instance)
+    assert flow.table("results").num_rows == 0
+    assert flow.table("failed").num_rows == 0
+    assert "sentiment" in flow.table("results").column_names
+    assert "error_code" in flow.table("failed").column_names
     assert checks(result)["completeness"].passed is True
     assert checks(result)["failure_rate"].passed is True
 
@@ -273,15 +205,15 @@ def test_empty_partition_submits_nothing_and_collects_empty_tables(
 
 
 def test_collect_writes_typed_hive_partitioned_parquet(tmp_path, resource, instance):
-    flow = make_flow(tmp_path, resource, instance)
+    flow = make_flow(tmp_path, resource)
     flow.rows["b"] = reviews_frame(8)
     for partition in ("a", "b"):
-        flow.submit(partition)
-        result = flow.collect(partition)
+        flow.submit(instance, partition)
+        result = flow.collect(instance, partition)
         assert checks(result)["completeness"].passed is True
         assert checks(result)["failure_rate"].passed is True
 
-    results = flow.results("a")
+    results = flow.table("results", "a")
     assert results.schema.field("sentiment").type == pa.string()
     assert results.schema.field("score").type == pa.float64()
     assert results.schema.field("prompt_tokens").type == pa.int64()
@@ -293,9 +225,9 @@ def test_collect_writes_typed_hive_partitioned_parquet(tmp_path, resource, insta
         zip(results.column("id").to_pylist(), results.column("custom_id").to_pylist(), strict=True)
     )
     assert by_id == {i: make_custom_id("rev", "a", str(i)) for i in range(20)}
-    assert flow.failed("a").num_rows == 0
+    assert flow.table("failed", "a").num_rows == 0
 
-    root = str(flow.store.table_root("results"))
+    root = str(flow.storage.table_root("results"))
     assert sorted(os.listdir(root)) == ["partition=a", "partition=b"]
     table = ds.dataset(root, partitioning="hive").to_table()
     counts = pd.Series(table.column("partition").to_pylist()).value_counts().to_dict()
@@ -303,7 +235,7 @@ def test_collect_writes_typed_hive_partitioned_parquet(tmp_path, resource, insta
 
     (results_mat, _) = result.asset_materializations_for_node("rev_collect")  # partition b
     assert results_mat.metadata["dagster/row_count"].value == 8
-    prompt_tokens = sum(flow.results("b").column("prompt_tokens").to_pylist())
+    prompt_tokens = sum(flow.table("results", "b").column("prompt_tokens").to_pylist())
     assert results_mat.metadata["prompt_tokens"].value == prompt_tokens > 0
     # The UI's schema tab lists the structured-output fields with their types.
     schema = results_mat.metadata["dagster/column_schema"].value
@@ -322,18 +254,18 @@ def test_collect_writes_typed_hive_partitioned_parquet(tmp_path, resource, insta
 
 
 def test_invalid_rows_go_to_failed_and_are_not_retryable(tmp_path, infron_resource, instance):
-    flow = make_flow(tmp_path, infron_resource, instance)
+    flow = make_flow(tmp_path, infron_resource)
     data = reviews_frame()
     data.loc[[3, 11], "text"] = None
     flow.rows["a"] = data
 
-    meta = submit_meta(flow.submit())
+    meta = submit_meta(flow.submit(instance))
     assert meta["dagster/row_count"] == 20
     assert meta["invalid_rows"] == 2
     assert meta["valid_rows"] == 18
 
-    result = flow.collect()
-    failed = flow.failed().to_pandas().set_index("id")
+    result = flow.collect(instance)
+    failed = flow.table("failed").to_pandas().set_index("id")
     assert sorted(failed.index) == [3, 11]
     assert set(failed["error_code"]) == {"invalid_input"}
     assert failed["retryable"].tolist() == [False, False]
@@ -346,26 +278,26 @@ def test_invalid_rows_go_to_failed_and_are_not_retryable(tmp_path, infron_resour
     assert failed_mat.metadata["error_codes"].value == {"invalid_input": 2}
     assert failed_mat.metadata["retryable"].value == 0
 
-    run = flow.retry(raise_on_error=False)
+    run = flow.job("retry", instance, raise_on_error=False)
     assert run.success is False
     assert "has no retryable failed rows" in step_error(run)
 
 
 def test_collect_waits_in_the_run_for_batches_still_running(tmp_path, instance):
     resource = faulty_resource(tmp_path, "infron", in_progress_seconds=0.4)
-    flow = make_flow(tmp_path, resource, instance)
+    flow = make_flow(tmp_path, resource)
 
-    early = flow.collect(raise_on_error=False)
+    early = flow.collect(instance, raise_on_error=False)
     assert early.success is False
     assert "was never submitted: materialize rev_batches for it first" in step_error(early)
 
-    flow.submit()
+    flow.submit(instance)
     config = {
         "ops": {"rev_collect": {"config": {"wait_seconds": 20, "poll_interval_seconds": 0.1}}}
     }
-    result = flow.collect(run_config=config)
+    result = flow.collect(instance, run_config=config)
     assert [e.event_type_value for e in result.all_events].count("STEP_UP_FOR_RETRY") == 0
-    assert flow.results().num_rows == 20
+    assert flow.table("results").num_rows == 20
     assert checks(result)["completeness"].passed is True
 
 
@@ -373,10 +305,10 @@ def test_a_manual_collect_of_a_partition_in_flight_ends_at_once_and_fails_nothin
     tmp_path, instance
 ):
     resource = faulty_resource(tmp_path, "infron", in_progress_seconds=600)
-    flow = make_flow(tmp_path, resource, instance)
-    flow.submit()
+    flow = make_flow(tmp_path, resource)
+    flow.submit(instance)
     started = time.monotonic()
-    result = flow.collect()
+    result = flow.collect(instance)
     assert time.monotonic() - started < 10
     assert result.success  # the run ends well: the partition is not marked failed
     events = [e.event_type_value for e in result.all_events]
@@ -384,24 +316,24 @@ def test_a_manual_collect_of_a_partition_in_flight_ends_at_once_and_fails_nothin
     assert result.get_asset_check_evaluations() == []  # no check result claims anything
     logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
     assert any("rev_sensor collects it when its batches end" in m for m in logs)
-    assert not flow.store.table_path("results", "a").exists()
+    assert not flow.storage.table_path("results", "a").exists()
     assert result.asset_materializations_for_node("rev_collect") == []
 
 
 def test_failure_rate_is_a_check_per_partition_and_can_block(tmp_path, instance):
     folder = make_local_dir(str(tmp_path / "srv"))
     resource = InfronResource(base_url=f"local://{folder}", max_retries=0)
-    flow = make_flow(tmp_path, resource, instance, block_on_failure_rate=True)
+    flow = make_flow(tmp_path, resource, block_on_failure_rate=True)
     flow.rows["a"] = reviews_frame()
     bad = reviews_frame()
     bad.loc[:9, "text"] = None  # half the rows invalid: 50 % failed
     flow.rows["b"] = bad
     for partition in ("b", "a"):
-        flow.submit(partition)
-    failing = flow.collect("b", raise_on_error=False)
-    passing = flow.collect("a")
+        flow.submit(instance, partition)
+    failing = flow.collect(instance, "b", raise_on_error=False)
+    passing = flow.collect(instance, "a")
     # Blocking: the run fails at the check, after the tables are written and recorded.
-    assert failing.success is False and flow.failed("b").num_rows == 10
+    assert failing.success is False and flow.table("failed", "b").num_rows == 10
     assert checks(failing)["failure_rate"].passed is False
     assert checks(failing)["failure_rate"].severity == dg.AssetCheckSeverity.ERROR
     assert checks(passing)["failure_rate"].passed is True
@@ -419,12 +351,12 @@ def test_failure_rate_is_a_check_per_partition_and_can_block(tmp_path, instance)
 
 def test_failed_and_lost_rows_each_land_in_exactly_one_table(tmp_path, api_style, instance):
     resource = faulty_resource(tmp_path, api_style, failure_rate=0.3, lost_rate=0.2)
-    flow = make_flow(tmp_path, resource, instance)
-    flow.submit()
-    result = flow.collect()
+    flow = make_flow(tmp_path, resource)
+    flow.submit(instance)
+    result = flow.collect(instance)
 
     assert_partitioned_exactly(flow, set(range(20)))
-    failed = flow.failed().to_pandas()
+    failed = flow.table("failed").to_pandas()
     codes = failed["error_code"].value_counts().to_dict()
     assert set(codes) == {"server_error", "missing_result"}
     assert failed["retryable"].all()
@@ -434,7 +366,7 @@ def test_failed_and_lost_rows_each_land_in_exactly_one_table(tmp_path, api_style
     with InfronResource(base_url=resource.base_url, api_style="openai").get_client() as client:
         batches = list(client.list_batches())
     assert len(batches) == 3
-    assert sum(b.completed_requests for b in batches) == flow.results().num_rows
+    assert sum(b.completed_requests for b in batches) == flow.table("results").num_rows
     assert sum(b.failed_requests for b in batches) == codes["server_error"]
     lost = sum(b.total_requests - b.completed_requests - b.failed_requests for b in batches)
     assert lost == codes["missing_result"]
@@ -445,10 +377,10 @@ def test_failed_and_lost_rows_each_land_in_exactly_one_table(tmp_path, api_style
 
 def test_missing_result_rows_record_their_attempt(tmp_path, instance):
     resource = faulty_resource(tmp_path, "openai", lost_rate=0.3)
-    flow = make_flow(tmp_path, resource, instance)
-    flow.submit()
-    flow.collect()
-    failed = flow.failed().to_pandas()
+    flow = make_flow(tmp_path, resource)
+    flow.submit(instance)
+    flow.collect(instance)
+    failed = flow.table("failed").to_pandas()
     assert len(failed) > 0
     assert set(failed["error_code"]) == {"missing_result"}
     assert failed["attempt"].tolist() == [1] * len(failed)
@@ -456,12 +388,12 @@ def test_missing_result_rows_record_their_attempt(tmp_path, instance):
 
 def test_expired_batch_keeps_finished_rows_and_fails_the_rest(tmp_path, api_style, instance):
     resource = faulty_resource(tmp_path, api_style, expire=True, expire_fraction=0.5)
-    flow = make_flow(tmp_path, resource, instance)
-    flow.submit()
-    flow.collect()
+    flow = make_flow(tmp_path, resource)
+    flow.submit(instance)
+    flow.collect(instance)
 
     assert_partitioned_exactly(flow, set(range(20)))
-    results, failed = flow.results().to_pandas(), flow.failed().to_pandas()
+    results, failed = flow.table("results").to_pandas(), flow.table("failed").to_pandas()
     assert 0 < len(results) < 20
     assert results["sentiment"].notna().all()
     assert set(failed["error_code"]) == {"batch_expired"}
@@ -471,12 +403,12 @@ def test_expired_batch_keeps_finished_rows_and_fails_the_rest(tmp_path, api_styl
 
 def test_failed_validation_fails_every_row_retryably(tmp_path, api_style, instance):
     resource = faulty_resource(tmp_path, api_style, validation_failure=True)
-    flow = make_flow(tmp_path, resource, instance)
-    flow.submit()
-    result = flow.collect()
+    flow = make_flow(tmp_path, resource)
+    flow.submit(instance)
+    result = flow.collect(instance)
 
-    assert flow.results().num_rows == 0
-    failed = flow.failed().to_pandas()
+    assert flow.table("results").num_rows == 0
+    failed = flow.table("failed").to_pandas()
     assert sorted(failed["id"]) == list(range(20))
     assert set(failed["error_code"]) == {"batch_failed"}
     assert failed["retryable"].all()
@@ -492,39 +424,39 @@ def test_retry_job_moves_rows_from_failed_to_results_bounded_by_max_attempts(
     tmp_path, api_style, instance
 ):
     resource = faulty_resource(tmp_path, api_style, failure_rate=0.3)
-    flow = make_flow(tmp_path, resource, instance, max_attempts=2)
-    flow.submit()
+    flow = make_flow(tmp_path, resource, max_attempts=2)
+    flow.submit(instance)
 
-    early = flow.retry(raise_on_error=False)
+    early = flow.job("retry", instance, raise_on_error=False)
     assert early.success is False
     assert "is not collected yet" in step_error(early)
 
-    flow.collect()
-    failed_before = ids(flow.failed())
+    flow.collect(instance)
+    failed_before = ids(flow.table("failed"))
     assert failed_before, "failure_rate=0.3 should fail some of 20 rows"
     batches_before = len(server_batches(resource))
 
-    meta = submit_meta(flow.retry())
+    meta = submit_meta(flow.job("retry", instance))
     assert meta["attempt"] == 2
     assert meta["attempt_kind"] == "retry"
     assert meta["dagster/row_count"] == len(failed_before)  # only the failed rows are resent
     assert len(server_batches(resource)) == batches_before + meta["batches_created"]
     assert meta["batches_created"] == -(-len(failed_before) // 7)
 
-    result = flow.collect()
+    result = flow.collect(instance)
     assert checks(result)["completeness"].passed is True
     assert_partitioned_exactly(flow, set(range(20)))
-    failed_after = ids(flow.failed())
+    failed_after = ids(flow.table("failed"))
     moved = failed_before - failed_after
     assert failed_after <= failed_before
     assert moved, f"the retry recovered none of {sorted(failed_before)}"
-    results = flow.results().to_pandas().set_index("id")
+    results = flow.table("results").to_pandas().set_index("id")
     assert set(results.loc[sorted(moved), "attempt"]) == {2}
     assert set(results.loc[sorted(set(range(20)) - failed_before), "attempt"]) == {1}
     if failed_after:
-        assert set(flow.failed().column("attempt").to_pylist()) == {2}
+        assert set(flow.table("failed").column("attempt").to_pylist()) == {2}
 
-    beyond = flow.retry(raise_on_error=False)
+    beyond = flow.job("retry", instance, raise_on_error=False)
     assert beyond.success is False
     assert "already had 2 of max_attempts=2" in step_error(beyond)
     assert len(server_batches(resource)) == batches_before + meta["batches_created"]
@@ -534,36 +466,37 @@ def test_retry_job_moves_rows_from_failed_to_results_bounded_by_max_attempts(
 
 
 def test_unpartitioned_pipeline_end_to_end(tmp_path, infron_resource, instance):
-    flow = make_flow(tmp_path, infron_resource, instance, partitions_def=None)
-    assert submit_meta(flow.submit(None))["batches_created"] == 3
-    assert submit_meta(flow.resubmit(None))["reused_existing_batches"] is True
-    result = flow.collect(None)
+    flow = make_flow(tmp_path, infron_resource, partitions_def=None)
+    assert submit_meta(flow.submit(instance, None))["batches_created"] == 3
+    again = flow.submit(instance, None, upstream=False)
+    assert submit_meta(again)["reused_existing_batches"] is True
+    result = flow.collect(instance, None)
     assert checks(result)["completeness"].passed is True
-    assert flow.results(None).num_rows == 20
-    assert str(flow.store.table_path("results", None)).endswith(
+    assert flow.table("results", None).num_rows == 20
+    assert str(flow.storage.table_path("results", None)).endswith(
         "rev/results/partition=__all__/part-0.parquet"
     )
-    assert set(flow.results(None).column("custom_id").to_pylist()) == {
+    assert set(flow.table("results", None).column("custom_id").to_pylist()) == {
         make_custom_id("rev", None, str(i)) for i in range(20)
     }
 
     # Collecting again is idempotent: same rows, nothing new on the server.
-    before = flow.results(None)
-    again = flow.collect(None)
+    before = flow.table("results", None)
+    again = flow.collect(instance, None)
     assert checks(again)["completeness"].passed is True
-    assert flow.results(None).equals(before)
+    assert flow.table("results", None).equals(before)
     assert len(server_batches(infron_resource)) == 3
 
 
 def test_daily_partitioned_pipeline(tmp_path, openai_resource, instance):
     daily = dg.DailyPartitionsDefinition(start_date="2026-11-01", end_date="2026-11-10")
-    flow = make_flow(tmp_path, openai_resource, instance, partitions_def=daily)
+    flow = make_flow(tmp_path, openai_resource, partitions_def=daily)
     for day, n in (("2026-11-03", 20), ("2026-11-04", 5)):
         flow.rows[day] = reviews_frame(n)
-        assert submit_meta(flow.submit(day))["dagster/row_count"] == n
-        flow.collect(day)
-    assert flow.results("2026-11-03").num_rows == 20
-    root = str(flow.store.table_root("results"))
+        assert submit_meta(flow.submit(instance, day))["dagster/row_count"] == n
+        flow.collect(instance, day)
+    assert flow.table("results", "2026-11-03").num_rows == 20
+    root = str(flow.storage.table_root("results"))
     assert sorted(os.listdir(root)) == ["partition=2026-11-03", "partition=2026-11-04"]
     rows = duckdb.sql(
         f"select cast(partition as varchar), count(*) from "
@@ -579,18 +512,18 @@ def test_parquet_source_reads_the_files_of_a_partition(tmp_path, infron_resource
         table = pa.Table.from_pandas(reviews_frame(10).assign(id=range(start, start + 10)))
         pq.write_table(table, folder / f"part-{start}.parquet")
     source = ParquetSource(str(tmp_path / "src" / "{partition_key}" / "*.parquet"))
-    flow = make_flow(tmp_path, infron_resource, instance, source=source)
+    flow = make_flow(tmp_path, infron_resource, source=source)
     assert flow.upstream is None
 
-    assert submit_meta(flow.submit("a"))["dagster/row_count"] == 20
-    flow.collect("a")
-    assert ids(flow.results("a")) == set(range(20))
+    assert submit_meta(flow.submit(instance, "a"))["dagster/row_count"] == 20
+    flow.collect(instance, "a")
+    assert ids(flow.table("results", "a")) == set(range(20))
 
-    missing = flow.submit("c", raise_on_error=False)
+    missing = flow.submit(instance, "c", raise_on_error=False)
     assert missing.success is False
     assert f"no Parquet input at '{tmp_path}/src/c/*.parquet'" in step_error(missing)
 
-    never = flow.retry("b", raise_on_error=False)
+    never = flow.job("retry", instance, "b", raise_on_error=False)
     assert never.success is False
     assert "partition 'b' of rev has never been submitted" in step_error(never)
 
@@ -599,10 +532,10 @@ def test_embeddings_pipeline_with_keep_columns(tmp_path, openai_resource, instan
     spec = RequestSpec(
         model="text-embedding-3-small", endpoint="/v1/embeddings", prompt_template="{text}"
     )
-    flow = make_flow(tmp_path, openai_resource, instance, spec=spec, keep_columns=["id"])
-    flow.submit()
-    flow.collect()
-    results = flow.results()
+    flow = make_flow(tmp_path, openai_resource, spec=spec, keep_columns=["id"])
+    flow.submit(instance)
+    flow.collect(instance)
+    results = flow.table("results")
     assert results.num_rows == 20
     assert "text" not in results.column_names and "stars" not in results.column_names
     assert results.schema.field("embedding").type == pa.list_(pa.float32())
@@ -681,35 +614,35 @@ def test_two_runs_racing_on_one_partition_create_one_set_of_batches(tmp_path, re
 def test_reverting_input_revives_the_paid_batches_of_that_version(
     tmp_path, infron_resource, instance
 ):
-    flow = make_flow(tmp_path, infron_resource, instance)
-    original = submit_meta(flow.submit())  # A: 20 rows
+    flow = make_flow(tmp_path, infron_resource)
+    original = submit_meta(flow.submit(instance))  # A: 20 rows
     flow.rows["a"] = reviews_frame(5)
-    b = submit_meta(flow.submit())  # B: 5 rows, all unchanged and still in flight in A
+    b = submit_meta(flow.submit(instance))  # B: 5 rows, all unchanged and still in flight in A
     assert b["batches_created"] == 0 and b["carried_from_in_flight"] == 5
-    flow.collect()
-    assert ids(flow.results()) == set(range(5))
+    flow.collect(instance)
+    assert ids(flow.table("results")) == set(range(5))
     assert len(server_batches(infron_resource)) == 3
 
     del flow.rows["a"]  # back to A: nothing is paid twice, and A's rows are what is collected
-    reverted = submit_meta(flow.submit())
+    reverted = submit_meta(flow.submit(instance))
     assert reverted["batches_created"] == 0
     assert reverted["reused_existing_batches"] is True
     assert reverted["attempt"] == 3
     assert reverted["batch_ids"] == original["batch_ids"]
     assert len(server_batches(infron_resource)) == 3
-    flow.collect()
-    assert ids(flow.results()) == set(range(20))
-    assert flow.failed().num_rows == 0
+    flow.collect(instance)
+    assert ids(flow.table("results")) == set(range(20))
+    assert flow.table("failed").num_rows == 0
 
 
 def test_empty_pandas_partition_keeps_the_whole_table_readable(tmp_path, infron_resource, instance):
-    flow = make_flow(tmp_path, infron_resource, instance)
+    flow = make_flow(tmp_path, infron_resource)
     # A day with no reviews, built the usual pandas way: object columns, which Arrow types null.
     flow.rows["a"] = pd.DataFrame(columns=["id", "text", "stars"])
     for partition in ("a", "b"):
-        flow.submit(partition)
-        flow.collect(partition)
-    root = str(flow.store.table_root("results"))
+        flow.submit(instance, partition)
+        flow.collect(instance, partition)
+    root = str(flow.storage.table_root("results"))
     table = ds.dataset(root, partitioning="hive").to_table()
     assert table.num_rows == 20
     assert table.schema.field("text").type in (pa.string(), pa.large_string())
@@ -725,40 +658,43 @@ def test_a_retry_whose_create_was_refused_resumes_as_the_same_attempt(
 ):
     folder = make_local_dir(str(tmp_path / "faulty"), failure_rate=0.3)
     resource = InfronResource(base_url=f"local://{folder}", max_retries=0)
-    flow = make_flow(tmp_path, resource, instance)
-    flow.submit()
-    flow.collect()
-    failed_before = ids(flow.failed())
+    flow = make_flow(tmp_path, resource)
+    flow.submit(instance)
+    flow.collect(instance)
+    failed_before = ids(flow.table("failed"))
     assert failed_before
     # The provider's queue is full: the retry's create call is refused.
     save_config(folder, LocalServerConfig(**INSTANT, failure_rate=0.3, enqueued_token_limit=1))
-    refused = flow.retry(raise_on_error=False)
+    refused = flow.job("retry", instance, raise_on_error=False)
     assert refused.success is False and "Enqueued token limit" in step_error(refused)
     batches_before = len(server_batches(resource))
 
     save_config(folder, LocalServerConfig(**INSTANT, failure_rate=0.3))
-    resumed = flow.retry() if resume_with == "retry job" else flow.resubmit()
+    if resume_with == "retry job":
+        resumed = flow.job("retry", instance)
+    else:
+        resumed = flow.submit(instance, upstream=False)
     assert resumed.success
-    manifests = sorted(os.listdir(flow.store.partition_dir("manifests", "a").path))
+    manifests = sorted(os.listdir(flow.storage.partition_dir("manifests", "a").path))
     assert manifests == ["attempt=1.json", "attempt=2.json"]  # resumed, not a third attempt
-    attempt2 = flow.store.read_json(flow.store.manifest_path("a", 2))
+    attempt2 = flow.storage.read_json(flow.storage.manifest_path("a", 2))
     assert attempt2["state"] == "submitted" and attempt2["kind"] == "retry"
     assert len(server_batches(resource)) == batches_before + len(attempt2["chunks"])
-    flow.collect()
+    flow.collect(instance)
     assert_partitioned_exactly(flow, set(range(20)))
-    assert ids(flow.failed()) <= failed_before
+    assert ids(flow.table("failed")) <= failed_before
 
 
 def test_bad_keep_columns_or_a_none_upstream_fail_the_submit_before_any_paid_call(
     tmp_path, infron_resource, instance
 ):
-    flow = make_flow(tmp_path, infron_resource, instance, keep_columns=["id", "no_such"])
-    typo = flow.submit(raise_on_error=False)
+    flow = make_flow(tmp_path, infron_resource, keep_columns=["id", "no_such"])
+    typo = flow.submit(instance, raise_on_error=False)
     assert typo.success is False and "keep_columns names 'no_such'" in step_error(typo)
 
-    flow = make_flow(tmp_path / "none", infron_resource, instance)
+    flow = make_flow(tmp_path / "none", infron_resource)
     flow.rows["a"] = None
-    forgot = flow.submit(raise_on_error=False)
+    forgot = flow.submit(instance, raise_on_error=False)
     assert forgot.success is False and "produced no data (None)" in step_error(forgot)
     folder = infron_resource.base_url.removeprefix("local://")
     assert (
