@@ -302,6 +302,10 @@ class Pipeline:
         """The table as a DataFrame (it must exist)."""
         return self.storage.read_table(self.storage.table_path(kind, key)).to_pandas()
 
+    def frames(self, key: str | None = "a") -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The results and failed tables as DataFrames (both must exist)."""
+        return self.frame("results", key), self.frame("failed", key)
+
     def accounted_ids(self, key: str | None = "a") -> list[int]:
         """Input ids found in results or failed (each once if every row is accounted)."""
         ids: list[int] = []
