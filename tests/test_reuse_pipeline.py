@@ -4,16 +4,17 @@ embedded local server (its batches counted on disk), real files."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 import pytest
 from conftest import make_local_dir
+from harness import Pipeline, metadata
 
-from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
+from infron_dagster import InfronResource
 from infron_dagster.keys import make_custom_id
-from infron_dagster.local.store import Store
 
 PARTS = dg.StaticPartitionsDefinition(["a", "b", "c"])
 ROWS = 1000
@@ -31,57 +32,33 @@ def frame(partition: str) -> pd.DataFrame:
     )
 
 
-class Flow:
-    def __init__(self, tmp_path, instance, **factory: Any) -> None:
-        @dg.asset(name="reviews", partitions_def=PARTS)
-        def reviews(context):
-            return frame(context.partition_key)
-
-        self.server = make_local_dir(str(tmp_path / "srv"))
-        self.pipeline = build_infron_batch_assets(
-            name="rev",
-            spec=RequestSpec(model="gpt-4o-mini", prompt_template="Sentiment of {text}",
-                             key_columns="id"),
-            source="reviews",
-            partitions_def=PARTS,
-            storage_root=str(tmp_path / "lake"),
-            max_requests_per_batch=400,
-            **factory,
-        )
-        self.resources = {
-            "infron": InfronResource(base_url=f"local://{self.server}"),
-            "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
-        }
-        self.reviews, self.instance = reviews, instance
-
-    def submit(self, partition: str) -> dict[str, Any]:
-        result = dg.materialize(
-            [self.reviews, self.pipeline.batches_asset],
-            partition_key=partition,
-            instance=self.instance,
-            resources=self.resources,
-        )
-        meta = result.asset_materializations_for_node("rev_batches")[0].metadata
-        return {k: v.value for k, v in meta.items()}
-
-    def collect(self, partition: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-        dg.materialize(
-            self.pipeline.collect_definitions,
-            partition_key=partition,
-            instance=self.instance,
-            resources=self.resources,
-        )
-        store = self.pipeline.storage
-        return (
-            store.read_table(store.table_path("results", partition)).to_pandas(),
-            store.read_table(store.table_path("failed", partition)).to_pandas(),
-        )
+@dataclass
+class Flow(Pipeline):
+    """Partitions asking ``frame(partition)``; the local server's batches counted."""
 
     def batches(self) -> int:
-        return len(Store(self.server).list_batches())
+        return len(self.server_batches())
 
     def sent(self) -> int:
-        return sum(b["total"] for b in Store(self.server).list_batches())
+        return sum(b["total"] for b in self.server_batches())
+
+
+def make_flow(tmp_path, **factory: Any) -> Flow:
+    def rows(partition: str) -> pd.DataFrame:
+        return frame(partition)  # looked up at each run: a test may swap it
+
+    server = make_local_dir(str(tmp_path / "srv"))
+    resource = InfronResource(base_url=f"local://{server}")
+    return Flow.build(tmp_path, resource, PARTS, frame=rows, max_requests_per_batch=400, **factory)
+
+
+def submit(flow: Flow, instance, partition: str) -> dict[str, Any]:
+    return metadata(flow.submit(instance, partition))
+
+
+def collect(flow: Flow, instance, partition: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    flow.collect(instance, partition)
+    return flow.frames(partition)
 
 
 @pytest.fixture
@@ -91,17 +68,17 @@ def instance():
 
 
 def test_a_partition_answered_elsewhere_sends_nothing(tmp_path, instance):
-    flow = Flow(tmp_path, instance, reuse_answers="pipeline")
-    flow.submit("a")
-    results_a, _ = flow.collect("a")
+    flow = make_flow(tmp_path, reuse_answers="pipeline")
+    submit(flow, instance, "a")
+    results_a, _ = collect(flow, instance, "a")
     assert len(results_a) == ROWS and flow.sent() == ROWS and flow.batches() == 3
 
-    meta = flow.submit("b")
+    meta = submit(flow, instance, "b")
     assert flow.sent() == ROWS and flow.batches() == 3  # not one request, not one batch
     assert meta["batches_created"] == 0 and meta["carried_rows"] == ROWS
     assert meta["carried_from_other_partitions"] == ROWS
     assert "another partition" in meta["carried_why"]
-    results, failed = flow.collect("b")
+    results, failed = collect(flow, instance, "b")
     # Completeness: every input row of b, under b's own ids and columns, with a's answers.
     assert failed.empty and sorted(results["id"]) == list(range(10_000, 10_000 + ROWS))
     assert set(results["day"]) == {"b"}
@@ -114,16 +91,16 @@ def test_a_partition_answered_elsewhere_sends_nothing(tmp_path, instance):
     assert results_a["cost"].sum() > 0 and (results["cost"] == 0).all()
 
     # c carries from a too (a's file lists its own answers; b's answers live in a)
-    meta_c = flow.submit("c")
+    meta_c = submit(flow, instance, "c")
     assert meta_c["carried_from_other_partitions"] == ROWS and flow.sent() == ROWS
-    results_c, failed_c = flow.collect("c")
+    results_c, failed_c = collect(flow, instance, "c")
     assert failed_c.empty and len(results_c) == ROWS
 
 
 def test_one_new_question_is_the_only_request_sent(tmp_path, instance):
-    flow = Flow(tmp_path, instance, reuse_answers="pipeline")
-    flow.submit("a")
-    flow.collect("a")
+    flow = make_flow(tmp_path, reuse_answers="pipeline")
+    submit(flow, instance, "a")
+    collect(flow, instance, "a")
     original = frame
 
     def changed(partition: str) -> pd.DataFrame:
@@ -134,30 +111,30 @@ def test_one_new_question_is_the_only_request_sent(tmp_path, instance):
 
     globals()["frame"] = changed
     try:
-        meta = flow.submit("b")
+        meta = submit(flow, instance, "b")
     finally:
         globals()["frame"] = original
     assert flow.sent() == ROWS + 1 and meta["carried_from_other_partitions"] == ROWS - 1
-    results, failed = flow.collect("b")
+    results, failed = collect(flow, instance, "b")
     assert failed.empty and len(results) == ROWS
 
 
 def test_by_default_every_partition_pays_for_its_own_answers(tmp_path, instance):
-    flow = Flow(tmp_path, instance)
-    flow.submit("a")
-    flow.collect("a")
-    meta = flow.submit("b")
+    flow = make_flow(tmp_path)
+    submit(flow, instance, "a")
+    collect(flow, instance, "a")
+    meta = submit(flow, instance, "b")
     assert flow.sent() == 2 * ROWS and meta["carried_from_other_partitions"] == 0
 
 
 def test_a_vanished_source_fails_its_rows_retryable(tmp_path, instance):
-    flow = Flow(tmp_path, instance, reuse_answers="pipeline")
-    flow.submit("a")
-    flow.collect("a")
-    flow.submit("b")
+    flow = make_flow(tmp_path, reuse_answers="pipeline")
+    submit(flow, instance, "a")
+    collect(flow, instance, "a")
+    submit(flow, instance, "b")
     store = flow.pipeline.storage
     marker = store.attempt_dir("raw", "a", 1) / "batches.json"
     marker.unlink()  # a's downloaded answers are gone
-    results, failed = flow.collect("b")
+    results, failed = collect(flow, instance, "b")
     assert results.empty and len(failed) == ROWS  # never lost: failed, retryable
     assert set(failed["error_code"]) == {"missing_result"} and failed["retryable"].all()
