@@ -6,6 +6,7 @@ downstream asset loads it through :class:`InfronTableIOManager` in a real ``dg.m
 
 import io
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -14,9 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_local_dir
+from harness import Pipeline
 
-from infron_dagster import BatchStorage, InfronBatchPipeline, InfronResource, RequestSpec
+from infron_dagster import BatchStorage, InfronResource, RequestSpec
 from infron_dagster.assets import build_infron_batch_assets
+from infron_dagster.prepare import DEFAULT_MAX_REQUESTS
 from infron_dagster.table_loader import (
     InfronTableIOManager,
     MissingPartitionError,
@@ -49,39 +52,21 @@ def reviews_asset(partitions_def: dg.PartitionsDefinition | None) -> dg.AssetsDe
     return reviews
 
 
-class Flow:
-    """A pipeline on the embedded server, with a downstream asset to load its tables."""
+@dataclass
+class Flow(Pipeline):
+    """The shared pipeline with the test's instance, and a downstream asset to load its tables."""
 
-    def __init__(self, pipeline: InfronBatchPipeline, resource: InfronResource, instance, tmp):
-        self.pipeline = pipeline
-        self.instance = instance
-        self.reviews = reviews_asset(pipeline.batches_asset.partitions_def)
-        self.collect_asset = pipeline.collect_assets  # the tables IO manager is bound to it
-        self.resources: dict[str, Any] = {
-            "infron": resource,
-            "io_manager": dg.FilesystemIOManager(base_dir=str(tmp / "io")),
-        }
+    instance: Any = None
 
     def submit_and_collect(self, partition: str | None) -> None:
-        submitted = dg.materialize(
-            [self.reviews, self.pipeline.batches_asset],
-            partition_key=partition,
-            instance=self.instance,
-            resources=self.resources,
-        )
-        assert submitted.success
-        collected = dg.materialize(
-            [self.collect_asset],
-            partition_key=partition,
-            instance=self.instance,
-            resources=self.resources,
-        )
+        assert self.submit(self.instance, partition).success
+        collected = self.collect(self.instance, partition)
         done = {e.asset_key for e in collected.asset_materializations_for_node("rev_collect")}
         assert done == {self.pipeline.results_key, self.pipeline.failed_key}
 
     def downstream(self, asset: dg.AssetsDefinition, partition: str | None = None, **kw):
         return dg.materialize(
-            [self.collect_asset, asset],
+            [self.pipeline.collect_assets, asset],  # the tables IO manager is bound to it
             selection=[asset],
             partition_key=partition,
             instance=self.instance,
@@ -93,15 +78,12 @@ class Flow:
 def make_flow(tmp_path, instance, partitions_def=PARTS, **kwargs: Any) -> Flow:
     folder = make_local_dir(str(tmp_path / "local"))
     resource = InfronResource(base_url=f"local://{folder}", api_style="infron", max_retries=0)
-    pipeline = build_infron_batch_assets(
-        name="rev",
-        spec=SPEC,
-        source="reviews",
-        partitions_def=partitions_def,
-        storage_root=kwargs.pop("storage_root", str(tmp_path / "lake")),
-        **kwargs,
+    kwargs.setdefault("max_requests_per_batch", DEFAULT_MAX_REQUESTS)
+    flow = Flow.build(
+        tmp_path, resource, partitions_def, spec=SPEC, frame=lambda key: ROWS[key], **kwargs
     )
-    return Flow(pipeline, resource, instance, tmp_path)
+    flow.instance = instance
+    return flow
 
 
 def on_disk(flow: Flow, kind: str, partition: str | None) -> pa.Table:
