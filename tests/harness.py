@@ -264,7 +264,7 @@ class Pipeline:
         while not done():
             assert time.monotonic() < deadline, (
                 f"not converged within {timeout} s; requested: "
-                f"{[r.run_key for r in self.requested]}"
+                f"{[r.run_key for r in self.requested]}; manifests: {self.states()}"
             )
             self.tick(instance)
             if between is not None:
@@ -280,6 +280,23 @@ class Pipeline:
 
     def manifests(self, key: str | None = "a"):
         return load_manifests(self.storage, key)
+
+    def states(self) -> dict[str | None, list[Any]]:
+        """What each partition's attempts say (a few partitions), for failure messages."""
+        parts = self.pipeline.batches_asset.partitions_def
+        if parts is None:
+            keys: list[str | None] = [None]
+        elif isinstance(parts, dg.StaticPartitionsDefinition):
+            keys = list(parts.get_partition_keys())[:5]
+        else:
+            return {}
+        return {
+            key: [
+                (m.attempt, m.state, [(c.batch_id, c.uncertain) for c in m.chunks])
+                for m in self.manifests(key)
+            ]
+            for key in keys
+        }
 
     def collected(self, *keys: str | None) -> Callable[[], bool]:
         """The latest attempt of each partition (``a`` by default) collected."""

@@ -37,15 +37,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import Clock, make_local_dir
+from harness import Pipeline, failure
 
 import infron_dagster.resume as resume_module
 import infron_dagster.sensor as sensor_module
 import infron_dagster.submit as submit_module
-from infron_dagster import InfronResource, ParquetSource, RequestSpec, build_infron_batch_assets
+from infron_dagster import InfronResource, ParquetSource, RequestSpec
 from infron_dagster.admission import AdmissionControl
 from infron_dagster.local import embedded
-from infron_dagster.local.store import Store
-from infron_dagster.manifest import load_manifests
 
 KEY = "a"
 PARTS = dg.StaticPartitionsDefinition([KEY, "b"])
@@ -63,49 +62,11 @@ PER_REQUEST = 22
 
 
 @dataclass
-class Flow:
-    pipeline: Any
-    defs: dg.Definitions
-    resources: dict[str, Any]
-    source: str  # the Parquet file of partition "a" ("b.parquet" beside it)
-    local_dir: str
+class Flow(Pipeline):
+    """The shared pipeline on Parquet files; ``source`` is partition "a"'s ("b.parquet"
+    beside it)."""
 
-    @property
-    def storage(self):
-        return self.pipeline.storage
-
-    @property
-    def batches_key(self) -> dg.AssetKey:
-        return self.pipeline.batches_asset.key
-
-    def manifests(self, key: str = KEY):
-        return load_manifests(self.storage, key)
-
-    def submit(self, instance, key: str = KEY) -> dg.ExecuteInProcessResult:
-        """A materialization of the submit asset, as a person launches it from the UI."""
-        return dg.materialize(
-            [self.pipeline.batches_asset],
-            partition_key=key,
-            resources=self.resources,
-            instance=instance,
-        )
-
-    def table(self, kind: str, key: str = KEY) -> pa.Table | None:
-        path = self.storage.table_path(kind, key)
-        return pq.read_table(path.path) if self.storage.exists(path) else None
-
-    def accounted_ids(self, key: str = KEY) -> list[int]:
-        """Input ids found in results or failed (each once if every row is accounted)."""
-        ids: list[int] = []
-        for kind in ("results", "failed"):
-            table = self.table(kind, key)
-            if table is not None:
-                ids += table.column("id").to_pylist()
-        return sorted(ids)
-
-    def server_batches(self) -> list[dict[str, Any]]:
-        """Every batch the local server holds (each one paid for)."""
-        return Store(self.local_dir).list_batches()
+    source: str = ""
 
 
 def _write_rows(path: str, texts: list[str]) -> None:
@@ -136,18 +97,17 @@ def make_flow(
         make_local_dir(local_dir, **knobs)
     resource = InfronResource(base_url=f"local://{local_dir}", api_style=api_style, max_retries=2)
     extra: dict[str, Any] = {"max_enqueued_tokens": limit} if limit else {}
-    pipeline = build_infron_batch_assets(
-        name="rev",
+    flow = Flow.build(
+        tmp_path,
+        resource,
+        PARTS,
         spec=SPEC,
         source=ParquetSource(str(source_dir / "{partition_key}.parquet")),
-        partitions_def=PARTS,
-        storage_root=str(tmp_path / "lake"),
         max_requests_per_batch=per_chunk,
         **extra,
     )
-    resources = {"infron": resource}
-    defs = dg.Definitions.merge(pipeline.definitions, dg.Definitions(resources=resources))
-    return Flow(pipeline, defs, resources, source, local_dir)
+    flow.source = source
+    return flow
 
 
 # --- the local server's create calls, counted (and failed on demand) -------------------------
@@ -245,86 +205,6 @@ class SensorTime:
         return fake
 
 
-@dataclass
-class Daemon:
-    """Ticks the sensor and runs what it requests, each run_key once, as the daemon does."""
-
-    flow: Flow
-    instance: Any
-    cursor: str | None = None
-    seen: set[str] = field(default_factory=set)
-    requested: list[dg.RunRequest] = field(default_factory=list)
-    runs: list[dg.ExecuteInProcessResult] = field(default_factory=list)
-
-    def tick(self) -> list[dg.RunRequest]:
-        """One tick; the new run requests (not run yet)."""
-        context = dg.build_sensor_context(
-            instance=self.instance,
-            definitions=self.flow.defs,
-            resources=self.flow.resources,
-            cursor=self.cursor,
-        )
-        result = self.flow.pipeline.sensor(context)
-        self.cursor = result.cursor
-        fresh = [r for r in result.run_requests or [] if r.run_key not in self.seen]
-        self.seen.update(r.run_key for r in fresh)
-        self.requested += fresh
-        return fresh
-
-    def run(self, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
-        job = self.flow.defs.resolve_implicit_global_asset_job_def()
-        result = job.execute_in_process(
-            partition_key=request.partition_key,
-            asset_selection=request.asset_selection,
-            tags=request.tags,
-            run_config=request.run_config,
-            instance=self.instance,
-            raise_on_error=False,
-        )
-        self.runs.append(result)
-        assert result.success, f"run {request.run_key} failed: {_failure(result)}"
-        return result
-
-    def drive(
-        self,
-        done: Callable[[], bool],
-        timeout: float = 30.0,
-        between: Callable[[], None] | None = None,
-    ) -> None:
-        """Tick and run until ``done()``; ``between`` after each tick (moves a clock)."""
-        deadline = time.monotonic() + timeout
-        while not done():
-            assert time.monotonic() < deadline, (
-                f"not converged within {timeout} s; requested: "
-                f"{[r.run_key for r in self.requested]}; manifests: {_states(self.flow)}"
-            )
-            for request in self.tick():
-                self.run(request)
-            if between is not None:
-                between()
-            time.sleep(0.05)
-
-    def submits(self) -> list[dg.RunRequest]:
-        return [r for r in self.requested if r.asset_selection == [self.flow.batches_key]]
-
-
-def _states(flow: Flow) -> list[Any]:
-    return [
-        (
-            m.attempt,
-            m.state,
-            getattr(m, "cancelled_at", "-"),
-            [(c.batch_id, c.uncertain) for c in m.chunks],
-        )
-        for m in flow.manifests()
-    ]
-
-
-def _failure(result: dg.ExecuteInProcessResult) -> str:
-    events = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    return "; ".join(str(e.step_failure_data.error.message)[:500] for e in events) or "?"
-
-
 def _metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict[str, Any]:
     (event,) = [
         e
@@ -334,19 +214,6 @@ def _metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict[str, 
     ]
     meta = event.event_specific_data.materialization.metadata
     return {k: v.value for k, v in meta.items()}
-
-
-def collected(flow: Flow, *keys: str) -> Callable[[], bool]:
-    """The latest attempt of each partition (``a`` by default) collected."""
-
-    def check() -> bool:
-        for key in keys or (KEY,):
-            manifests = [m for m in flow.manifests(key) if m.state != "abandoned"]
-            if not manifests or manifests[-1].state != "collected":
-                return False
-        return True
-
-    return check
 
 
 # --- 1. cancel stops everything not yet sent -------------------------------------------------
@@ -371,9 +238,7 @@ def test_cancel_stops_the_chunks_waiting_for_admission_for_good(tmp_path, monkey
         (manifest,) = flow.manifests()
         assert [bool(c.batch_id) for c in manifest.chunks] == [True, False]
 
-        cancel = flow.defs.resolve_job_def("rev_cancel").execute_in_process(
-            partition_key=KEY, instance=instance
-        )
+        cancel = flow.job("cancel", instance, KEY)
         assert cancel.success
         (output,) = [e for e in cancel.all_events if e.event_type_value == "STEP_OUTPUT"]
         meta = {k: v.value for k, v in output.step_output_data.metadata.items()}
@@ -384,10 +249,10 @@ def test_cancel_stops_the_chunks_waiting_for_admission_for_good(tmp_path, monkey
         assert creates.statuses == Counter({200: 1}), "the queued run created a cancelled chunk"
 
         later()  # the cancelled batch ends: capacity frees
-        daemon = Daemon(flow, instance)
-        daemon.drive(collected(flow), between=later)
+        flow.drive(instance, flow.collected(), timeout=30, between=later)
         for _ in range(3):  # later ticks (capacity is free now) request nothing of it
-            assert [r for r in daemon.tick() if r.asset_selection == [flow.batches_key]] == []
+            ticked = flow.tick(instance, run=False)
+            assert [r for r in ticked if r.asset_selection == [flow.batches_key]] == []
             later()
 
         assert creates.statuses == Counter({200: 1}), "a chunk of the cancelled attempt was paid"
@@ -407,9 +272,8 @@ def test_cancel_stops_the_chunks_waiting_for_admission_for_good(tmp_path, monkey
 
         # Retryable means it: the retry sends the 4 rows as attempt 2 (admitted one chunk
         # at a time), never a chunk of the cancelled attempt.
-        retry = flow.defs.resolve_job_def("rev_retry")
-        assert retry.execute_in_process(partition_key=KEY, instance=instance).success
-        daemon.drive(collected(flow), between=later)
+        assert flow.job("retry", instance, KEY).success
+        flow.drive(instance, flow.collected(), timeout=30, between=later)
 
     assert creates.statuses == Counter({200: 3})
     first, second = flow.manifests()
@@ -433,15 +297,12 @@ def test_cancelling_a_partition_whose_chunks_all_wait_sends_none_of_them(tmp_pat
         waiting = flow.submit(instance, KEY)
         assert waiting.success and _metadata(waiting, flow.batches_key)["pending_chunks"] == 2
         assert creates.statuses == Counter({200: 1})
-        cancel = flow.defs.resolve_job_def("rev_cancel").execute_in_process(
-            partition_key=KEY, instance=instance
-        )
+        cancel = flow.job("cancel", instance, KEY)
         assert cancel.success
         later()
-        daemon = Daemon(flow, instance)
-        daemon.drive(collected(flow, KEY, "b"), between=later)
+        flow.drive(instance, flow.collected(KEY, "b"), timeout=30, between=later)
         for _ in range(3):
-            daemon.tick()
+            flow.tick(instance, run=False)
             later()
 
     (manifest,) = flow.manifests(KEY)
@@ -496,8 +357,11 @@ def test_editing_a_half_admitted_partition_carries_the_created_chunk(tmp_path, m
         assert first.chunks[0].batch_id in second.waiting_batch_ids  # it waits for that batch
 
         clock.now += 3600  # the first batch ends
-        daemon = Daemon(flow, instance)
-        daemon.drive(collected(flow), between=lambda: setattr(clock, "now", clock.now + 3600))
+
+        def later() -> None:
+            clock.now += 3600
+
+        flow.drive(instance, flow.collected(), timeout=30, between=later)
 
     sent = sum(b["total"] for b in flow.server_batches())
     assert sent == 3 + 6 - len(carried), f"{sent} requests paid for 6 rows, 1 of them edited"
@@ -547,10 +411,9 @@ def test_a_run_killed_after_admission_is_resubmitted_by_the_sensor_alone(tmp_pat
     assert control.in_flight() > 0, "the killed run held reservations"
 
     with dg.instance_for_test() as instance:  # no human run from here on: the sensor only
-        daemon = Daemon(flow, instance)
-        daemon.drive(collected(flow))
+        flow.drive(instance, flow.collected(), timeout=30)
 
-    assert daemon.submits(), "the sensor must request the submit run itself"
+    assert flow.submits(), "the sensor must request the submit run itself"
     assert creates.statuses == Counter({200: 2})  # each chunk once
     batches = flow.server_batches()
     assert len(batches) == 2 and sum(b["total"] for b in batches) == 6
@@ -585,10 +448,10 @@ def test_a_provider_refusal_is_retried_after_a_short_backoff_with_new_run_keys(
         assert (
             "the provider refused the create" in _metadata(first, flow.batches_key)["pending_why"]
         )
-        daemon = Daemon(flow, instance)
 
         def submit_requests() -> list[dg.RunRequest]:
-            return [r for r in daemon.tick() if r.asset_selection == [flow.batches_key]]
+            ticked = flow.tick(instance, run=False)
+            return [r for r in ticked if r.asset_selection == [flow.batches_key]]
 
         keys = []
         for retry in range(3):  # each refused again: chunk 0 holds the provider's queue
@@ -603,11 +466,11 @@ def test_a_provider_refusal_is_retried_after_a_short_backoff_with_new_run_keys(
                 requests = submit_requests()
                 assert len(requests) == 1, (
                     f"retry {retry}: no new submit request {later.offset:.0f} s after the "
-                    f"refused run (requested so far: {[r.run_key for r in daemon.requested]})"
+                    f"refused run (requested so far: {[r.run_key for r in flow.requested]})"
                 )
                 (request,) = requests
             keys.append(request.run_key)
-            daemon.run(request)
+            flow.run(instance, request)
             assert not flow.manifests()[0].fully_submitted  # refused once more
             later.offset = 0.0  # the sensor's clock, from the end of this run
 
@@ -618,11 +481,11 @@ def test_a_provider_refusal_is_retried_after_a_short_backoff_with_new_run_keys(
             clock.now += 3600
             later.offset += 3600
 
-        daemon.drive(collected(flow), between=onward)
+        flow.drive(instance, flow.collected(), timeout=30, between=onward)
 
     assert creates.statuses[200] == 2  # each chunk created once
     assert set(creates.statuses) <= {200, 400}, creates.statuses
-    run_keys = [r.run_key for r in daemon.requested]
+    run_keys = [r.run_key for r in flow.requested]
     assert len(set(run_keys)) == len(run_keys)
     assert flow.accounted_ids() == [0, 1, 2, 3]
     assert flow.table("results").num_rows == 4
@@ -652,17 +515,15 @@ def test_an_ambiguous_openai_create_waits_and_the_sensor_settles_it(
     )
     with dg.instance_for_test() as instance:
         first = flow.submit(instance)  # a run that can only wait ends successfully
-        assert first.success, _failure(first)
+        assert first.success, failure(first)
         meta = _metadata(first, flow.batches_key)
         assert "waiting_for" in meta and "re-attached by its metadata" in meta["waiting_for"]
         (manifest,) = flow.manifests()
         assert manifest.chunks[1].uncertain and not manifest.chunks[1].batch_id
+        flow.drive(instance, flow.collected(), timeout=40)  # every run the sensor asks succeeds
 
-        daemon = Daemon(flow, instance)
-        daemon.drive(collected(flow), timeout=40)  # every run the sensor asks succeeds
-
-    assert daemon.submits(), "the sensor must request the run that settles the ambiguity"
-    assert all(run.success for run in daemon.runs)
+    assert flow.submits(), "the sensor must request the run that settles the ambiguity"
+    assert all(run.success for run in flow.runs)
     assert creates.statuses[500] == 1
     batches = flow.server_batches()
     assert len(batches) == 2, f"{len(batches)} batches for 2 chunks: one was paid twice"
@@ -689,10 +550,9 @@ def test_an_ambiguous_create_of_a_first_and_only_batch_is_sent_after_the_grace(
     flow = make_flow(tmp_path, rows=3, per_chunk=3, api_style="openai", in_progress_seconds=0.2)
     with dg.instance_for_test() as instance:
         first = flow.submit(instance)
-        assert first.success, _failure(first)
+        assert first.success, failure(first)
         assert "waiting_for" in _metadata(first, flow.batches_key)
-        daemon = Daemon(flow, instance)
-        daemon.drive(collected(flow), timeout=12)
+        flow.drive(instance, flow.collected(), timeout=12)
     assert creates.statuses == Counter({500: 1, 200: 1})
     assert len(flow.server_batches()) == 1
     assert flow.accounted_ids() == [0, 1, 2]
