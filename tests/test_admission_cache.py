@@ -10,8 +10,9 @@ import logging
 
 import dagster as dg
 import pytest
-from conftest import make_local_dir, review_pipeline
-from test_admission import _accounted, _count_creates, _drive
+from conftest import make_local_dir
+from harness import Pipeline
+from test_admission import _count_creates
 
 from infron_dagster import InfronResource
 from infron_dagster.admission import AdmissionControl
@@ -21,23 +22,23 @@ PARTS = dg.StaticPartitionsDefinition(["a", "b"])
 ROWS = 4
 
 
-def _flow(tmp_path):
+def _flow(tmp_path) -> Pipeline:
     local = make_local_dir(str(tmp_path / "local"), in_progress_seconds=0.2)
     resource = InfronResource(base_url=f"local://{local}", api_style="infron")
     # chunks of 2 requests (~45 tokens each): one partition's two chunks fill the limit
-    return review_pipeline(
-        tmp_path, resource, PARTS, rows=ROWS, max_requests_per_batch=2,
-        params={"max_tokens": 16}, max_enqueued_tokens=100,
+    return Pipeline.build(
+        tmp_path,
+        resource,
+        PARTS,
+        rows=ROWS,
+        max_requests_per_batch=2,
+        params={"max_tokens": 16},
+        max_enqueued_tokens=100,
     )
 
 
-def _submit(flow, instance, key):
-    run = dg.materialize(
-        [flow.upstream, flow.pipeline.batches_asset],
-        partition_key=key,
-        resources=flow.resources,
-        instance=instance,
-    )
+def _submit(flow: Pipeline, instance, key):
+    run = flow.submit(instance, key)
     assert run.success
     return run
 
@@ -80,9 +81,9 @@ def test_a_damaged_ledger_is_rebuilt_and_every_partition_converges(
         assert ledger.in_flight() == in_flight
         assert str(path) in caplog.text and "rebuilt from the manifests" in caplog.text
         # the sensor ticks on it, releases a's room and sends b's pending chunks unattended
-        _drive(flow, instance, ["a", "b"])
+        flow.drive(instance, ["a", "b"])
     for key in ("a", "b"):
-        assert _accounted(flow.pipeline.storage, key) == ROWS
+        assert flow.accounted(key) == ROWS
     assert creates[200] == 4  # two chunks per partition, each created once
     assert ledger.in_flight() == 0
 
@@ -93,8 +94,5 @@ def test_a_sensor_tick_on_a_damaged_ledger_does_not_raise(tmp_path):
         _submit(flow, instance, "a")
         _submit(flow, instance, "b")  # waits
         (tmp_path / "lake" / "_admission" / "infron.json").write_bytes(b"\x00garbage")
-        context = dg.build_sensor_context(
-            instance=instance, definitions=flow.defs, resources=flow.resources
-        )
-        result = flow.pipeline.sensor(context)
+        result = flow.pipeline.sensor(flow.context(instance))
     assert isinstance(result, dg.SensorResult)
