@@ -17,13 +17,14 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# The whole suite on two workers; a test file runs in one worker, so its fixtures are shared.
+# The whole suite on three workers (many tests wait on servers and subprocesses, so a third
+# worker helps on two cores); a test file runs in one worker, so its fixtures are shared.
 test: $(STAMP) lint
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 3 --dist loadfile
 
 # The first two tiers (unit, emulator): a quick check while working.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "unit or emulator"
+	$(PY) -m pytest -q -n 3 --dist loadfile -m "unit or emulator"
 
 demo: $(STAMP)
 	$(PY) -m example_project.demo
