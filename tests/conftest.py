@@ -305,10 +305,21 @@ def _tier(item: pytest.Item) -> str:
     return "unit"
 
 
-# The files that take longest (a minute or more each) are handed to the workers first, so
-# `make test` does not end waiting for one of them started last (xdist --dist loadfile gives
-# out whole files in collection order).
-SLOW_FIRST = ("test_restart_anywhere.py", "test_daemon.py", "test_deploy_postgres.py")
+# The files that take longest, longest first (measured with --durations=0), are handed to
+# the workers first, so `make test` does not end waiting for one of them started last
+# (xdist --dist loadfile gives out whole files in collection order).
+SLOW_FIRST = (
+    "test_restart_anywhere.py",
+    "test_daemon.py",
+    "test_pipeline.py",
+    "test_admission.py",
+    "test_deploy_postgres.py",
+    "test_control_state.py",
+    "test_carry.py",
+    "test_reuse_edges.py",
+    "test_money_edges.py",
+    "test_sensor.py",
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
