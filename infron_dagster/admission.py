@@ -43,7 +43,7 @@ from typing import Any
 from .errors import InfronError
 from .manifest import ChunkRecord, Manifest, load_manifests
 from .models import Batch
-from .storage import BatchStorage, LockTimeout, encode_partition
+from .storage import BatchStorage, LockTimeout, encode_partition, pipeline_names
 from .untrusted import printable
 
 __all__ = ["AdmissionControl", "Admitted", "chunk_tokens", "is_limit_refusal"]
@@ -215,16 +215,7 @@ class AdmissionControl:
 
     def _pipelines(self) -> list[str]:
         """The pipeline folders under the root (those with an in-flight index)."""
-        root = self._store.fresh(self.storage.root)
-        try:
-            names = [p.name for p in root.iterdir()]
-        except FileNotFoundError:
-            return []
-        return sorted(
-            n
-            for n in names
-            if not n.startswith("_") and (self.storage.root / n / "inflight").exists()
-        )
+        return pipeline_names(self.storage.root, ("inflight",))
 
     def _entry(self, name: str, manifest: Manifest, chunk: ChunkRecord) -> dict[str, Any]:
         return {

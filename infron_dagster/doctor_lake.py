@@ -30,7 +30,7 @@ from upath import UPath
 from .admission import LEDGER
 from .collect import active_attempts
 from .manifest import Manifest
-from .storage import BatchStorage, decode_partition, encode_partition
+from .storage import BatchStorage, decode_partition, encode_partition, pipeline_names
 from .untrusted import printable
 
 __all__ = [
@@ -133,22 +133,6 @@ class Lake:
         return self.store("_").is_local
 
 
-def _pipeline_names(root: UPath, local: bool) -> list[str]:
-    """The folders of ``root`` that hold a pipeline (a manifests or inflight folder)."""
-    if not local:
-        root.fs.invalidate_cache(root.path)
-    try:
-        names = [p.name for p in root.iterdir()]
-    except FileNotFoundError:
-        return []
-    return sorted(
-        n
-        for n in names
-        if not n.startswith("_")
-        and ((root / n / "manifests").exists() or (root / n / "inflight").exists())
-    )
-
-
 def _load_pipeline(storage: BatchStorage) -> tuple[Pipeline, list[Finding]]:
     """Every manifest of a pipeline, read concurrently; a finding per unreadable one."""
     pipeline = Pipeline(storage)
@@ -209,7 +193,7 @@ def _manifest_finding(storage: BatchStorage, path: UPath, segment: str, exc: Exc
 
 def load_lake(lake: Lake) -> None:
     root = lake.store("_").root
-    for name in _pipeline_names(root, lake.is_local):
+    for name in pipeline_names(root):
         pipeline, findings = _load_pipeline(lake.store(name))
         lake.pipelines.append(pipeline)
         lake.manifest_findings.extend(findings)

@@ -40,7 +40,14 @@ from upath import UPath
 
 from .errors import InfronDagsterError
 
-__all__ = ["UNPARTITIONED", "BatchStorage", "LockTimeout", "decode_partition", "encode_partition"]
+__all__ = [
+    "UNPARTITIONED",
+    "BatchStorage",
+    "LockTimeout",
+    "decode_partition",
+    "encode_partition",
+    "pipeline_names",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +164,27 @@ def _mtime(info: dict[str, Any]) -> float:
         return float(when)
     except (TypeError, ValueError):
         return 0.0
+
+
+def pipeline_names(root: UPath, kinds: tuple[str, ...] = ("manifests", "inflight")) -> list[str]:
+    """The folders of a storage root that hold a pipeline (one of ``kinds`` inside), sorted;
+    shared folders (``_admission``, ``_ledger``) start with ``_`` and are left out.
+
+    Example::
+
+        pipeline_names(UPath("/lake"))   # -> ['review_embeddings', 'review_sentiment']
+    """
+    if root.protocol not in ("", "file", "local"):
+        root.fs.invalidate_cache(root.path)  # a long-lived sensor must see new pipelines
+    try:
+        names = [p.name for p in root.iterdir()]
+    except FileNotFoundError:
+        return []
+    return sorted(
+        n
+        for n in names
+        if not n.startswith("_") and any((root / n / kind).exists() for kind in kinds)
+    )
 
 
 def _lock_body(token: str) -> bytes:
