@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import dagster as dg
-from conftest import make_local_dir
+from conftest import BOTH_STYLES, make_local_dir
 from harness import Pipeline
 
 from infron_dagster import InfronResource, RequestSpec
@@ -56,6 +56,7 @@ def batch_ids(flow: Pipeline, partition: str | None = "a") -> dict[int, list[str
 # --- end to end ---------------------------------------------------------------------------------
 
 
+@BOTH_STYLES
 def test_cancel_keeps_finished_rows_and_fails_the_rest_retryable(
     tmp_path, api_style, instance, clock
 ):

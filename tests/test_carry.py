@@ -4,7 +4,7 @@ that were already answered are carried into the new attempt. Real Dagster runs, 
 import dagster as dg
 import pandas as pd
 import pytest
-from conftest import make_local_dir
+from conftest import BOTH_STYLES, make_local_dir
 
 from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
 
@@ -58,6 +58,7 @@ def _collect(setup):
     return results.to_pandas(), failed.to_pandas()
 
 
+@BOTH_STYLES
 def test_one_changed_row_sends_one_request(setup):
     texts = setup[0]
     first = _submit(setup)

@@ -23,7 +23,7 @@ from typing import Any
 from wsgiref.simple_server import make_server
 
 import pytest
-from conftest import Answer, Scripted, free_port, json_answer, make_local_dir
+from conftest import BOTH_STYLES, Answer, Scripted, free_port, json_answer, make_local_dir
 
 from infron_dagster.client import DEFAULT_BASE_URL, InfronClient, ResultFile, RetryPolicy
 from infron_dagster.errors import (
@@ -167,6 +167,7 @@ def local_http(tmp_path: Path) -> Iterator[Callable[..., LocalHttp]]:
 # -- the lifecycle, both styles --------------------------------------------------------------
 
 
+@BOTH_STYLES
 def test_create_retrieve_reaches_completed_with_normalised_status(
     local_dir: str, api_style: str, tmp_path: Path
 ) -> None:
@@ -195,6 +196,7 @@ def test_create_retrieve_reaches_completed_with_normalised_status(
         assert done.total_tokens == done.prompt_tokens + done.completion_tokens > 0
 
 
+@BOTH_STYLES
 def test_blank_lines_in_the_request_file_are_skipped(
     local_dir: str, api_style: str, tmp_path: Path
 ) -> None:
@@ -206,6 +208,7 @@ def test_blank_lines_in_the_request_file_are_skipped(
     assert batch.status is BatchStatus.COMPLETED and batch.total_requests == 3
 
 
+@BOTH_STYLES
 def test_results_hold_every_custom_id_exactly_once_in_shuffled_order(
     tmp_path: Path, api_style: str
 ) -> None:
@@ -237,6 +240,7 @@ def test_results_hold_every_custom_id_exactly_once_in_shuffled_order(
     assert batch.completed_requests == 30 - len(failed)
 
 
+@BOTH_STYLES
 def test_cancel_moves_to_cancelled_with_every_request_in_the_results(
     tmp_path: Path, api_style: str
 ) -> None:
@@ -256,6 +260,7 @@ def test_cancel_moves_to_cancelled_with_every_request_in_the_results(
     assert {error_code(line) for line in lines} == {"batch_cancelled"}
 
 
+@BOTH_STYLES
 def test_cancel_of_a_finished_batch_is_a_bad_request_not_retried(
     local_dir: str, api_style: str, tmp_path: Path
 ) -> None:
@@ -349,6 +354,7 @@ def test_bad_key_is_an_auth_error_naming_the_operation_never_the_key(
             assert served_local.api_key not in str(caught.value), case
 
 
+@BOTH_STYLES
 def test_unknown_batch_is_not_found_naming_the_batch(local_dir: str, api_style: str) -> None:
     with embedded_client(local_dir, api_style=api_style) as client:
         with pytest.raises(InfronNotFoundError) as on_retrieve:
@@ -365,6 +371,7 @@ def test_unknown_batch_is_not_found_naming_the_batch(local_dir: str, api_style: 
     assert "file-doesnotexist" in str(on_download.value)
 
 
+@BOTH_STYLES
 def test_enqueued_token_limit_is_a_bad_request_with_its_code(
     local_http: Callable[..., LocalHttp], api_style: str, tmp_path: Path
 ) -> None:
@@ -386,6 +393,7 @@ def test_enqueued_token_limit_is_a_bad_request_with_its_code(
     assert not caught.value.retryable
 
 
+@BOTH_STYLES
 def test_expired_batch_keeps_partial_output_and_batch_expired_lines(
     tmp_path: Path, api_style: str
 ) -> None:
@@ -410,6 +418,7 @@ def test_expired_batch_keeps_partial_output_and_batch_expired_lines(
         assert "batch_expired" in batch.errors
 
 
+@BOTH_STYLES
 def test_validation_failure_fails_the_batch_with_its_errors(tmp_path: Path, api_style: str) -> None:
     folder = make_local_dir(str(tmp_path / "invalid"), validation_failure=True)
     path = tmp_path / "requests.jsonl"
@@ -428,6 +437,7 @@ def test_validation_failure_fails_the_batch_with_its_errors(tmp_path: Path, api_
 # -- retries ----------------------------------------------------------------------------------
 
 
+@BOTH_STYLES
 def test_rate_limits_are_retried_honouring_retry_after(
     local_http: Callable[..., LocalHttp], api_style: str, tmp_path: Path
 ) -> None:
@@ -447,6 +457,7 @@ def test_rate_limits_are_retried_honouring_retry_after(
     assert server.statuses().count(200) == len(server.hits) - throttled
 
 
+@BOTH_STYLES
 def test_server_errors_are_retried_with_backoff_then_succeed(
     local_http: Callable[..., LocalHttp], api_style: str, tmp_path: Path
 ) -> None:
@@ -485,6 +496,7 @@ def test_create_is_not_retried_after_an_ambiguous_server_error(
     assert len(posts) == 1  # sent once: a retry might have paid for a second batch
 
 
+@BOTH_STYLES
 def test_permanent_server_error_gives_up_after_max_retries_with_growing_waits(
     local_http: Callable[..., LocalHttp], api_style: str, tmp_path: Path
 ) -> None:

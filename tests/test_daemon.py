@@ -77,7 +77,13 @@ def dagster_env(tmp_path) -> Env:
     local_dir = tmp_path / "local_server"
     for folder in (home, lake, local_dir):
         folder.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    # Runs leave the queue every second (the default waits longer between dequeues).
+    (home / "dagster.yaml").write_text(
+        "run_coordinator:\n  module: dagster.core.run_coordinator\n"
+        "  class: QueuedRunCoordinator\n  config:\n    dequeue_interval_seconds: 1\n"
+        "telemetry:\n  enabled: false\n",
+        encoding="utf-8",
+    )
     # Fast batches; failures on so that `failed` has rows of its own.
     save_config(
         local_dir,
@@ -136,12 +142,16 @@ def dagster_dev(dagster_env: Env) -> Iterator[str]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group (dagster dev, its webserver and daemon), SIGKILL after 15 s."""
+    """SIGTERM the process group (dagster dev, its webserver and daemon), SIGKILL after 3 s.
+
+    The test's files live in a temporary folder: nothing needs a graceful shutdown, and
+    ``dagster dev`` often takes longer than 15 s to stop its children.
+    """
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
         proc.poll()  # reap the leader so that an empty group reads as gone
         try:

@@ -3,7 +3,7 @@
 import pandas as pd
 import pyarrow.dataset as ds
 import pytest
-from conftest import make_local_dir
+from conftest import BOTH_STYLES, make_local_dir
 
 from infron_dagster import (
     BatchStorage,
@@ -34,6 +34,7 @@ def _collect(tmp_path, api_style, spec):
 
 
 @pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/responses"])
+@BOTH_STYLES
 def test_text_endpoints_give_response_text_and_typed_structured_columns(
     tmp_path, api_style, endpoint
 ):
@@ -50,6 +51,7 @@ def test_text_endpoints_give_response_text_and_typed_structured_columns(
     assert (results["prompt_tokens"] > 0).all() and (results["completion_tokens"] > 0).all()
 
 
+@BOTH_STYLES
 def test_embeddings_give_a_vector_per_row(tmp_path, api_style):
     spec = RequestSpec(
         model="e",
@@ -64,6 +66,7 @@ def test_embeddings_give_a_vector_per_row(tmp_path, api_style):
     assert results["embedding"].map(tuple).nunique() == 6  # one distinct vector per text
 
 
+@BOTH_STYLES
 def test_input_and_schema_columns_named_like_output_columns_are_kept_apart(tmp_path, api_style):
     schema = {
         "type": "object",

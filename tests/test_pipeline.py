@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from conftest import INSTANT, make_local_dir
+from conftest import BOTH_STYLES, INSTANT, make_local_dir
 from harness import Pipeline
 
 from infron_dagster import (
@@ -133,6 +133,7 @@ def assert_partitioned_exactly(flow: Flow, expected: set[int], partition: str | 
 # --- submit ------------------------------------------------------------------------------------
 
 
+@BOTH_STYLES
 def test_submit_chunks_reuses_and_resubmits_only_when_asked(tmp_path, resource, instance):
     flow = make_flow(tmp_path, resource)
 
@@ -204,6 +205,7 @@ def test_empty_partition_submits_nothing_and_collects_empty_tables(
 # --- collect -----------------------------------------------------------------------------------
 
 
+@BOTH_STYLES
 def test_collect_writes_typed_hive_partitioned_parquet(tmp_path, resource, instance):
     flow = make_flow(tmp_path, resource)
     flow.rows["b"] = reviews_frame(8)
@@ -349,6 +351,7 @@ def test_failure_rate_is_a_check_per_partition_and_can_block(tmp_path, instance)
 # --- faults ------------------------------------------------------------------------------------
 
 
+@BOTH_STYLES
 def test_failed_and_lost_rows_each_land_in_exactly_one_table(tmp_path, api_style, instance):
     resource = faulty_resource(tmp_path, api_style, failure_rate=0.3, lost_rate=0.2)
     flow = make_flow(tmp_path, resource)
@@ -386,6 +389,7 @@ def test_missing_result_rows_record_their_attempt(tmp_path, instance):
     assert failed["attempt"].tolist() == [1] * len(failed)
 
 
+@BOTH_STYLES
 def test_expired_batch_keeps_finished_rows_and_fails_the_rest(tmp_path, api_style, instance):
     resource = faulty_resource(tmp_path, api_style, expire=True, expire_fraction=0.5)
     flow = make_flow(tmp_path, resource)
@@ -401,6 +405,7 @@ def test_expired_batch_keeps_finished_rows_and_fails_the_rest(tmp_path, api_styl
     assert failed["attempt"].tolist() == [1] * len(failed)
 
 
+@BOTH_STYLES
 def test_failed_validation_fails_every_row_retryably(tmp_path, api_style, instance):
     resource = faulty_resource(tmp_path, api_style, validation_failure=True)
     flow = make_flow(tmp_path, resource)

@@ -13,6 +13,7 @@ from typing import Any
 
 import dagster as dg
 import pytest
+from conftest import BOTH_STYLES
 
 from infron_dagster.client import DEFAULT_BASE_URL
 from infron_dagster.errors import InfronConnectionError
@@ -86,6 +87,7 @@ def test_explicit_real_url_and_style_are_used() -> None:
 
 
 @pytest.mark.parametrize("api_key", [None, KEY])
+@BOTH_STYLES
 def test_local_url_uses_that_folder(
     default_dir: str, tmp_path: Path, api_style: str, api_key: str | None
 ) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import dagster as dg
-from conftest import INSTANT, make_local_dir
+from conftest import BOTH_STYLES, INSTANT, make_local_dir
 from harness import Pipeline
 
 from infron_dagster import InfronResource, RequestSpec
@@ -75,6 +75,7 @@ def test_poll_errors_do_not_crash_the_tick(tmp_path, api_style, instance):
 # --- finished attempts -------------------------------------------------------------------------
 
 
+@BOTH_STYLES
 def test_finished_attempt_requests_exactly_one_collection(tmp_path, resource, instance):
     flow = make_flow(tmp_path, resource)
     flow.submit(instance, "a")

@@ -8,7 +8,7 @@ import time
 import httpx
 import pandas as pd
 import pytest
-from conftest import make_local_dir
+from conftest import BOTH_STYLES, make_local_dir
 
 from infron_dagster import (
     BatchStorage,
@@ -81,6 +81,7 @@ def test_an_orphan_created_before_a_crash_is_reattached_by_metadata(tmp_path):
     assert _server_batches(local_dir) == 3
 
 
+@BOTH_STYLES
 def test_input_changing_back_revives_the_old_batches_as_a_new_attempt(tmp_path, api_style):
     local_dir = make_local_dir(str(tmp_path / "srv"))
     first = _submit(tmp_path, local_dir, _frame(["a", "b"]), style=api_style)
