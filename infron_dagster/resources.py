@@ -42,6 +42,13 @@ def _warn_if_literal_key(api_key: str | None) -> None:
     )
 
 
+LOCAL_SERVER_WARNING = (
+    "This run uses the EMBEDDED LOCAL SERVER, not a real batch API: answers are mock, nothing "
+    "is sent or paid. Configure an API key (e.g. api_key=dg.EnvVar('INFRON_API_KEY'); in a "
+    "scaffolded dg project, set INFRON_API_KEY) to use Infron."
+)
+
+
 def default_local_dir() -> str:
     """Where the embedded server keeps its state: shared by every process of a deployment."""
     explicit = os.environ.get("INFRON_LOCAL_DATA_DIR")
@@ -97,6 +104,12 @@ class InfronResource(dg.ConfigurableResource):
         super().__init__(**data)
         # The value as given: an EnvVar is still an EnvVar here, not its name or value.
         _warn_if_literal_key(data.get("api_key"))
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Mock answers must never pass for real ones: say so in each run's own log (not on
+        # every sensor tick, which has no run).
+        if self.is_local and context.dagster_run is not None and context.log is not None:
+            context.log.warning(LOCAL_SERVER_WARNING)
 
     @property
     def is_local(self) -> bool:

@@ -20,7 +20,6 @@ from datetime import date
 from typing import Annotated, Any, Literal
 
 import dagster as dg
-from dagster.components.component_scaffolding import scaffold_component
 from dagster.components.resolved.core_models import (
     MultiRunBackfillPolicyModel,
     SingleRunBackfillPolicyModel,
@@ -35,6 +34,7 @@ from ..pricing import ModelPrice
 from ..results import DEFAULT_MAX_LINE_BYTES
 from ..sources import ParquetSource
 from ..spec import RequestSpec
+from .scaffold import InfronBatchInferenceScaffolder
 
 __all__ = [
     "InfronBatchInferenceComponent",
@@ -204,51 +204,6 @@ def _resolve_body_fn(context: dg.ResolutionContext, value: str | None) -> RowBod
 
 
 # --- the component -----------------------------------------------------------------------
-
-
-class InfronBatchInferenceScaffolder(dg.Scaffolder):
-    """``dg scaffold defs infron_dagster.components.InfronBatchInferenceComponent <path>``.
-
-    Writes a ``defs.yaml`` that loads and passes ``dg check defs`` as it is: the pipeline is
-    named after the folder, reads Parquet files (no upstream asset to invent), and a second
-    document configures the ``infron`` resource with the key from ``INFRON_API_KEY``.
-    """
-
-    def scaffold(self, request: dg.ScaffoldRequest) -> None:
-        name = _identifier(request.target_path.name)
-        scaffold_component(
-            request,
-            {
-                "name": name,
-                "model": "gpt-4o-mini",
-                "prompt_template": "Summarise: {text}",
-                "key_columns": ["id"],
-                "source": {"parquet": f"data/{name}/{{partition_key}}.parquet"},
-                "partitions": {"daily": {"start_date": date.today().isoformat()}},
-                "storage_root": ".infron_data/lake",
-            },
-        )
-        if request.scaffold_format == "yaml" and not request.append:
-            with open(request.target_path / "defs.yaml", "a", encoding="utf-8") as f:
-                f.write(_RESOURCE_DOC)
-
-
-# The resource in the same file, so the scaffold runs as written; with several pipelines,
-# keep one such document (identical ones are merged, different ones are refused).
-_RESOURCE_DOC = """---
-# The `infron` resource: the key is read from $INFRON_API_KEY when a run starts.
-# base_url: local  runs on the embedded local server (no key, no network).
-type: infron_dagster.components.InfronResourceComponent
-attributes:
-  key: infron
-  api_key_env: INFRON_API_KEY
-"""
-
-
-def _identifier(folder: str) -> str:
-    """A folder name as a Dagster name: letters, digits and _ only."""
-    name = "".join(c if c.isalnum() or c == "_" else "_" for c in folder).strip("_")
-    return name if name and not name[0].isdigit() else f"p_{name}"
 
 
 @dg.scaffold_with(InfronBatchInferenceScaffolder)

@@ -11,6 +11,8 @@ Example (``defs/infron/defs.yaml``):
       base_url: https://api.infron.ai/v1
 """
 
+import logging
+import os
 from typing import Any, Literal
 
 import dagster as dg
@@ -20,6 +22,8 @@ from ..local.embedded import parse_local_url
 from ..resources import InfronResource
 
 __all__ = ["InfronResourceComponent"]
+
+logger = logging.getLogger(__name__)
 
 # One resource object per distinct configuration: Dagster merges the definitions of a defs
 # folder by identity, so two YAML files that configure the same resource must yield the same
@@ -34,6 +38,12 @@ class InfronResourceComponent(dg.Component, dg.Resolvable, dg.Model):
     starts (``dg.EnvVar``): it never sits in YAML, in the code location snapshot or in a log.
     ``base_url: local`` (or ``local:///path``) is the embedded local server, which needs no
     key; ``api_key_env`` is then ignored.
+
+    ``if_key_missing: local`` (what ``dg scaffold`` writes) uses the embedded local server
+    while the variable is unset or empty, so a new project runs before it has a key: the
+    load logs a warning and every run's log says so (mock answers, nothing paid). The choice
+    is made when the definitions load. The default, ``fail``, fails the run instead: what a
+    deployment wants when its secret is missing.
 
     Example ``defs.yaml``:
 
@@ -62,6 +72,11 @@ class InfronResourceComponent(dg.Component, dg.Resolvable, dg.Model):
     timeout_seconds: float = 60.0
     max_retries: int = 6
     retry_budget_seconds: float = 180.0
+    if_key_missing: Literal["fail", "local"] = Field(
+        default="fail",
+        description="With api_key_env unset or empty: 'fail' (runs fail) or 'local' (the "
+        "embedded local server, mock answers, a warning in each run's log).",
+    )
     local_data_dir: str | None = None
 
     @field_validator("api_key_env")
@@ -81,11 +96,16 @@ class InfronResourceComponent(dg.Component, dg.Resolvable, dg.Model):
 
     def build_resource(self) -> InfronResource:
         """The resource this YAML configures (the same object for the same configuration)."""
-        settings = self.model_dump(exclude={"key", "api_key_env"})
+        settings = self.model_dump(exclude={"key", "api_key_env", "if_key_missing"})
         base_url = self.base_url or None  # an empty templated value means "not set"
-        settings["base_url"] = base_url
         local = base_url is not None and parse_local_url(base_url, "") is not None
         key_env = self.api_key_env if not local else None
+        # Unset or empty, as the scaffold's storage_root template tests it; a key of blanks is
+        # "configured" and fails the run, as in InfronResource.
+        if key_env and self.if_key_missing == "local" and not os.environ.get(key_env):
+            _warn_key_missing(key_env)
+            base_url, key_env = "local", None
+        settings["base_url"] = base_url
         identity = tuple(sorted({**settings, "api_key_env": key_env}.items()))
         if key_env:
             settings["api_key"] = dg.EnvVar(key_env)
@@ -95,3 +115,18 @@ class InfronResourceComponent(dg.Component, dg.Resolvable, dg.Model):
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         return dg.Definitions(resources={self.key: self.build_resource()})
+
+
+_warned: set[str] = set()
+
+
+def _warn_key_missing(key_env: str) -> None:
+    """Once per variable and process: where ``dg check defs`` and ``dg dev`` show it."""
+    if key_env in _warned:
+        return
+    _warned.add(key_env)
+    logger.warning(
+        f"${key_env} is not set: the infron resource uses the EMBEDDED LOCAL SERVER (mock "
+        f"answers, nothing is sent or paid; if_key_missing: local). Set {key_env} and reload "
+        f"the definitions to use the real API."
+    )
