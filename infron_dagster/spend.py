@@ -101,6 +101,7 @@ class SpendControl:
                 "entry": reservation.entry,
                 "expected_cost": estimate.expected_cost,
                 "worst_cost": estimate.worst_cost,
+                "basis": estimate.output_basis,  # shown beside the actual cost once collected
             }
 
         return check
