@@ -8,6 +8,8 @@ Configuration comes from the environment:
   defaults to its batch name ``openai/gpt-4o-mini-batch``.
 - ``INFRON_STORAGE_ROOT``: where results go (``s3://bucket/prefix`` works), default
   ``.infron_data/lake``.
+- ``INFRON_LOCAL_IN_PROGRESS_SECONDS``: how long the embedded local server keeps each batch in
+  progress (default 90 s: time to watch progress and to cancel; see ``local_server.py``).
 """
 
 import os
@@ -22,10 +24,10 @@ from infron_dagster import (
     RequestSpec,
     build_infron_batch_assets,
 )
-from infron_dagster.local import LocalServerConfig, load_config, save_config
 from infron_dagster.resources import default_local_dir
 
 from .data import reviews_for_day
+from .local_server import apply_example_config
 
 daily = dg.DailyPartitionsDefinition(start_date="2026-11-01", end_offset=0)
 STORAGE_ROOT = os.environ.get("INFRON_STORAGE_ROOT", os.path.abspath(".infron_data/lake"))
@@ -121,7 +123,8 @@ def review_topics(
 
 
 def infron_resource() -> InfronResource:
-    """Real Infron with a key, otherwise the embedded local server with a small failure rate."""
+    """Real Infron with a key, otherwise the embedded local server: a small failure rate, and
+    batches in progress for ``INFRON_LOCAL_IN_PROGRESS_SECONDS``."""
     style = os.environ.get("INFRON_API_STYLE", "infron")
     if os.environ.get("INFRON_API_KEY"):
         return InfronResource(
@@ -131,18 +134,8 @@ def infron_resource() -> InfronResource:
         )
     base_url = os.environ.get("INFRON_BASE_URL") or None
     if base_url is None:
-        local_dir = default_local_dir()
-        if load_config(local_dir) is None:  # first use: a little realism for the demo
-            os.makedirs(local_dir, exist_ok=True)
-            save_config(
-                local_dir,
-                LocalServerConfig(
-                    validating_seconds=1,
-                    in_progress_seconds=3,
-                    finalizing_seconds=1,
-                    failure_rate=0.04,
-                ),
-            )
+        # Batches that stay in progress long enough to watch, and to cancel (local_server.py).
+        apply_example_config(default_local_dir())
     return InfronResource(base_url=base_url, api_style=style)  # type: ignore[arg-type]
 
 

@@ -1,8 +1,11 @@
 """``make demo``: the example pipeline end to end through Dagster, on the embedded server.
 
-It materializes two days of reviews and their submit assets, ticks the real sensor until it
-asks for collection, runs those collection runs, retries the retryable failures once, and
-prints a summary. No API key, no network: the embedded local server answers.
+It materializes two days of reviews and their submit assets, then ticks the real sensors as
+the daemon would while the batches are in flight, printing how far each partition is; it
+cancels one partition half-way with the real ``review_sentiment_cancel`` job, runs the
+collection runs the sensors ask for (the cancelled partition keeps what finished and fails the
+rest as ``batch_cancelled``), retries the retryable failures once, and prints a summary.
+No API key, no network: the embedded local server answers.
 """
 
 import json
@@ -13,7 +16,14 @@ import sys
 import time
 
 DEMO_DAYS = ["2026-11-23", "2026-11-24"]
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# Long enough to watch and to cancel in, short enough for a first run (90 s in `make dev`).
+IN_PROGRESS_SECONDS = 10
+CANCELLED = ("review_sentiment", DEMO_DAYS[-1])  # the partition the demo cancels in flight
+CANCEL_AT_PERCENT = 20.0
+PROGRESS_EVERY_SECONDS = 2.0
+# Errors only on the terminal: each run's warning that it uses the embedded local server is
+# said once, below; `make dev` shows every run's full log.
+QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 ROOT = os.path.abspath(".infron_data/demo")
 
 
@@ -24,6 +34,8 @@ def _prepare_environment() -> None:
     os.environ["DAGSTER_HOME"] = os.path.join(ROOT, "dagster_home")
     os.environ.setdefault("INFRON_STORAGE_ROOT", os.path.join(ROOT, "lake"))
     os.environ.setdefault("INFRON_LOCAL_DATA_DIR", os.path.join(ROOT, "local_server"))
+    # The demo's own timing, whatever `make dev` was given (example_project/local_server.py).
+    os.environ["INFRON_LOCAL_IN_PROGRESS_SECONDS"] = str(IN_PROGRESS_SECONDS)
     # Dagster's run logs go to the event log (see them in `make dev`); keep the terminal short.
     with open(os.path.join(ROOT, "dagster_home", "dagster.yaml"), "w") as fh:
         fh.write("python_logs:\n  python_log_level: WARNING\ntelemetry:\n  enabled: false\n")
@@ -41,6 +53,10 @@ def main() -> int:
 
     pipelines = [ex.review_sentiment, ex.review_embeddings]
     resources = {"infron": ex.infron_resource()}
+    print(
+        "No API key: every run below talks to the embedded local server (mock answers, "
+        "nothing sent or paid)."
+    )
     with dg.DagsterInstance.get() as instance:
         _estimate(dg, instance, ex, DEMO_DAYS[0], resources)
         for day in DEMO_DAYS:
@@ -50,15 +66,25 @@ def main() -> int:
                     partition_key=day,
                     instance=instance,
                     resources=resources,
+                    run_config=QUIET,
                 ),
                 f"submit {day}",
             )
-        print(f"submitted {len(DEMO_DAYS)} days x {len(pipelines)} pipelines; polling ...")
-        _collect_until_done(dg, instance, pipelines, resources)
+        print(
+            f"submitted {len(DEMO_DAYS)} days x {len(pipelines)} pipelines; the local server "
+            f"keeps each batch in progress {IN_PROGRESS_SECONDS} s (90 s in `make dev`)."
+        )
+        print(
+            "in flight: each sensor tick polls the batches (in `make dev` it records this "
+            "progress on the `_batches` assets):"
+        )
+        watch = _Watch(dg, instance, ex, pipelines, resources, cancel=CANCELLED)
+        watch.until_done()
         for pipeline in pipelines:
             for day in DEMO_DAYS:
                 _retry(dg, instance, ex, pipeline, day, resources)
-        _collect_until_done(dg, instance, pipelines, resources)
+        print(f"the retries are in flight ({IN_PROGRESS_SECONDS} s) ...")
+        _Watch(dg, instance, ex, pipelines, resources, show_progress=False).until_done()
         for pipeline in pipelines:
             _summarise(ds, pipeline)
             _estimated_vs_actual(dg, instance, pipeline)
@@ -69,6 +95,7 @@ def main() -> int:
             partition_key=DEMO_DAYS[-1],
             instance=instance,
             resources=resources,
+            run_config=QUIET,
         )
         _run(topics, "review_topics")
         table = topics.output_for_node("review_topics")
@@ -83,44 +110,123 @@ def _run(result, what: str) -> None:
         raise SystemExit(f"{what} failed")
 
 
-def _collect_until_done(dg, instance, pipelines, resources, timeout: float = 120) -> None:
-    """Tick each pipeline's real sensor and run what it requests, as the daemon would."""
-    deadline = time.monotonic() + timeout
-    cursors: dict[str, str | None] = {}
-    from example_project.definitions import defs
+class _Watch:
+    """Tick each pipeline's real sensor and run what it requests, as the daemon would; print
+    how far the partitions in flight are; cancel one of them once it is far enough along."""
 
-    while time.monotonic() < deadline:
-        in_flight = 0
-        for pipeline in pipelines:
-            context = dg.build_sensor_context(
-                instance=instance,
-                cursor=cursors.get(pipeline.name),
-                definitions=defs,
-                resources=resources,
+    def __init__(
+        self, dg, instance, ex, pipelines, resources, *, cancel=None, show_progress=True
+    ) -> None:
+        self.dg, self.instance, self.ex = dg, instance, ex
+        self.pipelines, self.resources = pipelines, resources
+        self.cancel, self.show_progress = cancel, show_progress
+        self.cancelled: tuple[str, str] | None = None
+        self.cursors: dict[str, str | None] = {}
+        self.percent: dict[tuple[str, str], float] = {}
+        self.printed_at = 0.0
+
+    def until_done(self, timeout: float = 120) -> None:
+        from infron_dagster.sensor import find_in_flight
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for pipeline in self.pipelines:
+                self._tick(pipeline)
+            self._print_progress()
+            if self.cancel and self.percent.get(self.cancel, 0.0) >= CANCEL_AT_PERCENT:
+                self._cancel(*self.cancel)
+            in_flight = sum(
+                len(find_in_flight(p.storage, partitioned=True)) for p in self.pipelines
             )
-            context.log.setLevel(logging.WARNING)  # its progress lines are for the UI
-            result = pipeline.sensor(context)
-            cursors[pipeline.name] = result.cursor
-            for request in result.run_requests or []:
-                _run(
-                    dg.materialize(
-                        pipeline.collect_definitions,
-                        partition_key=request.partition_key,
-                        instance=instance,
-                        resources=resources,
-                        tags=request.tags,
-                        run_config=QUIET,
-                    ),
-                    f"collect {request.run_key}",
-                )
-                print(f"  collected {request.run_key}")
-            from infron_dagster.sensor import find_in_flight
+            if not in_flight:
+                if self.cancel:  # the demo's cancel step shows nothing: say so, loudly
+                    raise SystemExit(
+                        f"{self.cancel[0]} {self.cancel[1]} finished before it reached "
+                        f"{CANCEL_AT_PERCENT} %: nothing was cancelled (a very busy machine?)"
+                    )
+                return
+            time.sleep(1)
+        raise SystemExit("timed out waiting for batches")
 
-            in_flight += len(find_in_flight(pipeline.storage, partitioned=True))
-        if not in_flight:
+    def _tick(self, pipeline) -> None:
+        dg = self.dg
+        context = dg.build_sensor_context(
+            instance=self.instance,
+            cursor=self.cursors.get(pipeline.name),
+            definitions=self.ex.defs,
+            resources=self.resources,
+        )
+        context.log.setLevel(logging.WARNING)  # its own log lines are for the UI
+        result = pipeline.sensor(context)
+        self.cursors[pipeline.name] = result.cursor
+        for event in result.asset_events or []:
+            percent = event.metadata.get("progress_percent")
+            if isinstance(event, dg.AssetObservation) and percent is not None:
+                self.percent[(pipeline.name, event.partition)] = float(percent.value)
+        for request in result.run_requests or []:
+            _run(
+                dg.materialize(
+                    pipeline.collect_definitions,
+                    partition_key=request.partition_key,
+                    instance=self.instance,
+                    resources=self.resources,
+                    tags=request.tags,
+                    run_config=QUIET,
+                ),
+                f"collect {request.run_key}",
+            )
+            self.percent.pop((pipeline.name, request.partition_key), None)
+            print(f"  collected {request.run_key}")
+            if (pipeline.name, request.partition_key) == self.cancelled:
+                _show_cancelled(pipeline, request.partition_key)
+
+    def _print_progress(self) -> None:
+        if not self.show_progress or not self.percent:
             return
-        time.sleep(1)
-    raise SystemExit("timed out waiting for batches")
+        if time.monotonic() - self.printed_at < PROGRESS_EVERY_SECONDS:
+            return
+        self.printed_at = time.monotonic()
+        by_name: dict[str, list[str]] = {}
+        for (name, day), pct in sorted(self.percent.items()):
+            by_name.setdefault(name, []).append(f"{day} {pct:.0f} %")
+        print("  done: " + "; ".join(f"{n} {', '.join(d)}" for n, d in by_name.items()))
+
+    def _cancel(self, name: str, day: str) -> None:
+        """Launch ``<name>_cancel`` for the partition, as from the UI's launchpad."""
+        self.cancel, self.cancelled = None, (name, day)
+        print(
+            f"cancelling {name} {day} at {self.percent[(name, day)]:.0f} % with the job "
+            f"{name}_cancel (in `make dev`: Jobs > {name}_cancel > pick the partition):"
+        )
+        job = self.ex.defs.resolve_job_def(f"{name}_cancel")
+        result = job.execute_in_process(partition_key=day, instance=self.instance, run_config=QUIET)
+        _run(result, f"cancel {name} {day}")
+        # The run's output metadata (the launchpad's run page shows it): its summary's
+        # first line is the sentence the run logged.
+        said = [
+            event.step_output_data.metadata["summary"].value.splitlines()[0]
+            for event in result.all_events
+            if event.event_type_value == "STEP_OUTPUT"
+        ]
+        print(f"  {said[0] if said else 'the cancel run succeeded'}")
+        self.percent.pop((name, day), None)
+
+
+def _show_cancelled(pipeline, day: str) -> None:
+    """The cancelled partition once collected: what finished is kept, the rest failed as
+    ``batch_cancelled``. The demo stops here if the cancel did not cancel."""
+    name, storage = pipeline.name, pipeline.storage
+    results = storage.read_table(storage.table_path("results", day)).num_rows
+    codes = storage.read_table(storage.table_path("failed", day)).column("error_code").to_pylist()
+    cancelled = codes.count("batch_cancelled")
+    if not cancelled:
+        raise SystemExit(f"{name} {day}: no row failed as batch_cancelled: the cancel did nothing")
+    others = len(codes) - cancelled
+    print(
+        f"    the cancelled partition: {results} rows answered before the cancel, kept in "
+        f"results; {cancelled} in failed as batch_cancelled (retryable)"
+        + (f", {others} failed otherwise" if others else "")
+    )
 
 
 def _estimate(dg, instance, ex, day: str, resources) -> None:
@@ -136,11 +242,19 @@ def _estimate(dg, instance, ex, day: str, resources) -> None:
     _run(result, f"dry run {day}")
     (event,) = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
     meta = {k: v.value for k, v in event.asset_observation_data.asset_observation.metadata.items()}
+    worst = _first(meta, "estimate/cost_worst_case_usd", "estimate/cost_worst_case")
+    expected = _first(meta, "estimate/cost_expected_usd", "estimate/cost_expected")
     print(
         f"dry run review_sentiment {day}: would send {meta['estimate/requests']} requests, "
         f"~{meta['estimate/input_tokens']} input tokens; cost expected "
-        f"${meta['estimate/cost_expected']:.4f}, worst case ${meta['estimate/cost_worst_case']:.4f}"
+        f"${(worst if expected is None else expected):.4f}, worst case ${worst:.4f}"
     )
+
+
+def _first(meta: dict, *keys: str):
+    """The value of the first key present: money keys gained a ``_usd`` suffix (the demo
+    reads either), and an expected cost equal to the worst case is written once."""
+    return next((meta[k] for k in keys if k in meta), None)
 
 
 def _estimated_vs_actual(dg, instance, pipeline) -> None:
@@ -149,7 +263,8 @@ def _estimated_vs_actual(dg, instance, pipeline) -> None:
     for record in sorted(records, key=lambda r: r.storage_id):
         latest[record.partition_key] = record.asset_materialization.metadata
     for day, meta in sorted(latest.items()):
-        estimated, actual = meta.get("cost_estimated"), meta.get("cost")
+        estimated = _first(meta, "cost_estimated_usd", "cost_estimated")
+        actual = _first(meta, "cost_usd", "cost")
         if estimated is not None and actual is not None:
             print(f"  {day}: estimated ${estimated.value:.6f}, actual ${actual.value:.6f}")
 
