@@ -162,6 +162,8 @@ def queue_retry(s: PipelineSettings, outcome: CollectOutcome) -> str:
     if not retryable:
         return ""
     attempts = len(outcome.attempts)
+    if outcome.attempts[-1] in outcome.cancelled:  # a person stopped it: no paying on
+        return f"{retryable} retryable row(s) stay failed: the attempt was cancelled"
     if attempts >= s.max_attempts:
         return (
             f"{retryable} retryable row(s) stay failed: {attempts} of max_attempts="
