@@ -127,6 +127,6 @@ def _warn_key_missing(key_env: str) -> None:
     _warned.add(key_env)
     logger.warning(
         f"${key_env} is not set: the infron resource uses the EMBEDDED LOCAL SERVER (mock "
-        f"answers, nothing is sent or paid; if_key_missing: local). Set {key_env} and reload "
-        f"the definitions to use the real API."
+        f"answers, nothing is sent or paid; if_key_missing: local). Set {key_env} and load "
+        f"the definitions again (restart `dg dev`) to use the real API."
     )

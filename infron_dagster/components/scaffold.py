@@ -142,7 +142,8 @@ _PIPELINE_DOC = """\
 #   dg launch --assets {name}_batches --partition {today}
 #   dg launch --assets {name}_results,{name}_failed --partition {today} \\
 #     --config-json '{{"ops": {{"{name}_collect": {{"config": {{"wait_seconds": 60}}}}}}}}'
-# or `dg dev`: materialize {name}_batches there and the sensor {name}_sensor collects it.
+# or `dg dev`: materialize {name}_batches there, and the sensor {name}_sensor
+# collects it when its batch ends.
 # Results: .infron_data/mock_lake/{name}/results/ (Parquet, hive-partitioned; .../lake/
 # once INFRON_API_KEY is set).
 type: {type_name}
@@ -177,7 +178,7 @@ _RESOURCE_DOC = """\
 # file), runs go to Infron; the key is read from the environment, never written here.
 # Without it, `if_key_missing: local` sends them to the EMBEDDED LOCAL SERVER instead: mock
 # answers, nothing paid, and a WARNING in every run's log saying so. The choice is made when
-# the definitions load: reload them (or restart `dg dev`) after setting the key.
+# the definitions load: restart `dg dev` after setting the key.
 # In production write `if_key_missing: fail`: a missing key then fails instead.
 type: infron_dagster.components.InfronResourceComponent
 attributes:
