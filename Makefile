@@ -18,13 +18,16 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 # The whole suite on three workers (many tests wait on servers and subprocesses, so a third
-# worker helps on two cores); a test file runs in one worker, so its fixtures are shared.
+# worker helps on two cores); a file runs in one worker, so its fixtures are shared, and the
+# longest files go first (tests/conftest.py's order: xdist would otherwise reorder them).
+XDIST := -n 3 --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP) lint
-	$(PY) -m pytest -q -n 3 --dist loadfile
+	$(PY) -m pytest -q $(XDIST)
 
 # The first two tiers (unit, emulator): a quick check while working.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 3 --dist loadfile -m "unit or emulator"
+	$(PY) -m pytest -q $(XDIST) -m "unit or emulator"
 
 demo: $(STAMP)
 	$(PY) -m example_project.demo
@@ -33,6 +36,8 @@ PORT ?= 3000
 
 dev: $(STAMP)
 	@echo "Dagster UI: http://127.0.0.1:$(PORT)  (another port: make dev PORT=3001)"
+	@echo "Local-server batches stay in progress $${INFRON_LOCAL_IN_PROGRESS_SECONDS:-90} s" \
+	  "(INFRON_LOCAL_IN_PROGRESS_SECONDS=300 make dev for longer): watch, then cancel one"
 	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.dagster_home} ; mkdir -p $$DAGSTER_HOME ; \
 	DAGSTER_HOME=$$DAGSTER_HOME $(VENV)/bin/dagster dev -m example_project.definitions \
 	  -h 127.0.0.1 -p $(PORT)

@@ -1,4 +1,4 @@
-"""The child of ``test_restart_anywhere.py``: runs one step of a pipeline (a submit run, a
+"""The child of ``restart_anywhere.py``: runs one step of a pipeline (a submit run, a
 sensor tick and the runs it requests, a cancel run, a collect run) through the real code and
 kills itself (SIGKILL) at its k-th write point.
 

@@ -909,9 +909,9 @@ def test_drippers_on_every_thread_do_not_delay_a_normal_client(slow_served: str)
         for thread in drippers:
             thread.join(timeout=10)
     assert response.status_code == 200
-    # Served at once (milliseconds); the margin is for a busy machine, far under the 10 s a
-    # client held in the backlog would wait.
-    assert elapsed < 3, f"a normal client waited {elapsed:.1f} s behind drippers"
+    # Served at once (milliseconds); the margin is for a busy machine, under the 10 s a
+    # client held in the backlog would wait (and then fail on its timeout).
+    assert elapsed < 8, f"a normal client waited {elapsed:.1f} s behind drippers"
 
 
 def test_a_dripper_is_cut_off_after_the_whole_request_deadline(slow_served: str) -> None:

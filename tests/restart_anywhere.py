@@ -26,6 +26,9 @@ The steps and their starting states:
 - ``cancel``: chunk 0 running, chunk 1 waiting: the cancel job;
 - ``collect``: both chunks ended: the collect run.
 
+The cases run from four test files (``test_restart_*.py``: the submit step and the later steps,
+on local disk and on S3), so that the workers of ``make test`` share them.
+
 The last k of each step is the control: the step runs to its end without being killed, and
 its number of write points is the one swept (so a new write point in the library shows here).
 
@@ -170,15 +173,22 @@ S3_TOTAL = {"submit": 21, "admission": 15, "cancel": 3, "collect": 9}
 KNOWN_BUGS: dict[tuple[str, str, int], str] = {}
 
 
-def _cases() -> Iterator[Any]:
-    for step, labels in LOCAL_POINTS.items():
-        for k in range(1, len(labels) + 2):
-            label = labels[k - 1] if k <= len(labels) else "control"
-            yield _param(step, "local", k, label)
-    for step, points in S3_POINTS.items():
-        for k, label in points.items():
-            yield _param(step, "s3", k, label)
-        yield _param(step, "s3", S3_TOTAL[step] + 1, "control")
+def cases(steps: tuple[str, ...], storage: str) -> list[Any]:
+    """The kill points of ``steps`` on ``storage`` ("local": all; "s3": the chosen ones), each
+    with its control (the step run to its end)."""
+    found = []
+    if storage == "local":
+        for step in steps:
+            labels = LOCAL_POINTS[step]
+            for k in range(1, len(labels) + 2):
+                label = labels[k - 1] if k <= len(labels) else "control"
+                found.append(_param(step, "local", k, label))
+    else:
+        for step in steps:
+            for k, label in S3_POINTS[step].items():
+                found.append(_param(step, "s3", k, label))
+            found.append(_param(step, "s3", S3_TOTAL[step] + 1, "control"))
+    return found
 
 
 def _param(step: str, storage: str, k: int, label: str) -> Any:
@@ -529,13 +539,11 @@ def _check(step: str, case: rc.Case, flow: rc.Flow, unsent_before: dict[str, lis
     assert not left, f"in-flight markers left after collection: {left}"
 
 
-# --- the test -----------------------------------------------------------------------------------
+# --- one case -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("step, storage, k, label", list(_cases()))
-def test_a_kill_at_any_write_converges_unattended(
-    step, storage, k, label, bases, forks, monkeypatch, request
-):
+def run_case(step, storage, k, label, bases, forks, monkeypatch, request) -> None:
+    """One case: the step killed at its k-th write point, then the sensor alone, then checks."""
     monkeypatch.setattr(resume_module, "RESUME_BACKOFF_SECONDS", 0.0)
     monkeypatch.setattr(submit_module, "REATTACH_GRACE_SECONDS", GRACE_SECONDS)
     place, prepared = bases(storage)

@@ -1,0 +1,15 @@
+"""Restart anywhere (the submit step, S3): kill -9 at each write point, then the sensor
+alone; every partition converges and nothing is paid twice. Cases and checks:
+``restart_anywhere.py``."""
+
+import pytest
+from restart_anywhere import bases, cases, forks, run_case
+
+__all__ = ["bases", "forks"]  # the shared module fixtures
+
+
+@pytest.mark.parametrize("step, storage, k, label", cases(("submit",), "s3"))
+def test_a_kill_at_any_write_converges_unattended(
+    step, storage, k, label, bases, forks, monkeypatch, request
+):
+    run_case(step, storage, k, label, bases, forks, monkeypatch, request)
