@@ -38,8 +38,6 @@ dev: $(STAMP)
 	@echo "Dagster UI: http://127.0.0.1:$(PORT)  (another port: make dev PORT=3001)"
 	@echo "Local-server batches stay in progress $${INFRON_LOCAL_IN_PROGRESS_SECONDS:-90} s" \
 	  "(INFRON_LOCAL_IN_PROGRESS_SECONDS=300 make dev for longer): watch, then cancel one"
-	@echo "Local-server batches stay in progress $${INFRON_LOCAL_IN_PROGRESS_SECONDS:-90} s" \
-	  "(INFRON_LOCAL_IN_PROGRESS_SECONDS=300 make dev for longer): watch, then cancel one"
 	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.dagster_home} ; mkdir -p $$DAGSTER_HOME ; \
 	DAGSTER_HOME=$$DAGSTER_HOME $(VENV)/bin/dagster dev -m example_project.definitions \
 	  -h 127.0.0.1 -p $(PORT)
