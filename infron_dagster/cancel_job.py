@@ -16,7 +16,9 @@ from typing import Any
 import dagster as dg
 
 from .cancel import BatchCancel, CancelOutcome, cancel_partition
+from .metadata import id_metadata
 from .resources import InfronResource
+from .status import STATUS, cancel_status, record_status
 from .storage import BatchStorage
 from .untrusted import printable
 
@@ -24,30 +26,33 @@ __all__ = ["build_cancel_job", "cancel_metadata"]
 
 
 def cancel_metadata(outcome: CancelOutcome) -> dict[str, Any]:
-    """Run metadata of one cancel: counts, ids and a Markdown table of every batch.
+    """Run metadata of one cancel: its status, what was stopped, skipped or refused (only
+    what happened), and a Markdown table of every batch.
 
     Example:
-        >>> meta = cancel_metadata(CancelOutcome(partition_key="a", submitted=False))
-        >>> meta["state"], meta["cancelled"]
-        ('nothing in flight', 0)
+        >>> cancel_metadata(CancelOutcome(partition_key="a", submitted=False))["status"]
+        'nothing in flight: never submitted'
     """
-    return {
-        "partition": outcome.partition_key or "",
-        "attempts": dg.MetadataValue.json(outcome.attempts),
-        "cancelled": len(outcome.cancelled_ids),
+    counts = {
         "already_cancelling": len(outcome.ids("already_cancelling")),
         "already_finished": len(outcome.ids("already_finished")),
-        "could_not_cancel": len(outcome.failed),
-        "nothing_in_flight": outcome.nothing_in_flight,
-        "state": "nothing in flight" if outcome.nothing_in_flight else "cancelled",
-        "attempts_marked_cancelled": dg.MetadataValue.json(outcome.marked),
-        "cancelled_batch_ids": dg.MetadataValue.json(outcome.cancelled_ids),
-        "failed_batch_ids": dg.MetadataValue.json([b.batch_id for b in outcome.failed]),
-        "unsent_chunks": dg.MetadataValue.json(_json_keys(outcome.unsent_chunks)),
-        "uncertain_chunks": dg.MetadataValue.json(_json_keys(outcome.uncertain_chunks)),
-        "batches": dg.MetadataValue.json([b.to_dict() for b in outcome.batches]),
+    }
+    values: dict[str, Any] = {
+        STATUS: cancel_status(outcome),
+        "attempts": ", ".join(map(str, outcome.attempts)),
+        **{k: v for k, v in counts.items() if v},
+        "attempts_marked_cancelled": ", ".join(map(str, outcome.marked)),
+        **id_metadata("cancelled_batch", outcome.cancelled_ids),
+        **id_metadata("failed_batch", [b.batch_id for b in outcome.failed]),
+        "unsent_chunks": _per_attempt(outcome.unsent_chunks),
+        "uncertain_chunks": _per_attempt(outcome.uncertain_chunks),
         "summary": dg.MetadataValue.md(_summary_md(outcome)),
     }
+    return {k: v for k, v in values.items() if v != ""}
+
+
+def _per_attempt(counts: dict[int, int]) -> str:
+    return ", ".join(f"attempt {a}: {n}" for a, n in sorted(counts.items()))
 
 
 def _summary_md(outcome: CancelOutcome) -> str:
@@ -61,10 +66,6 @@ def _summary_md(outcome: CancelOutcome) -> str:
         action = action.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| `{name}` | {b.attempt} | {action} | {b.status or '-'} | {done} |")
     return "\n".join(lines)
-
-
-def _json_keys(counts: dict[int, int]) -> dict[str, int]:
-    return {str(a): n for a, n in sorted(counts.items())}
 
 
 def _log_line(name: str, key: str | None, result: BatchCancel) -> tuple[int, str]:
@@ -118,6 +119,8 @@ def build_cancel_job(
         job.execute_in_process(partition_key="a", resources={"infron": InfronResource()})
     """
 
+    batches_key = dg.AssetKey(f"{name}_batches")  # where the partition's status lives
+
     @dg.op(
         name=f"{name}_cancel_batches",
         required_resource_keys={resource_key},
@@ -135,6 +138,8 @@ def build_cancel_job(
         with resource.get_client() as client:
             outcome = cancel_partition(client, storage, key, on_batch=log)
         context.log.info(outcome.message)
+        if outcome.submitted and not outcome.nothing_in_flight:
+            record_status(context, batches_key, key, cancel_status(outcome))
         if outcome.failed:
             raise _failure(name, key, outcome)
         return dg.Output(None, metadata=cancel_metadata(outcome))

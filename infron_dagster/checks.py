@@ -2,8 +2,10 @@
 
 They read what collection wrote (the tables and the manifests on storage), so a partition's
 result stays its own: a partition with 53 % failed rows stays failed whatever another
-partition does. They run in the collection run, after the tables, and are skipped when the
-run collected nothing (batches still in flight).
+partition does. They run in the collection run, after the tables, and are skipped when
+there is nothing collected to check (the run collected nothing because the batches are still
+in flight or the partition was never submitted, or the checks were launched on their own for
+such a partition): Dagster then shows them as skipped, never as failed.
 
 Example::
 
@@ -23,6 +25,7 @@ from .collect import active_attempts
 from .columns import CUSTOM_ID
 from .manifest import load_manifests
 from .storage import BatchStorage
+from .untrusted import printable
 
 __all__ = ["build_collect_checks"]
 
@@ -72,7 +75,15 @@ def build_collect_checks(
     def _checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
         op = context.op_execution_context
         key = op.partition_key if op.has_partition_key else None
-        input_rows = _input_rows(storage, key)
+        input_rows = _collected_input_rows(storage, key)
+        if input_rows is None:
+            # Nothing collected to check (never submitted, or its first attempt still in
+            # flight): no result, so Dagster shows the checks as skipped, not failed.
+            op.log.warning(
+                f"partition {printable(key or '-', 100)!r} of {name} has nothing collected: "
+                "its checks are skipped"
+            )
+            return
         ok = storage.read_table(storage.table_path("results", key)).column(CUSTOM_ID)
         failed = storage.read_table(storage.table_path("failed", key))
         yield _completeness(results_key, input_rows, ok.to_pylist(), failed)
@@ -81,10 +92,11 @@ def build_collect_checks(
     return _checks
 
 
-def _input_rows(storage: BatchStorage, key: str | None) -> int:
+def _collected_input_rows(storage: BatchStorage, key: str | None) -> int | None:
+    """The partition's input rows, or None when none of its attempts is collected."""
     attempts = active_attempts(load_manifests(storage, key))
-    if not attempts:
-        raise dg.Failure(f"partition {key!r} has no submitted attempt to check")
+    if not any(m.state == "collected" for m in attempts):
+        return None
     return attempts[0].row_count
 
 
@@ -100,7 +112,7 @@ def _completeness(
         metadata={
             "input_rows": input_rows,
             "accounted_rows": len(ids),
-            "duplicated_rows": duplicated,
+            **({"duplicated_rows": duplicated} if duplicated else {}),
         },
     )
 
@@ -110,18 +122,17 @@ def _failure_rate(
 ) -> dg.AssetCheckResult:
     bad = failed.num_rows
     rate = bad / input_rows if input_rows else 0.0
-    retryable = failed.column("retryable") if bad else None
+    retryable = int(pc.sum(failed.column("retryable")).as_py() or 0) if bad else 0
     return dg.AssetCheckResult(
         asset_key=asset,
         check_name="failure_rate",
         passed=rate <= threshold,
         severity=dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN,
         metadata={
-            "failure_rate": dg.MetadataValue.float(round(rate, 4)),
-            "failure_rate_pct": dg.MetadataValue.text(f"{rate:.1%}"),
-            "failed_rows": bad,
-            "retryable_rows": int(pc.sum(retryable).as_py() or 0) if retryable is not None else 0,
+            # a share as people read it; the exact counts beside it
+            "failure_rate": dg.MetadataValue.text(f"{rate:.1%} (at most {threshold:.1%})"),
             "input_rows": input_rows,
-            "threshold": dg.MetadataValue.float(threshold),
+            **({"failed_rows": bad} if bad else {}),
+            **({"retryable_rows": retryable} if retryable else {}),
         },
     )

@@ -25,6 +25,7 @@ from .resources import InfronResource
 from .retry_queue import RetryQueue, retry_delay
 from .run_config import CollectConfig
 from .spend import settle_collected
+from .status import collection_status, failed_status, record_status
 from .submission import PipelineSettings
 from .table_loader import InfronTableIOManager, tables_io_manager_key
 from .untrusted import printable
@@ -88,9 +89,14 @@ def build_collect_assets(
                     f"run config {old!r} is deprecated and ignored (removed in 0.2.0): the "
                     f"sensor requests a failed collection again by itself"
                 )
-        outcome = _collect_waiting(s, resource, key, config, context)
+        try:
+            outcome = _collect_waiting(s, resource, key, config, context)
+        except Exception as exc:  # said on the partition, then the run fails as before
+            record_status(context, batches_key, key, failed_status("collection", exc))
+            raise
         if outcome is not None:  # else still in flight: nothing is materialized or failed
             yield from _collect_results(s, key, outcome, results_key, failed_key)
+            record_status(context, batches_key, key, collection_status(outcome))
 
     return decorator(_collect)
 
@@ -102,7 +108,8 @@ def _collect_waiting(
     config: CollectConfig,
     context: dg.AssetExecutionContext,
 ) -> CollectOutcome | None:
-    """The collected partition, or None when its batches are still running.
+    """The collected partition, or None when there is nothing to collect now: the partition
+    was never submitted, or its batches are still running.
 
     A collection never holds a worker for the hours a batch takes: after at most
     ``wait_seconds`` it logs where the batches stand and ends, and the sensor collects the
@@ -110,10 +117,13 @@ def _collect_waiting(
     """
     history = PartitionHistory.load(s.storage, key)
     if not history.manifests:
-        raise dg.Failure(
-            f"partition {key!r} of {s.name} was never submitted: materialize "
-            f"{s.name}_batches for it first (the sensor then collects it)"
+        # Nothing is collected and nothing failed: the run ends without materializing, so
+        # the partition's checks are skipped rather than marked as failed executions.
+        context.log.error(
+            f"partition {key!r} of {s.name} was never submitted: nothing to collect. "
+            f"Materialize {s.name}_batches for it first (the sensor then collects it)"
         )
+        return None
     deadline = time.monotonic() + config.wait_seconds
     with resource.get_client() as client:
         while True:

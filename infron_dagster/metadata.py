@@ -21,13 +21,18 @@ import pyarrow as pa
 from .collect import CollectOutcome
 from .resources import InfronResource
 from .spend import cost_by_attempt
+from .status import STATUS, collection_status, submission_status
 from .storage import BatchStorage
 from .submission import PipelineSettings, SubmissionReport
+from .untrusted import printable
 
 __all__ = [
     "column_schema",
     "dry_run_error_metadata",
+    "estimate_metadata",
     "failed_metadata",
+    "id_metadata",
+    "news",
     "results_metadata",
     "submission_metadata",
     "table_metadata",
@@ -35,7 +40,9 @@ __all__ = [
 
 
 def submission_metadata(report: SubmissionReport, resource: InfronResource) -> dict[str, Any]:
-    """The ``<name>_batches`` metadata of one partition's submission (or dry run).
+    """The ``<name>_batches`` metadata of one partition's submission (or dry run): its
+    ``status`` first, then what is news (a counter at zero, a flag left off, a value said
+    twice are left out: see :func:`news`).
 
     Example::
 
@@ -43,10 +50,10 @@ def submission_metadata(report: SubmissionReport, resource: InfronResource) -> d
         # -> '40 unchanged row(s) already answered in a collected attempt: ...'
     """
     m = report.manifest
+    invalid = {"valid_rows": m.row_count - m.invalid_count, "invalid_rows": m.invalid_count}
     common = {
         "dagster/row_count": m.row_count,
-        "valid_rows": m.row_count - m.invalid_count,
-        "invalid_rows": m.invalid_count,
+        **(invalid if m.invalid_count else {}),
         "carried_rows": report.carried,
         **_carry_metadata(report),
         "chunks": len(m.chunks),
@@ -54,25 +61,91 @@ def submission_metadata(report: SubmissionReport, resource: InfronResource) -> d
         "attempt_kind": m.kind,
         "api_style": m.api_style or resource.api_style,
         "local_server": resource.is_local,
-        "estimated_input_tokens": report.estimate.input_tokens,
         "fingerprint": m.fingerprint[:16],
-        **report.estimate.metadata(),
+        **estimate_metadata(report),
+        **id_metadata("cancelled_in_flight_batch", report.cancelled),
     }
-    if report.cancelled:
-        common["cancelled_in_flight_batches"] = dg.MetadataValue.json(report.cancelled)
     if report.dry_run:
         refusal = report.budget_refusal
         verdict = {"budget_would_refuse": refusal} if refusal else {}
-        return {"dry_run": True, "would_pay": report.would_pay, **verdict, **common}
+        dry = {"dry_run": True, "would_pay": report.would_pay, **verdict, **common}
+        return news(dry, keep=("would_pay",))
     assert report.outcome is not None
+    return news(
+        {
+            STATUS: submission_status(report),
+            **common,
+            **id_metadata("batch", m.batch_ids),
+            "batches_created": len(report.outcome.created),
+            "batches_reattached": len(report.outcome.reattached),
+            "reused_existing_batches": report.outcome.reused,
+            **_admission_metadata(report),
+        }
+    )
+
+
+# Money keys say their unit; the estimate's other keys are tokens and requests.
+_MONEY_KEYS = {
+    "estimate/cost_expected": "estimate/cost_expected_usd",
+    "estimate/cost_worst_case": "estimate/cost_worst_case_usd",
+}
+
+
+def estimate_metadata(report: SubmissionReport) -> dict[str, Any]:
+    """The estimate of what this submission sends, money in dollars, with its basis; an
+    expected value equal to the worst case is said once (the worst case), and a submission
+    that sends nothing has no estimate.
+
+    Example::
+
+        estimate_metadata(report)
+        # -> {'estimate/requests': 20, 'estimate/input_tokens': 180,
+        #     'estimate/output_tokens_worst_case': 20480, 'estimate/output_basis':
+        #     'max_tokens 1024 (nothing collected yet)', 'estimate/cost_worst_case_usd': 0.0061}
+    """
+    if not report.estimate.requests:
+        return {}
+    values = {_MONEY_KEYS.get(k, k): v for k, v in report.estimate.metadata().items()}
+    for expected, worst in (
+        ("estimate/output_tokens_expected", "estimate/output_tokens_worst_case"),
+        ("estimate/cost_expected_usd", "estimate/cost_worst_case_usd"),
+    ):
+        if expected in values and values.get(expected) == values.get(worst):
+            del values[expected]
+    basis = getattr(report, "basis", "")  # the pilot's calibration, when it made one
+    if basis:
+        values["estimate/basis"] = printable(basis, 300)
+    return values
+
+
+def news(values: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``values`` without what says nothing: a zero counter, a False flag, an empty text
+    (Dagster's own ``dagster/...`` keys, such as a row count of 0, always stay).
+
+    Example:
+        >>> news({"batches_created": 0, "reused_existing_batches": False, "chunks": 3})
+        {'chunks': 3}
+    """
     return {
-        **common,
-        "batch_ids": dg.MetadataValue.json(m.batch_ids),
-        "batches_created": len(report.outcome.created),
-        "batches_reattached": len(report.outcome.reattached),
-        "reused_existing_batches": report.outcome.reused,
-        **_admission_metadata(report),
+        k: v
+        for k, v in values.items()
+        if k in keep
+        or k.startswith("dagster/")
+        or not (v is False or v == "" or (type(v) is int and v == 0))
     }
+
+
+def id_metadata(name: str, ids: list[str]) -> dict[str, Any]:
+    """One id as text under ``<name>_id``, several as a JSON list under ``<name>_ids``
+    (a one-item JSON list says less than the id itself), none: nothing.
+
+    Example:
+        >>> id_metadata("batch", ["batch_1"]), id_metadata("batch", [])
+        ({'batch_id': 'batch_1'}, {})
+    """
+    if len(ids) == 1:
+        return {f"{name}_id": ids[0]}
+    return {f"{name}_ids": dg.MetadataValue.json(ids)} if ids else {}
 
 
 def dry_run_error_metadata(why: str) -> dict[str, Any]:
@@ -113,7 +186,7 @@ def _carry_metadata(report: SubmissionReport) -> dict[str, Any]:
     return {
         "carried_from_in_flight": in_flight,
         "carried_from_other_partitions": report.elsewhere,
-        "carried_why": "; ".join(_carried_why(report, waits, in_flight)) or "nothing carried",
+        "carried_why": "; ".join(_carried_why(report, waits, in_flight)),
     }
 
 
@@ -162,74 +235,88 @@ def table_metadata(storage: BatchStorage, kind: str) -> dict[str, Any]:
 def results_metadata(
     s: PipelineSettings, key: str | None, outcome: CollectOutcome
 ) -> dict[str, Any]:
-    """The ``<name>_results`` metadata of a collected partition: rows, tokens, money.
+    """The ``<name>_results`` metadata of a collected partition: its status, rows, tokens,
+    and money (the actual cost beside the estimate and its basis).
 
     Example::
 
-        results_metadata(settings, "a", outcome)["succeeded"]
-        # -> 118
+        results_metadata(settings, "a", outcome)["status"]
+        # -> 'collected: 118 of 120 rows succeeded, 2 failed (2 retryable)'
     """
     # Summaries made while the tables were written: nothing is read back whole.
-    results = outcome.results_summary
-    assert results is not None
-    return {
-        **_common(outcome),
-        "dagster/row_count": results.rows,
-        "dagster/uri": str(s.storage.table_path("results", key)),
-        "table_root": str(s.storage.table_root("results")),
-        **outcome.tokens,
-        **_money_metadata(s, outcome),
-        "dagster/column_schema": column_schema(results.schema),
-        "summary": dg.MetadataValue.md(_summary_md(key, outcome)),
-    }
+    results, failed = outcome.results_summary, outcome.failed_summary
+    assert results is not None and failed is not None
+    money = _money_metadata(s, outcome)
+    return news(
+        {
+            **_common(outcome),
+            "dagster/row_count": results.rows,
+            "failed": failed.rows,
+            "dagster/uri": str(s.storage.table_path("results", key)),
+            **outcome.tokens,
+            **money,
+            "dagster/column_schema": column_schema(results.schema),
+            "summary": dg.MetadataValue.md(_summary_md(key, outcome, money)),
+        }
+    )
 
 
 def failed_metadata(
     s: PipelineSettings, key: str | None, outcome: CollectOutcome
 ) -> dict[str, Any]:
-    """The ``<name>_failed`` metadata of a collected partition: rows and error codes.
+    """The ``<name>_failed`` metadata of a collected partition: its status, rows and error
+    codes.
 
     Example::
 
         failed_metadata(settings, "a", outcome)["error_codes"].value
         # -> {'batch_expired': 2}
     """
-    failed = outcome.failed_summary
-    assert failed is not None
-    return {
-        **_common(outcome),
-        "dagster/row_count": failed.rows,
-        "dagster/uri": str(s.storage.table_path("failed", key)),
-        "dagster/column_schema": column_schema(failed.schema),
-        "error_codes": dg.MetadataValue.json(outcome.error_counts),
-        "retryable": outcome.retryable_rows,
-        # what the sensor will do about the retryable rows (auto_retry), if anything
-        **{k: v for k, v in outcome.settled.items() if k == "auto_retry"},
-    }
+    results, failed = outcome.results_summary, outcome.failed_summary
+    assert results is not None and failed is not None
+    return news(
+        {
+            **_common(outcome),
+            "dagster/row_count": failed.rows,
+            "succeeded": results.rows,
+            "dagster/uri": str(s.storage.table_path("failed", key)),
+            "dagster/column_schema": column_schema(failed.schema),
+            **_error_codes(outcome),
+            "retryable": outcome.retryable_rows,
+            # what the sensor will do about the retryable rows (auto_retry), if anything
+            **{k: v for k, v in outcome.settled.items() if k == "auto_retry"},
+        }
+    )
+
+
+def _error_codes(outcome: CollectOutcome) -> dict[str, Any]:
+    codes = outcome.error_counts
+    return {"error_codes": dg.MetadataValue.json(codes)} if codes else {}
 
 
 def _common(outcome: CollectOutcome) -> dict[str, Any]:
-    """What both tables of a collected partition show."""
-    results, failed = outcome.results_summary, outcome.failed_summary
-    assert results is not None and failed is not None
-    common: dict[str, Any] = {
-        "attempts": dg.MetadataValue.json(outcome.attempts),
+    """What both tables of a collected partition show: the status, the attempts, and the
+    result lines that could not be used (each only when there were some)."""
+    attempts = outcome.attempts
+    return {
+        STATUS: collection_status(outcome),
+        **(
+            {"attempts": ", ".join(map(str, attempts))}
+            if len(attempts) > 1
+            else {"attempt": attempts[0] if attempts else 0}
+        ),
         "input_rows": outcome.input_rows,
-        "succeeded": results.rows,
-        "failed": failed.rows,
         "unparseable_lines": outcome.report.unparseable,
         "oversized_lines": outcome.report.too_large,
         "duplicate_lines": outcome.report.duplicates,
         "unknown_custom_ids": outcome.report.unknown_ids,
+        "cancelled_attempts": ", ".join(map(str, outcome.cancelled)),
     }
-    if outcome.cancelled:  # what the partition's page says: stopped, not finished
-        common["state"] = "cancelled"
-        common["cancelled_attempts"] = dg.MetadataValue.json(outcome.cancelled)
-    return common
 
 
 def _money_metadata(s: PipelineSettings, outcome: CollectOutcome) -> dict[str, Any]:
-    """What the partition cost (settled in the budget ledger) next to what was estimated."""
+    """What the partition cost in dollars (settled in the budget ledger), next to what was
+    estimated before sending and the estimate's basis."""
     wanted = {*outcome.attempts, *outcome.sources}  # the in-flight sources were paid for too
     assert outcome.history is not None  # the manifests as collection wrote them
     attempts = [m for m in outcome.history.manifests if m.attempt in wanted]
@@ -239,17 +326,26 @@ def _money_metadata(s: PipelineSettings, outcome: CollectOutcome) -> dict[str, A
     reported = None if untrusted else outcome.cost  # fees that cannot be billed are not shown
     money: dict[str, Any] = dict(untrusted)  # {"cost_reported_untrusted": why} or {}
     if s.spend.price is not None or reported is not None:  # the rows' cost column is known
-        money["cost"] = round(sum(by_attempt.values()), 6)
+        money["cost_usd"] = _usd(sum(by_attempt.values()))
+    spends = [m.spend or {} for m in attempts]
+    estimates = [spend.get("expected_cost") for spend in spends]
+    if estimates and all(e is not None for e in estimates):
+        money["cost_estimated_usd"] = _usd(sum(estimates))
+        bases = [str(spend["basis"]) for spend in spends if spend.get("basis")]
+        if bases:  # what the expected output tokens were taken from, attempt by attempt
+            money["cost_estimate_basis"] = printable("; ".join(dict.fromkeys(bases)), 500)
     if reported is not None:
-        money["cost_reported_by_provider"] = round(reported, 6)
+        money["cost_reported_by_provider_usd"] = _usd(reported)
         tokens = sum(outcome.tokens.values())
         if tokens:  # what the provider billed per token for this model: check your price
-            money["observed_price_per_million_tokens"] = round(reported / tokens * 1e6, 4)
+            money["observed_price_per_million_tokens_usd"] = round(reported / tokens * 1e6, 4)
             money["model"] = s.spec.model
-    estimates = [(m.spend or {}).get("expected_cost") for m in attempts]
-    if estimates and all(e is not None for e in estimates):
-        money["cost_estimated"] = round(sum(estimates), 6)
     return money
+
+
+def _usd(amount: float) -> dg.MetadataValue:
+    """Dollars, to a millionth (a request can cost less than a cent)."""
+    return dg.MetadataValue.float(round(float(amount), 6))
 
 
 def column_schema(schema: pa.Schema) -> dg.TableSchema:
@@ -262,13 +358,26 @@ def column_schema(schema: pa.Schema) -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in schema])
 
 
-def _summary_md(key: str | None, outcome: CollectOutcome) -> str:
+def _summary_md(key: str | None, outcome: CollectOutcome, money: dict[str, Any]) -> str:
+    """The partition on one card: its rows by outcome, then what it cost beside the
+    estimate and the estimate's basis."""
+    attempts = outcome.attempts
+    which = f"attempt{'s' if len(attempts) > 1 else ''} {', '.join(map(str, attempts))}"
     lines = [
-        f"**Partition** `{key or '-'}` — attempts {outcome.attempts}",
+        f"**Partition** `{printable(key or '-', 100)}` — {which}",
         "",
         "| outcome | rows |",
         "|---|---|",
         f"| succeeded | {outcome.results_summary.rows if outcome.results_summary else 0} |",
     ]
     lines += [f"| failed: {code} | {n} |" for code, n in sorted(outcome.error_counts.items())]
+    cost, estimated = money.get("cost_usd"), money.get("cost_estimated_usd")
+    if cost is not None or estimated is not None:
+        lines += ["", "| money | $ |", "|---|---|"]
+    if cost is not None:
+        lines.append(f"| cost | {cost.value:.6f} |")
+    if estimated is not None:
+        basis = str(money.get("cost_estimate_basis", "")).replace("|", "/")
+        label = f"estimated ({basis})" if basis else "estimated"
+        lines.append(f"| {label} | {estimated.value:.6f} |")
     return "\n".join(lines)

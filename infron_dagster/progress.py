@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,6 +27,7 @@ import dagster as dg
 
 from .manifest import Manifest
 from .models import Batch
+from .status import STATUS
 from .untrusted import printable
 
 __all__ = [
@@ -37,6 +39,8 @@ __all__ = [
     "progress_observations",
     "skip_reason",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,20 +125,52 @@ class Progress:
             f"/{self.requests_total}:{self.batches_finished}/{self.batches_total}"
         )
 
+    @property
+    def status(self) -> str:
+        """The partition's status line: how far, and how long is left (see ``status.py``).
+
+        Example:
+            >>> Progress(attempt=1, run_key="r:a:1:x", known=True, requests_total=20,
+            ...          completed=8, failed=1, settled=9, batches_total=3,
+            ...          batches_finished=1, elapsed=540.0).status
+            'in flight: 45.0 % done (9/20 requests, 1 failed), about 11 min left'
+        """
+        attempt = f" (attempt {self.attempt})" if self.attempt > 1 else ""
+        if self.batches_finished == self.batches_total:
+            return (
+                f"collecting{attempt}: every batch ended ({self.settled}/"
+                f"{self.requests_total} requests), the collection run is requested"
+            )
+        if not self.settled:
+            return (
+                f"in flight{attempt}: waiting for the provider to start "
+                f"(0/{self.requests_total} requests)"
+            )
+        failed = f", {self.failed} failed" if self.failed else ""
+        text = (
+            f"in flight{attempt}: {self.percent} % done "
+            f"({self.settled}/{self.requests_total} requests{failed})"
+        )
+        eta = self.eta
+        return text + (f", about {format_duration(eta)} left" if eta else "")
+
     def metadata(self) -> dict[str, Any]:
-        """Numbers for people: ints, a one-decimal percent, and a one-line summary."""
+        """The status line, a one-line summary, and the numbers for the plots (a counter
+        still at zero says nothing and is left out: they only grow within an attempt)."""
         summary = (
             f"{self.settled}/{self.requests_total} requests ({self.percent} %), "
             f"{self.failed} failed, {self.batches_finished}/{self.batches_total} batches finished"
         )
-        values: dict[str, Any] = {
-            "attempt": self.attempt,
+        counters = {
             "requests_completed": self.completed,
             "requests_failed": self.failed,
             "requests_settled": self.settled,
-            "requests_total": self.requests_total,
-            "progress_percent": dg.MetadataValue.float(self.percent),
             "batches_finished": self.batches_finished,
+        }
+        values: dict[str, Any] = {
+            "progress_percent": dg.MetadataValue.float(self.percent),
+            **{k: v for k, v in counters.items() if v},
+            "requests_total": self.requests_total,
             "batches_total": self.batches_total,
         }
         if self.elapsed is not None:
@@ -144,7 +180,7 @@ class Progress:
         if eta is not None:
             values["eta_seconds"] = round(eta)
             summary += ", finished" if eta == 0 else f", about {format_duration(eta)} left"
-        return {"progress": summary, **values}
+        return {STATUS: self.status, "progress": summary, **values}
 
 
 def measure_progress(
@@ -255,16 +291,27 @@ def progress_observations(
             if slot in observed:
                 signatures[slot] = observed[slot]
             continue
-        signatures[slot] = state.signature
-        if observed.get(slot) != state.signature:
+        if observed.get(slot) == state.signature:
+            signatures[slot] = state.signature
+            continue
+        try:
             events.append(
                 dg.AssetObservation(
                     asset_key=asset_key,
                     partition=partition.partition_key,
                     metadata=state.metadata(),
-                    description="Progress of the in-flight batches, reported by the sensor.",
+                    description="Where this partition stands, reported by the sensor.",
                 )
             )
+        except Exception as exc:  # a status is news: it never fails the tick's real work
+            logger.warning(
+                f"partition {printable(partition.partition_key or '-', 100)!r}: no progress "
+                f"observation this tick ({type(exc).__name__}: {printable(exc)})"
+            )
+            if slot in observed:
+                signatures[slot] = observed[slot]
+            continue
+        signatures[slot] = state.signature
     return events, signatures
 
 

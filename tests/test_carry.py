@@ -34,6 +34,11 @@ def setup(tmp_path, api_style):
         yield texts, reviews, pipeline, resource, instance
 
 
+def values(metadata: dict) -> dict:
+    """The plain values of a materialization's metadata (a counter at zero is left out)."""
+    return {k: v.value for k, v in metadata.items()}
+
+
 def _submit(setup):
     _, reviews, pipeline, resource, instance = setup
     result = dg.materialize(
@@ -42,7 +47,7 @@ def _submit(setup):
         resources={"infron": resource},
         instance=instance,
     )
-    return result.asset_materializations_for_node("rev_batches")[0].metadata
+    return values(result.asset_materializations_for_node("rev_batches")[0].metadata)
 
 
 def _collect(setup):
@@ -62,15 +67,15 @@ def _collect(setup):
 def test_one_changed_row_sends_one_request(setup):
     texts = setup[0]
     first = _submit(setup)
-    assert first["batches_created"].value == 3 and first["carried_rows"].value == 0
+    assert first.get("batches_created", 0) == 3 and first.get("carried_rows", 0) == 0
     results, failed = _collect(setup)
     assert len(results) == 20 and failed.empty
 
     texts["value"] = [*texts["value"][:19], "review 19, edited"]
     second = _submit(setup)
-    assert second["attempt"].value == 2 and second["carried_rows"].value == 19
-    assert second["batches_created"].value == 1
-    assert second["estimated_input_tokens"].value < first["estimated_input_tokens"].value / 10
+    assert second["attempt"] == 2 and second.get("carried_rows", 0) == 19
+    assert second.get("batches_created", 0) == 1
+    assert second["estimate/input_tokens"] < first["estimate/input_tokens"] / 10
     results, failed = _collect(setup)
     assert failed.empty and sorted(results["id"]) == list(range(20))
     attempts = dict(zip(results["id"], results["attempt"], strict=True))
@@ -88,11 +93,11 @@ def test_an_unchanged_rerun_after_a_carry_pays_nothing_and_a_revert_revives(setu
     _submit(setup)
     _collect(setup)
     again = _submit(setup)
-    assert again["reused_existing_batches"].value and again["batches_created"].value == 0
+    assert again.get("reused_existing_batches", False) and again.get("batches_created", 0) == 0
 
     texts["value"] = original  # back to the first input: its paid batches are revived
     revived = _submit(setup)
-    assert revived["batches_created"].value == 0 and revived["attempt"].value == 3
+    assert revived.get("batches_created", 0) == 0 and revived["attempt"] == 3
     results, failed = _collect(setup)
     assert failed.empty and sorted(results["id"]) == list(range(20))
     assert set(results["text"]) == set(original)
@@ -108,7 +113,7 @@ def _retry(setup):
         instance=instance,
         run_config={"ops": {"rev_batches": {"config": {"retry_failed": True}}}},
     )
-    return result.asset_materializations_for_node("rev_batches")[0].metadata
+    return values(result.asset_materializations_for_node("rev_batches")[0].metadata)
 
 
 def test_flipping_back_to_an_input_whose_attempt_carried_rows_keeps_every_answer(setup):
@@ -130,8 +135,8 @@ def test_a_new_invalid_row_makes_a_new_attempt_that_sends_nothing(setup):
     _collect(setup)
     texts["value"] = [*texts["value"][:19], None]  # row 19 loses its text
     meta = _submit(setup)
-    assert not meta["reused_existing_batches"].value and meta["batches_created"].value == 0
-    assert meta["carried_rows"].value == 19 and meta["invalid_rows"].value == 1
+    assert not meta.get("reused_existing_batches", False) and meta.get("batches_created", 0) == 0
+    assert meta.get("carried_rows", 0) == 19 and meta.get("invalid_rows", 0) == 1
     results, failed = _collect(setup)
     assert sorted(results["id"]) == list(range(19))
     assert failed["id"].tolist() == [19] and failed["error_code"].tolist() == ["invalid_input"]
@@ -149,7 +154,7 @@ def failing(tmp_path, setup):
 def test_a_retry_of_a_replaced_attempt_is_never_reused(failing):
     _submit(failing)
     _collect(failing)
-    assert _retry(failing)["attempt"].value == 2  # in flight, never collected
+    assert _retry(failing)["attempt"] == 2  # in flight, never collected
     _, _, _, resource, instance = failing
     forced = (
         dg.materialize(
@@ -162,10 +167,11 @@ def test_a_retry_of_a_replaced_attempt_is_never_reused(failing):
         .asset_materializations_for_node("rev_batches")[0]
         .metadata
     )
-    assert forced["attempt"].value == 3
+    forced = values(forced)
+    assert forced["attempt"] == 3
     _collect(failing)
     again = _retry(failing)
-    assert again["attempt"].value == 4 and not again["reused_existing_batches"].value
+    assert again["attempt"] == 4 and not again.get("reused_existing_batches", False)
 
 
 def test_answers_collected_before_a_retry_in_flight_are_still_carried(tmp_path, setup):
@@ -179,6 +185,6 @@ def test_answers_collected_before_a_retry_in_flight_are_still_carried(tmp_path, 
     texts["value"] = [*texts["value"], "a new review"]
     meta = _submit(half)
     # Every collected answer (not zero), and the retried rows wait for the retry in flight
-    assert meta["carried_rows"].value == len(results) + len(failed)
-    assert meta["carried_from_in_flight"].value == len(failed)
-    assert meta["valid_rows"].value == 21
+    assert meta.get("carried_rows", 0) == len(results) + len(failed)
+    assert meta.get("carried_from_in_flight", 0) == len(failed)
+    assert meta["dagster/row_count"] == 21 and "invalid_rows" not in meta

@@ -264,7 +264,7 @@ def test_cancel_stops_the_chunks_waiting_for_admission_for_good(tmp_path, monkey
         assert manifest.cancelled_at, "the manifest (the truth) must say it was cancelled"
         assert manifest.chunks[1].batch_id is None and manifest.state == "collected"
         assert "cancelled" in _metadata(queued, flow.batches_key)
-        assert meta["state"] == "cancelled" and not meta["nothing_in_flight"]
+        assert meta["status"].startswith("cancelled: ")
         message = meta["summary"].splitlines()[0]
         assert "cancelled" in message and "will never be sent" in message
         control = AdmissionControl(flow.storage, max_enqueued_tokens=60, output_tokens=16)

@@ -53,6 +53,7 @@ DAGSTER = frozenset(
         "run_config",
         "collect_asset",
         "auto_retry",
+        "status",
     )
 )
 DAGSTER_PACKAGES = (f"{PACKAGE}.components",)

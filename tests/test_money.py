@@ -82,7 +82,8 @@ def test_a_dry_run_sends_and_writes_nothing_and_reports_the_estimate(
     assert meta["dry_run"] is True and meta["would_pay"] is True
     assert meta["estimate/requests"] == ROWS
     assert meta["estimate/output_tokens_worst_case"] == MAX_TOKENS * ROWS
-    assert meta["estimate/cost_worst_case"] == round(worst_case(meta["estimate/input_tokens"]), 6)
+    worst = round(worst_case(meta["estimate/input_tokens"]), 6)
+    assert meta["estimate/cost_worst_case_usd"] == worst
     assert meta["estimate/input_tokens"] > 0
     assert server_batches(local_dir) == 0
     assert not load_manifests(pipeline.storage, "a")
@@ -135,7 +136,7 @@ def test_the_daily_limit_holds_for_two_runs_submitting_at_once(
         dry = submit(probe, reviews, resources, instance, "a", dry_run=True)
         (observation,) = [e for e in dry.all_events if e.event_type_value == "ASSET_OBSERVATION"]
         one = observation.asset_observation_data.asset_observation.metadata
-        per_partition = one["estimate/cost_worst_case"].value
+        per_partition = one["estimate/cost_worst_case_usd"].value
     limit = per_partition * 1.5  # room for one partition's worst case, not for two
 
     spawn = multiprocessing.get_context("spawn")  # Dagster runs are not thread-safe
@@ -179,17 +180,18 @@ def test_collection_settles_the_ledger_to_the_actual_cost(tmp_path, local_dir, s
     store = pipeline.storage
     tables = [store.read_table(store.table_path(kind, "a")) for kind in ("results", "failed")]
     row_costs = sum(pc.sum(t.column("cost")).as_py() or 0.0 for t in tables)
-    assert meta["cost"] == round(row_costs, 6) > 0
+    assert meta["cost_usd"] == round(row_costs, 6) > 0
     tokens = PRICE.cost(meta["prompt_tokens"], meta["completion_tokens"])
     assert row_costs == pytest.approx(tokens)  # at the pipeline's price
-    assert meta["cost_estimated"] > 0
+    assert meta["cost_estimated_usd"] > 0
+    assert meta["cost_estimate_basis"]  # what the expected output tokens were taken from
     if style == "infron":  # Infron reports fees per batch: the ledger keeps what was billed
-        billed = meta["cost_reported_by_provider"]
+        billed = meta["cost_reported_by_provider_usd"]
         per_million = billed / (meta["prompt_tokens"] + meta["completion_tokens"]) * 1e6
-        assert meta["observed_price_per_million_tokens"] == pytest.approx(per_million, rel=1e-3)
+        assert meta["observed_price_per_million_tokens_usd"] == pytest.approx(per_million, rel=1e-3)
         assert meta["model"] == "gpt-4o-mini"
     else:  # OpenAI's batch object has no fees: the rows' cost
-        assert "cost_reported_by_provider" not in meta
+        assert "cost_reported_by_provider_usd" not in meta
         billed = row_costs
     (manifest,) = load_manifests(pipeline.storage, "a")
     spent = SpendLedger(pipeline.storage).spent_on(manifest.spend["day"])
@@ -218,7 +220,7 @@ def test_without_a_price_the_reported_fees_are_shared_by_tokens(tmp_path, local_
         (results_mat, _) = collected.asset_materializations_for_node("rev_collect")
     store = flow.pipeline.storage
     results = store.read_table(store.table_path("results", "a"))
-    fees = results_mat.metadata["cost_reported_by_provider"].value
+    fees = results_mat.metadata["cost_reported_by_provider_usd"].value
     by_batch = results.group_by("batch_id").aggregate([("cost", "sum"), ("total_tokens", "sum")])
     assert by_batch.num_rows == 3
     assert pc.sum(results.column("cost")).as_py() == pytest.approx(fees, abs=1e-5)

@@ -123,7 +123,8 @@ def _worst(flow, instance) -> float:
         run_config={"ops": {"rev_batches": {"config": {"dry_run": True}}}},
     )
     (obs,) = [e for e in dry.all_events if e.event_type_value == "ASSET_OBSERVATION"]
-    return obs.asset_observation_data.asset_observation.metadata["estimate/cost_worst_case"].value
+    metadata = obs.asset_observation_data.asset_observation.metadata
+    return metadata["estimate/cost_worst_case_usd"].value
 
 
 # --- 3. fees that cannot be true ---------------------------------------------------------
@@ -363,7 +364,7 @@ def test_a_damaged_budget_entry_blocks_neither_the_day_nor_its_partition(
         collected = _collect(flow, instance, "a")  # its own partition is collected
         assert collected.success
         (results, _) = collected.asset_materializations_for_node("rev_collect")
-        billed = results.metadata["cost_reported_by_provider"].value
+        billed = results.metadata["cost_reported_by_provider_usd"].value
     assert f"budget entry {entry}" in caplog.text and "rebuilt from the manifest" in caplog.text
     record = json.loads(entry.read_bytes())  # rebuilt from the manifest, then settled
     assert record["partition_key"] == "a" and record["attempt"] == a.attempt

@@ -107,7 +107,7 @@ def test_an_answer_a_partition_no_longer_asks_still_serves_the_others(flow):
     meta = flow.submit_meta("b")
     # Only the question nobody answered is paid for; 0-4 come from a's first attempt
     assert sorted(flow.sent()) == sorted(q([*range(15), 99]))
-    assert meta["carried_from_other_partitions"] == 6
+    assert meta.get("carried_from_other_partitions", 0) == 6
     results, failed = flow.collect_frames("b")
     assert failed.empty and len(results) == 7
     old = _answers(first)
@@ -125,7 +125,7 @@ def test_a_corrupt_answers_file_is_skipped_then_rebuilt(flow, caplog):
     flow.asks["b"] = q([0, 1, 100])
     meta = flow.submit_meta("b")  # no ArrowInvalid: a's file is skipped, c's still serves
     assert any(str(path) in r.getMessage() for r in caplog.records), caplog.text
-    assert meta["carried_from_other_partitions"] == 1
+    assert meta.get("carried_from_other_partitions", 0) == 1
     assert sorted(flow.sent()) == sorted(q([*range(10), *range(100, 105), 0, 1]))
     results, failed = flow.collect_frames("b")  # what lived only in a's file was sent, not lost
     assert failed.empty and sorted(results["text"]) == sorted(q([0, 1, 100]))
@@ -137,7 +137,7 @@ def test_a_corrupt_answers_file_is_skipped_then_rebuilt(flow, caplog):
     before = len(flow.sent())
     flow.asks["d"] = q(range(10))
     meta = flow.submit_meta("d")
-    assert len(flow.sent()) == before and meta["carried_from_other_partitions"] == 10
+    assert len(flow.sent()) == before and meta.get("carried_from_other_partitions", 0) == 10
     results, failed = flow.collect_frames("d")
     assert failed.empty and _answers(results) == _answers(first)
 
@@ -210,7 +210,7 @@ def test_an_answer_whose_files_are_gone_is_sent_not_carried(flow):
     before = flow.sent()
     flow.asks["b"] = q([0, 1, 12])
     meta = flow.submit_meta("b")
-    assert meta["carried_from_other_partitions"] == 1  # 12 still lives in c
+    assert meta.get("carried_from_other_partitions", 0) == 1  # 12 still lives in c
     assert sorted(flow.sent()) == sorted([*before, *q([0, 1])])
     results, failed = flow.collect_frames("b")
     assert failed.empty and sorted(results["text"]) == sorted(q([0, 1, 12]))

@@ -75,8 +75,8 @@ def test_a_partition_answered_elsewhere_sends_nothing(tmp_path, instance):
 
     meta = submit(flow, instance, "b")
     assert flow.sent() == ROWS and flow.batches() == 3  # not one request, not one batch
-    assert meta["batches_created"] == 0 and meta["carried_rows"] == ROWS
-    assert meta["carried_from_other_partitions"] == ROWS
+    assert meta.get("batches_created", 0) == 0 and meta.get("carried_rows", 0) == ROWS
+    assert meta.get("carried_from_other_partitions", 0) == ROWS
     assert "another partition" in meta["carried_why"]
     results, failed = collect(flow, instance, "b")
     # Completeness: every input row of b, under b's own ids and columns, with a's answers.
@@ -92,7 +92,7 @@ def test_a_partition_answered_elsewhere_sends_nothing(tmp_path, instance):
 
     # c carries from a too (a's file lists its own answers; b's answers live in a)
     meta_c = submit(flow, instance, "c")
-    assert meta_c["carried_from_other_partitions"] == ROWS and flow.sent() == ROWS
+    assert meta_c.get("carried_from_other_partitions", 0) == ROWS and flow.sent() == ROWS
     results_c, failed_c = collect(flow, instance, "c")
     assert failed_c.empty and len(results_c) == ROWS
 
@@ -114,7 +114,7 @@ def test_one_new_question_is_the_only_request_sent(tmp_path, instance):
         meta = submit(flow, instance, "b")
     finally:
         globals()["frame"] = original
-    assert flow.sent() == ROWS + 1 and meta["carried_from_other_partitions"] == ROWS - 1
+    assert flow.sent() == ROWS + 1 and meta.get("carried_from_other_partitions", 0) == ROWS - 1
     results, failed = collect(flow, instance, "b")
     assert failed.empty and len(results) == ROWS
 
@@ -124,7 +124,7 @@ def test_by_default_every_partition_pays_for_its_own_answers(tmp_path, instance)
     submit(flow, instance, "a")
     collect(flow, instance, "a")
     meta = submit(flow, instance, "b")
-    assert flow.sent() == 2 * ROWS and meta["carried_from_other_partitions"] == 0
+    assert flow.sent() == 2 * ROWS and meta.get("carried_from_other_partitions", 0) == 0
 
 
 def test_a_vanished_source_fails_its_rows_retryable(tmp_path, instance):

@@ -1,0 +1,219 @@
+"""STATUS: one line per partition saying where it stands, where Dagster users look first.
+
+Every transition records the partition's ``status`` on ``<name>_batches``: the submit run in
+its materialization (``submitted``, ``waiting for admission``, ...), the sensor in the
+progress observations it records when the work done changed (``in flight: 45.0 % done, about
+12 min left``, ``collecting``), the collection run (``collected: ...`` or ``failed: why``) and
+the cancel job (``cancelled``) in an observation. The asset's Partitions tab shows, for the
+selected partition, its latest materialization's metadata with every later observation's
+entries over it, newest first: the one ``status`` row is always the latest word.
+
+A status never fails a run or a tick: recording one that cannot be recorded is a warning.
+
+Example:
+    >>> collected_status(input_rows=20, succeeded=18, failed=2, retryable=2, attempts=[1])
+    'collected: 18 of 20 rows succeeded, 2 failed (2 retryable)'
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import dagster as dg
+
+from .cancel import CancelOutcome
+from .collect import CollectOutcome
+from .submission import SubmissionReport
+from .untrusted import printable
+
+__all__ = [
+    "STATUS",
+    "cancel_status",
+    "collected_status",
+    "collection_status",
+    "failed_status",
+    "latest_status",
+    "record_status",
+    "submission_status",
+]
+
+STATUS = "status"  # the one metadata key every transition writes, on <name>_batches
+
+logger = logging.getLogger(__name__)
+
+
+def submission_status(report: SubmissionReport) -> str:
+    """What a submit run left: ``submitted``, or what the attempt waits for.
+
+    Example::
+
+        submission_status(report)
+        # -> 'waiting for admission: 2 of 5 batches created, 3 wait for capacity ...'
+    """
+    m, outcome = report.manifest, report.outcome
+    attempt = f" (attempt {m.attempt})" if m.attempt > 1 else ""
+    chunks = len(m.chunks)
+    created = len(m.batch_ids)
+    if outcome is not None and (outcome.cancelled or m.cancelled):
+        return f"cancelled{attempt}: nothing more of this attempt is sent"
+    if m.state == "collected":
+        return f"collected{attempt}: these requests are answered already, nothing sent"
+    pilot = getattr(report, "pilot_status", "")  # the pilot's own word, when it has one
+    if pilot:
+        return printable(pilot, 300)
+    if outcome is not None and outcome.pending_chunks:
+        why = f" ({printable(outcome.pending_reason, 200)})" if outcome.pending_reason else ""
+        return (
+            f"waiting for admission{attempt}: {created} of {chunks} batches created, "
+            f"{outcome.pending_chunks} wait for capacity{why}; the sensor submits them "
+            "when batches in flight finish"
+        )
+    if outcome is not None and outcome.waiting_for:
+        return f"waiting{attempt}: {printable(outcome.waiting_for, 200)}"
+    if not chunks:
+        return f"submitted{attempt}: nothing to send, every row is answered or carried"
+    requests = sum(c.requests for c in m.chunks)
+    reused = " (the batches already in flight, reused)" if outcome and outcome.reused else ""
+    return f"submitted{attempt}: {requests} requests in {_n(created, 'batch', 'batches')}{reused}"
+
+
+def collected_status(
+    *,
+    input_rows: int,
+    succeeded: int,
+    failed: int,
+    retryable: int,
+    attempts: Sequence[int],
+    cancelled: bool = False,
+    note: str = "",
+) -> str:
+    """A collected partition in one line: how many rows succeeded, failed, may be retried.
+
+    Example:
+        >>> collected_status(input_rows=10, succeeded=4, failed=6, retryable=6, attempts=[1],
+        ...                  cancelled=True)
+        'cancelled: 4 of 10 rows answered and kept, 6 failed (6 retryable)'
+    """
+    where = f" (attempts {', '.join(map(str, attempts))})" if len(attempts) > 1 else ""
+    if attempts and len(attempts) == 1 and attempts[0] > 1:
+        where = f" (attempt {attempts[0]})"
+    word, done = ("cancelled", "answered and kept") if cancelled else ("collected", "succeeded")
+    text = f"{word}{where}: {succeeded} of {input_rows} rows {done}"
+    if failed:
+        text += f", {failed} failed" + (f" ({retryable} retryable)" if retryable else "")
+    return f"{text}; {printable(note, 300)}" if note else text
+
+
+def collection_status(outcome: CollectOutcome) -> str:
+    """:func:`collected_status` of a collection's outcome.
+
+    Example::
+
+        collection_status(outcome)
+        # -> 'collected: 118 of 120 rows succeeded, 2 failed (2 retryable)'
+    """
+    results, failed = outcome.results_summary, outcome.failed_summary
+    return collected_status(
+        input_rows=outcome.input_rows,
+        succeeded=results.rows if results else 0,
+        failed=failed.rows if failed else 0,
+        retryable=outcome.retryable_rows,
+        attempts=outcome.attempts,
+        cancelled=bool(outcome.cancelled),
+        note=str(outcome.settled.get("auto_retry", "")),
+    )
+
+
+def cancel_status(outcome: CancelOutcome) -> str:
+    """What a cancel did to the partition, or that there was nothing to cancel.
+
+    Example:
+        >>> cancel_status(CancelOutcome(partition_key="a", submitted=False))
+        'nothing in flight: never submitted'
+    """
+    if not outcome.submitted:
+        return "nothing in flight: never submitted"
+    if outcome.nothing_in_flight:
+        return "nothing in flight: nothing to cancel"
+    stopped = len(outcome.ids("cancelled", "already_cancelling"))
+    text = f"cancelled: {_n(stopped, 'batch', 'batches')} stopped"
+    if outcome.unsent_chunks:
+        text += f", {_n(sum(outcome.unsent_chunks.values()), 'chunk', 'chunks')} never sent"
+    if outcome.failed:
+        text += f", {len(outcome.failed)} could not be cancelled (see the run)"
+    return text + "; the sensor collects the finished rows, the rest fail as batch_cancelled"
+
+
+def failed_status(what: str, exc: BaseException) -> str:
+    """A transition that failed, and why, in one bounded line.
+
+    Example:
+        >>> failed_status("collection", OSError("disk full"))
+        'failed: collection: OSError: disk full'
+    """
+    return f"failed: {what}: {type(exc).__name__}: {printable(exc, 300)}"
+
+
+def latest_status(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition_key: str | None
+) -> str | None:
+    """The status the partition shows now: that of its newest event that has one.
+
+    Example::
+
+        latest_status(context.instance, dg.AssetKey("reviews_batches"), "2026-11-24")
+        # -> 'in flight: 45.0 % done (9/20 requests), about 12 min left'
+    """
+    records = []
+    partitions = [partition_key] if partition_key is not None else None
+    found = dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=partitions)
+    for fetch in (instance.fetch_observations, instance.fetch_materializations):
+        records += fetch(found, limit=20, ascending=False).records
+    for record in sorted(records, key=lambda r: r.storage_id, reverse=True):
+        event = record.asset_materialization or record.asset_observation
+        value = event.metadata.get(STATUS) if event is not None else None
+        if value is not None:
+            return str(value.value)
+    return None
+
+
+def record_status(
+    context: Any,
+    asset_key: dg.AssetKey,
+    partition_key: str | None,
+    status: str,
+    metadata: dict[str, Any] | None = None,
+) -> bool:
+    """Record ``status`` as an observation of ``asset_key``'s partition from a run, unless
+    it already says so; never raises (a status is news, not the work). True when recorded.
+
+    Example::
+
+        record_status(context, dg.AssetKey("reviews_batches"), "2026-11-24",
+                      "collected: 20 of 20 rows succeeded")
+    """
+    try:
+        if latest_status(context.instance, asset_key, partition_key) == status:
+            return False
+        context.log_event(
+            dg.AssetObservation(
+                asset_key=asset_key,
+                partition=partition_key,
+                metadata={STATUS: status, **(metadata or {})},
+                description="Where this partition stands.",
+            )
+        )
+        return True
+    except Exception as exc:  # the run's work is done or failed on its own: never mask it
+        where = f"partition {printable(partition_key or '-', 100)!r}"
+        (getattr(context, "log", None) or logger).warning(
+            f"could not record the status of {where} ({status!r}): "
+            f"{type(exc).__name__}: {printable(exc)}"
+        )
+        return False
+
+
+def _n(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
