@@ -1,16 +1,23 @@
 """The retry markers (``<name>/retries/``) are a cache of what the manifests say: damaged,
-stale or foreign, the unattended sensor still converges, names the file, and never pays for
-a row already answered or for a cancelled partition (issue 18).
+stale or foreign, or left by a process killed anywhere around them, the unattended sensor
+still converges, names a damaged file, and never pays for a row already answered or for a
+cancelled partition (issue 18).
 
-Each case starts from a copy of a prepared lake and server (the embedded local server in
-openai style, its state on disk; 6 rows of ``a`` in 2 chunks, a ParquetSource):
+Each case starts from a copy of a prepared lake and server (``retry_child.build``: the
+embedded local server in openai style, its state on disk; 6 rows of ``a`` in 2 chunks from
+a ParquetSource; auto_retry with no backoff, 3 attempts):
 
-- ``collected``: ``a``'s attempt 1 collected with retryable failed rows, its marker written
-  and due (backoff 0), no sensor tick since;
+- ``submitted``: ``a``'s attempt 1 created and ended with retryable failures, not collected;
+- ``collected``: then collected, its retry marker written and due, no sensor tick since;
+- ``retried``: then the automatic retry run (attempt 2, ended), the marker of attempt 1
+  not dropped yet (the next tick does it);
 - ``running``: ``a``'s attempt 1 created, its batches running for an hour.
 
-Then the case damages or contradicts the marker and lets the sensor tick (one evaluation,
-or ticks and the runs they request, each run_key once, until nothing is queued).
+The case damages or contradicts the marker, or runs one step in a child process that
+SIGKILLs itself before (or right after) a marker write or delete (``retry_child.py``, the
+write points counted as ``restart_child.py`` counts them), then lets the sensor tick (one
+evaluation, or ticks and the runs they request, each run_key once, in an instance that never
+saw the killed run) until nothing is queued.
 """
 
 from __future__ import annotations
@@ -18,7 +25,11 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +38,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import restart_anywhere
+import retry_child as rc
 from conftest import INSTANT, make_local_dir
 from harness import Pipeline
 
 import infron_dagster.resume as resume_module
-from infron_dagster import InfronResource, ParquetSource
 from infron_dagster.auto_retry import AUTO_RETRY_TAG, MAX_AUTO_RETRY_RUNS
 from infron_dagster.columns import CUSTOM_ID
 from infron_dagster.history import PartitionHistory
@@ -40,50 +52,33 @@ from infron_dagster.local.store import Store
 from infron_dagster.retry_queue import QueuedRetry, RetryQueue
 from infron_dagster.storage import encode_partition
 
-PARTS = dg.StaticPartitionsDefinition(["a", "b"])
-ROWS = 6
-MAX_ATTEMPTS = 3
-
-
-def write_inputs(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for n, key in enumerate(PARTS.get_partition_keys()):
-        ids = list(range(n * 100, n * 100 + ROWS))
-        table = pa.table({"id": ids, "text": [f"review {i}" for i in ids]})
-        pq.write_table(table, folder / f"{key}.parquet")
-
-
-def build(root: Path, **factory: Any) -> Pipeline:
-    """The pipeline of every case: ``root`` holds its lake, server state and inputs."""
-    resource = InfronResource(
-        base_url=f"local://{root / 'local'}", api_style="openai", max_retries=2
-    )
-    options = {
-        "source": ParquetSource(str(root / "inputs" / "{partition_key}.parquet")),
-        "max_requests_per_batch": 3,
-        "auto_retry": True,
-        "auto_retry_backoff_seconds": (0.0,),
-        "max_attempts": MAX_ATTEMPTS,
-        **factory,
-    }
-    return Pipeline.build(root, resource, PARTS, **options)
+ROWS, MAX_ATTEMPTS = rc.ROWS, rc.MAX_ATTEMPTS
+build, write_inputs = rc.build, rc.write_inputs
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> dict[str, Path]:
     made = {}
-    root = tmp_path_factory.mktemp("collected")
+    root = tmp_path_factory.mktemp("submitted")
     write_inputs(root / "inputs")
     make_local_dir(str(root / "local"), failure_rate=0.5)
     flow = build(root)
     instance = dg.DagsterInstance.ephemeral()
     assert flow.submit(instance, "a").success
+    made["submitted"] = root
+    made["collected"] = root = _copy(root, tmp_path_factory.mktemp("collected"))
+    flow = build(root)
     flow.tick(instance)  # the collection, which queues the retry
     failed = flow.table("failed", "a")
     assert failed is not None and pc.sum(failed.column("retryable")).as_py() > 0
     [queued] = RetryQueue(flow.storage).queued()
     assert queued.attempt == 1
-    made["collected"] = root
+    made["retried"] = root = _copy(root, tmp_path_factory.mktemp("retried"), failure_rate=0.0)
+    flow = build(root)
+    [request] = flow.tick(instance)  # the automatic retry, run; its marker not dropped yet
+    assert "auto-retry" in request.run_key
+    assert [m.state for m in flow.manifests("a")] == ["collected", "submitted"]
+    assert [r.attempt for r in RetryQueue(flow.storage).queued()] == [1]
     root = tmp_path_factory.mktemp("running")
     write_inputs(root / "inputs")
     make_local_dir(str(root / "local"), in_progress_seconds=3600.0)
@@ -92,13 +87,16 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
     return made
 
 
-def clone(base: Path, tmp_path: Path, **knobs: Any) -> Path:
-    """A copy of a prepared state; ``knobs`` (over instant timing) are the server's now."""
-    root = tmp_path / "case"
-    shutil.copytree(base, root)
+def _copy(base: Path, root: Path, **knobs: Any) -> Path:
+    shutil.copytree(base, root, dirs_exist_ok=True)
     if knobs:
         save_config(root / "local", LocalServerConfig(**{**INSTANT, **knobs}))
     return root
+
+
+def clone(base: Path, tmp_path: Path, **knobs: Any) -> Path:
+    """A copy of a prepared state; ``knobs`` (over instant timing) are the server's now."""
+    return _copy(base, tmp_path / "case", **knobs)
 
 
 def marker_path(flow: Pipeline, key: str | None = "a", attempt: int = 1) -> Path:
@@ -419,3 +417,116 @@ def test_a_retry_run_a_person_canceled_stops_the_automatic_retry(prepared, tmp_p
     assert not auto_retries(result.run_requests)
     assert "was canceled" in str(result.skip_reason)
     assert not RetryQueue(flow.storage).queued()
+
+
+# --- kill -9 around each marker write and delete, then the sensor alone ---------------------------
+
+# (step, the write point, 0: killed before it, 1: killed at the point after it); the
+# state each step starts from: collect from "submitted", retry from "collected", drop from
+# "retried" (see retry_child.py).
+STARTS = {"collect": "submitted", "retry": "collected", "drop": "retried"}
+KILLS = [
+    ("collect", "write retries", 0),  # the marker never written: collected again
+    ("collect", "write retries", 1),  # written, the commit point not reached
+    ("collect", "control", 0),
+    ("retry", "upload inputs", 0),  # the retry run wrote nothing of attempt 2
+    ("retry", "write manifests", 0),  # before the intent of attempt 2
+    ("retry", "client create_batch>", 0),  # a batch of attempt 2 created, not recorded
+    ("retry", "control", 0),
+    ("drop", "delete retries", 0),  # the marker of attempt 1 left after attempt 2 exists
+    ("drop", "delete retries", 1),  # deleted; attempt 2's collection not started
+    ("drop", "control", 0),
+]
+
+
+class RetryForks(restart_anywhere.ForkServer):
+    """``retry_child.py`` as a fork server (the same protocol as ``restart_child.py``)."""
+
+    def __init__(self) -> None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, *sys.path])}
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(here, "retry_child.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=here,
+            env=env,
+        )
+
+
+@pytest.fixture(scope="module")
+def retry_forks() -> Iterator[RetryForks]:
+    server = RetryForks()
+    yield server
+    server.close()
+
+
+def _label(kind: str, what: str) -> str:
+    """``write retries``, ``delete retries``, ``write manifests``, ``client create_batch>``:
+    the verb and the lake folder (``<root>/rev/<folder>/...``, ``<root>/<folder>/...``)."""
+    if kind.startswith("client."):
+        return f"client {kind[len('client.') :]}"
+    verb = {"write_bytes": "write", "open_write": "open", "upload_file": "upload"}.get(
+        kind[len("storage.") :], "delete"
+    )
+    parts = what.split("/lake/", 1)[-1].split("/")
+    return f"{verb} {parts[1] if parts[0] == 'rev' and len(parts) > 1 else parts[0]}"
+
+
+def _reached(log: str) -> list[str]:
+    """The labels of the write points the child reached, and ``done`` if it ended."""
+    with open(log, encoding="utf-8") as fh:
+        rows = [line.rstrip("\n").split("\t") for line in fh]
+    return ["done" if r[0] == "done" else _label(r[1], r[2]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def controls(prepared, retry_forks, tmp_path_factory) -> dict[str, list[str]]:
+    """Each step run to its end once: its write points, by label."""
+    found = {}
+    for step, start in STARTS.items():
+        root = clone(prepared[start], tmp_path_factory.mktemp(f"control-{step}"), failure_rate=0)
+        log = str(root / "points.log")
+        status = retry_forks.run(step, rc_case(root), 0, log)
+        assert status == 0, Path(log + ".out").read_text()[-3000:]
+        found[step] = _reached(log)
+        assert found[step][-1] == "done"
+    return found
+
+
+def rc_case(root: Path) -> Any:
+    return restart_anywhere.rc.Case(
+        root=str(root), server_dir=str(root / "local"), io_dir=str(root / "io")
+    )
+
+
+@pytest.mark.parametrize("step, point, after", KILLS)
+def test_a_kill_around_a_marker_converges_unattended_and_pays_nothing_twice(
+    step, point, after, prepared, retry_forks, controls, tmp_path
+):
+    points = controls[step]
+    root = clone(prepared[STARTS[step]], tmp_path, failure_rate=0.0)
+    flow = build(root)
+    log = str(root / "points.log")
+    if point == "control":
+        k = 0
+    else:
+        assert point in points, f"{step} no longer reaches {point!r}: {points}"
+        k = points.index(point) + 1 + after
+        assert k < len(points), f"nothing follows {point!r} in {step}: {points}"
+    status = retry_forks.run(step, rc_case(root), k, log)
+    reached = _reached(log)
+    if k:
+        assert status == -9, Path(log + ".out").read_text()[-3000:]
+        assert reached == points[:k], "the step's writes changed between two runs"
+    else:
+        assert status == 0 and reached == points
+    instance = dg.DagsterInstance.ephemeral()
+    converge(flow, instance)
+    check_converged(flow)
+    recorded = {bid for m in flow.manifests("a") for bid in m.batch_ids}
+    orphans = [b["id"] for b in Store(flow.local_dir).list_batches() if b["id"] not in recorded]
+    assert not orphans, f"batches on the server that no manifest records (paid, lost): {orphans}"
+    markers = [m for m in flow.storage.list_files(flow.storage.base / "inflight") if "=" in m]
+    assert not markers, f"in-flight markers left: {markers}"
