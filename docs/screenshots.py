@@ -9,12 +9,16 @@ What it does, start to end, all in throwaway folders (nothing in the repo but do
    sensors ticking every few seconds; the real sensors (in the real daemon) request the
    collection runs, which write results, failed rows and the completeness/failure_rate checks.
    ``review_topics`` is then materialized for those days, downstream of the results.
-4. Makes the local server slow (a batch now takes minutes) and submits a third day: it stays in
-   flight, and the sensor records its progress as observations on ``review_sentiment_batches``.
+4. Makes the local server slow (a batch now takes minutes) and submits two more days: they stay
+   in flight, and the sensor records their progress as observations on
+   ``review_sentiment_batches``. Once that progress shows, the real ``review_sentiment_cancel``
+   job cancels the later day, and the sensor collects it: the rows not finished land in
+   ``review_sentiment_failed`` as ``batch_cancelled``.
 5. Drives Debian's headless Chromium with Playwright through the UI and saves PNGs in
    docs/images/: asset-graph.png, live-progress.png, results-partition.png,
-   checks-per-partition.png and failed-table.png; a picture with a spinner, an error toast or a
-   dialog over it fails the run instead of being saved.
+   checks-per-partition.png, failed-table.png, cancel-run.png (the cancel run's log) and
+   cancelled-partition.png (the cancelled day's failed rows); a picture with a spinner, an
+   error toast or a dialog over it fails the run instead of being saved.
 6. Stops every process it started (also on error or Ctrl-C) and removes the temporary folders.
 
 Setup (outside CI; playwright is deliberately not in the project's dev extras)::
@@ -32,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -51,6 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "docs" / "images"
 COLLECTED_DAYS = ["2026-11-22", "2026-11-23"]
 IN_FLIGHT_DAY = "2026-11-24"
+CANCELLED_DAY = "2026-11-25"  # in flight like IN_FLIGHT_DAY, then cancelled by its job
 VIEWPORT = {"width": 1400, "height": 900}
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -70,6 +77,8 @@ MIN_PERCENT = 12.0
 FAILURE_RATES = {COLLECTED_DAYS[0]: 0.15}
 FAILURE_RATE = 0.04
 SENSOR_INTERVAL_SECONDS = 5
+# In-process runs (submits, the cancel) keep their logs in the event log, not on this terminal.
+QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 
 
 def log(message: str) -> None:
@@ -102,9 +111,10 @@ def prepare_environment(tmp: Path) -> dict[str, str]:
     home, lake, local = tmp / "dagster_home", tmp / "lake", tmp / "local_server"
     for folder in (home, lake, local):
         folder.mkdir(parents=True)
+    # No python_log_level: it would keep the runs' INFO lines (what a cancel stopped) out of
+    # the event log, so out of the run pages pictured; QUIET keeps them off this terminal.
     (home / "dagster.yaml").write_text(
-        "telemetry:\n  enabled: false\nnux:\n  enabled: false\n"
-        "python_logs:\n  python_log_level: WARNING\n",
+        "telemetry:\n  enabled: false\nnux:\n  enabled: false\n",
         encoding="utf-8",
     )
     env = {
@@ -143,6 +153,7 @@ def submit(day: str) -> None:
             instance=instance,
             resources={"infron": ex.infron_resource()},
             raise_on_error=False,
+            run_config=QUIET,
         )
     if not result.success:
         raise RuntimeError(f"submitting {day} failed")
@@ -163,6 +174,7 @@ def materialize_topics(day: str) -> None:
             instance=instance,
             resources={"infron": ex.infron_resource()},
             raise_on_error=False,
+            run_config=QUIET,
         )
     if not result.success:
         raise RuntimeError(f"review_topics {day} failed")
@@ -207,6 +219,32 @@ def failed_runs() -> list[str]:
             partition = run.tags.get("dagster/partition", "-")
             out.append(f"run {run.run_id[:8]} ({run.job_name}, partition {partition}): {message}")
     return out
+
+
+def cancel(day: str) -> str:
+    """Run ``review_sentiment_cancel`` for ``day`` on the instance, as the launchpad does;
+    its run id. Fails unless it cancelled batches (a picture of nothing cancelled is useless)."""
+    import dagster as dg
+
+    from example_project import definitions as ex
+
+    job = ex.defs.resolve_job_def("review_sentiment_cancel")
+    with dg.DagsterInstance.get() as instance:
+        result = job.execute_in_process(partition_key=day, instance=instance, run_config=QUIET)
+        logged = [e.user_message for e in instance.all_logs(result.run_id)]
+    if not result.success or not any(": cancelled batch " in m for m in logged):
+        raise RuntimeError(f"the cancel of {day} cancelled nothing: {logged[-5:]}")
+    log(f"cancelled review_sentiment {day} (run {result.run_id[:8]})")
+    return result.run_id
+
+
+def collected_cancelled(day: str) -> bool:
+    """The cancelled day of review_sentiment is collected: its failed rows are written."""
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        done = instance.get_materialized_partitions(dg.AssetKey("review_sentiment_failed"))
+    return day in done
 
 
 def progress_observations(day: str) -> list[dict[str, Any]]:
@@ -352,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 materialize_topics(day)
             set_local_server(SLOW, FAILURE_RATE)
             submit(IN_FLIGHT_DAY)
+            submit(CANCELLED_DAY)
             observed = wait_for(
                 f"progress observations of {IN_FLIGHT_DAY} past {MIN_PERCENT} %",
                 lambda: _advanced(progress_observations(IN_FLIGHT_DAY)),
@@ -359,6 +398,13 @@ def main(argv: list[str] | None = None) -> int:
                 every=2,
             )
             log(f"in flight, {len(observed)} observations: {observed[0]['progress']}")
+            cancel(CANCELLED_DAY)
+            wait_for(
+                f"the sensor to collect the cancelled {CANCELLED_DAY}",
+                lambda: collected_cancelled(CANCELLED_DAY),
+                timeout=120,
+                every=2,
+            )
             failures = failed_runs()
             if failures:  # the UI would show them (a red asset): no pictures of a broken state
                 raise RuntimeError("runs failed; run again:\n" + "\n".join(failures))
@@ -490,7 +536,6 @@ def _graph_box(page: Any) -> dict[str, float]:
 def live_progress(page: Any, url: str) -> None:
     """The in-flight partition's progress observations on review_sentiment_batches."""
     page.goto(f"{url}/assets/review_sentiment_batches?view=events&partition={IN_FLIGHT_DAY}")
-    page.get_by_text("Progress of the in-flight batches").first.wait_for()
     page.get_by_text("eta_seconds", exact=True).first.wait_for()
     settle(page)
 
@@ -499,7 +544,7 @@ def results_partition(page: Any, url: str) -> None:
     """A collected partition of review_sentiment_results: its metadata and summary."""
     day = COLLECTED_DAYS[-1]
     page.goto(f"{url}/assets/review_sentiment_results?view=partitions&partition={day}")
-    page.get_by_text("cost_reported_by_provider", exact=True).first.wait_for()
+    page.get_by_text("cost_reported_by_provider_usd", exact=True).first.wait_for()
     page.get_by_text("succeeded", exact=True).last.wait_for()  # the summary's table
     settle(page)
     fit_height(page, page.get_by_text("succeeded", exact=True).last)
@@ -512,7 +557,7 @@ def checks_per_partition(page: Any, url: str) -> None:
     page.get_by_text("failure_rate", exact=True).first.wait_for()
     page.get_by_text("Partitions", exact=True).filter(visible=True).last.click()
     page.get_by_text(day, exact=True).filter(visible=True).last.click()
-    page.get_by_text("failure_rate_pct", exact=True).first.wait_for()
+    page.get_by_text(re.compile(r"% \(at most ")).first.wait_for()  # the check's rate
     settle(page)
 
 
@@ -524,6 +569,40 @@ def failed_table(page: Any, url: str) -> None:
     page.get_by_text("retryable", exact=True).first.wait_for()
     settle(page)
     fit_height(page, page.get_by_text("retryable", exact=True).first)
+
+
+def cancel_run(page: Any, url: str) -> None:
+    """The cancel job's run: its log names each batch it cancelled."""
+    page.goto(f"{url}/runs/{_latest_run_id(url, 'review_sentiment_cancel')}")
+    page.get_by_text(re.compile(": cancelled batch ")).first.wait_for()
+    settle(page)
+
+
+def cancelled_partition(page: Any, url: str) -> None:
+    """The cancelled day of review_sentiment_failed: its rows failed as batch_cancelled."""
+    page.goto(f"{url}/assets/review_sentiment_failed?view=partitions&partition={CANCELLED_DAY}")
+    page.get_by_text("error_codes", exact=True).first.wait_for()
+    page.get_by_text("retryable", exact=True).first.wait_for()
+    settle(page)
+    fit_height(page, page.get_by_text("retryable", exact=True).first)
+
+
+def _latest_run_id(url: str, job: str) -> str:
+    """The newest run of ``job``, asked of the webserver (so ``--url`` works too)."""
+    query = (
+        "query($f: RunsFilter) {runsOrError(filter: $f, limit: 1) {... on Runs {results {runId}}}}"
+    )
+    body = {"query": query, "variables": {"f": {"pipelineName": job}}}
+    request = urllib.request.Request(
+        f"{url}/graphql",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        runs = json.loads(response.read())["data"]["runsOrError"]["results"]
+    if not runs:
+        raise RuntimeError(f"no run of {job} to picture")
+    return runs[0]["runId"]
 
 
 def fit_height(page: Any, last: Any, most: int = 1500) -> None:
@@ -552,6 +631,8 @@ PICTURES: list[tuple[str, Callable[[Any, str], None]]] = [
     ("results-partition.png", results_partition),
     ("checks-per-partition.png", checks_per_partition),
     ("failed-table.png", failed_table),
+    ("cancel-run.png", cancel_run),
+    ("cancelled-partition.png", cancelled_partition),
 ]
 
 

@@ -242,19 +242,13 @@ def _estimate(dg, instance, ex, day: str, resources) -> None:
     _run(result, f"dry run {day}")
     (event,) = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
     meta = {k: v.value for k, v in event.asset_observation_data.asset_observation.metadata.items()}
-    worst = _first(meta, "estimate/cost_worst_case_usd", "estimate/cost_worst_case")
-    expected = _first(meta, "estimate/cost_expected_usd", "estimate/cost_expected")
+    worst = meta["estimate/cost_worst_case_usd"]
+    expected = meta.get("estimate/cost_expected_usd", worst)  # said once when they are equal
     print(
         f"dry run review_sentiment {day}: would send {meta['estimate/requests']} requests, "
         f"~{meta['estimate/input_tokens']} input tokens; cost expected "
-        f"${(worst if expected is None else expected):.4f}, worst case ${worst:.4f}"
+        f"${expected:.4f}, worst case ${worst:.4f}"
     )
-
-
-def _first(meta: dict, *keys: str):
-    """The value of the first key present: money keys gained a ``_usd`` suffix (the demo
-    reads either), and an expected cost equal to the worst case is written once."""
-    return next((meta[k] for k in keys if k in meta), None)
 
 
 def _estimated_vs_actual(dg, instance, pipeline) -> None:
@@ -263,8 +257,7 @@ def _estimated_vs_actual(dg, instance, pipeline) -> None:
     for record in sorted(records, key=lambda r: r.storage_id):
         latest[record.partition_key] = record.asset_materialization.metadata
     for day, meta in sorted(latest.items()):
-        estimated = _first(meta, "cost_estimated_usd", "cost_estimated")
-        actual = _first(meta, "cost_usd", "cost")
+        estimated, actual = meta.get("cost_estimated_usd"), meta.get("cost_usd")
         if estimated is not None and actual is not None:
             print(f"  {day}: estimated ${estimated.value:.6f}, actual ${actual.value:.6f}")
 
