@@ -31,6 +31,7 @@ from .metadata import (
     dry_run_error_metadata,
     submission_metadata,
 )
+from .pilot import PilotPolicy
 from .prepare import DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUESTS
 from .pricing import ModelPrice, max_output_tokens
 from .resources import InfronResource
@@ -136,6 +137,9 @@ def build_infron_batch_assets(
     max_enqueued_tokens: int | None = None,
     auto_retry: bool = False,
     auto_retry_backoff_seconds: Sequence[float] = DEFAULT_BACKOFF_SECONDS,
+    pilot_rows: int | None = None,
+    pilot_scope: Literal["pipeline", "partition"] = "pipeline",
+    pilot_max_output_tokens: int | None = None,
 ) -> InfronBatchPipeline:
     """Build ``<name>_batches``, ``<name>_results``/``<name>_failed``, ``<name>_sensor``,
     ``<name>_retry`` and ``<name>_cancel`` for one batch inference step.
@@ -189,6 +193,19 @@ def build_infron_batch_assets(
             non-retryable failures are never retried.
         auto_retry_backoff_seconds: the wait before attempt 2, attempt 3, ... (the last
             value repeats); default 10 and 30 minutes.
+        pilot_rows: send this many rows of a new prompt first (a sample by ``custom_id``),
+            and the rest only once the sensor has collected them and found the failure
+            rate, the share of answers that fit the response schema or were cut at
+            ``max_tokens`` within ``max_failure_rate`` (and the mean output tokens within
+            ``pilot_max_output_tokens``); the rest is then sent with an estimate and budget
+            check calibrated by the pilot's output tokens, by a run the sensor requests.
+            A failed pilot sends nothing more: the other rows fail as ``pilot_stopped``
+            with a message saying what failed and what to fix (None: no pilot).
+        pilot_scope: ``"pipeline"`` (default): one pilot per prompt for the whole
+            pipeline; partitions submitted while it runs wait for its verdict.
+            ``"partition"``: each partition's first submission of a prompt pilots.
+        pilot_max_output_tokens: stop the pilot when its answers average more output tokens
+            than this (a prompt that rambles costs more than planned; None: no limit).
 
     Example::
 
@@ -208,6 +225,11 @@ def build_infron_batch_assets(
     if any(not 0 <= float(b) < float("inf") for b in auto_retry_backoff_seconds):
         raise ValueError("auto_retry_backoff_seconds must be finite delays >= 0")
     _check_source(source, partitions_def)
+    pilot = None
+    if pilot_rows is not None:
+        pilot = PilotPolicy(
+            pilot_rows, pilot_scope, float(max_failure_rate), pilot_max_output_tokens
+        )
     storage = BatchStorage(storage_root, name, storage_options)
     admission = None
     if max_enqueued_tokens is not None:
@@ -236,6 +258,7 @@ def build_infron_batch_assets(
         admission=admission,
         auto_retry=auto_retry,
         auto_retry_backoff=tuple(float(b) for b in auto_retry_backoff_seconds),
+        pilot=pilot,
     )
     batches = _batches_asset(
         settings, source, partitions_def, group_name, automation_condition, backfill_policy
@@ -336,7 +359,8 @@ def _batches_asset(
             yield from _dry_run(s, source, resource, rows, key, config, context)
             return
         report = _submit_partition(s, source, resource, rows, key, config, context.run_id)
-        yield dg.MaterializeResult(metadata=submission_metadata(report, resource))
+        _log_pilot(context, key, report)
+        yield dg.MaterializeResult(metadata=_metadata(report, resource))
 
     decorator = dg.asset(
         name=f"{s.name}_batches",
@@ -385,7 +409,7 @@ def _dry_run(
         metadata = dry_run_error_metadata(why)
         context.log_event(dg.AssetObservation(asset_key, partition=key, metadata=metadata))
         return
-    metadata = submission_metadata(report, resource)
+    metadata = _metadata(report, resource)
     context.log_event(dg.AssetObservation(asset_key, partition=key, metadata=metadata))
     context.log.info(f"dry run of partition {key!r}: {report.summary()}")
     yield from ()
@@ -409,6 +433,22 @@ def _submit_partition(
         return submit_partition(s, resource.get_client, rows, key, flags, run_id)
     except SubmitRefused as exc:  # the budget's own error stays the cause, as before
         raise dg.Failure(str(exc), metadata=exc.details or None) from exc.__cause__
+
+
+def _metadata(report: SubmissionReport, resource: InfronResource) -> dict[str, Any]:
+    """The submission's metadata, with what it did about a pilot."""
+    return {**submission_metadata(report, resource), **report.pilot}
+
+
+def _log_pilot(context: Any, key: str | None, report: SubmissionReport) -> None:
+    """A stopped pilot is an error in the run's log (it says what failed and what to fix);
+    any other pilot step is news."""
+    if not report.pilot_note:
+        return
+    if report.pilot_stopped:
+        context.log.error(f"partition {key!r}: nothing more is sent: {report.pilot_note}")
+    else:
+        context.log.info(f"partition {key!r}: {report.pilot_note}")
 
 
 def _flags(config: SubmitConfig) -> SubmitFlags:
@@ -453,11 +493,12 @@ def _submit_range(
         try:
             part = _range_rows(s, source, rows, key, config)
             report = _submit_partition(s, source, resource, part, key, config, context.run_id)
+            _log_pilot(context, key, report)
         except Exception as exc:  # reported below with its partition; the rest go on
             context.log.error(f"partition {key!r}: {type(exc).__name__}: {printable(exc)}")
             failures[key] = f"{type(exc).__name__}: {printable(exc, 300)}"
             continue
-        done[key] = submission_metadata(report, resource)
+        done[key] = _metadata(report, resource)
     batches_key = context.assets_def.key
     event = dg.AssetObservation if config.dry_run else dg.AssetMaterialization
     if failures or config.dry_run:

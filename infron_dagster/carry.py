@@ -40,7 +40,13 @@ from .manifest import Manifest, load_manifests
 from .storage import BatchStorage
 from .untrusted import printable
 
-__all__ = ["CarryIndex", "InFlightCarry", "carry_in_flight", "carry_succeeded"]
+__all__ = [
+    "CarryIndex",
+    "InFlightCarry",
+    "carry_attempt",
+    "carry_in_flight",
+    "carry_succeeded",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +136,30 @@ def carry_in_flight(storage: BatchStorage, partition_key: str | None) -> InFligh
         hashes = snapshot.column(REQUEST_HASH).to_pylist()
         found.requests.update(zip(ids, ((h, attempt) for h in hashes), strict=True))
         found.attempts[attempt] = source
+    return found
+
+
+def carry_attempt(
+    storage: BatchStorage, partition_key: str | None, source: Manifest
+) -> InFlightCarry:
+    """Every request a collected attempt sent itself, whatever its outcome: a new attempt
+    that carries them takes their outcomes as they are (the attempt that follows a pilot
+    batch sends none of the pilot's rows again, answered or failed). The new attempt
+    names ``source`` in its ``waits_on``, which is what makes collection keep its failures.
+
+    Example::
+
+        carry_attempt(storage, "2026-11-24", pilot).requests["req-1f0c..."]
+        # -> ('9a1e...', 1)
+    """
+    found = InFlightCarry()
+    snapshot = _sent_hashes(storage, partition_key, source.attempt)
+    if snapshot is None or not source.batch_ids:
+        return found
+    ids = snapshot.column(CUSTOM_ID).to_pylist()
+    hashes = snapshot.column(REQUEST_HASH).to_pylist()
+    found.requests.update(zip(ids, ((h, source.attempt) for h in hashes), strict=True))
+    found.attempts[source.attempt] = source
     return found
 
 

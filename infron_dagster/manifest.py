@@ -99,6 +99,9 @@ class Manifest:
     # The admission ledger (resource key) whose enqueued-token limit this attempt's chunks
     # count against, when the pipeline has one: a lost ledger is rebuilt from these.
     admission_scope: str | None = None
+    # This attempt's part in a pilot batch (``pilot_rows``; see pilot.py): {"role": "pilot"
+    # | "release" | "stopped" | "held", "prompt": <prompt hash>, ...}; None without one.
+    pilot: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.base_attempt:

@@ -5,7 +5,9 @@ wants money figures is given a :class:`ModelPrice` for the model it uses. Token 
 the run are estimates: input tokens from the rendered request text (about 4 characters per
 token, the rule of thumb for English text with OpenAI-style tokenizers; CJK text and code
 count more tokens per character), output tokens as the mean this pipeline observed in its
-collected partitions, else the request's ``max_tokens`` (the worst case either way).
+collected partitions, else the request's ``max_tokens`` (the worst case either way). Once a
+pilot batch (``pilot_rows``) was answered, its observed output tokens (a :class:`Calibration`)
+set both the expected output of the rest and the output the budget reserves for it.
 
 Example:
     >>> price = ModelPrice(input_per_million=0.15, output_per_million=0.60)
@@ -27,10 +29,20 @@ from .spec import RequestSpec
 from .storage import BatchStorage
 from .untrusted import printable
 
-__all__ = ["CostEstimate", "ModelPrice", "estimate_cost", "max_output_tokens", "untrusted_fees"]
+__all__ = [
+    "Calibration",
+    "CostEstimate",
+    "ModelPrice",
+    "estimate_cost",
+    "max_output_tokens",
+    "untrusted_fees",
+]
 
 _OUTPUT_LIMIT_PARAMS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _SAMPLED_PARTITIONS = 5  # recent collected partitions read for the observed output mean
+# The budget of rows sent after a pilot reserves this many times the longest answer the pilot
+# saw, per row (never more than max_tokens): the sum of many answers stays far below it.
+PILOT_HEADROOM = 1.5
 
 # A reported fee is what was billed only if it could be: never negative or infinite, never
 # more than this many times the worst case estimated before sending (prices change and
@@ -79,6 +91,33 @@ class ModelPrice:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """Output tokens a pilot batch observed: what the estimate and the budget check of the
+    rows sent after it assume, instead of ``max_tokens`` for every row.
+
+    Example:
+        >>> c = Calibration(rows=200, mean_output_tokens=41.5, peak_output_tokens=90)
+        >>> c.basis, c.budget_tokens(limit=4096)
+        ('pilot of 200 rows, mean output tokens 41.5', 135)
+    """
+
+    rows: int
+    mean_output_tokens: float
+    peak_output_tokens: int
+
+    @property
+    def basis(self) -> str:
+        """What the estimate rests on, for its metadata."""
+        return f"pilot of {self.rows} rows, mean output tokens {self.mean_output_tokens:.1f}"
+
+    def budget_tokens(self, limit: int) -> int:
+        """The output tokens per request the budget reserves: :data:`PILOT_HEADROOM` times
+        the longest answer seen, at least the mean, at most ``limit``."""
+        bound = max(math.ceil(PILOT_HEADROOM * self.peak_output_tokens), 1)
+        return min(limit, max(bound, math.ceil(self.mean_output_tokens)))
+
+
+@dataclass(frozen=True)
 class CostEstimate:
     """Tokens and money a submission would spend: expected and worst case.
 
@@ -94,6 +133,8 @@ class CostEstimate:
     max_output_tokens: int
     output_basis: str
     price: ModelPrice | None = None
+    # After a pilot: the output tokens the budget reserves (None: the worst case)
+    budget_output_tokens: int | None = None
 
     @property
     def expected_cost(self) -> float | None:
@@ -110,6 +151,17 @@ class CostEstimate:
             return None
         return self.price.cost(self.input_tokens, self.max_output_tokens)
 
+    @property
+    def budget_cost(self) -> float | None:
+        """What the budget reserves: the worst case, or after a pilot the input estimate
+        plus the output its answers calibrate (see :class:`Calibration`); None without a
+        price."""
+        if self.price is None:
+            return None
+        if self.budget_output_tokens is None:
+            return self.worst_cost
+        return self.price.cost(self.input_tokens, self.budget_output_tokens)
+
     def metadata(self) -> dict[str, Any]:
         """The estimate as Dagster metadata, rounded for people."""
         out: dict[str, Any] = {
@@ -119,9 +171,13 @@ class CostEstimate:
             "estimate/output_tokens_worst_case": self.max_output_tokens,
             "estimate/output_basis": self.output_basis,
         }
+        if self.budget_output_tokens is not None:
+            out["estimate/output_tokens_budgeted"] = self.budget_output_tokens
         if self.price is not None:
             out["estimate/cost_expected"] = round(self.expected_cost or 0.0, 6)
             out["estimate/cost_worst_case"] = round(self.worst_cost or 0.0, 6)
+            if self.budget_output_tokens is not None:
+                out["estimate/cost_budgeted"] = round(self.budget_cost or 0.0, 6)
         return out
 
 
@@ -167,8 +223,13 @@ def estimate_cost(
     requests: int,
     input_tokens: int,
     price: ModelPrice | None,
+    calibration: Calibration | None = None,
 ) -> CostEstimate:
     """Estimate what sending ``requests`` requests of ``input_tokens`` tokens costs.
+
+    ``calibration`` (a pilot's observed output tokens) sets the expected output and what
+    the budget reserves; without it the expected output is the mean observed in recent
+    collected partitions, else ``max_tokens``.
 
     Example:
         >>> import tempfile
@@ -182,6 +243,16 @@ def estimate_cost(
         (5000, True)
     """
     limit = max_output_tokens(spec)
+    if calibration is not None and limit:
+        return CostEstimate(
+            requests=requests,
+            input_tokens=input_tokens,
+            expected_output_tokens=round(min(calibration.mean_output_tokens, limit) * requests),
+            max_output_tokens=limit * requests,
+            output_basis=calibration.basis,
+            price=price,
+            budget_output_tokens=calibration.budget_tokens(limit) * requests,
+        )
     observed = observed_output_mean(storage) if limit else None
     if observed is not None:
         mean, rows = observed

@@ -8,6 +8,11 @@ next one's run_key and the wait before it (``RESUME_BACKOFF_SECONDS`` doubling, 
 ``MAX_RESUME_BACKOFF_SECONDS``); after ``MAX_SUBMIT_FAILURES`` failed runs in a row, or a
 chunk that may exist but cannot be proven absent, a note asks a person instead.
 
+It also requests what follows a pilot batch (``pilot_rows``, see :mod:`~infron_dagster.pilot`):
+once a pilot is collected, the run that releases the rest (``<attempt key>:release``) or
+stops it (``<attempt key>:stop``, with a note saying what failed and what to fix); attempts
+held for a pilot that is still running are not resumed until it passes.
+
 Example:
     >>> [backoff_seconds(runs) for runs in range(4)]
     [0.0, 15.0, 30.0, 60.0]
@@ -23,7 +28,11 @@ import dagster as dg
 
 from . import submit as submit_module
 from .admission import AdmissionControl
+from .history import PartitionHistory
 from .manifest import Manifest
+from .pilot import pilot_hold
+from .pilot_book import PilotBook, QueuedPilot
+from .pilot_verdict import pilot_verdict
 from .progress import InFlight, parse_timestamp
 from .storage import BatchStorage, LockTimeout
 from .untrusted import printable
@@ -31,9 +40,11 @@ from .untrusted import printable
 __all__ = [
     "MAX_RESUME_BACKOFF_SECONDS",
     "MAX_SUBMIT_FAILURES",
+    "PILOT_TAG",
     "RESUME_BACKOFF_SECONDS",
     "SUBMIT_TAG",
     "backoff_seconds",
+    "pilot_requests",
     "submit_requests",
 ]
 
@@ -44,6 +55,8 @@ SUBMIT_TAG = "infron/submit_key"
 RESUME_BACKOFF_SECONDS = 15.0
 MAX_RESUME_BACKOFF_SECONDS = 600.0
 MAX_SUBMIT_FAILURES = 3
+# The run that follows a pilot is tagged with the pilot attempt's run_key.
+PILOT_TAG = "infron/pilot_key"
 _NOT_YET_RUNNING = (
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -91,8 +104,14 @@ def submit_requests(
     """
     now = time.time()
     candidates = []
+    held: dict[str, bool] = {}
     for partition in unsettled:
         manifest = next(m for m in partition.attempts if not m.settled)
+        why = pilot_hold(storage, manifest, held)
+        if why is not None:  # sent by a run once the pilot passes (or stopped if it fails)
+            where = printable(manifest.partition_key or "-", 100)
+            context.log.info(f"{name}: partition {where} attempt {manifest.attempt} {why}")
+            continue
         runs = context.instance.get_run_records(
             filters=dg.RunsFilter(tags={SUBMIT_TAG: manifest.run_key})
         )
@@ -114,7 +133,112 @@ def submit_requests(
             f"{name}: partition {printable(manifest.partition_key or '-', 100)} attempt "
             f"{manifest.attempt} is not fully submitted: requesting the run that resumes it"
         )
+    return requests + pilot_requests(context, storage, name, batches_key, notes)
+
+
+def pilot_requests(
+    context: dg.SensorEvaluationContext,
+    storage: BatchStorage,
+    name: str,
+    batches_key: dg.AssetKey,
+    notes: list[str],
+) -> list[dg.RunRequest]:
+    """For each collected pilot batch, the ``batches_key`` run that releases the rest
+    (its verdict passed) or stops it (it failed: ``notes`` says what failed and what to
+    fix). One listing of the pilot queue per tick; each queued pilot is checked against its
+    partition's manifests (the truth) and dropped once released, stopped, replaced or
+    cancelled. A run that failed is requested again after the resume backoff, up to
+    ``MAX_SUBMIT_FAILURES`` times.
+
+    Example::
+
+        [r.run_key for r in pilot_requests(context, storage, "reviews",
+                                           dg.AssetKey("reviews_batches"), [])]
+        # -> ['reviews:2026-11-24:1:1f0c22ab:release']
+    """
+    book = PilotBook(storage)
+    requests = []
+    for queued in book.queued():
+        where = f"{name}: partition {printable(queued.partition_key or '-', 100)}"
+        try:
+            request = _pilot_request(context, book, queued, name, batches_key, notes, where)
+        except Exception as exc:  # this pilot only: the next tick reads it again
+            context.log.warning(f"{where}: cannot read its pilot now: {printable(exc)}")
+            continue
+        if request is not None:
+            requests.append(request)
     return requests
+
+
+def _pilot_request(
+    context: dg.SensorEvaluationContext,
+    book: PilotBook,
+    queued: QueuedPilot,
+    name: str,
+    batches_key: dg.AssetKey,
+    notes: list[str],
+    where: str,
+) -> dg.RunRequest | None:
+    storage, key = book.storage, queued.partition_key
+    history = PartitionHistory.load(storage, key)
+    pilot = history.by_attempt.get(queued.attempt)
+    if pilot is None:  # the run writing it died before its manifest (or still writes it)
+        if _stalled_pilot(storage, key):
+            book.drop(queued)
+            book.forget(queued.prompt, key, queued.attempt)
+        return None
+    active = history.active
+    if not active or active[0].attempt != pilot.attempt or pilot.cancelled:
+        book.drop(queued)  # released, stopped or replaced since; a cancel never releases
+        if book.forget(queued.prompt, key, queued.attempt):
+            context.log.info(f"{where}: its pilot was cancelled or replaced: not released")
+        return None
+    if pilot.state != "collected":
+        return None  # collected like any attempt first
+    runs = context.instance.get_run_records(filters=dg.RunsFilter(tags={PILOT_TAG: pilot.run_key}))
+    statuses = [r.dagster_run.status for r in runs]
+    if any(s in _NOT_YET_RUNNING or s == dg.DagsterRunStatus.STARTED for s in statuses):
+        return None
+    if dg.DagsterRunStatus.SUCCESS in statuses:
+        return None  # it ran: the attempt it wrote is read next tick
+    label = f"partition {printable(key or '-', 100)} attempt {pilot.attempt}"
+    note = _failures_note(runs, label)
+    if note is not None:
+        notes.append(note)
+        return None
+    if runs:
+        last = runs[0]
+        when = last.end_time or last.start_time or last.create_timestamp.timestamp()
+        if time.time() - when < backoff_seconds(len(runs)):
+            return None
+    verdict = pilot_verdict(storage, key, (pilot.pilot or {}).get("limits") or {})
+    action = "release" if verdict.passed else "stop"
+    if verdict.passed:
+        context.log.info(f"{where}: the pilot passed ({verdict.summary()}): releasing the rest")
+    else:
+        note = f"{where}: " + verdict.message(f"attempt {pilot.attempt}")
+        context.log.warning(note)
+        notes.append(note)
+    suffix = f":{len(runs)}" if runs else ""
+    return dg.RunRequest(
+        run_key=f"{pilot.run_key}:{action}{suffix}",
+        partition_key=key,
+        asset_selection=[batches_key],
+        tags={
+            "infron/pipeline": name,
+            "infron/attempt": str(pilot.attempt + 1),
+            PILOT_TAG: pilot.run_key,
+        },
+    )
+
+
+def _stalled_pilot(storage: BatchStorage, key: str | None) -> bool:
+    """Whether no run holds the partition's lock (nor the pilot lock) now."""
+    try:
+        with storage.lock(key, wait_seconds=0), PilotBook(storage).lock(wait_seconds=0):
+            return True
+    except LockTimeout:
+        return False
 
 
 def _unsent(manifest: Manifest) -> bool:

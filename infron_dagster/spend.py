@@ -20,7 +20,7 @@ from .budget import Budget, SpendLedger
 from .collect import CollectOutcome
 from .manifest import Manifest
 from .prepare import PreparedRequests
-from .pricing import CostEstimate, ModelPrice, estimate_cost, untrusted_fees
+from .pricing import Calibration, CostEstimate, ModelPrice, estimate_cost, untrusted_fees
 from .spec import RequestSpec
 from .storage import BatchStorage
 from .submit import Gate
@@ -56,14 +56,18 @@ class SpendControl:
         if self.budget is not None and self.price is None:
             raise ValueError("a Budget needs a ModelPrice: give price=ModelPrice(...) too")
 
-    def estimate(self, prepared: PreparedRequests) -> CostEstimate:
-        """What sending ``prepared`` would cost (carried and invalid rows are not sent)."""
+    def estimate(
+        self, prepared: PreparedRequests, calibration: Calibration | None = None
+    ) -> CostEstimate:
+        """What sending ``prepared`` would cost (carried and invalid rows are not sent);
+        ``calibration``: the output tokens a pilot batch observed."""
         return estimate_cost(
             self.spec,
             self.storage,
             requests=sum(chunk.requests for chunk in prepared.chunks),
             input_tokens=prepared.estimated_input_tokens,
             price=self.price,
+            calibration=calibration,
         )
 
     def gate(
@@ -74,7 +78,9 @@ class SpendControl:
         dry_run: bool,
         allow_over_budget: bool,
     ) -> Gate:
-        """The check :func:`submit_prepared` runs before it writes or pays."""
+        """The check :func:`submit_prepared` runs before it writes or pays. It reserves
+        the worst case, or after a pilot what the pilot's answers calibrate
+        (:attr:`~infron_dagster.pricing.CostEstimate.budget_cost`)."""
 
         def check(manifest: Manifest, new_spend: bool) -> None:
             if dry_run:
@@ -83,7 +89,7 @@ class SpendControl:
                     refusal = SpendLedger(self.storage).would_refuse(
                         partition_key,
                         manifest.attempt,
-                        estimate.worst_cost or 0.0,
+                        estimate.budget_cost or 0.0,
                         self.budget or Budget(),
                     )
                 raise DryRunStop(manifest, new_spend, refusal)
@@ -92,7 +98,7 @@ class SpendControl:
             reservation = SpendLedger(self.storage).reserve(
                 partition_key,
                 manifest.attempt,
-                estimate.worst_cost or 0.0,
+                estimate.budget_cost or 0.0,
                 self.budget or Budget(),
                 allow_over_budget=allow_over_budget,
             )
@@ -100,7 +106,8 @@ class SpendControl:
                 "day": reservation.day,
                 "entry": reservation.entry,
                 "expected_cost": estimate.expected_cost,
-                "worst_cost": estimate.worst_cost,
+                # what was reserved: the worst case, or the bound a pilot calibrated
+                "worst_cost": estimate.budget_cost,
                 "basis": estimate.output_basis,  # shown beside the actual cost once collected
             }
 

@@ -7,6 +7,9 @@ pipeline's :class:`PipelineSettings` and the run's :class:`SubmitFlags`; what it
   answers reused), rows of an attempt still in flight wait for it (policy ``"carry"``), or
   the running batches are cancelled first and every row is sent again (policy ``"cancel"``);
 - what a retry sends: only the retryable failed rows of the collected partition;
+- with ``pilot_rows``, whether it sends a pilot sample, the rest after a pilot (calibrated),
+  nothing more after a stopped pilot, or holds while another partition's pilot runs
+  (:mod:`~infron_dagster.pilot`);
 - whether the budget lets it pay, and what a dry run would send.
 
 It returns a :class:`SubmissionReport` (what the asset shows as metadata) and raises
@@ -39,6 +42,7 @@ from .columns import CUSTOM_ID, HIDDEN_COLUMNS
 from .errors import SubmitRefused
 from .history import active_attempts
 from .manifest import Manifest, load_manifests
+from .pilot import PilotPlan, PilotPolicy, plan_pilot
 from .prepare import PreparedRequests, prepare_requests
 from .pricing import CostEstimate
 from .retry_queue import DEFAULT_BACKOFF_SECONDS
@@ -91,6 +95,8 @@ class PipelineSettings:
     # The sensor retries retryable failed rows itself, after these delays (see retry_queue)
     auto_retry: bool = False
     auto_retry_backoff: tuple[float, ...] = DEFAULT_BACKOFF_SECONDS
+    # A pilot batch before the rest (pilot_rows; see pilot.py)
+    pilot: PilotPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -135,15 +141,28 @@ class SubmissionReport:
     cancelled: list[str] = field(default_factory=list)  # running batches cancelled first
     elsewhere: int = 0  # carried rows answered in other partitions
     budget_refusal: str = ""  # a dry run: why the budget would refuse a real run
+    pilot: dict[str, Any] = field(default_factory=dict)  # what the pilot did (metadata)
+
+    @property
+    def pilot_note(self) -> str:
+        """One line on the pilot: what this submission did about it ("" without one)."""
+        return str(self.pilot.get("pilot/note", ""))
+
+    @property
+    def pilot_stopped(self) -> bool:
+        """Whether this submission sent nothing more because a pilot stopped."""
+        return self.pilot.get("pilot/mode") == "stop"
 
     def summary(self) -> str:
         """One line for a dry run's log: what a real run would send and cost."""
+        pilot = f" ({self.pilot_note})" if self.pilot_note else ""
         if self.outcome is not None:
             return f"attempt {self.manifest.attempt} holds these requests: nothing to send"
         cost = self.estimate.metadata().get("estimate/cost_worst_case")
         money = f", worst case {cost}" if cost is not None else ""
         sent = self.estimate.requests if self.would_pay else 0
-        return f"would send {sent} requests in {len(self.manifest.chunks)} batch(es){money}"
+        chunks = len(self.manifest.chunks)
+        return f"would send {sent} requests in {chunks} batch(es){money}{pilot}"
 
 
 def submit_partition(
@@ -188,13 +207,40 @@ def submit_rows(
         report.would_pay, report.summary()
         # -> (True, 'would send 120 requests in 1 batch(es), worst case 0.0132')
     """
+    plan = plan_pilot(
+        s.pilot,
+        s.storage,
+        s.spec,
+        rows,
+        key,
+        kind=kind,
+        force=flags.force_resubmit,
+        dry_run=flags.dry_run,
+    )
+    try:
+        return _submit_planned(s, connect, key, kind, flags, run_id, plan)
+    finally:
+        plan.close()  # the pilot lock, held while a pilot is written
+
+
+def _submit_planned(
+    s: PipelineSettings,
+    connect: Callable[[], InfronClient],
+    key: str | None,
+    kind: str,
+    flags: SubmitFlags,
+    run_id: str,
+    plan: PilotPlan,
+) -> SubmissionReport:
     carry = kind == "initial" and not flags.force_resubmit
+    pilot = plan.metadata() if plan.mode != "off" or plan.note else {}
     with tempfile.TemporaryDirectory(prefix="infron-prepare-") as workdir:
-        prepared = _prepare(s, rows, key, carry, workdir)
-        estimate = s.spend.estimate(prepared)
+        prepared = plan.shape(_prepare(s, plan.rows, key, carry, workdir, plan.carry), workdir)
+        estimate = s.spend.estimate(prepared, plan.calibration)
         gate = s.spend.gate(
             estimate, key, dry_run=flags.dry_run, allow_over_budget=flags.allow_over_budget
         )
+        gate = plan.gate(gate, s.storage, key)
         with connect() as client:
             cancelled: list[str] = []
             if kind == "initial" and s.on_changed_input_in_flight == "cancel":
@@ -211,11 +257,11 @@ def submit_rows(
                     run_id=run_id,
                     resubmit_uncertain=flags.resubmit_uncertain,
                     gate=gate,
-                    admission=s.admission,
+                    admission=plan.admission(s.admission),
                     dry_run=flags.dry_run,
                 )
             except DryRunStop as stop:
-                return _dry_run_report(estimate, prepared, stop)
+                return _dry_run_report(estimate, prepared, stop, pilot)
             except BudgetExceeded as exc:
                 raise SubmitRefused(str(exc), details=estimate.metadata()) from exc
     return SubmissionReport(
@@ -227,18 +273,29 @@ def submit_rows(
         dry_run=flags.dry_run,
         cancelled=cancelled,
         elsewhere=prepared.carried_elsewhere,
+        pilot=pilot,
     )
 
 
 def _prepare(
-    s: PipelineSettings, rows: Any, key: str | None, carry: bool, workdir: str
+    s: PipelineSettings,
+    rows: Any,
+    key: str | None,
+    carry: bool,
+    workdir: str,
+    pilot: InFlightCarry | None = None,
 ) -> PreparedRequests:
     """The rows rendered into chunk files, what is answered or in flight carried (the
-    rows waiting for an attempt in flight are named in ``waits_on``)."""
+    rows waiting for an attempt in flight are named in ``waits_on``); ``pilot``: the rows a
+    collected pilot sent, carried with their outcomes, failed or not."""
     succeeded = carry_succeeded(s.storage, key) if carry else {}
     # Unchanged rows of an attempt still in flight wait for the answers already paid for.
     wait = carry and s.on_changed_input_in_flight == "carry"
     running = carry_in_flight(s.storage, key) if wait else InFlightCarry()
+    if carry and pilot is not None:
+        running = InFlightCarry(
+            {**running.requests, **pilot.requests}, {**running.attempts, **pilot.attempts}
+        )
     # Pipeline reuse: other partitions' answers by body hash (an empty index still records
     # this partition's body hashes, so its own answers can serve the others later).
     elsewhere = None
@@ -264,7 +321,7 @@ def _prepare(
 
 
 def _dry_run_report(
-    estimate: CostEstimate, prepared: PreparedRequests, stop: DryRunStop
+    estimate: CostEstimate, prepared: PreparedRequests, stop: DryRunStop, pilot: dict[str, Any]
 ) -> SubmissionReport:
     return SubmissionReport(
         estimate,
@@ -273,6 +330,7 @@ def _dry_run_report(
         stop.new_spend,
         dry_run=True,
         budget_refusal=stop.budget_refusal,
+        pilot=pilot,
     )
 
 

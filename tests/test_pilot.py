@@ -1,0 +1,252 @@
+"""A pilot batch before the big one (issue 18): ``pilot_rows=N`` sends N rows of a new prompt
+first; the sensor collects them, reads a verdict, and requests the run that releases the rest
+(calibrated by the pilot's output tokens) or stops it (the rest fail as ``pilot_stopped``).
+
+Real Dagster runs and the real sensor on the embedded local server; what was sent is counted
+at the server (its batches and their request files), never from our own files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.compute as pc
+import pytest
+from conftest import make_local_dir
+from harness import Pipeline, failure, metadata
+
+from infron_dagster import InfronResource
+from infron_dagster.budget import Budget
+from infron_dagster.history import PartitionHistory
+from infron_dagster.local.store import Store
+from infron_dagster.pilot_book import PilotBook
+from infron_dagster.pricing import ModelPrice
+from infron_dagster.resume import PILOT_TAG
+
+PARTS = dg.StaticPartitionsDefinition(["a", "b"])
+ROWS = 40
+PILOT = 8
+MAX_TOKENS = 512
+
+
+def _flow(tmp_path, failure_rate: float = 0.0, **factory) -> Pipeline:
+    local = make_local_dir(str(tmp_path / "local"), failure_rate=failure_rate)
+    resource = InfronResource(base_url=f"local://{local}", api_style="infron")
+    factory = {"pilot_rows": PILOT, "pilot_scope": "partition", **factory}
+    return Pipeline.build(
+        tmp_path, resource, PARTS, rows=ROWS, params={"max_tokens": MAX_TOKENS}, **factory
+    )
+
+
+def _sent(flow: Pipeline) -> Counter:
+    """custom_id -> how many times it was sent, read from the server's request files."""
+    store = Store(flow.local_dir)
+    sent: Counter = Counter()
+    for batch in store.list_batches():
+        path = store.content_path(batch["input_file_id"])
+        for line in Path(path).read_text().splitlines():
+            sent[json.loads(line)["custom_id"]] += 1
+    return sent
+
+
+def _latest(flow: Pipeline, key: str = "a"):
+    active = PartitionHistory.load(flow.storage, key).active
+    return active[0] if active else None
+
+
+def _settled_as(flow: Pipeline, role: str, *keys: str):
+    """The latest initial attempt of each partition has this pilot role and is collected."""
+
+    def check() -> bool:
+        for key in keys or ("a",):
+            latest = _latest(flow, key)
+            if latest is None or latest.state != "collected":
+                return False
+            if (latest.pilot or {}).get("role") != role:
+                return False
+        return True
+
+    return check
+
+
+def _ids(flow: Pipeline, key: str = "a") -> set[str]:
+    ids: set[str] = set()
+    for kind in ("results", "failed"):
+        table = flow.table(kind, key)
+        if table is not None:
+            ids.update(table.column("custom_id").to_pylist())
+    return ids
+
+
+def test_a_bad_prompt_stops_after_the_pilot_alone(tmp_path):
+    flow = _flow(tmp_path, failure_rate=1.0)  # every request fails at the provider
+    with dg.instance_for_test() as instance:
+        submitted = flow.submit(instance, "a")
+        assert submitted.success, failure(submitted)
+        assert "pilot" in metadata(submitted)["pilot/note"]
+        requested = flow.drive(instance, _settled_as(flow, "stopped"), timeout=30)
+        log: list[str] = []
+        flow.sense(instance, flow.cursor, log=log)  # a later tick asks for nothing more
+    sent = _sent(flow)
+    assert sum(sent.values()) == PILOT and set(sent.values()) == {1}
+    assert flow.accounted() == ROWS and len(_ids(flow)) == ROWS  # every row, once
+    failed = flow.frame("failed")
+    stopped = failed[failed.error_code == "pilot_stopped"]
+    assert len(stopped) == ROWS - PILOT and not stopped.retryable.any()
+    message = stopped.error_message.iloc[0]
+    assert "8 of 8 requests failed" in message and "server_error x8" in message
+    assert "what to fix" in message
+    assert set(failed[failed.error_code != "pilot_stopped"].custom_id) == set(sent)
+    (stop,) = [r for r in requested if r.run_key.endswith(":stop")]
+    assert stop.tags[PILOT_TAG] and not [r for r in requested if "release" in r.run_key]
+    assert not PilotBook(flow.storage).queued()  # nothing left for the sensor to do
+    assert not any(":stop" in line or ":release" in line for line in log)
+
+
+def test_a_good_pilot_releases_the_rest_with_a_calibrated_estimate_and_budget(tmp_path):
+    # A budget the uncalibrated worst case of the rest (max_tokens every row) would cross
+    price = ModelPrice(input_per_million=1.0, output_per_million=1.0, batch_discount=0.0)
+    rest_worst = price.cost(0, (ROWS - PILOT) * MAX_TOKENS)
+    budget = Budget(max_cost_per_partition=rest_worst / 2)
+    flow = _flow(tmp_path, price=price, budget=budget)
+    with dg.instance_for_test() as instance:
+        piloted = flow.submit(instance, "a")
+        assert piloted.success, failure(piloted)
+        assert sum(_sent(flow).values()) == PILOT  # only the pilot went out first
+        requested = flow.drive(instance, _settled_as(flow, "release"), timeout=30)
+    # Released by the sensor alone, once; nothing sent twice; every row answered
+    assert [r.run_key.rsplit(":", 1)[-1] for r in requested if PILOT_TAG in r.tags] == [
+        "release"
+    ]
+    sent = _sent(flow)
+    assert sum(sent.values()) == ROWS and set(sent.values()) == {1}
+    results = flow.frame("results")
+    assert len(results) == ROWS and flow.table("failed").num_rows == 0
+    release = _latest(flow)
+    (run,) = [r for r in flow.runs if r.dagster_run.tags.get(PILOT_TAG)]
+    meta = metadata(run)
+    assert meta["estimate/output_basis"].startswith(f"pilot of {PILOT} rows, mean output tokens")
+    actual = int(results[results.attempt == release.attempt].completion_tokens.sum())
+    expected = meta["estimate/output_tokens_expected"]
+    assert abs(expected - actual) <= 0.2 * actual, (expected, actual)
+    # Before any output was seen (the pilot's own estimate) max_tokens is assumed per row
+    before = metadata(piloted)
+    assert before["estimate/output_basis"].startswith(f"max_tokens {MAX_TOKENS}")
+    assert before["estimate/output_tokens_worst_case"] == PILOT * MAX_TOKENS
+    assert MAX_TOKENS * (ROWS - PILOT) > 5 * actual
+    # The budget reserved the calibrated bound: the worst case would have been refused
+    assert release.spend["worst_cost"] < budget.max_cost_per_partition < rest_worst
+
+
+def test_pipeline_scope_a_second_partition_waits_then_goes_without_a_pilot(tmp_path):
+    flow = _flow(tmp_path, pilot_scope="pipeline")
+    with dg.instance_for_test() as instance:
+        assert flow.submit(instance, "a").success
+        held = flow.submit(instance, "b")
+        assert held.success, failure(held)
+        assert "held" in metadata(held)["pilot/note"]
+        assert sum(_sent(flow).values()) == PILOT  # b sent nothing yet
+        (b,) = flow.manifests("b")
+        assert b.pilot["role"] == "held" and not b.batch_ids
+        flow.drive(instance, _settled_as(flow, "release", "a"), timeout=30)
+        flow.drive(instance, flow.collected("a", "b"), timeout=30)
+    sent = _sent(flow)
+    assert sum(sent.values()) == 2 * ROWS and set(sent.values()) == {1}
+    manifests_b = flow.manifests("b")
+    assert [m.pilot["role"] for m in manifests_b] == ["held"]  # no pilot of its own
+    assert flow.accounted("b") == ROWS and len(flow.frame("results", "b")) == ROWS
+    (resumed,) = [r for r in flow.runs if r.dagster_run.tags.get("infron/submit_key")]
+    assert metadata(resumed)["estimate/output_basis"].startswith(f"pilot of {PILOT} rows")
+    record = PilotBook(flow.storage).record(manifests_b[0].pilot["prompt"])
+    assert record["state"] == "passed" and record["partition_key"] == "a"
+
+
+def test_the_pilots_failed_rows_are_carried_not_sent_again(tmp_path):
+    flow = _flow(tmp_path, failure_rate=0.3, max_failure_rate=0.9)
+    with dg.instance_for_test() as instance:
+        assert flow.submit(instance, "a").success
+        flow.drive(instance, _settled_as(flow, "release"), timeout=30)
+    pilot = flow.manifests("a")[0]
+    failed = flow.frame("failed")
+    from_pilot = failed[failed.attempt == pilot.attempt]
+    assert len(from_pilot) >= 1, "the test needs a pilot row that failed"
+    sent = _sent(flow)
+    assert sum(sent.values()) == ROWS and set(sent.values()) == {1}
+    assert flow.accounted() == ROWS and len(_ids(flow)) == ROWS
+    assert set(from_pilot.error_code) == {"server_error"} and from_pilot.retryable.all()
+
+
+def test_a_dry_run_says_what_the_pilot_would_send(tmp_path):
+    flow = _flow(tmp_path)
+    with dg.instance_for_test() as instance:
+        result = flow.submit(instance, "a", dry_run=True)
+    assert result.success
+    (observation,) = [
+        e.asset_observation_data.asset_observation
+        for e in result.all_events
+        if e.event_type_value == "ASSET_OBSERVATION"
+    ]
+    meta = {k: v.value for k, v in observation.metadata.items()}
+    assert meta["estimate/requests"] == PILOT
+    assert meta["pilot/note"].startswith(f"pilot: {PILOT} of {ROWS} rows first")
+    assert not _sent(flow) and not flow.manifests("a") and not PilotBook(flow.storage).queued()
+
+
+def test_a_cancelled_pilot_never_releases(tmp_path):
+    flow = _flow(tmp_path)
+    with dg.instance_for_test() as instance:
+        assert flow.submit(instance, "a").success
+        assert flow.job("cancel", instance, "a").success
+        flow.drive(instance, flow.collected("a"), timeout=30)
+        for _ in range(2):
+            assert not [r for r in flow.tick(instance) if PILOT_TAG in r.tags]
+    assert sum(_sent(flow).values()) == PILOT
+    assert not PilotBook(flow.storage).queued()
+
+
+@pytest.mark.parametrize("kill", ["before_the_release_manifest", "before_its_batches"])
+def test_a_kill_between_the_pilots_collection_and_the_release_converges(
+    tmp_path, monkeypatch, kill
+):
+    import infron_dagster.resume as resume
+    import infron_dagster.submit as submit
+
+    monkeypatch.setattr(resume, "RESUME_BACKOFF_SECONDS", 0.0)  # no waiting in a test
+    target = "_stage" if kill == "before_the_release_manifest" else "_create_one"
+    real = getattr(submit, target)
+    killed: list[str] = []
+
+    def dies_once(*args, **kwargs):
+        manifest = args[2]
+        if (manifest.pilot or {}).get("role") == "release" and not killed:
+            killed.append(kill)
+            raise RuntimeError("killed")  # as a kill -9: nothing after this point ran
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(submit, target, dies_once)
+    flow = _flow(tmp_path)
+    job = flow.defs.resolve_implicit_global_asset_job_def()
+    with dg.instance_for_test() as instance:
+        assert flow.submit(instance, "a").success
+        done = _settled_as(flow, "release")
+        for _ in range(20):
+            if done():
+                break
+            for request in flow.tick(instance, run=False):
+                job.execute_in_process(
+                    partition_key=request.partition_key,
+                    asset_selection=request.asset_selection,
+                    tags=request.tags,
+                    run_config=request.run_config,
+                    instance=instance,
+                    raise_on_error=False,
+                )
+        assert done(), flow.states()
+    assert killed == [kill]
+    sent = _sent(flow)
+    assert sum(sent.values()) == ROWS and set(sent.values()) == {1}
+    assert len(flow.frame("results")) == ROWS
+    assert pc.sum(flow.table("results").column("completion_tokens")).as_py() > 0
