@@ -326,6 +326,7 @@ SLOW_FIRST = (
     "test_restart_submit_s3.py",
     "test_restart_later_local.py",
     "test_restart_submit_local.py",
+    "test_nightly.py",
     "test_deploy_postgres.py",
     "test_carry.py",
     "test_sensor.py",
