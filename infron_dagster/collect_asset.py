@@ -21,6 +21,7 @@ import dagster as dg
 from .collect import CollectOutcome, collect_partition
 from .history import PartitionHistory
 from .metadata import failed_metadata, results_metadata, table_metadata
+from .pilot import pilot_no_retry
 from .resources import InfronResource
 from .retry_queue import RetryQueue, retry_delay
 from .run_config import CollectConfig
@@ -171,6 +172,8 @@ def queue_retry(s: PipelineSettings, outcome: CollectOutcome) -> str:
     retryable = outcome.retryable_rows
     if not retryable:
         return ""
+    if why := pilot_no_retry(outcome.history):
+        return f"{retryable} retryable row(s) stay failed: {why}"
     attempts = len(outcome.attempts)
     if outcome.attempts[-1] in outcome.cancelled:  # a person stopped it: no paying on
         return f"{retryable} retryable row(s) stay failed: the attempt was cancelled"

@@ -47,7 +47,15 @@ from .pricing import Calibration, max_output_tokens
 from .spec import RequestSpec
 from .storage import BatchStorage, LockTimeout
 
-__all__ = ["PILOT_SCOPES", "PilotPlan", "PilotPolicy", "pilot_hold", "plan_pilot", "prompt_hash"]
+__all__ = [
+    "PILOT_SCOPES",
+    "PilotPlan",
+    "PilotPolicy",
+    "pilot_hold",
+    "pilot_no_retry",
+    "plan_pilot",
+    "prompt_hash",
+]
 
 PILOT_SCOPES = ("pipeline", "partition")
 Gate = Callable[[Manifest, bool], None]
@@ -477,6 +485,20 @@ def _alive(storage: BatchStorage, record: dict[str, Any]) -> bool:
             return False
     except LockTimeout:
         return True
+
+
+def pilot_no_retry(history: Any) -> str:
+    """Why a collection's retryable failed rows are not retried automatically: its attempt
+    is a pilot (its verdict decides what follows) or follows a stopped one (nothing more
+    is sent); "" when they may be. ``history``: the partition's
+    :class:`~infron_dagster.history.PartitionHistory`."""
+    active = history.active if history is not None else []
+    role = (active[0].pilot or {}).get("role") if active else None
+    if role == "pilot":
+        return "they are a pilot's: its verdict decides what is sent next"
+    if role == "stopped":
+        return "the pilot stopped: nothing more is sent"
+    return ""
 
 
 def pilot_hold(storage: BatchStorage, manifest: Manifest, memo: dict[str, bool]) -> str | None:

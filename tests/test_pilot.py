@@ -35,7 +35,12 @@ MAX_TOKENS = 512
 def _flow(tmp_path, failure_rate: float = 0.0, **factory) -> Pipeline:
     local = make_local_dir(str(tmp_path / "local"), failure_rate=failure_rate)
     resource = InfronResource(base_url=f"local://{local}", api_style="infron")
-    factory = {"pilot_rows": PILOT, "pilot_scope": "partition", **factory}
+    factory = {
+        "pilot_rows": PILOT,
+        "pilot_scope": "partition",
+        "max_requests_per_batch": 16,
+        **factory,
+    }
     return Pipeline.build(
         tmp_path, resource, PARTS, rows=ROWS, params={"max_tokens": MAX_TOKENS}, **factory
     )
@@ -82,7 +87,8 @@ def _ids(flow: Pipeline, key: str = "a") -> set[str]:
 
 
 def test_a_bad_prompt_stops_after_the_pilot_alone(tmp_path):
-    flow = _flow(tmp_path, failure_rate=1.0)  # every request fails at the provider
+    # Every request fails at the provider; auto_retry must not send the pilot's rows again
+    flow = _flow(tmp_path, failure_rate=1.0, auto_retry=True, auto_retry_backoff_seconds=(0,))
     with dg.instance_for_test() as instance:
         submitted = flow.submit(instance, "a")
         assert submitted.success, failure(submitted)
@@ -104,6 +110,37 @@ def test_a_bad_prompt_stops_after_the_pilot_alone(tmp_path):
     assert stop.tags[PILOT_TAG] and not [r for r in requested if "release" in r.run_key]
     assert not PilotBook(flow.storage).queued()  # nothing left for the sensor to do
     assert not any(":stop" in line or ":release" in line for line in log)
+    assert not [r for r in requested if "auto-retry" in r.run_key]
+
+
+def test_pipeline_scope_a_stopped_pilot_stops_the_waiting_partitions_then_a_new_prompt_pilots(
+    tmp_path,
+):
+    flow = _flow(tmp_path, failure_rate=1.0, pilot_scope="pipeline")
+    with dg.instance_for_test() as instance:
+        assert flow.submit(instance, "a").success
+        assert flow.submit(instance, "b").success  # held: a's pilot runs
+        flow.drive(instance, _settled_as(flow, "stopped", "a", "b"), timeout=30)
+        assert sum(_sent(flow).values()) == PILOT  # b sent nothing at all
+        failed_b = flow.frame("failed", "b")
+        assert len(failed_b) == ROWS and set(failed_b.error_code) == {"pilot_stopped"}
+        assert "the pilot of partition 'a' (attempt 1) stopped" in failed_b.error_message[0]
+        # The provider is fine again and the prompt changed: a new pilot, then the rest
+        make_local_dir(flow.local_dir, failure_rate=0.0)
+        fixed = Pipeline.build(
+            tmp_path,
+            flow.resource,
+            PARTS,
+            rows=ROWS,
+            params={"max_tokens": MAX_TOKENS, "temperature": 0},
+            pilot_rows=PILOT,
+            max_requests_per_batch=16,
+        )
+        assert fixed.submit(instance, "b").success
+        assert sum(_sent(fixed).values()) == 2 * PILOT  # the new prompt's pilot only
+        fixed.drive(instance, _settled_as(fixed, "release", "b"), timeout=30)
+    assert sum(_sent(fixed).values()) == PILOT + ROWS
+    assert len(fixed.frame("results", "b")) == ROWS
 
 
 def test_a_good_pilot_releases_the_rest_with_a_calibrated_estimate_and_budget(tmp_path):
