@@ -71,7 +71,9 @@ def build_collect_checks(
             ),
         ]
 
-    @dg.multi_asset_check(specs=specs, name=f"{name}_checks", can_subset=False)
+    # can_subset: a check may end without a result (nothing collected), and a run may select
+    # one of the two
+    @dg.multi_asset_check(specs=specs, name=f"{name}_checks", can_subset=True)
     def _checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
         op = context.op_execution_context
         key = op.partition_key if op.has_partition_key else None
@@ -86,8 +88,11 @@ def build_collect_checks(
             return
         ok = storage.read_table(storage.table_path("results", key)).column(CUSTOM_ID)
         failed = storage.read_table(storage.table_path("failed", key))
-        yield _completeness(results_key, input_rows, ok.to_pylist(), failed)
-        yield _failure_rate(failed_key, input_rows, failed, max_failure_rate, blocking)
+        selected = context.selected_asset_check_keys
+        if dg.AssetCheckKey(results_key, "completeness") in selected:
+            yield _completeness(results_key, input_rows, ok.to_pylist(), failed)
+        if dg.AssetCheckKey(failed_key, "failure_rate") in selected:
+            yield _failure_rate(failed_key, input_rows, failed, max_failure_rate, blocking)
 
     return _checks
 

@@ -64,6 +64,7 @@ def submission_metadata(report: SubmissionReport, resource: InfronResource) -> d
         "fingerprint": m.fingerprint[:16],
         **estimate_metadata(report),
         **id_metadata("cancelled_in_flight_batch", report.cancelled),
+        **(getattr(report, "pilot", None) or {}),  # the pilot's part (pilot.py), if any
     }
     if report.dry_run:
         refusal = report.budget_refusal
@@ -112,9 +113,6 @@ def estimate_metadata(report: SubmissionReport) -> dict[str, Any]:
     ):
         if expected in values and values.get(expected) == values.get(worst):
             del values[expected]
-    basis = getattr(report, "basis", "")  # the pilot's calibration, when it made one
-    if basis:
-        values["estimate/basis"] = printable(basis, 300)
     return values
 
 

@@ -60,9 +60,13 @@ def submission_status(report: SubmissionReport) -> str:
         return f"cancelled{attempt}: nothing more of this attempt is sent"
     if m.state == "collected":
         return f"collected{attempt}: these requests are answered already, nothing sent"
-    pilot = getattr(report, "pilot_status", "")  # the pilot's own word, when it has one
-    if pilot:
-        return printable(pilot, 300)
+    # A pilot's part, when the pipeline has one (see pilot.py): its mode and its own note
+    pilot = getattr(report, "pilot", None) or {}
+    mode, note = pilot.get("pilot/mode"), printable(pilot.get("pilot/note") or "", 300)
+    if mode == "hold":
+        return f"waiting for a pilot{attempt}: {note or 'another partition pilots this prompt'}"
+    if mode == "stop":
+        return f"stopped by the pilot{attempt}: {note or 'nothing more is sent'}"
     if outcome is not None and outcome.pending_chunks:
         why = f" ({printable(outcome.pending_reason, 200)})" if outcome.pending_reason else ""
         return (
@@ -76,7 +80,8 @@ def submission_status(report: SubmissionReport) -> str:
         return f"submitted{attempt}: nothing to send, every row is answered or carried"
     requests = sum(c.requests for c in m.chunks)
     reused = " (the batches already in flight, reused)" if outcome and outcome.reused else ""
-    return f"submitted{attempt}: {requests} requests in {_n(created, 'batch', 'batches')}{reused}"
+    text = f"submitted{attempt}: {requests} requests in {_n(created, 'batch', 'batches')}{reused}"
+    return f"{text}; {note}" if mode in ("pilot", "release") and note else text
 
 
 def collected_status(
