@@ -5,7 +5,7 @@ the backfill.
 The provider (the embedded local server, state on disk) fails 20 % of the requests of every
 batch (a fresh draw per batch), expires the backfill's batches part-way (60 % of each
 finished), answers every 4th call of each client with 429 (``Retry-After: 0``), adds a little
-latency to every call, and has a 5xx burst (every 2nd call, 500 and 503 alternating) during
+latency to every call, and has a 5xx burst (every 3rd call, 500 and 503 alternating) during
 the first sensor iteration after the backfill: the polls and the collections' downloads.
 ``auto_retry`` is on, backoff 0, ``max_attempts`` 3, with a price, a day budget and an
 enqueued-token limit, so every ledger the lake keeps is written and must settle.
@@ -20,7 +20,7 @@ whole of what the daemon would do with this pipeline.
 The 5xx burst stays away from create calls on purpose: a 5xx to a create leaves the chunk
 uncertain, and in infron style (no list call) only a person can say whether the batch
 exists; in openai style the re-attach after the grace converges and is pinned, kill point by
-kill point, by ``test_restart_anywhere.py``.
+kill point, by ``restart_anywhere.py`` (the ``create_batch`` points of ``test_restart_*``).
 
 The end state:
 
@@ -48,7 +48,6 @@ import pytest
 from conftest import INSTANT, make_local_dir
 from harness import Pipeline
 
-import infron_dagster.resume as resume_module
 import infron_dagster.retry as retry_module
 from infron_dagster import Budget, InfronResource, ModelPrice, ParquetSource
 from infron_dagster.columns import CUSTOM_ID
@@ -71,14 +70,14 @@ NIGHT = {
     "latency_seconds": 0.002,
 }
 BACKFILL = {**NIGHT, "expire": True, "expire_fraction": 0.6}
-BURST = {**NIGHT, "server_error_every": 2}
+BURST = {**NIGHT, "server_error_every": 3}
 
 
 def _write_inputs(folder) -> ParquetSource:
+    folder.mkdir(parents=True)
     for n, key in enumerate(KEYS):
         ids = list(range(n * 100, n * 100 + ROWS))
         table = pa.table({"id": ids, "text": [f"night review {i}" for i in ids]})
-        folder.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, folder / f"{key}.parquet")
     return ParquetSource(str(folder / "{partition_key}.parquet"))
 
@@ -93,13 +92,11 @@ def fast_client_retries(monkeypatch):
         return min(real(self, attempt, response), 0.01)
 
     monkeypatch.setattr(retry_module.RetryPolicy, "delay", delay)
-    # A submit the sensor resumes is not held back 15 s (none should be needed here).
-    monkeypatch.setattr(resume_module, "RESUME_BACKOFF_SECONDS", 0.0)
 
 
 def _flow(tmp_path) -> Pipeline:
-    local = make_local_dir(str(tmp_path / "local"), **{k: v for k, v in BACKFILL.items()})
-    resource = InfronResource(base_url=f"local://{local}", api_style="openai", max_retries=6)
+    local = make_local_dir(str(tmp_path / "local"), **BACKFILL)
+    resource = InfronResource(base_url=f"local://{local}", api_style="openai", max_retries=10)
     return Pipeline.build(
         tmp_path,
         resource,
@@ -256,9 +253,8 @@ def _check_caches(flow: Pipeline) -> None:
     markers = [m for m in storage.list_files(storage.base / "inflight") if m.startswith("part")]
     assert not markers, f"in-flight markers left: {markers}"
     ledger = storage.root / "_admission" / "infron.json"
-    if storage.exists(ledger):
-        entries = json.loads(storage.fresh(ledger).read_bytes())["entries"]
-        assert not [e for e in entries.values() if e["pipeline"] == "rev"], entries
+    entries = json.loads(storage.fresh(ledger).read_bytes())["entries"]
+    assert not [e for e in entries.values() if e["pipeline"] == "rev"], entries
     spends = {
         (m.spend["day"], m.spend["entry"]) for k in KEYS for m in flow.manifests(k) if m.spend
     }
