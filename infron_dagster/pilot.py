@@ -319,7 +319,7 @@ def _follow(
             calibration = _calibration(record.get("calibration"))
             basis = f" ({calibration.basis})" if calibration else ""
             return PilotPlan(
-                "off",
+                "release",
                 rows,
                 mark={"role": "direct", "prompt": prompt},
                 calibration=calibration,

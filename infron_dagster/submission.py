@@ -323,11 +323,13 @@ def _prepare(
 def _dry_run_report(
     estimate: CostEstimate, prepared: PreparedRequests, stop: DryRunStop, pilot: dict[str, Any]
 ) -> SubmissionReport:
+    # A held attempt creates nothing until its pilot passes; a stopped one never does
+    pays = stop.new_spend and pilot.get("pilot/mode") not in ("hold", "stop")
     return SubmissionReport(
         estimate,
         prepared.carried,
         stop.manifest,
-        stop.new_spend,
+        pays,
         dry_run=True,
         budget_refusal=stop.budget_refusal,
         pilot=pilot,

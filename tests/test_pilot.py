@@ -22,6 +22,7 @@ from infron_dagster import InfronResource
 from infron_dagster.budget import Budget
 from infron_dagster.history import PartitionHistory
 from infron_dagster.local.store import Store
+from infron_dagster.manifest import load_manifests
 from infron_dagster.pilot_book import PilotBook
 from infron_dagster.pricing import ModelPrice
 from infron_dagster.resume import PILOT_TAG
@@ -155,9 +156,7 @@ def test_a_good_pilot_releases_the_rest_with_a_calibrated_estimate_and_budget(tm
         assert sum(_sent(flow).values()) == PILOT  # only the pilot went out first
         requested = flow.drive(instance, _settled_as(flow, "release"), timeout=30)
     # Released by the sensor alone, once; nothing sent twice; every row answered
-    assert [r.run_key.rsplit(":", 1)[-1] for r in requested if PILOT_TAG in r.tags] == [
-        "release"
-    ]
+    assert [r.run_key.rsplit(":", 1)[-1] for r in requested if PILOT_TAG in r.tags] == ["release"]
     sent = _sent(flow)
     assert sum(sent.values()) == ROWS and set(sent.values()) == {1}
     results = flow.frame("results")
@@ -173,7 +172,7 @@ def test_a_good_pilot_releases_the_rest_with_a_calibrated_estimate_and_budget(tm
     before = metadata(piloted)
     assert before["estimate/output_basis"].startswith(f"max_tokens {MAX_TOKENS}")
     assert before["estimate/output_tokens_worst_case"] == PILOT * MAX_TOKENS
-    assert MAX_TOKENS * (ROWS - PILOT) > 5 * actual
+    assert 5 * actual < MAX_TOKENS * (ROWS - PILOT)
     # The budget reserved the calibrated bound: the worst case would have been refused
     assert release.spend["worst_cost"] < budget.max_cost_per_partition < rest_worst
 
@@ -287,3 +286,37 @@ def test_a_kill_between_the_pilots_collection_and_the_release_converges(
     assert sum(sent.values()) == ROWS and set(sent.values()) == {1}
     assert len(flow.frame("results")) == ROWS
     assert pc.sum(flow.table("results").column("completion_tokens")).as_py() > 0
+
+
+def test_the_yaml_component_takes_the_pilot_options(tmp_path, local_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from infron_dagster import InfronBatchInferenceComponent, ParquetSource
+
+    texts = [f"review {i}" for i in range(ROWS)]
+    pq.write_table(pa.table({"id": range(ROWS), "text": texts}), tmp_path / "a.parquet")
+    component = InfronBatchInferenceComponent(
+        name="yaml",
+        model="gpt-4o-mini",
+        prompt_template="Sentiment of {text}",
+        key_columns=["id"],
+        source=ParquetSource(str(tmp_path / "{partition_key}.parquet")),
+        partitions=dg.StaticPartitionsDefinition(["a"]),
+        storage_root=str(tmp_path / "lake"),
+        pilot_rows=PILOT,
+        pilot_scope="partition",
+    )
+    pipeline = component.build_pipeline()
+    resource = InfronResource(base_url=f"local://{local_dir}", api_style="infron")
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [pipeline.batches_asset],
+            partition_key="a",
+            instance=instance,
+            resources={"infron": resource},
+        )
+    assert result.success
+    assert metadata(result, "yaml_batches")["pilot/note"].startswith(f"pilot: {PILOT} of {ROWS}")
+    (pilot,) = load_manifests(pipeline.storage, "a")
+    assert pilot.pilot["role"] == "pilot" and sum(c.requests for c in pilot.chunks) == PILOT

@@ -373,6 +373,21 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
         default_factory=lambda: [600.0, 1800.0],
         description="Seconds to wait before attempt 2, attempt 3, ... (the last repeats).",
     )
+    pilot_rows: int | None = Field(
+        default=None,
+        description="Send this many rows of a new prompt first; the rest goes once their "
+        "answers pass (failure rate within max_failure_rate), estimated from their output "
+        "tokens; a failed pilot sends nothing more (the rest fail as pilot_stopped).",
+    )
+    pilot_scope: Literal["pipeline", "partition"] = Field(
+        default="pipeline",
+        description="pipeline: one pilot per prompt, other partitions wait for its verdict; "
+        "partition: each partition's first submission pilots.",
+    )
+    pilot_max_output_tokens: int | None = Field(
+        default=None,
+        description="Stop the pilot when its answers average more output tokens than this.",
+    )
     resource_key: str = "infron"
     group_name: str | None = None
     sensor_interval_seconds: int = 30
@@ -439,6 +454,9 @@ class InfronBatchInferenceComponent(dg.Component, dg.Resolvable, dg.Model):
             max_enqueued_tokens=self.max_enqueued_tokens,
             auto_retry=self.auto_retry,
             auto_retry_backoff_seconds=self.auto_retry_backoff_seconds,
+            pilot_rows=self.pilot_rows,
+            pilot_scope=self.pilot_scope,
+            pilot_max_output_tokens=self.pilot_max_output_tokens,
         )
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
