@@ -32,6 +32,7 @@ from .history import PartitionHistory, active_attempts
 from .manifest import Manifest, now_iso
 from .merge import CarryCacheWriter, merge_attempts
 from .models import Batch
+from .pilot_book import PilotBook
 from .pricing import ModelPrice
 from .results import DEFAULT_MAX_LINE_BYTES, Outcome, ParseReport
 from .row_costs import RowCosts
@@ -271,7 +272,16 @@ def _write_tables(
     }
     if on_written is not None:
         outcome.settled = on_written(outcome)
+    _queue_pilot(storage, base)
     _mark_collected(storage, [*attempts, *history.waited_on(attempts)], outcome.batches)
+
+
+def _queue_pilot(storage: BatchStorage, base: Manifest) -> None:
+    """A pilot's collection puts it (back) in the pilot queue before its commit point: the
+    sensor reads its verdict next, even if the queue lost it since it was sent."""
+    mark = base.pilot or {}
+    if mark.get("role") == "pilot" and isinstance(mark.get("prompt"), str):
+        PilotBook(storage).mark(base.partition_key, base.attempt, mark["prompt"])
 
 
 def _builder(

@@ -9,10 +9,12 @@ at the server (its batches and their request files), never from our own files.
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 import pyarrow.compute as pc
 import pytest
 from conftest import make_local_dir
@@ -149,7 +151,14 @@ def test_a_good_pilot_releases_the_rest_with_a_calibrated_estimate_and_budget(tm
     price = ModelPrice(input_per_million=1.0, output_per_million=1.0, batch_discount=0.0)
     rest_worst = price.cost(0, (ROWS - PILOT) * MAX_TOKENS)
     budget = Budget(max_cost_per_partition=rest_worst / 2)
-    flow = _flow(tmp_path, price=price, budget=budget)
+    # Answers of varying length (the mock echoes up to 60 characters of the prompt)
+    texts = [f"review {i}: " + "so good " * (i % 7) for i in range(ROWS)]
+    flow = _flow(
+        tmp_path,
+        price=price,
+        budget=budget,
+        frame=lambda _key: pd.DataFrame({"id": range(ROWS), "text": texts}),
+    )
     with dg.instance_for_test() as instance:
         piloted = flow.submit(instance, "a")
         assert piloted.success, failure(piloted)
@@ -168,6 +177,7 @@ def test_a_good_pilot_releases_the_rest_with_a_calibrated_estimate_and_budget(tm
     actual = int(results[results.attempt == release.attempt].completion_tokens.sum())
     expected = meta["estimate/output_tokens_expected"]
     assert abs(expected - actual) <= 0.2 * actual, (expected, actual)
+    assert results.completion_tokens.nunique() > 3  # not a constant the pilot could not miss
     # Before any output was seen (the pilot's own estimate) max_tokens is assumed per row
     before = metadata(piloted)
     assert before["estimate/output_basis"].startswith(f"max_tokens {MAX_TOKENS}")
@@ -204,6 +214,8 @@ def test_the_pilots_failed_rows_are_carried_not_sent_again(tmp_path):
     flow = _flow(tmp_path, failure_rate=0.3, max_failure_rate=0.9)
     with dg.instance_for_test() as instance:
         assert flow.submit(instance, "a").success
+        # The pilot queue is a cache: lost while the pilot runs, its collection rebuilds it
+        shutil.rmtree((flow.storage.base / "_pilots").path)
         flow.drive(instance, _settled_as(flow, "release"), timeout=30)
     pilot = flow.manifests("a")[0]
     failed = flow.frame("failed")
