@@ -2,11 +2,12 @@
 provider ends with every row answered or failed for good, and nobody launched a run after
 the backfill.
 
-The provider (the embedded local server, state on disk) fails 20 % of the requests of every
-batch (a fresh draw per batch), expires the backfill's batches part-way (60 % of each
-finished), answers every 4th call of each client with 429 (``Retry-After: 0``), adds a little
-latency to every call, and has a 5xx burst (every 3rd call, 500 and 503 alternating) during
-the first sensor iteration after the backfill: the polls and the collections' downloads.
+The provider (the embedded local server, state on disk, Infron's own wire style) fails 20 %
+of the requests of every batch (a fresh draw per batch), expires the backfill's batches
+part-way (60 % of each finished), answers every 2nd call of each client with 429
+(``Retry-After: 0``; create calls included), adds a little latency to every call, and has a
+5xx burst (every 3rd call, 500 and 503 alternating) during the first sensor iteration after
+the backfill: the polls and the collections' downloads.
 ``auto_retry`` is on, backoff 0, ``max_attempts`` 3, with a price, a day budget and an
 enqueued-token limit, so every ledger the lake keeps is written and must settle.
 
@@ -65,7 +66,7 @@ MAX_ATTEMPTS = 3
 NIGHT = {
     **INSTANT,
     "failure_rate": 0.2,
-    "rate_limit_every": 4,
+    "rate_limit_every": 2,
     "rate_limit_retry_after": 0.0,
     "latency_seconds": 0.002,
 }
@@ -96,7 +97,7 @@ def fast_client_retries(monkeypatch):
 
 def _flow(tmp_path) -> Pipeline:
     local = make_local_dir(str(tmp_path / "local"), **BACKFILL)
-    resource = InfronResource(base_url=f"local://{local}", api_style="openai", max_retries=10)
+    resource = InfronResource(base_url=f"local://{local}", api_style="infron", max_retries=10)
     return Pipeline.build(
         tmp_path,
         resource,
@@ -216,7 +217,7 @@ def _check_server(flow: Pipeline) -> None:
             sent[(cid, attempt)] += 1
         final = batch["final"] or {}
         if final.get("output_file_id"):
-            for cid in _custom_ids(store, final["output_file_id"]):
+            for cid in _custom_ids(store, final["output_file_id"], answered_only=True):
                 answered[cid] = min(attempt, answered.get(cid, attempt))
     twice = {k: n for k, n in sent.items() if n > 1}
     assert not twice, f"custom_ids sent twice within one attempt: {twice}"
@@ -224,9 +225,16 @@ def _check_server(flow: Pipeline) -> None:
     assert not again, f"answered rows sent again (paid twice): {again}"
 
 
-def _custom_ids(store: Store, file_id: str) -> list[str]:
+def _custom_ids(store: Store, file_id: str, answered_only: bool = False) -> list[str]:
+    """The custom_ids of a server file's lines (only the 200 answers: an infron-style
+    output file holds the error lines too)."""
     with open(store.content_path(file_id), encoding="utf-8") as fh:
-        return [json.loads(line)[CUSTOM_ID] for line in fh if line.strip()]
+        lines = [json.loads(line) for line in fh if line.strip()]
+    return [line[CUSTOM_ID] for line in lines if not answered_only or _answered(line)]
+
+
+def _answered(line: dict[str, Any]) -> bool:
+    return not line.get("error") and (line.get("response") or {}).get("status_code") == 200
 
 
 def _check_runs(flow: Pipeline, runs, backfill_id: str) -> None:

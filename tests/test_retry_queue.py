@@ -120,9 +120,14 @@ def answered_ids(local_dir: str) -> dict[str, int]:
     answered: collections.Counter = collections.Counter()
     for batch in store.list_batches():
         output = (batch["final"] or {}).get("output_file_id")
-        if output:
+        if output:  # only 200 answers: an infron-style output file holds errors too
             with open(store.content_path(output), encoding="utf-8") as fh:
-                answered.update(json.loads(line)[CUSTOM_ID] for line in fh if line.strip())
+                lines = [json.loads(line) for line in fh if line.strip()]
+            answered.update(
+                line[CUSTOM_ID]
+                for line in lines
+                if not line.get("error") and (line.get("response") or {}).get("status_code") == 200
+            )
     return dict(answered)
 
 
