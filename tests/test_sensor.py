@@ -38,7 +38,7 @@ def test_no_manifests_no_run_requests(tmp_path, infron_resource, instance):
     flow = make_flow(tmp_path, infron_resource)
     result = flow.sense(instance)
     assert result.run_requests == []
-    assert json.loads(result.cursor) == {"emitted": {}}
+    assert json.loads(result.cursor) == {"status": "No batches in flight.", "emitted": {}}
 
 
 def test_batches_in_flight_do_not_request_collection(tmp_path, api_style, instance):

@@ -182,6 +182,20 @@ def test_a_failed_collection_says_why_on_the_partition(tmp_path, instance):
     assert not again.success and statuses(flow, instance, "a").count(last) == 1
 
 
+def test_the_tick_says_why_where_the_sensor_page_shows_it(tmp_path, instance, clock):
+    # Dagster shows a skip reason only in a tooltip, the cursor in full on the sensor's page
+    # and at the head of each tick row: the reason leads the cursor.
+    flow = build(tmp_path, slow(tmp_path))
+    flow.submit(instance, "a")
+    waiting = flow.evaluate(instance)
+    assert waiting.cursor.startswith('{"status": "1 partition in flight: a 0/20"')
+    assert json.loads(waiting.cursor)["status"] == waiting.skip_reason.skip_message
+    clock.now += 61
+    done = flow.evaluate(instance)
+    assert done.skip_reason is None and len(done.run_requests) == 1
+    assert json.loads(done.cursor)["status"].startswith("1 run(s) requested. 1 partition in")
+
+
 # --- said only when it changed, never failing the work ----------------------------------------
 
 
