@@ -42,6 +42,7 @@ from .sensor import build_infron_batch_sensor
 from .sources import ParquetSource
 from .spec import RequestSpec
 from .spend import SpendControl
+from .status import STATUS, tag_run
 from .storage import BatchStorage
 from .submission import PipelineSettings, SubmissionReport, SubmitFlags, submit_partition
 from .table_loader import tables_io_manager_key
@@ -360,7 +361,9 @@ def _batches_asset(
             return
         report = _submit_partition(s, source, resource, rows, key, config, context.run_id)
         _log_pilot(context, key, report)
-        yield dg.MaterializeResult(metadata=_metadata(report, resource))
+        metadata = _metadata(report, resource)
+        tag_run(context.instance, context.run_id, key, metadata.get(STATUS, ""))  # Runs list
+        yield dg.MaterializeResult(metadata=metadata)
 
     decorator = dg.asset(
         name=f"{s.name}_batches",

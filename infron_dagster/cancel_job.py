@@ -139,7 +139,8 @@ def build_cancel_job(
             outcome = cancel_partition(client, storage, key, on_batch=log)
         context.log.info(outcome.message)
         if outcome.submitted and not outcome.nothing_in_flight:
-            record_status(context, batches_key, key, cancel_status(outcome))
+            status = cancel_status(outcome)
+            record_status(context, batches_key, key, status, storage=storage)
         if outcome.failed:
             raise _failure(name, key, outcome)
         return dg.Output(None, metadata=cancel_metadata(outcome))

@@ -38,6 +38,7 @@ from .manifest import load_manifests
 from .models import Batch
 from .progress import InFlight, Progress, measure_progress, progress_observations, skip_reason
 from .resume import submit_requests
+from .status import tag_runs
 from .storage import UNPARTITIONED, BatchStorage
 from .untrusted import printable
 
@@ -299,6 +300,8 @@ class _Tick:
             )
         progress = self._progress(in_flight, pending, polled)
         events, cursor = self._cursor(context.cursor, in_flight, progress, emitted)
+        runs = {p.partition_key: p.latest.run_id for p in in_flight}  # who submitted each
+        tag_runs(context.instance, events, runs, context.log)
         context.log.info(
             f"{self.name}: {len(pending)} partition(s) in flight, {len(polled)}/{len(ids)} "
             f"batch(es) polled in {time.monotonic() - started:.1f}s, {len(requests)} "

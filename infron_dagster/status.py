@@ -18,18 +18,24 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import re
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import dagster as dg
 
 from .cancel import CancelOutcome
 from .collect import CollectOutcome
+from .history import active_attempts
+from .manifest import load_manifests
+from .storage import BatchStorage
 from .submission import SubmissionReport
 from .untrusted import printable
 
 __all__ = [
     "STATUS",
+    "STATUS_TAG",
     "cancel_status",
     "collected_status",
     "collection_status",
@@ -37,9 +43,16 @@ __all__ = [
     "latest_status",
     "record_status",
     "submission_status",
+    "submit_run_id",
+    "tag_run",
+    "tag_runs",
 ]
 
 STATUS = "status"  # the one metadata key every transition writes, on <name>_batches
+# The same news, short, on the run that submitted the partition: the Runs list and a
+# backfill's runs show run tags, so a morning's backfill reads partition by partition.
+STATUS_TAG = "infron/status"
+_TAG_LENGTH = 60
 
 logger = logging.getLogger(__name__)
 
@@ -190,15 +203,20 @@ def record_status(
     partition_key: str | None,
     status: str,
     metadata: dict[str, Any] | None = None,
+    storage: BatchStorage | None = None,
 ) -> bool:
     """Record ``status`` as an observation of ``asset_key``'s partition from a run, unless
-    it already says so; never raises (a status is news, not the work). True when recorded.
+    it already says so, and (given ``storage``) tag the run that submitted the partition;
+    never raises (a status is news, not the work). True when recorded.
 
     Example::
 
         record_status(context, dg.AssetKey("reviews_batches"), "2026-11-24",
                       "collected: 20 of 20 rows succeeded")
     """
+    if storage is not None:
+        run_id = submit_run_id(storage, partition_key)
+        tag_run(context.instance, run_id, partition_key, status, getattr(context, "log", None))
     try:
         if latest_status(context.instance, asset_key, partition_key) == status:
             return False
@@ -218,6 +236,87 @@ def record_status(
             f"{type(exc).__name__}: {printable(exc)}"
         )
         return False
+
+
+def headline(status: str) -> str:
+    """A status as short as a run tag shows it: no parenthesised detail, no second clause.
+
+    Example:
+        >>> headline("in flight: 33.8 % done (80/236 requests, 1 failed), about 3 min left")
+        'in flight: 33.8 % done, about 3 min left'
+    """
+    text = re.sub(r" \([^)]*\)", "", status).split("; ")[0]
+    if len(text) <= _TAG_LENGTH:
+        return text
+    cut = text.rfind(", ", 0, _TAG_LENGTH)
+    return text[:cut] if cut > 0 else text[: _TAG_LENGTH - 1] + "…"
+
+
+def submit_run_id(storage: BatchStorage, partition_key: str | None) -> str | None:
+    """The run that created the partition's latest attempt (None when unknown)."""
+    try:
+        attempts = active_attempts(load_manifests(storage, partition_key))
+    except Exception:  # a damaged manifest is reported where it is read for real
+        return None
+    return attempts[-1].run_id if attempts else None
+
+
+def tag_run(
+    instance: dg.DagsterInstance,
+    run_id: str | None,
+    partition_key: str | None,
+    status: str,
+    log: logging.Logger | Any = None,
+) -> bool:
+    """Tag the run that submitted ``partition_key`` with the status's :func:`headline`,
+    when that run was for this partition alone (a range run's one tag could not say each
+    partition); never raises. True when the tag changed.
+
+    Example::
+
+        tag_run(context.instance, manifest.run_id, "2026-11-24", "collected: 20 of 20 rows")
+    """
+    if not status:
+        return False
+    try:
+        run = instance.get_run_by_id(run_id) if run_id else None
+        if run is None or run.tags.get("dagster/partition") != partition_key:
+            return False
+        short = headline(status)
+        if run.tags.get(STATUS_TAG) == short:
+            return False
+        instance.add_run_tags(run.run_id, {STATUS_TAG: short})
+        return True
+    except Exception as exc:  # a tag is news, never the work
+        (log or logger).warning(
+            f"could not tag run {printable(run_id or '-', 60)} with the status of partition "
+            f"{printable(partition_key or '-', 100)!r}: {type(exc).__name__}: {printable(exc)}"
+        )
+        return False
+
+
+def tag_runs(
+    instance: dg.DagsterInstance,
+    observations: Iterable[dg.AssetObservation],
+    run_ids: dict[str | None, str | None],
+    log: logging.Logger | Any = None,
+    seconds: float = 5.0,
+) -> int:
+    """Tag the submit run of each observed partition with its new status (the sensor's
+    part), within ``seconds``: what is left is tagged at the partition's next change.
+
+    Example::
+
+        tag_runs(context.instance, events, {p.partition_key: p.latest.run_id for p in found})
+    """
+    deadline, tagged = time.monotonic() + seconds, 0
+    for event in observations:
+        value = event.metadata.get(STATUS)
+        if value is None or time.monotonic() > deadline:
+            continue
+        key = event.partition
+        tagged += tag_run(instance, run_ids.get(key), key, str(value.value), log)
+    return tagged
 
 
 def _n(count: int, one: str, many: str) -> str:

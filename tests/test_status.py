@@ -77,6 +77,12 @@ def statuses(flow: Pipeline, instance, key: str = "a") -> list[str]:
     return [s.value for s in found if s is not None]
 
 
+def run_tag(flow: Pipeline, instance, key: str = "a") -> str | None:
+    """The status tag of the run that submitted the partition's latest attempt."""
+    run = instance.get_run_by_id(flow.manifests(key)[-1].run_id)
+    return run.tags.get("infron/status")
+
+
 def words(lines: list[str]) -> list[str]:
     """Each status's first word(s), repeats collapsed: the transitions."""
     out: list[str] = []
@@ -109,6 +115,9 @@ def test_waiting_in_flight_collected_in_order(tmp_path, instance, clock):
     clock.now += 30  # a is half-way
     tick(flow, instance)
     assert statuses(flow, instance, "a")[-1].startswith("in flight: 50.0 % done (10/20 requests)")
+    # The run that submitted it says it too, short, where the Runs list and a backfill show it
+    assert run_tag(flow, instance, "a").startswith("in flight: 50.0 % done")
+    assert run_tag(flow, instance, "b").startswith("waiting for admission: 0 of 1 batches")
 
     clock.now += 31  # a ends: collected; its capacity frees b, which the sensor submits
     for _ in range(3):
@@ -138,6 +147,9 @@ def test_waiting_in_flight_collected_in_order(tmp_path, instance, clock):
     # The collected tables say it too, on their own page.
     (results,) = events(instance, flow.pipeline.results_key, "b")
     assert results.metadata["status"].value == "collected: 20 of 20 rows succeeded"
+    assert run_tag(flow, instance, "a") == run_tag(flow, instance, "b") == (
+        "collected: 20 of 20 rows succeeded"
+    )
 
 
 def test_cancelled_partition_says_so_until_it_is_retried(tmp_path, instance, clock):
@@ -162,8 +174,10 @@ def test_cancelled_partition_says_so_until_it_is_retried(tmp_path, instance, clo
     again = flow.job("cancel", instance, "a")
     assert again.success and statuses(flow, instance, "a") == lines
 
+    assert run_tag(flow, instance, "a").startswith("cancelled: ")
     flow.job("retry", instance, "a")
     assert statuses(flow, instance, "a")[-1].startswith("submitted (attempt 2): ")
+    assert run_tag(flow, instance, "a").startswith("submitted: ")  # the retry run's own
 
 
 def test_a_failed_collection_says_why_on_the_partition(tmp_path, instance):
