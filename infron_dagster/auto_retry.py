@@ -5,10 +5,11 @@ The collection queued it (``retry_queue``); each tick reads the due markers, che
 against the partition's manifests (the truth) and requests one ``<name>_batches`` run with
 ``retry_failed`` per partition, under a run_key that names the attempt it retries, so the
 daemon launches it once. Non-retryable failures are never retried (the retry job sends only
-retryable rows); a partition whose attempts are used up, or whose latest attempt was
-cancelled, is left failed. A retry run that fails (or that a dead worker left failed) is
-requested again after ``backoff_seconds`` (15 s, then 30 s), up to
-``MAX_AUTO_RETRY_RUNS`` runs; then, or when a person cancelled the run, a note asks for one.
+retryable rows); a partition whose attempts are used up, whose latest attempt was
+cancelled, or whose rows a pilot decides (``pilot.pilot_no_retry``) is left failed. A
+retry run that fails (or that a dead worker left failed) is requested again after
+``backoff_seconds`` (15 s, then 30 s), up to ``MAX_AUTO_RETRY_RUNS`` runs; then, or when a
+person canceled the run, a note asks for one.
 
 Example::
 
@@ -27,6 +28,7 @@ import pyarrow.compute as pc
 
 from .history import PartitionHistory
 from .manifest import Manifest
+from .pilot import pilot_no_retry
 from .resume import backoff_seconds
 from .retry_queue import QueuedRetry, RetryQueue
 from .storage import BatchStorage
@@ -128,25 +130,29 @@ class _Retry:
         """The partition's latest attempt when it is the marker's, collected, not cancelled,
         with attempts left; else None (and the marker dropped when it is stale)."""
         try:
-            active = PartitionHistory.load(self.queue.storage, self.retry.partition_key).active
+            history = PartitionHistory.load(self.queue.storage, self.retry.partition_key)
         except Exception as exc:  # a damaged manifest: this partition waits for a person
             self._note(
                 f"{self.where}: its manifests cannot be read ({type(exc).__name__}: "
                 f"{printable(exc)}); its automatic retry waits until they are repaired"
             )
             return None
+        active = history.active
         latest = active[-1] if active else None
         if latest is None or latest.attempt != self.retry.attempt:
             self.queue.drop(self.retry)  # retried since (by the sensor or a person), new input
             return None
         if latest.state != "collected":
             return None  # the collection that queued it has not committed yet
-        if latest.cancelled or len(active) >= self.max_attempts:
+        # What the collection checked before queueing it, checked again against the truth
+        why = pilot_no_retry(history)
+        if latest.cancelled:
+            why = f"attempt {latest.attempt} was cancelled"
+        elif len(active) >= self.max_attempts:
+            why = f"{len(active)} of max_attempts={self.max_attempts} attempts are used"
+        if why:
             self.queue.drop(self.retry)
-            why = "was cancelled" if latest.cancelled else "used the last of max_attempts"
-            self.context.log.info(
-                f"{self.where}: attempt {latest.attempt} {why}: its failed rows stay failed"
-            )
+            self.context.log.info(f"{self.where}: no automatic retry: {why}")
             return None
         return latest
 

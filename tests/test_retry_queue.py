@@ -303,6 +303,13 @@ def _cancelled(flow: Pipeline, instance) -> None:
     flow.storage.write_json(path, {**body, "cancelled_at": "2026-11-24T00:00:00+00:00"})
 
 
+def _a_pilot(flow: Pipeline, instance) -> None:
+    """The manifest of attempt 1 says it is a pilot: its verdict decides what follows."""
+    path = flow.storage.manifest_path("a", 1)
+    body = flow.storage.read_json(path)
+    flow.storage.write_json(path, {**body, "pilot": {"role": "pilot"}})
+
+
 def _nothing_retryable(flow: Pipeline, instance) -> None:
     """The failed table holds no retryable row any more (the marker is someone else's)."""
     storage = flow.storage
@@ -326,6 +333,7 @@ CONTRADICTED = {
     "new_input": (_new_input, {}, True),
     "attempts_exhausted": (_exhausted, {"max_attempts": 1}, False),
     "cancelled": (_cancelled, {}, False),
+    "a_pilot": (_a_pilot, {}, False),
     "nothing_retryable": (_nothing_retryable, {}, False),
     "no_such_partition": (_no_partition, {}, False),
 }
