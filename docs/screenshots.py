@@ -574,8 +574,22 @@ def failed_table(page: Any, url: str) -> None:
 def cancel_run(page: Any, url: str) -> None:
     """The cancel job's run: its log names each batch it cancelled."""
     page.goto(f"{url}/runs/{_latest_run_id(url, 'review_sentiment_cancel')}")
-    page.get_by_text(re.compile(": cancelled batch ")).first.wait_for()
+    first = page.get_by_text(re.compile(": cancelled batch ")).first
+    first.wait_for()
     settle(page)
+    # The log opens scrolled to its end; scroll it (not the page) to the first batch cancelled.
+    first.evaluate(
+        """e => {
+          let box = e.parentElement;
+          while (box && !(box.scrollHeight > box.clientHeight
+                          && /auto|scroll/.test(getComputedStyle(box).overflowY))) {
+            box = box.parentElement;
+          }
+          if (box) box.scrollTop += e.getBoundingClientRect().top
+                                    - box.getBoundingClientRect().top - 8;
+        }"""
+    )
+    page.wait_for_timeout(800)
 
 
 def cancelled_partition(page: Any, url: str) -> None:
