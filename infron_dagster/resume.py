@@ -216,9 +216,7 @@ def _pilot_request(
     if verdict.passed:
         context.log.info(f"{where}: the pilot passed ({verdict.summary()}): releasing the rest")
     else:
-        note = f"{where}: " + verdict.message(f"attempt {pilot.attempt}")
-        context.log.warning(note)
-        notes.append(note)
+        notes.append(f"{where}: " + verdict.message(f"attempt {pilot.attempt}"))  # logged
     suffix = f":{len(runs)}" if runs else ""
     return dg.RunRequest(
         run_key=f"{pilot.run_key}:{action}{suffix}",

@@ -332,3 +332,16 @@ def test_the_yaml_component_takes_the_pilot_options(tmp_path, local_dir):
     assert metadata(result, "yaml_batches")["pilot/note"].startswith(f"pilot: {PILOT} of {ROWS}")
     (pilot,) = load_manifests(pipeline.storage, "a")
     assert pilot.pilot["role"] == "pilot" and sum(c.requests for c in pilot.chunks) == PILOT
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"pilot_rows": 0},
+        {"pilot_rows": 5, "pilot_scope": "day"},
+        {"pilot_rows": 5, "pilot_max_output_tokens": -1},
+    ],
+)
+def test_pilot_options_are_checked_at_definition_time(tmp_path, options):
+    with pytest.raises(ValueError, match="pilot_"):
+        Pipeline.build(tmp_path, InfronResource(), PARTS, **options)
