@@ -238,19 +238,28 @@ def _answered(line: dict[str, Any]) -> bool:
 
 
 def _check_runs(flow: Pipeline, runs, backfill_id: str) -> None:
-    """Besides the backfill, every run in the instance is one the sensor requested, and
-    none failed."""
-
-    def identity(tags: dict[str, str], partition: str | None) -> tuple:
-        return partition, tuple(sorted((k, v) for k, v in tags.items() if k.startswith("infron/")))
-
-    requested = collections.Counter(identity(r.tags or {}, r.partition_key) for r in flow.requested)
-    launched = collections.Counter(
-        identity(run.tags, run.tags.get("dagster/partition"))
-        for run in runs
-        if run.run_id != backfill_id
-    )
-    assert launched == requested, f"runs nobody requested: {launched - requested}"
+    """Besides the backfill, every run in the instance is one the sensor requested (its
+    partition and the request's tags; a run may gain tags of its own), and none failed."""
+    unmatched = list(flow.requested)
+    strangers = []
+    for run in runs:
+        if run.run_id == backfill_id:
+            continue
+        match = next(
+            (
+                r
+                for r in unmatched
+                if r.partition_key == run.tags.get("dagster/partition")
+                and (r.tags or {}).items() <= run.tags.items()
+            ),
+            None,
+        )
+        if match is None:
+            strangers.append((run.run_id, run.tags))
+        else:
+            unmatched.remove(match)
+    assert not strangers, f"runs nobody requested: {strangers}"
+    assert not unmatched, f"requested runs never launched: {[r.run_key for r in unmatched]}"
     failed = [r.run_id for r in runs if r.status != dg.DagsterRunStatus.SUCCESS]
     assert not failed, f"runs that failed: {failed}"
 
