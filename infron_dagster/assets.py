@@ -362,7 +362,7 @@ def _batches_asset(
         report = _submit_partition(s, source, resource, rows, key, config, context.run_id)
         _log_pilot(context, key, report)
         metadata = _metadata(report, resource)
-        tag_run(context.instance, context.run_id, key, metadata.get(STATUS, ""))  # Runs list
+        tag_run(context.instance, context.run_id, s.name, key, metadata.get(STATUS, ""))
         yield dg.MaterializeResult(metadata=metadata)
 
     decorator = dg.asset(

@@ -301,7 +301,7 @@ class _Tick:
         progress = self._progress(in_flight, pending, polled)
         events, cursor = self._cursor(context.cursor, in_flight, progress, emitted)
         runs = {p.partition_key: p.latest.run_id for p in in_flight}  # who submitted each
-        tag_runs(context.instance, events, runs, context.log)
+        tag_runs(context.instance, self.name, events, runs, context.log)
         context.log.info(
             f"{self.name}: {len(pending)} partition(s) in flight, {len(polled)}/{len(ids)} "
             f"batch(es) polled in {time.monotonic() - started:.1f}s, {len(requests)} "

@@ -35,13 +35,13 @@ from .untrusted import printable
 
 __all__ = [
     "STATUS",
-    "STATUS_TAG",
     "cancel_status",
     "collected_status",
     "collection_status",
     "failed_status",
     "latest_status",
     "record_status",
+    "status_tag",
     "submission_status",
     "submit_run_id",
     "tag_run",
@@ -51,7 +51,6 @@ __all__ = [
 STATUS = "status"  # the one metadata key every transition writes, on <name>_batches
 # The same news, short, on the run that submitted the partition: the Runs list and a
 # backfill's runs show run tags, so a morning's backfill reads partition by partition.
-STATUS_TAG = "infron/status"
 _TAG_LENGTH = 60
 
 logger = logging.getLogger(__name__)
@@ -216,7 +215,8 @@ def record_status(
     """
     if storage is not None:
         run_id = submit_run_id(storage, partition_key)
-        tag_run(context.instance, run_id, partition_key, status, getattr(context, "log", None))
+        log = getattr(context, "log", None)
+        tag_run(context.instance, run_id, storage.name, partition_key, status, log)
     try:
         if latest_status(context.instance, asset_key, partition_key) == status:
             return False
@@ -252,6 +252,17 @@ def headline(status: str) -> str:
     return text[:cut] if cut > 0 else text[: _TAG_LENGTH - 1] + "…"
 
 
+def status_tag(name: str) -> str:
+    """The run tag of a pipeline's status: one per pipeline, since one run may submit the
+    partition of several pipelines (``reviews`` and two ``_batches`` assets, say).
+
+    Example:
+        >>> status_tag("review_sentiment")
+        'review_sentiment/status'
+    """
+    return f"{name}/status"
+
+
 def submit_run_id(storage: BatchStorage, partition_key: str | None) -> str | None:
     """The run that created the partition's latest attempt (None when unknown)."""
     try:
@@ -264,17 +275,20 @@ def submit_run_id(storage: BatchStorage, partition_key: str | None) -> str | Non
 def tag_run(
     instance: dg.DagsterInstance,
     run_id: str | None,
+    name: str,
     partition_key: str | None,
     status: str,
     log: logging.Logger | Any = None,
 ) -> bool:
-    """Tag the run that submitted ``partition_key`` with the status's :func:`headline`,
-    when that run was for this partition alone (a range run's one tag could not say each
-    partition); never raises. True when the tag changed.
+    """Tag the run that submitted pipeline ``name``'s ``partition_key`` with the status's
+    :func:`headline` (under :func:`status_tag`), when that run was for this partition alone
+    (a range run's one tag could not say each partition); never raises. True when the tag
+    changed.
 
     Example::
 
-        tag_run(context.instance, manifest.run_id, "2026-11-24", "collected: 20 of 20 rows")
+        tag_run(context.instance, manifest.run_id, "reviews", "2026-11-24",
+                "collected: 20 of 20 rows succeeded")
     """
     if not status:
         return False
@@ -283,9 +297,9 @@ def tag_run(
         if run is None or run.tags.get("dagster/partition") != partition_key:
             return False
         short = headline(status)
-        if run.tags.get(STATUS_TAG) == short:
+        if run.tags.get(status_tag(name)) == short:
             return False
-        instance.add_run_tags(run.run_id, {STATUS_TAG: short})
+        instance.add_run_tags(run.run_id, {status_tag(name): short})
         return True
     except Exception as exc:  # a tag is news, never the work
         (log or logger).warning(
@@ -297,6 +311,7 @@ def tag_run(
 
 def tag_runs(
     instance: dg.DagsterInstance,
+    name: str,
     observations: Iterable[dg.AssetObservation],
     run_ids: dict[str | None, str | None],
     log: logging.Logger | Any = None,
@@ -307,7 +322,8 @@ def tag_runs(
 
     Example::
 
-        tag_runs(context.instance, events, {p.partition_key: p.latest.run_id for p in found})
+        tag_runs(context.instance, "reviews", events,
+                 {p.partition_key: p.latest.run_id for p in found})
     """
     deadline, tagged = time.monotonic() + seconds, 0
     for event in observations:
@@ -315,7 +331,7 @@ def tag_runs(
         if value is None or time.monotonic() > deadline:
             continue
         key = event.partition
-        tagged += tag_run(instance, run_ids.get(key), key, str(value.value), log)
+        tagged += tag_run(instance, run_ids.get(key), name, key, str(value.value), log)
     return tagged
 
 

@@ -80,7 +80,7 @@ def statuses(flow: Pipeline, instance, key: str = "a") -> list[str]:
 def run_tag(flow: Pipeline, instance, key: str = "a") -> str | None:
     """The status tag of the run that submitted the partition's latest attempt."""
     run = instance.get_run_by_id(flow.manifests(key)[-1].run_id)
-    return run.tags.get("infron/status")
+    return run.tags.get("rev/status")  # one tag per pipeline: a run may submit several
 
 
 def words(lines: list[str]) -> list[str]:
