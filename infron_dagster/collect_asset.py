@@ -55,7 +55,11 @@ def build_collect_assets(
     specs = [
         dg.AssetSpec(
             results_key,
-            description=f"Successful responses of {s.name}, hive-partitioned Parquet.",
+            description=(
+                f"Successful responses of {s.name}, hive-partitioned Parquet. Where a "
+                f"partition stands before it is collected: the 'status' of {s.name}_batches "
+                "in its Partitions tab."
+            ),
             metadata=table_metadata(s.storage, "results"),
             **table,
         ),
