@@ -124,7 +124,6 @@ class PilotPlan:
     note: str = ""  # one line for the log and the metadata
     stop_reason: str = ""  # the error_message of the rows a stop never sends
     hold_reason: str = ""
-    reserve_held: bool = False  # a held attempt is released: its budget is reserved now
     record: tuple[str, dict[str, Any]] | None = None  # the prompt's record, before the manifest
     queue: bool = False  # a pilot: queued for the sensor's verdict
     book: PilotBook | None = None
@@ -140,13 +139,9 @@ class PilotPlan:
         the queue marker and the prompt's record: all written before its manifest."""
 
         def check(manifest: Manifest, new_spend: bool) -> None:
-            held = (manifest.pilot or {}).get("role") == "held"
-            reserve = self.reserve_held and held and not manifest.pilot.get("reserved")
             if self.mode == "hold":
-                new_spend = False  # nothing is created now: reserved when released
-            inner(manifest, new_spend or reserve)  # a dry run stops here, nothing written
-            if reserve:
-                manifest.pilot = {**(manifest.pilot or {}), "reserved": True}
+                new_spend = False  # nothing is created: the attempt that follows reserves
+            inner(manifest, new_spend)  # a dry run stops here, nothing written
             fresh = self.mark is not None and manifest.pilot is None
             if fresh and not storage.exists(storage.manifest_path(key, manifest.attempt)):
                 manifest.pilot = dict(self.mark or {})
@@ -166,10 +161,15 @@ class PilotPlan:
         return _Hold(self.hold_reason) if self.mode == "hold" else admission
 
     def shape(self, prepared: PreparedRequests, workdir: str) -> PreparedRequests:
-        """A stop sends nothing: the rows it would have sent fail as ``pilot_stopped``."""
-        if self.mode != "stop":
-            return prepared
-        return stop_rest(prepared, self.stop_reason, workdir)
+        """A stop sends nothing: the rows it would have sent fail as ``pilot_stopped``. A
+        held attempt is a placeholder that never creates a batch: a fingerprint of its own,
+        so the attempt that follows it (its rows, sent or stopped) is never taken for it."""
+        if self.mode == "stop":
+            return stop_rest(prepared, self.stop_reason, workdir)
+        if self.mode == "hold":
+            raw = f"held\x1f{prepared.fingerprint}".encode()
+            return dataclasses.replace(prepared, fingerprint=hashlib.sha256(raw).hexdigest())
+        return prepared
 
     def metadata(self) -> dict[str, Any]:
         """What the submission's metadata says about the pilot."""
@@ -241,7 +241,8 @@ def plan_pilot(
         plan._lock.enter_context(book.lock())
         record = book.record(prompt)  # again, under the lock
     try:
-        decided = _decide(policy, storage, book, spec, rows, key, prompt, record, direct)
+        locked = not dry_run
+        decided = _decide(policy, storage, book, spec, rows, key, prompt, record, direct, locked)
     except BaseException:
         plan.close()
         raise
@@ -262,14 +263,17 @@ def _decide(
     prompt: str,
     record: dict[str, Any] | None,
     direct: PilotPlan,
+    locked: bool,
 ) -> PilotPlan:
-    """Pipeline scope, this partition not in the pilot yet: go, stop, wait or pilot."""
+    """Pipeline scope, this partition not in the pilot yet: go, stop, wait or pilot
+    (``locked``: this submission holds the pilot lock)."""
     state = record["state"] if record is not None else None
     if state == "passed":
         return direct
     if state == "stopped":
         return _stop(rows, key, prompt, None, None, str(record.get("message", "")), book, False)
-    if state == "pending" and record.get("partition_key") != key and _alive(storage, record):
+    alive = state == "pending" and _alive(storage, record, locked)
+    if alive and record.get("partition_key") != key:
         where = f"partition {record.get('partition_key')!r} (attempt {record.get('attempt')})"
         return PilotPlan(
             "hold",
@@ -296,7 +300,14 @@ def _follow(
     for a partition that is not)."""
     mark, pipeline = latest.pilot or {}, policy.scope == "pipeline"
     role = mark.get("role")
-    if role == "pilot" and latest.state == "collected" and not latest.cancelled:
+    if role == "pilot" and latest.state == "collected" and latest.cancelled:
+        message = (
+            f"partition {key!r} was cancelled during its pilot (attempt {latest.attempt}): "
+            "the rest was never sent; to send it, materialize the partition with "
+            "force_resubmit: true"
+        )
+        return _stop(rows, key, prompt, latest, None, message, book, False, storage)
+    if role == "pilot" and latest.state == "collected":
         verdict = pilot_verdict(storage, key, mark.get("limits") or {})
         if verdict.passed:
             return _release(rows, key, prompt, latest, verdict, book, pipeline, storage)
@@ -323,7 +334,6 @@ def _follow(
                 rows,
                 mark={"role": "direct", "prompt": prompt},
                 calibration=calibration,
-                reserve_held=True,
                 note=f"pilot passed: the held rows are sent{basis}",
                 prompt=prompt,
             )
@@ -466,10 +476,10 @@ def _pointer(record: dict[str, Any]) -> dict[str, Any]:
     return {"partition_key": record.get("partition_key"), "attempt": record.get("attempt")}
 
 
-def _alive(storage: BatchStorage, record: dict[str, Any]) -> bool:
+def _alive(storage: BatchStorage, record: dict[str, Any], locked: bool = False) -> bool:
     """Whether the pending pilot a record points to may still pass: its manifest is its
     partition's latest initial attempt and not cancelled (or not written yet by the run
-    that still holds the pilot lock)."""
+    that still holds the pilot lock; ``locked``: the caller holds it, so none does)."""
     key, attempt = record.get("partition_key"), record.get("attempt")
     if key is not None and not isinstance(key, str):
         return False
@@ -478,8 +488,8 @@ def _alive(storage: BatchStorage, record: dict[str, Any]) -> bool:
     latest = active[0] if active else None
     if latest is not None and latest.attempt == attempt:
         return (latest.pilot or {}).get("role") == "pilot" and not latest.cancelled
-    if any(m.attempt == attempt for m in manifests):
-        return False  # replaced by a newer attempt
+    if any(m.attempt == attempt for m in manifests) or locked:
+        return False  # replaced by a newer attempt, or its run died before its manifest
     try:  # no manifest: alive only while the run that writes it holds the lock
         with PilotBook(storage).lock(wait_seconds=0):
             return False
@@ -506,7 +516,7 @@ def pilot_hold(storage: BatchStorage, manifest: Manifest, memo: dict[str, bool])
     still pending (None: resume it, the run decides). ``memo`` caches, per prompt, whether
     its pilot is pending (one tick's reads)."""
     mark = manifest.pilot or {}
-    if mark.get("role") != "held" or mark.get("reserved"):
+    if mark.get("role") != "held":
         return None
     prompt = str(mark.get("prompt", ""))
     book = PilotBook(storage)

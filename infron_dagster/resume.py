@@ -188,13 +188,16 @@ def _pilot_request(
             book.forget(queued.prompt, key, queued.attempt)
         return None
     active = history.active
-    if not active or active[0].attempt != pilot.attempt or pilot.cancelled:
-        book.drop(queued)  # released, stopped or replaced since; a cancel never releases
-        if book.forget(queued.prompt, key, queued.attempt):
-            context.log.info(f"{where}: its pilot was cancelled or replaced: not released")
+    if not active or active[0].attempt != pilot.attempt:
+        book.drop(queued)  # released, stopped or replaced since
+        book.forget(queued.prompt, key, queued.attempt)
         return None
     if pilot.state != "collected":
         return None  # collected like any attempt first
+    if pilot.cancelled and book.forget(queued.prompt, key, queued.attempt):
+        # A cancel never releases; the partitions held for it decide again (a pilot of
+        # their own), and a stop records the rest of this one as never sent.
+        context.log.info(f"{where}: its pilot was cancelled: the rest is not sent")
     runs = context.instance.get_run_records(filters=dg.RunsFilter(tags={PILOT_TAG: pilot.run_key}))
     statuses = [r.dagster_run.status for r in runs]
     if any(s in _NOT_YET_RUNNING or s == dg.DagsterRunStatus.STARTED for s in statuses):
@@ -211,16 +214,24 @@ def _pilot_request(
         when = last.end_time or last.start_time or last.create_timestamp.timestamp()
         if time.time() - when < backoff_seconds(len(runs)):
             return None
+    if pilot.cancelled:
+        return _pilot_run(pilot, "stop", runs, name, batches_key)
     verdict = pilot_verdict(storage, key, (pilot.pilot or {}).get("limits") or {})
     action = "release" if verdict.passed else "stop"
     if verdict.passed:
         context.log.info(f"{where}: the pilot passed ({verdict.summary()}): releasing the rest")
     else:
         notes.append(f"{where}: " + verdict.message(f"attempt {pilot.attempt}"))  # logged
+    return _pilot_run(pilot, action, runs, name, batches_key)
+
+
+def _pilot_run(
+    pilot: Manifest, action: str, runs: Sequence[Any], name: str, batches_key: dg.AssetKey
+) -> dg.RunRequest:
     suffix = f":{len(runs)}" if runs else ""
     return dg.RunRequest(
         run_key=f"{pilot.run_key}:{action}{suffix}",
-        partition_key=key,
+        partition_key=pilot.partition_key,
         asset_selection=[batches_key],
         tags={
             "infron/pipeline": name,

@@ -116,18 +116,26 @@ def test_a_bad_prompt_stops_after_the_pilot_alone(tmp_path):
     assert not [r for r in requested if "auto-retry" in r.run_key]
 
 
-def test_pipeline_scope_a_stopped_pilot_stops_the_waiting_partitions_then_a_new_prompt_pilots(
-    tmp_path,
-):
+def test_pipeline_scope_a_stopped_pilot_stops_the_partitions_waiting_for_it(tmp_path):
     flow = _flow(tmp_path, failure_rate=1.0, pilot_scope="pipeline")
     with dg.instance_for_test() as instance:
         assert flow.submit(instance, "a").success
         assert flow.submit(instance, "b").success  # held: a's pilot runs
         flow.drive(instance, _settled_as(flow, "stopped", "a", "b"), timeout=30)
-        assert sum(_sent(flow).values()) == PILOT  # b sent nothing at all
-        failed_b = flow.frame("failed", "b")
-        assert len(failed_b) == ROWS and set(failed_b.error_code) == {"pilot_stopped"}
-        assert "the pilot of partition 'a' (attempt 1) stopped" in failed_b.error_message[0]
+    assert sum(_sent(flow).values()) == PILOT  # b sent nothing at all
+    failed_b = flow.frame("failed", "b")
+    assert len(failed_b) == ROWS and set(failed_b.error_code) == {"pilot_stopped"}
+    assert "the pilot of partition 'a' (attempt 1) stopped" in failed_b.error_message[0]
+
+
+def test_a_changed_prompt_pilots_again_after_a_stop(tmp_path):
+    flow = _flow(tmp_path, failure_rate=1.0)
+    with dg.instance_for_test() as instance:
+        assert flow.submit(instance, "a").success
+        flow.drive(instance, _settled_as(flow, "stopped"), timeout=30)
+        again = flow.submit(instance, "a")  # the same prompt: still stopped, nothing sent
+        assert again.success and metadata(again)["pilot/mode"] == "stop"
+        assert sum(_sent(flow).values()) == PILOT
         # The provider is fine again and the prompt changed: a new pilot, then the rest
         make_local_dir(flow.local_dir, failure_rate=0.0)
         fixed = Pipeline.build(
@@ -137,13 +145,14 @@ def test_pipeline_scope_a_stopped_pilot_stops_the_waiting_partitions_then_a_new_
             rows=ROWS,
             params={"max_tokens": MAX_TOKENS, "temperature": 0},
             pilot_rows=PILOT,
+            pilot_scope="partition",
             max_requests_per_batch=16,
         )
-        assert fixed.submit(instance, "b").success
+        assert fixed.submit(instance, "a").success
         assert sum(_sent(fixed).values()) == 2 * PILOT  # the new prompt's pilot only
-        fixed.drive(instance, _settled_as(fixed, "release", "b"), timeout=30)
+        fixed.drive(instance, _settled_as(fixed, "release"), timeout=30)
     assert sum(_sent(fixed).values()) == PILOT + ROWS
-    assert len(fixed.frame("results", "b")) == ROWS
+    assert len(fixed.frame("results")) == ROWS
 
 
 def test_a_good_pilot_releases_the_rest_with_a_calibrated_estimate_and_budget(tmp_path):
@@ -202,7 +211,9 @@ def test_pipeline_scope_a_second_partition_waits_then_goes_without_a_pilot(tmp_p
     sent = _sent(flow)
     assert sum(sent.values()) == 2 * ROWS and set(sent.values()) == {1}
     manifests_b = flow.manifests("b")
-    assert [m.pilot["role"] for m in manifests_b] == ["held"]  # no pilot of its own
+    # No pilot of its own: the held placeholder (which created nothing), then its rows
+    assert [m.pilot["role"] for m in manifests_b] == ["held", "direct"]
+    assert not manifests_b[0].batch_ids
     assert flow.accounted("b") == ROWS and len(flow.frame("results", "b")) == ROWS
     (resumed,) = [r for r in flow.runs if r.dagster_run.tags.get("infron/submit_key")]
     assert metadata(resumed)["estimate/output_basis"].startswith(f"pilot of {PILOT} rows")
@@ -243,15 +254,25 @@ def test_a_dry_run_says_what_the_pilot_would_send(tmp_path):
     assert not _sent(flow) and not flow.manifests("a") and not PilotBook(flow.storage).queued()
 
 
-def test_a_cancelled_pilot_never_releases(tmp_path):
-    flow = _flow(tmp_path)
+def test_a_cancelled_pilot_never_releases_and_the_partitions_it_held_pilot_themselves(tmp_path):
+    flow = _flow(tmp_path, pilot_scope="pipeline")
     with dg.instance_for_test() as instance:
         assert flow.submit(instance, "a").success
+        assert flow.submit(instance, "b").success  # held for a's pilot
         assert flow.job("cancel", instance, "a").success
-        flow.drive(instance, flow.collected("a"), timeout=30)
-        for _ in range(2):
-            assert not [r for r in flow.tick(instance) if PILOT_TAG in r.tags]
-    assert sum(_sent(flow).values()) == PILOT
+        requested = flow.drive(
+            instance,
+            lambda: _settled_as(flow, "stopped", "a")() and _settled_as(flow, "release", "b")(),
+            timeout=30,
+        )
+    assert not [r for r in requested if r.run_key.startswith("rev:a:") and "release" in r.run_key]
+    sent = _sent(flow)
+    assert sum(sent.values()) == PILOT + ROWS and set(sent.values()) == {1}
+    assert [m.pilot["role"] for m in flow.manifests("b")] == ["held", "pilot", "release"]
+    stopped = flow.frame("failed", "a")
+    stopped = stopped[stopped.error_code == "pilot_stopped"]
+    assert flow.accounted("a") == ROWS and len(stopped) == ROWS - PILOT
+    assert "cancelled during its pilot" in stopped.error_message.iloc[0]
     assert not PilotBook(flow.storage).queued()
 
 
