@@ -502,10 +502,29 @@ class BatchStorage:
                 logger.warning("could not refresh lock %s: %s", path, exc)
 
     def _owner(self, path: UPath) -> str | None:
+        body = self._lock_bytes(path)
         try:
-            return json.loads(self.fresh(path).read_bytes()).get("token")
-        except (FileNotFoundError, ValueError):
+            return None if body is None else json.loads(body).get("token")
+        except (ValueError, AttributeError):
             return None
+
+    def _lock_bytes(self, path: UPath) -> bytes | None:
+        """The lock's body; None once it is gone.
+
+        Its holder rewrites it every beat and deletes it on release, so a read may meet an
+        object that changed under it (s3fs's ``FileExpired``, or the store's answer to a read
+        pinned to the old version, ``PreconditionFailed``): it is read again, not raised into
+        the run that waits for the lock.
+        """
+        for _ in range(5):
+            try:
+                return self.fresh(path).read_bytes()
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                if not _changed_under_read(exc):
+                    raise
+        return None
 
     def _try_create(self, path: UPath, token: str) -> bool:
         body = _lock_body(token)
@@ -529,10 +548,11 @@ class BatchStorage:
         object was last written: its holder, if alive, rewrites it every beat, so an
         unreadable body that old has no holder (before, it was never stale: a lock for ever).
         """
-        try:
-            created = float(json.loads(self.fresh(path).read_bytes())["created"])
-        except FileNotFoundError:
+        body = self._lock_bytes(path)
+        if body is None:
             return False
+        try:
+            created = float(json.loads(body)["created"])
         except (ValueError, TypeError, KeyError, IndexError, OverflowError):
             created = self._written_at(path)
         if created != created:  # NaN: no age can be told from it
@@ -545,3 +565,13 @@ class BatchStorage:
             return _mtime(path.fs.info(path.path)) or time.time()
         except FileNotFoundError:
             return time.time()
+
+
+def _changed_under_read(exc: OSError) -> bool:
+    """Whether a read failed because the object was rewritten or deleted while it was read."""
+    text = repr(exc)
+    return (
+        type(exc).__name__ == "FileExpired"
+        or "PreconditionFailed" in text
+        or ("pre-conditions you specified did not hold" in text)
+    )

@@ -77,3 +77,26 @@ def test_s3_lock_with_an_unreadable_body_goes_stale_by_its_age(moto_s3, body):
     with storage.lock("k", stale_seconds=1, wait_seconds=10):
         assert storage._owner(path) not in (None, "x")
     assert not storage.exists(path)
+
+
+def test_s3_lock_read_while_its_holder_rewrites_it_is_read_again(moto_s3):
+    # The holder rewrites lock.json every beat; a waiting run that reads it at that moment met
+    # an object changed under its read (s3fs FileExpired) and failed instead of waiting.
+    storage = BatchStorage(f"s3://lake/{uuid.uuid4().hex}", "p", moto_s3.storage_options)
+    path = storage.partition_dir("locks", "k") / "lock.json"
+    storage.write_bytes(path, b'{"token": "a", "created": 0}')
+    stop = threading.Event()
+
+    def holder_beating() -> None:
+        while not stop.is_set():
+            storage.write_bytes(path, b'{"token": "a", "created": %d}' % time.time())
+
+    beater = threading.Thread(target=holder_beating)
+    beater.start()
+    try:
+        owners = {storage._owner(path) for _ in range(300)}
+        stale = {storage._is_stale(path, stale_seconds=60) for _ in range(100)}
+    finally:
+        stop.set()
+        beater.join()
+    assert owners == {"a"} and stale == {False}
