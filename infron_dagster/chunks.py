@@ -33,7 +33,6 @@ class LocalChunk:
     bytes: int
 
 
-
 class ChunkWriter:
     """Streams lines into chunk files, starting a new one at either limit."""
 

@@ -40,7 +40,6 @@ def make_custom_id(name: str, partition_key: str | None, key: str) -> str:
     return "req-" + hashlib.sha256(raw).hexdigest()[:32]
 
 
-
 def row_custom_ids(
     keys: pa.Table, key_columns: Sequence[str], name: str, partition_key: str | None
 ) -> pa.Array:

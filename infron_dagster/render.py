@@ -174,8 +174,10 @@ def _column_text(column: str, values: pa.ChunkedArray, problems: dict[int, str])
         return values.cast(pa.large_string())
     if pa.types.is_integer(kind):  # Arrow writes integers as str() does
         return values.cast(pa.large_string())
-    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(
-        kind
+    if (
+        pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+        or pa.types.is_fixed_size_binary(kind)
     ):
         return _decoded_text(column, values, problems)
     # Python's text of anything else (floats, booleans, dates, lists): what format_map writes
@@ -292,7 +294,6 @@ def line_buffer(lines: pa.Array) -> tuple[memoryview, np.ndarray]:
 
 def _is_null(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
-
 
 
 class RowRenderer:

@@ -45,6 +45,8 @@ __all__ = [
 # A result line longer than this fails its row instead of taking memory; the raw file is
 # kept, so collecting again with a higher bound recovers the answer without paying.
 DEFAULT_MAX_LINE_BYTES = 8 * 1024 * 1024
+
+
 def is_retryable(code: str | None, http_status: int | None) -> bool:
     """Whether sending the same request again may succeed.
 
@@ -165,9 +167,7 @@ def parse_counted(raw: bytes, report: ParseReport) -> Outcome | None:
     return outcome
 
 
-def _bounded_lines(
-    source: IO[bytes] | Iterable[bytes], limit: int
-) -> Iterator[tuple[bytes, bool]]:
+def _bounded_lines(source: IO[bytes] | Iterable[bytes], limit: int) -> Iterator[tuple[bytes, bool]]:
     """(line, whole) pairs; a line over ``limit`` yields only its head, the rest is skipped.
 
     Reads fixed-size blocks (object-store files have no bounded ``readline``), so memory is

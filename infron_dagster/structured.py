@@ -61,6 +61,7 @@ def arrow_type_for_schema(schema: Mapping[str, Any]) -> pa.DataType:
         return pa.struct([pa.field(k, arrow_type_for_schema(v)) for k, v in props.items()])
     return pa.string()
 
+
 @dataclass
 class StructuredOutputs:
     """Structured outputs of some answers: ``good`` marks those that fit the schema;

@@ -170,9 +170,7 @@ class TablesBuilder:
         found = pc.index_in(custom_ids, value_set=self.final_ids)
         return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
-    def split(
-        self, inputs: pa.Table, where: np.ndarray | None = None
-    ) -> tuple[pa.Table, pa.Table]:
+    def split(self, inputs: pa.Table, where: np.ndarray | None = None) -> tuple[pa.Table, pa.Table]:
         """(results, failed) rows of one slice of the inputs snapshot; ``where``: its rows'
         :meth:`outcome_rows`, when known."""
         if where is None:

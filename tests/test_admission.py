@@ -304,8 +304,9 @@ def test_waiting_attempts_are_scheduled_oldest_first_and_only_reservations_hold_
         admitted = control.admit(manifest).chunks
         if batch_id is not None:
             manifest.chunks[0].batch_id, manifest.state = batch_id, "submitted"
-        storage.write_json(storage.manifest_path(manifest.partition_key, manifest.attempt),
-                           manifest.to_dict())
+        storage.write_json(
+            storage.manifest_path(manifest.partition_key, manifest.attempt), manifest.to_dict()
+        )
         control.settle(manifest, bool(admitted))
         return admitted
 

@@ -221,9 +221,7 @@ def test_nothing_in_flight_succeeds_and_says_so(tmp_path, infron_resource, insta
 
 
 def test_unpartitioned_pipeline_and_custom_resource_key(tmp_path, instance, clock):
-    flow = make_flow(
-        tmp_path, slow_resource(tmp_path, "infron"), partitions_def=None, key="llm"
-    )
+    flow = make_flow(tmp_path, slow_resource(tmp_path, "infron"), partitions_def=None, key="llm")
     assert flow.pipeline.cancel_job.partitions_def is None
     flow.submit(instance, None)
     clock.now += 30

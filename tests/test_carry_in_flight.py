@@ -115,9 +115,7 @@ def test_editing_one_row_in_flight_sends_one_request_and_waits_for_both_attempts
     assert flow.tick_runs(instance) == []  # nothing left in flight
 
 
-def test_a_carried_row_whose_running_batch_is_cancelled_fails_retryable(
-    tmp_path, instance, clock
-):
+def test_a_carried_row_whose_running_batch_is_cancelled_fails_retryable(tmp_path, instance, clock):
     flow = make_flow(tmp_path, "infron")
     flow.submit(instance)
     clock.now += 10
@@ -174,8 +172,7 @@ def test_an_attempt_waited_on_keeps_its_reserved_cost_in_the_budget(tmp_path, in
     from infron_dagster import Budget, ModelPrice, SpendLedger
 
     price = ModelPrice(input_per_million=2.0, output_per_million=8.0)
-    flow = make_flow(tmp_path, "openai", price=price, budget=Budget(max_cost_per_day=100.0)
-    )
+    flow = make_flow(tmp_path, "openai", price=price, budget=Budget(max_cost_per_day=100.0))
     flow.submit(instance)
     clock.now += 10
     for i in range(900):  # most rows change while attempt 1 runs

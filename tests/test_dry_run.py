@@ -83,7 +83,11 @@ def test_a_dry_run_of_a_partition_waiting_for_admission_would_pay(tmp_path, infr
 
 def test_a_dry_run_says_the_budget_would_refuse_a_real_run(tmp_path, infron_resource):
     flow = review_pipeline(
-        tmp_path, infron_resource, PARTS, rows=6, price=PRICE,
+        tmp_path,
+        infron_resource,
+        PARTS,
+        rows=6,
+        price=PRICE,
         budget=Budget(max_cost_per_partition=1e-9),
     )
     with dg.instance_for_test() as instance:

@@ -120,9 +120,7 @@ def _submit_in_a_process(tmp_path, local_dir, limit: float, partition: str, go, 
     from infron_dagster import InfronResource
 
     resource = InfronResource(base_url=f"local://{local_dir}", api_style="infron")
-    pipeline, reviews, resources = build(
-        tmp_path, resource, budget=Budget(max_cost_per_day=limit)
-    )
+    pipeline, reviews, resources = build(tmp_path, resource, budget=Budget(max_cost_per_day=limit))
     with dg.instance_for_test() as instance:
         go.wait(60)  # both processes are ready: submit at the same moment
         out.put((partition, submit(pipeline, reviews, resources, instance, partition).success))
@@ -163,9 +161,7 @@ def test_collection_settles_the_ledger_to_the_actual_cost(tmp_path, local_dir, s
     from infron_dagster import InfronResource
 
     resource = InfronResource(base_url=f"local://{local_dir}", api_style=style)
-    pipeline, reviews, resources = build(
-        tmp_path, resource, budget=Budget(max_cost_per_day=10.0)
-    )
+    pipeline, reviews, resources = build(tmp_path, resource, budget=Budget(max_cost_per_day=10.0))
     with dg.instance_for_test() as instance:
         assert submit(pipeline, reviews, resources, instance, "a").success
         collected = dg.materialize(

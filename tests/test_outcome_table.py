@@ -229,8 +229,9 @@ ODD_LINES = [
     json.dumps({"custom_id": "g7", "response": None, "error": {"code": "c", "message": "m"}}),
     # An integer too large for a float in a vector (an infinity to the fast reader)
     json.dumps({"custom_id": "g8", "response": {"status_code": 200, "body": _vector(10**400)}}),
-    json.dumps({"custom_id": "g9", "response": {"status_code": 200, "body": _vector(1e999)}})
-    .replace("Infinity", "1e999"),
+    json.dumps(
+        {"custom_id": "g9", "response": {"status_code": 200, "body": _vector(1e999)}}
+    ).replace("Infinity", "1e999"),
 ]
 
 
@@ -369,8 +370,6 @@ def test_a_few_lone_surrogates_cost_one_more_parse_not_a_split_per_level(monkeyp
     data = b"\n".join(plain) + b"\n"
     calls = []
     real = outcomes.read_json_lines
-    monkeypatch.setattr(
-        outcomes, "read_json_lines", lambda *a: calls.append(1) or real(*a)
-    )
+    monkeypatch.setattr(outcomes, "read_json_lines", lambda *a: calls.append(1) or real(*a))
     _same(data)
     assert len(calls) == 2
