@@ -85,13 +85,6 @@ def submission_metadata(report: SubmissionReport, resource: InfronResource) -> d
     )
 
 
-# Money keys say their unit; the estimate's other keys are tokens and requests.
-_MONEY_KEYS = {
-    "estimate/cost_expected": "estimate/cost_expected_usd",
-    "estimate/cost_worst_case": "estimate/cost_worst_case_usd",
-}
-
-
 def estimate_metadata(report: SubmissionReport) -> dict[str, Any]:
     """The estimate of what this submission sends, money in dollars, with its basis; an
     expected value equal to the worst case is said once (the worst case), and a submission
@@ -106,7 +99,7 @@ def estimate_metadata(report: SubmissionReport) -> dict[str, Any]:
     """
     if not report.estimate.requests:
         return {}
-    values = {_MONEY_KEYS.get(k, k): v for k, v in report.estimate.metadata().items()}
+    values = dict(report.estimate.metadata())
     for expected, worst in (
         ("estimate/output_tokens_expected", "estimate/output_tokens_worst_case"),
         ("estimate/cost_expected_usd", "estimate/cost_worst_case_usd"),

@@ -163,7 +163,7 @@ class CostEstimate:
         return self.price.cost(self.input_tokens, self.budget_output_tokens)
 
     def metadata(self) -> dict[str, Any]:
-        """The estimate as Dagster metadata, rounded for people."""
+        """The estimate as Dagster metadata, rounded for people; money keys say their unit."""
         out: dict[str, Any] = {
             "estimate/requests": self.requests,
             "estimate/input_tokens": self.input_tokens,
@@ -174,10 +174,10 @@ class CostEstimate:
         if self.budget_output_tokens is not None:
             out["estimate/output_tokens_budgeted"] = self.budget_output_tokens
         if self.price is not None:
-            out["estimate/cost_expected"] = round(self.expected_cost or 0.0, 6)
-            out["estimate/cost_worst_case"] = round(self.worst_cost or 0.0, 6)
+            out["estimate/cost_expected_usd"] = round(self.expected_cost or 0.0, 6)
+            out["estimate/cost_worst_case_usd"] = round(self.worst_cost or 0.0, 6)
             if self.budget_output_tokens is not None:
-                out["estimate/cost_budgeted"] = round(self.budget_cost or 0.0, 6)
+                out["estimate/cost_budgeted_usd"] = round(self.budget_cost or 0.0, 6)
         return out
 
 

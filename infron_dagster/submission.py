@@ -158,7 +158,7 @@ class SubmissionReport:
         pilot = f" ({self.pilot_note})" if self.pilot_note else ""
         if self.outcome is not None:
             return f"attempt {self.manifest.attempt} holds these requests: nothing to send"
-        cost = self.estimate.metadata().get("estimate/cost_worst_case")
+        cost = self.estimate.metadata().get("estimate/cost_worst_case_usd")
         money = f", worst case {cost}" if cost is not None else ""
         sent = self.estimate.requests if self.would_pay else 0
         chunks = len(self.manifest.chunks)
