@@ -180,6 +180,24 @@ def test_cancelled_partition_says_so_until_it_is_retried(tmp_path, instance, clo
     assert run_tag(flow, instance, "a").startswith("submitted: ")  # the retry run's own
 
 
+def test_a_partition_held_for_a_pilot_says_so_then_goes(tmp_path, instance):
+    instant = make_local_dir(str(tmp_path / "instant"))
+    resource = InfronResource(base_url=f"local://{instant}", api_style="infron")
+    flow = build(tmp_path, resource, pilot_rows=4, price=PRICE)
+    flow.submit(instance, "a")  # the pilot: 4 rows first
+    flow.submit(instance, "b")  # the same prompt: held until a's pilot is judged
+    assert statuses(flow, instance, "a")[-1].startswith("submitted: 4 requests in 1 batch; ")
+    (held,) = statuses(flow, instance, "b")
+    assert held.startswith("waiting for a pilot: ")
+    flow.drive(instance, lambda: tick(flow, instance) and flow.collected("a", "b")(), timeout=30)
+    assert words(statuses(flow, instance, "b"))[0] == "waiting for a pilot"
+    # attempt 1 was the held placeholder (it created nothing): the rows went as attempt 2
+    assert statuses(flow, instance, "b")[-1] == "collected (attempt 2): 20 of 20 rows succeeded"
+    # The rest was estimated from the pilot: the results say so beside the actual cost
+    (results,) = events(instance, flow.pipeline.results_key, "b")
+    assert results.metadata["cost_estimate_basis"].value.startswith("pilot of 4 rows")
+
+
 def test_a_failed_collection_says_why_on_the_partition(tmp_path, instance):
     flow = build(tmp_path, slow(tmp_path))
     flow.submit(instance, "a")
