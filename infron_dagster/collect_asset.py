@@ -96,12 +96,13 @@ def build_collect_assets(
                 )
         try:
             outcome = _collect_waiting(s, resource, key, config, context)
+            if outcome is not None:  # else nothing to collect now: nothing is materialized
+                yield from _collect_results(s, key, outcome, results_key, failed_key)
         except Exception as exc:  # said on the partition, then the run fails as before
             failed = failed_status("collection", exc)
             record_status(context, batches_key, key, failed, storage=s.storage)
             raise
-        if outcome is not None:  # else still in flight: nothing is materialized or failed
-            yield from _collect_results(s, key, outcome, results_key, failed_key)
+        if outcome is not None:
             status = collection_status(outcome)
             record_status(context, batches_key, key, status, storage=s.storage)
 
