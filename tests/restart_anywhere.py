@@ -78,8 +78,8 @@ from infron_dagster.manifest import load_manifests
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A partition converges in ~5 ticks (resume, release, resume, collect), or a few seconds
 # more when a create call was never made (the re-attach grace below); one that has not
-# within this deadline never will.
-DRIVE_SECONDS = 15.0
+# within this deadline (four times that, for a loaded machine) never will.
+DRIVE_SECONDS = 60.0
 # The re-attach grace of an ambiguous openai create (10 minutes), shortened: a chunk whose
 # create call never reached the provider is sent once the grace has passed, and the sensor
 # stops resuming (a note for a person) past twice the grace. Create times are recorded to
