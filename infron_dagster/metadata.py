@@ -174,8 +174,10 @@ def _carry_metadata(report: SubmissionReport) -> dict[str, Any]:
     """How many carried rows wait for batches still running, and why none is sent."""
     waits = report.manifest.waits_on or []
     in_flight = sum(int(w.get("rows", 0)) for w in waits)
+    pilot = in_flight if (report.pilot or {}).get("pilot/mode") in ("release", "stop") else 0
     return {
-        "carried_from_in_flight": in_flight,
+        "carried_from_in_flight": in_flight - pilot,
+        "carried_from_pilot": pilot,
         "carried_from_other_partitions": report.elsewhere,
         "carried_why": "; ".join(_carried_why(report, waits, in_flight)),
     }
@@ -194,7 +196,16 @@ def _carried_why(report: SubmissionReport, waits: list[Any], in_flight: int) -> 
             f"{report.elsewhere} row(s) whose exact request was answered in another "
             "partition (reuse_answers='pipeline'): read from there"
         )
+    # A pilot's release or stop names the (collected) pilot it carries rows from in waits_on,
+    # so that the pilot's failed rows are carried too: those rows are not in flight.
+    after_pilot = (report.pilot or {}).get("pilot/mode") in ("release", "stop")
     for w in waits:
+        if after_pilot:
+            why.append(
+                f"{w.get('rows', 0)} row(s) answered or failed in the pilot (attempt "
+                f"{w['attempt']}): carried as they are, never sent again"
+            )
+            continue
         why.append(
             f"{w.get('rows', 0)} unchanged row(s) sent by attempt {w['attempt']}, still in "
             f"flight: they wait for its {len(w['batch_ids'])} batch(es), collected with "

@@ -183,6 +183,9 @@ def test_a_good_pilot_releases_the_rest_with_a_calibrated_estimate_and_budget(tm
     (run,) = [r for r in flow.runs if r.dagster_run.tags.get(PILOT_TAG)]
     meta = metadata(run)
     assert meta["estimate/output_basis"].startswith(f"pilot of {PILOT} rows, mean output tokens")
+    # The pilot's rows are carried from a collected attempt, not waiting for one in flight
+    assert meta["carried_rows"] == PILOT and "carried_from_in_flight" not in meta
+    assert "still in flight" not in meta["carried_why"]
     actual = int(results[results.attempt == release.attempt].completion_tokens.sum())
     expected = meta["estimate/output_tokens_expected"]
     assert abs(expected - actual) <= 0.2 * actual, (expected, actual)
@@ -236,6 +239,9 @@ def test_the_pilots_failed_rows_are_carried_not_sent_again(tmp_path):
     assert sum(sent.values()) == ROWS and set(sent.values()) == {1}
     assert flow.accounted() == ROWS and len(_ids(flow)) == ROWS
     assert set(from_pilot.error_code) == {"server_error"} and from_pilot.retryable.all()
+    (release_run,) = [r for r in flow.runs if r.dagster_run.tags.get(PILOT_TAG)]
+    why = metadata(release_run)["carried_why"]
+    assert "in the pilot (attempt 1)" in why and "still in flight" not in why, why
 
 
 def test_a_dry_run_says_what_the_pilot_would_send(tmp_path):
