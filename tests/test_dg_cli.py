@@ -179,6 +179,7 @@ def test_the_scaffold_covers_today_and_switches_to_the_real_api_when_the_key_is_
             built = resource.build_resource()
             assert built.is_local and built.api_key is None
             assert pipeline.storage_root.endswith("/.infron_data/mock_lake")
+            assert pipeline.auto_retry and pipeline.max_attempts == 3  # a night needs no human
             assert built.local_data_dir == f"{sandbox.project_root.resolve()}/.infron_data/local"
 
         monkeypatch.setenv("INFRON_API_KEY", "sk-day-two")

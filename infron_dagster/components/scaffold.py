@@ -165,6 +165,12 @@ attributes:
   # For a nightly run over complete days use end_offset: 0 (then today's partition appears
   # tomorrow).
   partitions: {{daily: {{start_date: "{start}", end_offset: 1}}}}
+  # Unattended nights: retryable failed rows (rate limits, expiry, server errors) are sent
+  # again by the sensor itself (10 min, then 30 min later), up to max_attempts attempts in
+  # all; rows failed for good (invalid input, refusals) never are. On for a new pipeline, off
+  # by default in the library: an upgrade never starts paying for retries nobody asked for.
+  auto_retry: true
+  max_attempts: 3
   # Mock answers (no key: see the resource) go to a lake of their own, so setting the key
   # later never carries a mock answer into real results.
   storage_root: "{root}/{lake}"
