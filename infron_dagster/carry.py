@@ -142,10 +142,12 @@ def carry_in_flight(storage: BatchStorage, partition_key: str | None) -> InFligh
 def carry_attempt(
     storage: BatchStorage, partition_key: str | None, source: Manifest
 ) -> InFlightCarry:
-    """Every request a collected attempt sent itself, whatever its outcome: a new attempt
-    that carries them takes their outcomes as they are (the attempt that follows a pilot
-    batch sends none of the pilot's rows again, answered or failed). The new attempt
-    names ``source`` in its ``waits_on``, which is what makes collection keep its failures.
+    """Every request an attempt sent itself (the rows of its created chunks), whatever
+    its outcome: a new attempt that carries them takes their outcomes as they are (the
+    attempt that follows a pilot batch sends none of the pilot's rows again, answered or
+    failed; input that went back to an attempt whose other chunks were never created sends
+    none of its created chunks' rows again). The new attempt names ``source`` in its
+    ``waits_on``, which is what makes collection keep its failures.
 
     Example::
 
@@ -156,6 +158,7 @@ def carry_attempt(
     snapshot = _sent_hashes(storage, partition_key, source.attempt)
     if snapshot is None or not source.batch_ids:
         return found
+    snapshot = _created_rows(snapshot, source)
     ids = snapshot.column(CUSTOM_ID).to_pylist()
     hashes = snapshot.column(REQUEST_HASH).to_pylist()
     found.requests.update(zip(ids, ((h, source.attempt) for h in hashes), strict=True))

@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ import pyarrow.compute as pc
 from .admission import AdmissionControl
 from .budget import BudgetExceeded
 from .cancel import cancel_partition
-from .carry import CarryIndex, InFlightCarry, carry_in_flight, carry_succeeded
+from .carry import CarryIndex, InFlightCarry, carry_attempt, carry_in_flight, carry_succeeded
 from .client import InfronClient
 from .columns import CUSTOM_ID, HIDDEN_COLUMNS
 from .errors import SubmitRefused
@@ -49,7 +50,7 @@ from .retry_queue import DEFAULT_BACKOFF_SECONDS
 from .spec import RequestSpec
 from .spend import DryRunStop, SpendControl
 from .storage import BatchStorage
-from .submit import SubmitOutcome, submit_prepared
+from .submit import SubmitOutcome, revert_source, submit_prepared
 
 __all__ = [
     "PipelineSettings",
@@ -301,23 +302,46 @@ def _prepare(
     elsewhere = None
     if s.reuse_answers == "pipeline":
         elsewhere = CarryIndex.load(s.storage, key) if carry else CarryIndex(s.storage)
-    prepared = prepare_requests(
-        rows,
-        s.spec,
-        name=s.name,
-        partition_key=key,
-        workdir=workdir,
-        max_requests_per_batch=s.max_requests,
-        max_bytes_per_batch=s.max_bytes,
-        succeeded=succeeded,
-        keep_columns=s.keep_columns,  # a typo is named before any money is spent
-        in_flight=running.requests,
-        elsewhere=elsewhere,
+
+    def prepare(running: InFlightCarry, folder: str) -> PreparedRequests:
+        prepared = prepare_requests(
+            rows,
+            s.spec,
+            name=s.name,
+            partition_key=key,
+            workdir=folder,
+            max_requests_per_batch=s.max_requests,
+            max_bytes_per_batch=s.max_bytes,
+            succeeded=succeeded,
+            keep_columns=s.keep_columns,  # a typo is named before any money is spent
+            in_flight=running.requests,
+            elsewhere=elsewhere,
+        )
+        prepared.waits_on = running.waits_on(
+            {a: n for a, n in prepared.carried_by_attempt.items() if a in running.attempts}
+        )
+        return prepared
+
+    prepared = prepare(running, workdir)
+    if not carry:
+        return prepared
+    # Input that went back to an older attempt some of whose chunks were never created:
+    # the rows of its created chunks were paid for; they are carried (the newer attempts'
+    # carry wins: what they sent is newer), and only what no attempt sent is sent.
+    source = revert_source(load_manifests(s.storage, key), prepared.fingerprint, "initial")
+    if source is None or source.attempt in running.attempts:
+        return prepared
+    paid = carry_attempt(s.storage, key, source)
+    # Rows whose answer is in the collected results are carried from there already.
+    paid.requests = {c: v for c, v in paid.requests.items() if succeeded.get(c, v)[0] != v[0]}
+    if not paid.requests:
+        return prepared
+    both = InFlightCarry(
+        {**paid.requests, **running.requests}, {**paid.attempts, **running.attempts}
     )
-    prepared.waits_on = running.waits_on(
-        {a: n for a, n in prepared.carried_by_attempt.items() if a in running.attempts}
-    )
-    return prepared
+    again = os.path.join(workdir, "revert")
+    os.makedirs(again)
+    return prepare(both, again)
 
 
 def _dry_run_report(

@@ -40,6 +40,7 @@ __all__ = [
     "SubmitIncomplete",
     "SubmitOutcome",
     "load_manifests",
+    "revert_source",
     "submit_prepared",
 ]
 
@@ -257,9 +258,39 @@ def _warn_if_superseding(manifests: list[Manifest], kind: str) -> None:
 
 def _revivable(manifests: list[Manifest], match: Manifest) -> bool:
     """An old attempt's batches stand for the input again only if they sent every row and
-    nothing was retried on top of them (else its results are not in its batches alone)."""
+    nothing was retried on top of them (else its results are not in its batches alone).
+
+    Every chunk must have its batch: a chunk never created (it waited for admission, a
+    refusal or a crash stopped the attempt) was replaced by the attempts since, which sent
+    its rows or carry them; copying it would send them again. Such an attempt is not
+    revived: the new attempt carries the rows of its created chunks instead
+    (:func:`revert_source`) and sends only what no attempt sent."""
     retried = any(m.kind == "retry" and m.base_attempt == match.attempt for m in manifests)
-    return match.carried_count == 0 and not retried
+    return match.carried_count == 0 and not retried and match.fully_submitted
+
+
+def revert_source(manifests: list[Manifest], fingerprint: str, kind: str) -> Manifest | None:
+    """The older attempt whose requests the input went back to, when it cannot be revived
+    whole because some of its chunks were never created: the rows of the chunks it did
+    create were paid for, and the new attempt carries them (waiting for its batches) rather
+    than sending them again. None when there is no such attempt (or nothing of it was
+    created).
+
+    Example::
+
+        revert_source(load_manifests(storage, "a"), prepared.fingerprint, "initial")
+        # -> Manifest(attempt=1, ...)   (its chunk 0 created, chunk 1 waited for admission)
+    """
+    if kind != "initial":
+        return None
+    match = _reusable(manifests, fingerprint, kind)
+    if match is None or match is _latest_initial(manifests) or _is_active(manifests, match):
+        return None  # reused or resumed as it is (submit_prepared)
+    if match.fully_submitted or not match.batch_ids:
+        return None  # revived whole, or nothing of it was paid for
+    if any(m.kind == "retry" and m.base_attempt == match.attempt for m in manifests):
+        return None  # its batches alone do not hold its outcome
+    return match
 
 
 def _revive(
