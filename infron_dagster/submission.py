@@ -333,7 +333,7 @@ def _prepare(
         return prepared
     paid = carry_attempt(s.storage, key, source)
     # Rows whose answer is in the collected results are carried from there already.
-    paid.requests = {c: v for c, v in paid.requests.items() if succeeded.get(c, v)[0] != v[0]}
+    paid.requests = {c: v for c, v in paid.requests.items() if succeeded.get(c, ("",))[0] != v[0]}
     if not paid.requests:
         return prepared
     both = InFlightCarry(
