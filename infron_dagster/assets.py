@@ -361,6 +361,8 @@ def _batches_asset(
             return
         report = _submit_partition(s, source, resource, rows, key, config, context.run_id)
         _log_pilot(context, key, report)
+        if getattr(report, "not_reused", ""):  # mock answers are never reused for real
+            context.log.warning(f"partition {key!r}: {report.not_reused}")
         metadata = _metadata(report, resource)
         tag_run(context.instance, context.run_id, s.name, key, metadata.get(STATUS, ""))
         yield dg.MaterializeResult(metadata=metadata)

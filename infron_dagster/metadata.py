@@ -61,6 +61,8 @@ def submission_metadata(report: SubmissionReport, resource: InfronResource) -> d
         "attempt_kind": m.kind,
         "api_style": m.api_style or resource.api_style,
         "local_server": resource.is_local,
+        # Answers the local mock server gave, not reused against a real API (submission.py)
+        "mock_answers_not_reused": getattr(report, "not_reused", ""),
         "fingerprint": m.fingerprint[:16],
         **estimate_metadata(report),
         **id_metadata("cancelled_in_flight_batch", report.cancelled),
