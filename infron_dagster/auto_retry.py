@@ -11,6 +11,16 @@ retry run that fails (or that a dead worker left failed) is requested again afte
 ``backoff_seconds`` (15 s, then 30 s), up to ``MAX_AUTO_RETRY_RUNS`` runs; then, or when a
 person canceled the run, a note asks for one.
 
+A marker that went missing (deleted by hand, lost in a partial sync: the collection writes
+it before its commit point, so no crash loses it) is rebuilt by ``restore_missing`` on the
+ticks where the in-flight index reads every manifest (its full rescan, ``index_rescan_seconds``):
+for each collected partition the scan read whose retry is owed by the same checks a due
+marker passes (``retry_blocked``, ``gave_up``) and whose failed table holds retryable rows.
+Other ticks read nothing more than before. The rebuilt marker is due at once: the backoff
+it held (minutes) had almost always passed when a rescan (up to a day later) finds it lost,
+the sensor does not know the pipeline's backoff, and a retry run that fails is requested
+again after its own backoff anyway.
+
 Example::
 
     requests = retry_requests(context, storage, "reviews", dg.AssetKey("reviews_batches"),
@@ -19,14 +29,17 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dagster as dg
 import pyarrow.compute as pc
 
 from .history import PartitionHistory
+from .inflight import IndexedPartition
 from .manifest import Manifest
 from .pilot import pilot_no_retry
 from .resume import backoff_seconds
@@ -34,7 +47,15 @@ from .retry_queue import QueuedRetry, RetryQueue
 from .storage import BatchStorage
 from .untrusted import printable
 
-__all__ = ["AUTO_RETRY_TAG", "MAX_AUTO_RETRY_RUNS", "retry_requests"]
+__all__ = [
+    "AUTO_RETRY_TAG",
+    "MAX_AUTO_RETRY_RUNS",
+    "gave_up",
+    "restore_missing",
+    "retry_blocked",
+    "retry_requests",
+    "retryable_rows",
+]
 
 AUTO_RETRY_TAG = "infron/auto_retry"
 # Runs requested for one attempt's retry before the sensor leaves it to a person.
@@ -55,12 +76,19 @@ def retry_requests(
     batches_key: dg.AssetKey,
     max_attempts: int,
     notes: list[str],
+    scanned: Sequence[IndexedPartition] = (),
 ) -> list[dg.RunRequest]:
     """A retry run for each queued partition whose retry is due and still makes sense;
-    ``notes`` gets what a person should know (a retry run that failed)."""
+    ``notes`` gets what a person should know (a retry run that failed). ``scanned``: the
+    partitions the in-flight index's full rescan read this tick (empty on other ticks),
+    whose lost markers are written again first (``restore_missing``)."""
     queue = RetryQueue(storage, log=context.log)
+    queued = queue.queued()
+    if scanned:
+        queued += restore_missing(context, queue, queued, scanned, max_attempts)
+    now = time.time()
     requests = []
-    for retry in queue.due(time.time()):
+    for retry in sorted((r for r in queued if r.due_at <= now), key=lambda r: r.due_at):
         request = _Retry(context, queue, retry, name, max_attempts, notes).request(batches_key)
         if request is not None:
             requests.append(request)
@@ -145,12 +173,7 @@ class _Retry:
         if latest.state != "collected":
             return None  # the collection that queued it has not committed yet
         # What the collection checked before queueing it, checked again against the truth
-        why = pilot_no_retry(history)
-        if latest.cancelled:
-            why = f"attempt {latest.attempt} was cancelled"
-        elif len(active) >= self.max_attempts:
-            why = f"{len(active)} of max_attempts={self.max_attempts} attempts are used"
-        if why:
+        if why := retry_blocked(history, self.max_attempts):
             self.queue.drop(self.retry)
             self.context.log.info(f"{self.where}: no automatic retry: {why}")
             return None
@@ -161,10 +184,8 @@ class _Retry:
         a canceled run, or too many, leave the partition to a person (a note)."""
         if not runs:
             return True
-        canceled = any(r.dagster_run.status == dg.DagsterRunStatus.CANCELED for r in runs)
-        if canceled or len(runs) >= MAX_AUTO_RETRY_RUNS:
+        if why := gave_up(runs):
             self.queue.drop(self.retry)
-            why = "was canceled" if canceled else f"ran {len(runs)} time(s) without retrying"
             self._note(
                 f"{self.where}: the automatic retry of attempt {attempt} {why} (see its "
                 "runs); launch the retry job once the cause is fixed"
@@ -180,10 +201,7 @@ class _Retry:
         storage = self.queue.storage
         path = storage.table_path("failed", self.retry.partition_key)
         try:
-            if not storage.exists(path):
-                return 0
-            table = storage.read_table(path, columns=["retryable"])
-            return int(pc.sum(table.column("retryable")).as_py() or 0)
+            return retryable_rows(storage, self.retry.partition_key)
         except Exception as exc:  # the partition's table: its retry waits, the others go on
             self._note(
                 f"{self.where}: its failed table {printable(str(path), 300)} cannot be read "
@@ -194,6 +212,118 @@ class _Retry:
     def _note(self, note: str) -> None:
         self.context.log.warning(note)
         self.notes.append(note)
+
+
+def retry_blocked(history: PartitionHistory, max_attempts: int) -> str:
+    """Why the retryable failed rows of a partition whose latest active attempt is collected
+    are not retried automatically: it was cancelled, its attempts are used up, or a pilot
+    decides (``pilot_no_retry``); "" when they may be.
+
+    Example::
+
+        retry_blocked(PartitionHistory.load(storage, "a"), max_attempts=3)   # -> ""
+    """
+    active = history.active
+    why = pilot_no_retry(history)
+    if active and active[-1].cancelled:
+        why = f"attempt {active[-1].attempt} was cancelled"
+    elif len(active) >= max_attempts:
+        why = f"{len(active)} of max_attempts={max_attempts} attempts are used"
+    return why
+
+
+def gave_up(runs: Sequence[Any]) -> str:
+    """Why the sensor stopped retrying an attempt, from its automatic retry runs (records,
+    newest first): a person canceled one, or too many ran; "" when it goes on.
+
+    Example::
+
+        gave_up(instance.get_run_records(filters=dg.RunsFilter(tags={AUTO_RETRY_TAG: key})))
+    """
+    if any(r.dagster_run.status == dg.DagsterRunStatus.CANCELED for r in runs):
+        return "was canceled"
+    if len(runs) >= MAX_AUTO_RETRY_RUNS:
+        return f"ran {len(runs)} time(s) without retrying"
+    return ""
+
+
+def retryable_rows(storage: BatchStorage, partition_key: str | None) -> int:
+    """The retryable rows of a partition's failed table (what a retry would send): only
+    its ``retryable`` column is read; 0 without a failed table.
+
+    Example::
+
+        retryable_rows(storage, "2026-11-24")   # -> 12
+    """
+    try:
+        table = storage.read_table(
+            storage.table_path("failed", partition_key), columns=["retryable"]
+        )
+    except FileNotFoundError:
+        return 0
+    return int(pc.sum(table.column("retryable")).as_py() or 0)
+
+
+def restore_missing(
+    context: dg.SensorEvaluationContext,
+    queue: RetryQueue,
+    queued: Sequence[QueuedRetry],
+    scanned: Sequence[IndexedPartition],
+    max_attempts: int,
+) -> list[QueuedRetry]:
+    """The markers ``queued`` lacks that the manifests say are owed, written again (due at
+    once, a warning naming each partition): a collected partition of ``scanned`` whose
+    retry ``retry_blocked`` allows, whose automatic retry was not given up (``gave_up``:
+    a person was told then) and whose failed table holds retryable rows. Only these few
+    candidates cost a read (their ``retryable`` column) and a query of their runs.
+
+    Example::
+
+        restore_missing(context, queue, queue.queued(), index.scanned_partitions, 3)
+    """
+    have = {(r.segment, r.attempt) for r in queued}
+    owed = []
+    for partition in scanned:
+        latest = partition.attempts[-1] if partition.attempts else None
+        if latest is None or partition.open or (partition.segment, latest.attempt) in have:
+            continue
+        history = PartitionHistory(queue.storage, latest.partition_key, list(partition.attempts))
+        if not retry_blocked(history, max_attempts):
+            owed.append(latest)
+    restored = []
+    counts = _count_retryable(queue.storage, [m.partition_key for m in owed], context.log)
+    for latest, rows in zip(owed, counts, strict=True):
+        if not rows:
+            continue
+        runs = context.instance.get_run_records(
+            filters=dg.RunsFilter(tags={AUTO_RETRY_TAG: latest.run_key})
+        )
+        if not gave_up(runs):
+            restored.append(queue.restore(latest.partition_key, latest.attempt, rows))
+    return restored
+
+
+def _count_retryable(
+    storage: BatchStorage, keys: Sequence[str | None], log: logging.Logger
+) -> list[int]:
+    """``retryable_rows`` of each partition, read concurrently; 0 (and a warning) for a
+    table that cannot be read: the next rescan tries it again."""
+
+    def count(key: str | None) -> int:
+        try:
+            return retryable_rows(storage, key)
+        except Exception as exc:  # this partition's table only
+            log.warning(
+                f"{storage.name} partition {printable(key or '-', 100)}: its failed table "
+                f"cannot be read ({type(exc).__name__}: {printable(exc)}); whether it owes "
+                "an automatic retry is checked again at the next full rescan"
+            )
+            return 0
+
+    if not keys:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(keys))) as pool:
+        return list(pool.map(count, keys))
 
 
 def _retry_config(batches_key: dg.AssetKey) -> dict[str, Any]:

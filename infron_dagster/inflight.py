@@ -113,6 +113,8 @@ class InFlightIndex:
         self.scan_budget_seconds = scan_budget_seconds
         self.log = log or logger
         self.scanned = 0  # partitions the last in_flight() call read by the full scan
+        # Those partitions, open or not: what else the scan's reads can check (retry markers)
+        self.scanned_partitions: list[IndexedPartition] = []
 
     @property
     def folder(self) -> UPath:
@@ -137,6 +139,7 @@ class InFlightIndex:
         listing = self._list()
         scanned = self._scan_slice(listing) if self._scan_due(listing) else {}
         self.scanned = len(scanned)
+        self.scanned_partitions = [p for p in scanned.values() if isinstance(p, IndexedPartition)]
         wanted = {seg: max(marks) for seg, marks in listing.markers.items() if seg not in scanned}
         loaded = {**load_active_attempts(self.storage, wanted, self.log), **scanned}
         self._prune(listing, loaded)

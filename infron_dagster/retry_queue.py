@@ -13,6 +13,9 @@ collection killed in between is collected again and its marker is still there. A
 that cannot be read (truncated, not JSON, another partition's body) is rebuilt from the
 manifest of the attempt its path names, due at once, with a warning naming the file: the
 collection that wrote it does not run again, so deleting it would strand the partition.
+A marker that is missing (deleted by hand, lost in a partial sync) is written again by the
+sensor when its in-flight index reads every manifest (``auto_retry.restore_missing``, via
+``restore``), due at once, with a warning naming the partition.
 
 Example::
 
@@ -102,6 +105,18 @@ class RetryQueue:
     def drop(self, retry: QueuedRetry) -> None:
         """Forget one queued retry (it was requested, replaced or cannot run)."""
         self.storage.delete(self._path(retry.segment, retry.attempt))
+
+    def restore(self, partition_key: str | None, attempt: int, rows: int) -> QueuedRetry:
+        """Write again the lost marker of ``attempt`` (the caller checked the manifests
+        say it is owed), due at once, with a warning naming the partition."""
+        due_at = 0.0  # its backoff is lost too; see auto_retry.restore_missing for why now
+        self.mark(partition_key, attempt, due_at, rows)
+        self.log.warning(
+            f"{self.storage.name} partition {printable(partition_key or '-', 100)}: the retry "
+            f"marker of attempt {attempt} was missing ({rows} retryable failed row(s), "
+            "attempts left): written again from the manifests, due now"
+        )
+        return QueuedRetry(encode_partition(partition_key), partition_key, attempt, due_at, rows)
 
     def queued(self) -> list[QueuedRetry]:
         """Every queued retry: one listing, then a read of each marker. A marker that cannot

@@ -33,7 +33,7 @@ from .auto_retry import retry_requests
 from .budget import SpendLedger
 from .client import InfronClient
 from .collect import active_attempts
-from .inflight import DEFAULT_RESCAN_SECONDS, InFlightIndex
+from .inflight import DEFAULT_RESCAN_SECONDS, IndexedPartition, InFlightIndex
 from .manifest import load_manifests
 from .models import Batch
 from .progress import InFlight, Progress, measure_progress, progress_observations, skip_reason
@@ -81,14 +81,21 @@ def open_partitions(
     *,
     use_index: bool = True,
     rescan_seconds: float | None = DEFAULT_RESCAN_SECONDS,
+    scanned: list[IndexedPartition] | None = None,
 ) -> list[InFlight]:
     """Every partition whose latest active attempt is not collected: those in flight, and
     those with an attempt not fully submitted (chunks waiting for admission, or left unsent
-    by a run that died), which the sensor requests a submit run for."""
+    by a run that died), which the sensor requests a submit run for.
+
+    ``scanned`` (a list) receives every partition, collected ones too, that the index's
+    full rescan read in this call: empty on the other calls (and without the index)."""
     if not use_index:
         return find_in_flight_full_scan(storage, partitioned, log, settled_only=False)
     index = InFlightIndex(storage, rescan_seconds=rescan_seconds, log=log or logger)
-    return [InFlight(p.partition_key, p.attempts) for p in index.in_flight()]
+    found = [InFlight(p.partition_key, p.attempts) for p in index.in_flight()]
+    if scanned is not None:
+        scanned.extend(index.scanned_partitions)
+    return found
 
 
 def find_in_flight_full_scan(
@@ -211,7 +218,8 @@ def build_infron_batch_sensor(
         admission: the pipeline's :class:`AdmissionControl` (enqueued-token limit), if any.
         budget_ledger: release the budget reservations of attempts that created nothing.
         auto_retry: request the retry run of each collected partition whose retryable
-            failed rows a collection queued (see ``retry_queue``), when it is due.
+            failed rows a collection queued (see ``retry_queue``), when it is due; a lost
+            queue marker is rebuilt at the index's full rescan (not without the index).
         max_attempts: attempts per partition, the first included (bounds auto_retry).
 
     Example::
@@ -276,12 +284,14 @@ class _Tick:
     def run(self, context: dg.SensorEvaluationContext, resource: Any) -> dg.SensorResult:
         started = time.monotonic()
         emitted = _load_cursor(context.cursor)
+        scanned: list[IndexedPartition] = []  # what a rescan read: lost retry markers too
         found = open_partitions(
             self.storage,
             self.partitioned,
             context.log,
             use_index=self.use_in_flight_index,
             rescan_seconds=self.index_rescan_seconds,
+            scanned=scanned,
         )
         in_flight = [p for p in found if p.settled]
         unsettled = [p for p in found if not p.settled]
@@ -296,7 +306,13 @@ class _Tick:
         requests += self._submit_requests(context, resource, polled, unsettled, notes)
         if self.auto_retry:
             requests += retry_requests(
-                context, self.storage, self.name, self.observed_key, self.max_attempts, notes
+                context,
+                self.storage,
+                self.name,
+                self.observed_key,
+                self.max_attempts,
+                notes,
+                scanned=scanned,
             )
         progress = self._progress(in_flight, pending, polled)
         events, cursor = self._cursor(context.cursor, in_flight, progress, emitted)
