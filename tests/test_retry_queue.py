@@ -18,6 +18,10 @@ SIGKILLs itself before (or right after) a marker write or delete (``retry_child.
 write points counted as ``restart_child.py`` counts them), then lets the sensor tick (one
 evaluation, or ticks and the runs they request, each run_key once, in an instance that never
 saw the killed run) until nothing is queued.
+
+A marker deleted outright is rebuilt from the manifests at the in-flight index's next full
+rescan (forced by deleting ``inflight/_index.json``), only where a retry is owed; the other
+ticks read nothing of the collected partitions.
 """
 
 from __future__ import annotations
@@ -543,3 +547,156 @@ def test_a_kill_around_a_marker_converges_unattended_and_pays_nothing_twice(
     assert not orphans, f"batches on the server that no manifest records (paid, lost): {orphans}"
     markers = [m for m in flow.storage.list_files(flow.storage.base / "inflight") if "=" in m]
     assert not markers, f"in-flight markers left: {markers}"
+
+
+# --- a lost marker: rebuilt from the manifests at the in-flight index's full rescan ----------
+
+
+def lose_marker(flow: Pipeline) -> None:
+    """The marker of ``a``'s attempt 1 deleted by hand (or lost in a partial sync)."""
+    marker = marker_path(flow)
+    assert marker.exists()
+    marker.unlink()
+
+
+def force_rescan(flow: Pipeline) -> None:
+    """The next tick is a full rescan of the in-flight index (as a day after the last one)."""
+    sentinel = Path(flow.storage.base.path) / "inflight" / "_index.json"
+    assert sentinel.exists(), "the prepared lake's sensor built its index"
+    sentinel.unlink()
+
+
+def rebuilt_warnings(lines: list[str]) -> list[str]:
+    return [
+        line
+        for line in lines
+        if line.startswith("WARNING") and "partition a: the retry marker of attempt 1" in line
+    ]
+
+
+def test_a_lost_marker_is_rebuilt_at_the_next_rescan_and_the_sensor_alone_retries_it(
+    prepared, tmp_path
+):
+    flow = build(clone(prepared["collected"], tmp_path, failure_rate=0.0))
+    lose_marker(flow)
+    instance = dg.DagsterInstance.ephemeral()
+    lines: list[str] = []
+    assert not auto_retries(flow.tick(instance)), "not a rescan: nothing is rebuilt yet"
+    assert not marker_path(flow).exists()
+    force_rescan(flow)
+    first = flow.sense(instance, log=lines)
+    assert len(rebuilt_warnings(lines)) == 1, lines
+    [queued] = RetryQueue(flow.storage).queued()
+    assert (queued.partition_key, queued.attempt, queued.due_at) == ("a", 1, 0.0)
+    assert queued.rows > 0
+    assert len(auto_retries(first.run_requests)) == 1, "due at once, on the same tick"
+    requested = converge(flow, instance)
+    assert len(auto_retries(requested)) == 1
+    check_converged(flow)  # nothing sent twice in one attempt, nothing answered twice
+    assert [m.kind for m in PartitionHistory.load(flow.storage, "a").active] == [
+        "initial",
+        "retry",
+    ]
+
+
+def _snapshot(flow: Pipeline) -> dict[Path, bytes]:
+    """Every manifest and table file of the lake, to lift a case's change afterwards."""
+    base = Path(flow.storage.base.path)
+    return {
+        p: p.read_bytes()
+        for folder in ("manifests", "failed")
+        for p in (base / folder).rglob("*")
+        if p.is_file()
+    }
+
+
+def _canceled_retry_run(flow: Pipeline, instance) -> None:
+    """A person canceled the automatic retry run (the sensor gave up and said so)."""
+    [request] = auto_retries(flow.sense(instance).run_requests)
+    job = flow.defs.resolve_implicit_global_asset_job_def()
+    run = instance.create_run_for_job(job, tags=request.tags, run_config=request.run_config)
+    instance.report_run_canceled(run)
+    assert "was canceled" in str(flow.sense(instance).skip_reason)
+    assert not RetryQueue(flow.storage).queued()
+
+
+def _nothing(flow: Pipeline, instance) -> None:
+    """Nothing to change: the factory overrides say it (max_attempts=1, auto_retry off)."""
+
+
+# case -> (what changes, factory overrides while it holds)
+NOT_OWED = {
+    "cancelled": (_cancelled, {}),
+    "attempts_exhausted": (_nothing, {"max_attempts": 1}),
+    "nothing_retryable": (_nothing_retryable, {}),
+    "a_pilot": (_a_pilot, {}),
+    "auto_retry_off": (_nothing, {"auto_retry": False}),
+    "retry_run_canceled": (_canceled_retry_run, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_OWED))
+def test_no_marker_is_rebuilt_for_a_partition_that_owes_no_retry_until_it_does(
+    case, prepared, tmp_path
+):
+    change, factory = NOT_OWED[case]
+    root = clone(prepared["collected"], tmp_path)
+    flow = build(root, **factory)
+    instance = dg.DagsterInstance.ephemeral()
+    saved = _snapshot(flow)
+    change(flow, instance)
+    if marker_path(flow).exists():
+        lose_marker(flow)
+    before = sent_ids(flow.local_dir)
+    force_rescan(flow)
+    lines: list[str] = []
+    result = flow.sense(instance, log=lines)
+    assert not rebuilt_warnings(lines), lines
+    assert not marker_path(flow).exists() and not RetryQueue(flow.storage).queued()
+    assert not auto_retries(result.run_requests)
+    assert sent_ids(flow.local_dir) == before
+    # The control: the same lake once the case no longer holds is owed its retry
+    for path, raw in saved.items():
+        path.write_bytes(raw)
+    if case == "retry_run_canceled":
+        for record in instance.get_run_records():
+            instance.delete_run(record.dagster_run.run_id)
+    flow = build(root)
+    force_rescan(flow)
+    lines.clear()
+    result = flow.sense(instance, log=lines)
+    assert len(rebuilt_warnings(lines)) == 1, lines
+    assert len(auto_retries(result.run_requests)) == 1
+
+
+def test_a_tick_that_is_not_a_rescan_reads_nothing_of_the_collected_partitions(
+    prepared, tmp_path, monkeypatch
+):
+    flow = build(clone(prepared["collected"], tmp_path))
+    lose_marker(flow)
+    instance = dg.DagsterInstance.ephemeral()
+    assert not auto_retries(flow.tick(instance))  # the index drops a's in-flight marker
+    touched: list[str] = []
+    storage_type = type(flow.storage)
+
+    def spy(name: str) -> None:
+        real = getattr(storage_type, name)
+
+        def reading(self, what, *args, **kwargs):
+            what = list(what) if name == "read_many" else what  # an iterable, read once
+            touched.extend(f"{name} {p}" for p in (what if name == "read_many" else [what]))
+            return real(self, what, *args, **kwargs)
+
+        monkeypatch.setattr(storage_type, name, reading)
+
+    for name in ("read_many", "read_table", "read_json", "list_files", "exists"):
+        spy(name)
+    a_reads = lambda: [t for t in touched if "partition=a" in t]  # noqa: E731
+    for _ in range(2):
+        assert not auto_retries(flow.tick(instance))
+    assert not a_reads(), "a tick that is not a rescan read the collected partition"
+    force_rescan(flow)
+    assert len(auto_retries(flow.sense(instance).run_requests)) == 1
+    reads = a_reads()
+    assert any("manifests/partition=a" in t for t in reads), reads
+    assert [t for t in reads if t.startswith("read_table") and "failed" in t], reads
