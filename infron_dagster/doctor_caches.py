@@ -2,6 +2,13 @@
 admission ledgers and the answers files (repair: written again from the manifests, else
 deleted). See :mod:`infron_dagster.doctor` for the whole check and what each repair means.
 
+Auto-retry markers (``retries/``) are not checked for a missing one: whether a collected
+partition is owed one depends on ``auto_retry``, a setting of the code location that the
+lake does not record, so from the lake alone a lost marker cannot be told from a partition
+collected without ``auto_retry`` (reporting one would be a guess). The sensor, which knows
+the setting, writes lost markers again at its full rescan (``auto_retry.restore_missing``)
+and damaged ones when it reads them (``RetryQueue.queued``).
+
 Example::
 
     [f.repair for f in check_inflight(lake) + check_admission(lake) + check_answers(lake)]
