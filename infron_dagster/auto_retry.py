@@ -14,7 +14,8 @@ person canceled the run, a note asks for one.
 A marker that went missing (deleted by hand, lost in a partial sync: the collection writes
 it before its commit point, so no crash loses it) is rebuilt by ``restore_missing`` on the
 ticks where the in-flight index reads every manifest (its full rescan, ``index_rescan_seconds``):
-for each collected partition the scan read whose retry is owed by the same checks a due
+for each partition the scan read, collected within ``RESTORE_WINDOW_SECONDS`` (two days: an
+older one was collected without auto_retry), whose retry is owed by the same checks a due
 marker passes (``retry_blocked``, ``gave_up``) and whose failed table holds retryable rows.
 Other ticks read nothing more than before. The rebuilt marker is due at once: the backoff
 it held (minutes) had almost always passed when a rescan (up to a day later) finds it lost,
@@ -33,6 +34,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 import dagster as dg
@@ -58,6 +60,11 @@ __all__ = [
 ]
 
 AUTO_RETRY_TAG = "infron/auto_retry"
+# A lost marker is rebuilt only for a collection this recent: the rescan that finds it runs
+# at least daily, so a marker lost since is found within the window; an older collection
+# left without a marker was collected without auto_retry (turning it on for an existing lake
+# must not start paying for the failures of every partition it ever collected).
+RESTORE_WINDOW_SECONDS = 2 * 24 * 3600.0
 # Runs requested for one attempt's retry before the sensor leaves it to a person.
 MAX_AUTO_RETRY_RUNS = 3
 _UNFINISHED = (
@@ -287,6 +294,8 @@ def restore_missing(
         latest = partition.attempts[-1] if partition.attempts else None
         if latest is None or partition.open or (partition.segment, latest.attempt) in have:
             continue
+        if not _recent(latest.collected_at):
+            continue
         history = PartitionHistory(queue.storage, latest.partition_key, list(partition.attempts))
         if not retry_blocked(history, max_attempts):
             owed.append(latest)
@@ -301,6 +310,15 @@ def restore_missing(
         if not gave_up(runs):
             restored.append(queue.restore(latest.partition_key, latest.attempt, rows))
     return restored
+
+
+def _recent(collected_at: str | None) -> bool:
+    """Whether a collection is within ``RESTORE_WINDOW_SECONDS`` (unknown or unreadable: no)."""
+    try:
+        when = datetime.fromisoformat(str(collected_at)).timestamp()
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return time.time() - when <= RESTORE_WINDOW_SECONDS
 
 
 def _count_retryable(

@@ -620,6 +620,13 @@ def _canceled_retry_run(flow: Pipeline, instance) -> None:
     assert not RetryQueue(flow.storage).queued()
 
 
+def _collected_long_ago(flow: Pipeline, instance) -> None:
+    """Attempt 1 was collected long ago: a lake from before auto_retry was turned on."""
+    path = flow.storage.manifest_path("a", 1)
+    body = flow.storage.read_json(path)
+    flow.storage.write_json(path, {**body, "collected_at": "2020-01-01T00:00:00+00:00"})
+
+
 def _nothing(flow: Pipeline, instance) -> None:
     """Nothing to change: the factory overrides say it (max_attempts=1, auto_retry off)."""
 
@@ -632,6 +639,7 @@ NOT_OWED = {
     "a_pilot": (_a_pilot, {}),
     "auto_retry_off": (_nothing, {"auto_retry": False}),
     "retry_run_canceled": (_canceled_retry_run, {}),
+    "collected_long_ago": (_collected_long_ago, {}),
 }
 
 
