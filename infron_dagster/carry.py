@@ -37,6 +37,7 @@ from .carry_cache import answer_files, hash64, parse_answers
 from .columns import CARRIED_FROM, CUSTOM_ID, REQUEST_HASH
 from .history import active_attempts
 from .manifest import Manifest, load_manifests
+from .provider import LOCAL, mock_for
 from .storage import BatchStorage
 from .untrusted import printable
 
@@ -51,9 +52,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def carry_succeeded(storage: BatchStorage, partition_key: str | None) -> dict[str, tuple[str, int]]:
+def carry_succeeded(
+    storage: BatchStorage, partition_key: str | None, provider: str | None = None
+) -> dict[str, tuple[str, int]]:
     """custom_id -> (request hash, attempt) of every request the partition's collected
     results answered: what a new attempt need not pay for again if its request is unchanged.
+    With ``provider`` (the API the new attempt sends to), answers of attempts the local
+    mock server gave are left out when it is a real one (:mod:`~infron_dagster.provider`).
 
     Example::
 
@@ -66,6 +71,9 @@ def carry_succeeded(storage: BatchStorage, partition_key: str | None) -> dict[st
         return {}
     results = storage.read_table(results_path).select([CUSTOM_ID, "attempt"]).to_pylist()
     attempts = {row["attempt"] for row in results}
+    if mock_for(LOCAL, provider):  # a real API: the local server's answers are mock
+        manifests = load_manifests(storage, partition_key)
+        attempts -= {m.attempt for m in manifests if mock_for(m.provider, provider)}
     hashes: dict[tuple[int, str], str] = {}
     for attempt in attempts:
         snapshot = storage.read_table(storage.attempt_file("inputs", partition_key, attempt))
@@ -106,11 +114,14 @@ class InFlightCarry:
         ]
 
 
-def carry_in_flight(storage: BatchStorage, partition_key: str | None) -> InFlightCarry:
+def carry_in_flight(
+    storage: BatchStorage, partition_key: str | None, provider: str | None = None
+) -> InFlightCarry:
     """What the partition's uncollected attempts sent: the latest initial attempt and its
     retries, and the in-flight attempts they themselves wait on. Of an attempt whose chunks
     are only partly created (the rest wait for admission), the rows of its created chunks
-    count: they are paid for; the rest were never sent and a new attempt sends them.
+    count: they are paid for; the rest were never sent and a new attempt sends them. An
+    attempt sent to the local mock server counts for none when ``provider`` is a real API.
 
     (:class:`InFlightCarry` shows what it returns.)
     """
@@ -126,6 +137,8 @@ def carry_in_flight(storage: BatchStorage, partition_key: str | None) -> InFligh
         source = by_attempt.get(attempt)
         if source is None or source.state not in ("submitting", "submitted"):
             continue
+        if mock_for(source.provider, provider):
+            continue  # mock answers never stand for a real API's
         if not source.batch_ids:
             continue  # nothing of it was created: nothing to wait for
         snapshot = _sent_hashes(storage, partition_key, attempt)
@@ -221,13 +234,20 @@ class CarryIndex:
     partitions: int = 0
     _cache: dict[int, pa.Table | None] = field(default_factory=dict, repr=False)
     _alive: dict[tuple[str | None, int], bool] = field(default_factory=dict, repr=False)
+    # The API the new attempt sends to: answers the local mock server gave are not reused
+    # when it is a real one (``mock``: the partitions whose answers were left out for that).
+    provider: str | None = None
+    mock: set[str | None] = field(default_factory=set)
 
     @classmethod
-    def load(cls, storage: BatchStorage, exclude: str | None) -> CarryIndex:
+    def load(
+        cls, storage: BatchStorage, exclude: str | None, provider: str | None = None
+    ) -> CarryIndex:
         """The index of every partition's answers but ``exclude``'s (its own are carried
         by :func:`carry_succeeded`). An unreadable file is skipped, with a warning naming
-        it: its answers are sent again until its partition's next collection rebuilds it."""
-        index = cls(storage)
+        it: its answers are sent again until its partition's next collection rebuilds it.
+        With ``provider`` a real API, no answer of the local mock server is found."""
+        index = cls(storage, provider=provider)
         paths = answer_files(storage, exclude)
         if not paths:
             return index
@@ -302,7 +322,14 @@ class CarryIndex:
         source attempt: two GETs and one LIST."""
         key = (partition_key, attempt)
         if key not in self._alive:
-            self._alive[key] = _attempt_files_exist(self.storage, partition_key, attempt)
+            manifest = _attempt_manifest(self.storage, partition_key, attempt)
+            mock = manifest is not None and mock_for(manifest.get("provider"), self.provider)
+            if mock:
+                self.mock.add(partition_key)
+            alive = manifest is not None and not mock
+            self._alive[key] = alive and _attempt_files_exist(
+                self.storage, partition_key, attempt, manifest
+            )
         return self._alive[key]
 
 
@@ -325,11 +352,31 @@ def _hash_column(path: Any, data: bytes | Exception) -> pa.ChunkedArray | None:
         return None
 
 
-def _attempt_files_exist(storage: BatchStorage, partition_key: str | None, attempt: int) -> bool:
-    raw = storage.attempt_dir("raw", partition_key, attempt)
-    manifest_path = storage.manifest_path(partition_key, attempt)
+def _attempt_manifest(
+    storage: BatchStorage, partition_key: str | None, attempt: int
+) -> dict[str, Any] | None:
+    """An attempt's manifest as stored now; None (logged) when it is gone or unreadable."""
     try:
-        manifest = json.loads(storage.fresh(manifest_path).read_bytes())
+        data = json.loads(storage.fresh(storage.manifest_path(partition_key, attempt)).read_bytes())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except Exception as exc:
+        logger.info(
+            "answers of partition %r attempt %d are not reused (its manifest cannot be read: "
+            "%s): sent again",
+            partition_key,
+            attempt,
+            printable(str(exc), 200),
+        )
+        return None
+
+
+def _attempt_files_exist(
+    storage: BatchStorage, partition_key: str | None, attempt: int, manifest: dict[str, Any]
+) -> bool:
+    raw = storage.attempt_dir("raw", partition_key, attempt)
+    try:
         batches = json.loads(storage.fresh(raw / "batches.json").read_bytes())
         listed = storage.list_files(raw)
         prefix = storage.relative(raw) + "/"

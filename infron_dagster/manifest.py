@@ -102,6 +102,10 @@ class Manifest:
     # This attempt's part in a pilot batch (``pilot_rows``; see pilot.py): {"role": "pilot"
     # | "release" | "stopped" | "held", "prompt": <prompt hash>, ...}; None without one.
     pilot: dict[str, Any] | None = None
+    # Where its batches were sent (see provider.py): "local" for the embedded local server
+    # (mock answers, never reused against a real API), else the API's scheme and host;
+    # None in manifests written before it was recorded (unknown: trusted as before).
+    provider: str | None = None
 
     def __post_init__(self) -> None:
         if not self.base_attempt:

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from .client import DEFAULT_BASE_URL, InfronClient, RetryPolicy
 from .local.embedded import embedded_client, parse_local_url
+from .provider import LOCAL, provider_of
 
 __all__ = ["InfronResource"]
 
@@ -117,6 +118,22 @@ class InfronResource(dg.ConfigurableResource):
         if self.api_key is not None and self.base_url is None:
             return False  # a key was configured, even an empty one: never fall back to mock
         return parse_local_url(self.base_url, "") is not None
+
+    @property
+    def provider(self) -> str:
+        """Where this resource sends batches, as manifests record it: ``"local"`` for the
+        embedded local server (mock answers), else the API's scheme and host (never the
+        key). Answers the local server gave are never reused against a real provider.
+
+        Example:
+            >>> InfronResource().provider
+            'local'
+            >>> InfronResource(api_key="sk-...", base_url="https://api.openai.com/v1").provider
+            'https://api.openai.com'
+        """
+        if self.is_local:
+            return LOCAL
+        return provider_of(self.base_url or DEFAULT_BASE_URL)
 
     def get_client(self) -> InfronClient:
         """A new client; close it (or use it as a context manager) when done.

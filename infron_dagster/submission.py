@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -46,11 +47,13 @@ from .manifest import Manifest, load_manifests
 from .pilot import PilotPlan, PilotPolicy, plan_pilot
 from .prepare import PreparedRequests, prepare_requests
 from .pricing import CostEstimate
+from .provider import mock_for, mock_note, provider_of
 from .retry_queue import DEFAULT_BACKOFF_SECONDS
+from .reuse import revert_source
 from .spec import RequestSpec
 from .spend import DryRunStop, SpendControl
 from .storage import BatchStorage
-from .submit import SubmitOutcome, revert_source, submit_prepared
+from .submit import SubmitOutcome, submit_prepared
 
 __all__ = [
     "PipelineSettings",
@@ -60,6 +63,8 @@ __all__ = [
     "submit_partition",
     "submit_rows",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,8 @@ class SubmissionReport:
     elsewhere: int = 0  # carried rows answered in other partitions
     budget_refusal: str = ""  # a dry run: why the budget would refuse a real run
     pilot: dict[str, Any] = field(default_factory=dict)  # what the pilot did (metadata)
+    # Why answers on record were not reused: the local mock server gave them (provider.py)
+    not_reused: str = ""
 
     @property
     def pilot_note(self) -> str:
@@ -235,36 +242,40 @@ def _submit_planned(
 ) -> SubmissionReport:
     carry = kind == "initial" and not flags.force_resubmit
     pilot = plan.metadata() if plan.mode != "off" or plan.note else {}
-    with tempfile.TemporaryDirectory(prefix="infron-prepare-") as workdir:
-        prepared = plan.shape(_prepare(s, plan.rows, key, carry, workdir, plan.carry), workdir)
+    # The client first: where it sends decides which answers on record may be reused.
+    with connect() as client, tempfile.TemporaryDirectory(prefix="infron-prepare-") as workdir:
+        reuse = _Reuse(provider_of(client.base_url))
+        prepared = _prepare(s, plan.rows, key, carry, workdir, plan.carry, reuse)
+        prepared = plan.shape(prepared, workdir)
         estimate = s.spend.estimate(prepared, plan.calibration)
         gate = s.spend.gate(
             estimate, key, dry_run=flags.dry_run, allow_over_budget=flags.allow_over_budget
         )
         gate = plan.gate(gate, s.storage, key)
-        with connect() as client:
-            cancelled: list[str] = []
-            if kind == "initial" and s.on_changed_input_in_flight == "cancel":
-                gate = _cancel_first(gate, client, s.storage, key, cancelled)
-            try:
-                outcome = submit_prepared(
-                    client,
-                    s.storage,
-                    prepared,
-                    spec=s.spec,
-                    partition_key=key,
-                    kind=kind,
-                    force=flags.force_resubmit,
-                    run_id=run_id,
-                    resubmit_uncertain=flags.resubmit_uncertain,
-                    gate=gate,
-                    admission=plan.admission(s.admission),
-                    dry_run=flags.dry_run,
-                )
-            except DryRunStop as stop:
-                return _dry_run_report(estimate, prepared, stop, pilot)
-            except BudgetExceeded as exc:
-                raise SubmitRefused(str(exc), details=estimate.metadata()) from exc
+        cancelled: list[str] = []
+        if kind == "initial" and s.on_changed_input_in_flight == "cancel":
+            gate = _cancel_first(gate, client, s.storage, key, cancelled)
+        try:
+            outcome = submit_prepared(
+                client,
+                s.storage,
+                prepared,
+                spec=s.spec,
+                partition_key=key,
+                kind=kind,
+                force=flags.force_resubmit,
+                run_id=run_id,
+                resubmit_uncertain=flags.resubmit_uncertain,
+                gate=gate,
+                admission=plan.admission(s.admission),
+                dry_run=flags.dry_run,
+            )
+        except DryRunStop as stop:
+            return _dry_run_report(estimate, prepared, stop, pilot, reuse.note)
+        except BudgetExceeded as exc:
+            raise SubmitRefused(str(exc), details=estimate.metadata()) from exc
+    if reuse.note:
+        logger.warning("partition %r: %s", key, reuse.note)
     return SubmissionReport(
         estimate,
         prepared.carried,
@@ -275,7 +286,36 @@ def _submit_planned(
         cancelled=cancelled,
         elsewhere=prepared.carried_elsewhere,
         pilot=pilot,
+        not_reused=reuse.note,
     )
+
+
+@dataclass
+class _Reuse:
+    """Where this submission sends (``provider``), and the answers on record it did not
+    reuse because the local mock server gave them (the note says so)."""
+
+    provider: str
+    mock_attempts: set[int] = field(default_factory=set)
+    mock_partitions: int = 0
+
+    @property
+    def note(self) -> str:
+        if not (self.mock_attempts or self.mock_partitions):
+            return ""
+        return mock_note(self.provider, self.mock_attempts, self.mock_partitions)
+
+    def look(self, manifests: Sequence[Manifest], fingerprint: str) -> None:
+        """Note the mock attempts a real submission would otherwise reuse or carry from:
+        the partition's active ones, and those that hold these exact requests unless a
+        real attempt holds them too (that one is reused)."""
+        wanted = {m.attempt for m in active_attempts(manifests)}
+        same = [m for m in manifests if m.fingerprint == fingerprint]
+        if all(mock_for(m.provider, self.provider) for m in same):
+            wanted |= {m.attempt for m in same}
+        for m in manifests:
+            if m.attempt in wanted and mock_for(m.provider, self.provider):
+                self.mock_attempts.add(m.attempt)
 
 
 def _prepare(
@@ -285,23 +325,29 @@ def _prepare(
     carry: bool,
     workdir: str,
     pilot: InFlightCarry | None = None,
+    reuse: _Reuse | None = None,
 ) -> PreparedRequests:
     """The rows rendered into chunk files, what is answered or in flight carried (the
     rows waiting for an attempt in flight are named in ``waits_on``); ``pilot``: the rows a
-    collected pilot sent, carried with their outcomes, failed or not."""
-    succeeded = carry_succeeded(s.storage, key) if carry else {}
+    collected pilot sent, carried with their outcomes, failed or not. ``reuse``: where
+    the rows go; answers the local mock server gave are not carried to a real API."""
+    provider = reuse.provider if reuse is not None else None
+    succeeded = carry_succeeded(s.storage, key, provider) if carry else {}
     # Unchanged rows of an attempt still in flight wait for the answers already paid for.
     wait = carry and s.on_changed_input_in_flight == "carry"
-    running = carry_in_flight(s.storage, key) if wait else InFlightCarry()
+    running = carry_in_flight(s.storage, key, provider) if wait else InFlightCarry()
     if carry and pilot is not None:
+        mock = {a for a, m in pilot.attempts.items() if mock_for(m.provider, provider)}
+        kept = {c: v for c, v in pilot.requests.items() if v[1] not in mock}
         running = InFlightCarry(
-            {**running.requests, **pilot.requests}, {**running.attempts, **pilot.attempts}
+            {**running.requests, **kept},
+            {**running.attempts, **{a: m for a, m in pilot.attempts.items() if a not in mock}},
         )
     # Pipeline reuse: other partitions' answers by body hash (an empty index still records
     # this partition's body hashes, so its own answers can serve the others later).
     elsewhere = None
     if s.reuse_answers == "pipeline":
-        elsewhere = CarryIndex.load(s.storage, key) if carry else CarryIndex(s.storage)
+        elsewhere = CarryIndex.load(s.storage, key, provider) if carry else CarryIndex(s.storage)
 
     def prepare(running: InFlightCarry, folder: str) -> PreparedRequests:
         prepared = prepare_requests(
@@ -325,10 +371,14 @@ def _prepare(
     prepared = prepare(running, workdir)
     if not carry:
         return prepared
+    manifests = load_manifests(s.storage, key)
+    if reuse is not None:
+        reuse.look(manifests, prepared.fingerprint)
+        reuse.mock_partitions = len(elsewhere.mock) if elsewhere is not None else 0
     # Input that went back to an older attempt some of whose chunks were never created:
     # the rows of its created chunks were paid for; they are carried (the newer attempts'
     # carry wins: what they sent is newer), and only what no attempt sent is sent.
-    source = revert_source(load_manifests(s.storage, key), prepared.fingerprint, "initial")
+    source = revert_source(manifests, prepared.fingerprint, "initial", provider)
     if source is None or source.attempt in running.attempts:
         return prepared
     paid = carry_attempt(s.storage, key, source)
@@ -345,7 +395,11 @@ def _prepare(
 
 
 def _dry_run_report(
-    estimate: CostEstimate, prepared: PreparedRequests, stop: DryRunStop, pilot: dict[str, Any]
+    estimate: CostEstimate,
+    prepared: PreparedRequests,
+    stop: DryRunStop,
+    pilot: dict[str, Any],
+    not_reused: str = "",
 ) -> SubmissionReport:
     # A held attempt creates nothing until its pilot passes; a stopped one never does
     pays = stop.new_spend and pilot.get("pilot/mode") not in ("hold", "stop")
@@ -357,6 +411,7 @@ def _dry_run_report(
         dry_run=True,
         budget_refusal=stop.budget_refusal,
         pilot=pilot,
+        not_reused=not_reused,
     )
 
 

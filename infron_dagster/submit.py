@@ -32,7 +32,16 @@ from .manifest import ChunkRecord, Manifest, load_manifests, now_iso
 from .models import Batch
 from .prepare import PreparedRequests
 from .pricing import max_output_tokens
+from .provider import LOCAL, provider_of
 from .reattach import reattach_orphans, uncertain_wait
+from .reuse import (
+    is_active,
+    latest_initial,
+    partial_retry,
+    refuse_mock_retry,
+    reusable,
+    revivable,
+)
 from .spec import RequestSpec
 from .storage import BatchStorage
 
@@ -40,7 +49,6 @@ __all__ = [
     "SubmitIncomplete",
     "SubmitOutcome",
     "load_manifests",
-    "revert_source",
     "submit_prepared",
 ]
 
@@ -177,19 +185,25 @@ def submit_prepared(
     """
     with contextlib.nullcontext() if dry_run else storage.lock(partition_key):
         manifests = load_manifests(storage, partition_key)
-        match = None if force else _reusable(manifests, prepared.fingerprint, kind)
-        if match is not None and not match.fully_submitted and _is_active(manifests, match):
+        # Where the client sends matters only to attempts the local mock server answered.
+        mock = any(m.provider == LOCAL for m in manifests)
+        provider = provider_of(client.base_url) if mock else None
+        if kind == "retry":
+            refuse_mock_retry(manifests, provider)
+        match = None if force else reusable(manifests, prepared.fingerprint, kind, provider)
+        if match is not None and not match.fully_submitted and is_active(manifests, match):
             _pass(gate, match, False)
             return _resume(client, storage, match, resubmit_uncertain, admission)
-        if match is not None and (kind == "retry" or match is _latest_initial(manifests)):
-            partial = _partial_retry(manifests, match)
+        if match is not None and (kind == "retry" or match is latest_initial(manifests)):
+            partial = partial_retry(manifests, match)
             if partial is not None:  # a retry whose create failed part-way: finish it
                 _pass(gate, partial, False)
                 return _resume(client, storage, partial, resubmit_uncertain, admission)
             return SubmitOutcome(manifest=match, reused=True)
         _warn_if_superseding(manifests, kind)
         manifest = _new_manifest(storage, manifests, prepared, spec, partition_key, kind, run_id)
-        revive = match is not None and _revivable(manifests, match)
+        manifest.provider = provider_of(client.base_url)
+        revive = match is not None and revivable(manifests, match)
         _pass(gate, manifest, not revive)
         if revive:
             return _revive(storage, prepared, manifest, match)
@@ -204,47 +218,6 @@ def _pass(gate: Gate | None, manifest: Manifest, new_spend: bool) -> None:
         gate(manifest, new_spend)
 
 
-def _reusable(manifests: list[Manifest], fingerprint: str, kind: str) -> Manifest | None:
-    """The attempt that already holds these exact requests, if paying again is not needed."""
-    for manifest in reversed(manifests):
-        if manifest.fingerprint != fingerprint or manifest.state == "abandoned":
-            continue
-        if kind != manifest.kind:
-            continue
-        if kind == "retry" and manifest.state == "collected":
-            return None  # the same rows failed again: a new attempt is the point of retrying
-        latest = _latest_initial(manifests)
-        if kind == "retry" and latest is not None and manifest.base_attempt != latest.attempt:
-            return None  # a retry of a replaced attempt: never collected, never reuse it
-        return manifest
-    return None
-
-
-def _partial_retry(manifests: list[Manifest], initial: Manifest) -> Manifest | None:
-    """A retry of ``initial`` that is not fully submitted (its create failed part-way)."""
-    for manifest in reversed(manifests):
-        if (
-            manifest.kind == "retry"
-            and manifest.base_attempt == initial.attempt
-            and manifest.state != "abandoned"
-            and not manifest.settled
-        ):
-            return manifest
-    return None
-
-
-def _is_active(manifests: list[Manifest], match: Manifest) -> bool:
-    """Whether ``match`` is the latest initial attempt or one of its retries: an older,
-    replaced attempt is never resumed (its unsent chunks were sent by the newer one)."""
-    latest = _latest_initial(manifests)
-    return latest is not None and match.base_attempt == latest.attempt
-
-
-def _latest_initial(manifests: list[Manifest]) -> Manifest | None:
-    initial = [m for m in manifests if m.kind == "initial" and m.state != "abandoned"]
-    return initial[-1] if initial else None
-
-
 def _warn_if_superseding(manifests: list[Manifest], kind: str) -> None:
     uncollected = [m.attempt for m in manifests if m.state in ("submitting", "submitted")]
     if kind == "initial" and uncollected:
@@ -254,43 +227,6 @@ def _warn_if_superseding(manifests: list[Manifest], kind: str) -> None:
             "='cancel'); answers to the changed rows will not be collected",
             uncollected,
         )
-
-
-def _revivable(manifests: list[Manifest], match: Manifest) -> bool:
-    """An old attempt's batches stand for the input again only if they sent every row and
-    nothing was retried on top of them (else its results are not in its batches alone).
-
-    Every chunk must have its batch: a chunk never created (it waited for admission, a
-    refusal or a crash stopped the attempt) was replaced by the attempts since, which sent
-    its rows or carry them; copying it would send them again. Such an attempt is not
-    revived: the new attempt carries the rows of its created chunks instead
-    (:func:`revert_source`) and sends only what no attempt sent."""
-    retried = any(m.kind == "retry" and m.base_attempt == match.attempt for m in manifests)
-    return match.carried_count == 0 and not retried and match.fully_submitted
-
-
-def revert_source(manifests: list[Manifest], fingerprint: str, kind: str) -> Manifest | None:
-    """The older attempt whose requests the input went back to, when it cannot be revived
-    whole because some of its chunks were never created: the rows of the chunks it did
-    create were paid for, and the new attempt carries them (waiting for its batches) rather
-    than sending them again. None when there is no such attempt (or nothing of it was
-    created).
-
-    Example::
-
-        revert_source(load_manifests(storage, "a"), prepared.fingerprint, "initial")
-        # -> Manifest(attempt=1, ...)   (its chunk 0 created, chunk 1 waited for admission)
-    """
-    if kind != "initial":
-        return None
-    match = _reusable(manifests, fingerprint, kind)
-    if match is None or match is _latest_initial(manifests) or _is_active(manifests, match):
-        return None  # reused or resumed as it is (submit_prepared)
-    if match.fully_submitted or not match.batch_ids:
-        return None  # revived whole, or nothing of it was paid for
-    if any(m.kind == "retry" and m.base_attempt == match.attempt for m in manifests):
-        return None  # its batches alone do not hold its outcome
-    return match
 
 
 def _revive(
@@ -309,7 +245,7 @@ def _revive(
     manifest.carried_count, manifest.waits_on = 0, []
     storage.write_table(storage.attempt_file("inputs", key, attempt), snapshot)
     storage.write_table(storage.attempt_file("invalid", key, attempt), prepared.invalid)
-    manifest.api_style = match.api_style
+    manifest.api_style, manifest.provider = match.api_style, match.provider
     mark_in_flight(storage, key, attempt)  # the sensor's index, before the manifest exists
     _save(storage, manifest)
     return SubmitOutcome(manifest=manifest, reused=True)
