@@ -11,7 +11,7 @@ from infron_dagster import BatchStorage
 from infron_dagster.storage import LockTimeout
 
 
-def _overlap(storage: BatchStorage, **lock_kwargs) -> list[str]:
+def _overlap(storage: BatchStorage, hold: float = 1.5, **lock_kwargs) -> list[str]:
     """Two holders, the first holding longer than a stale lock lives: record who is inside."""
     events: list[str] = []
     holding = threading.Event()
@@ -20,7 +20,7 @@ def _overlap(storage: BatchStorage, **lock_kwargs) -> list[str]:
         with storage.lock("k", **lock_kwargs):
             events.append("A in")
             holding.set()
-            time.sleep(1.5)
+            time.sleep(hold)
             events.append("A out")
 
     worker = threading.Thread(target=long_holder)
@@ -50,8 +50,9 @@ def test_local_lock_times_out_clearly(tmp_path):
 
 def test_s3_lock_heartbeat_keeps_a_long_holder_exclusive(moto_s3):
     storage = BatchStorage(f"s3://lake/{uuid.uuid4().hex}", "p", moto_s3.storage_options)
-    # stale after 0.6 s: without the heartbeat B would break A's lock while A works.
-    assert _overlap(storage, stale_seconds=0.6) == ["A in", "A out", "B in"]
+    # Stale after 1.5 s, held 4 s: without the heartbeat (every 0.5 s) B would break A's lock
+    # while A works. (0.6 s flaked on a loaded machine: a beat may come a second late.)
+    assert _overlap(storage, hold=4.0, stale_seconds=1.5) == ["A in", "A out", "B in"]
 
 
 def test_s3_lock_of_a_dead_holder_is_broken(moto_s3):
