@@ -117,8 +117,12 @@ def running(port: int, bucket: str = "lake") -> Iterator[CountingS3]:
             fs.mkdir(bucket)
             yield server
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            proc.terminate()  # moto's server may hold on to a keep-alive thread: then kill it
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 def _wait_until_up(server: CountingS3, proc: subprocess.Popen, log: Any) -> None:

@@ -143,8 +143,12 @@ def moto_s3() -> Iterator[S3]:
     try:
         yield S3(url, "lake")
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        proc.terminate()  # moto's server may hold on to a keep-alive thread: then kill it
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 # -- a scripted HTTP server, for answers the local emulator cannot give ---------------------

@@ -8,8 +8,10 @@ test once per wire style (infron, openai).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -607,6 +609,10 @@ def test_two_runs_racing_on_one_partition_create_one_set_of_batches(tmp_path, re
     first.join(60)
     second.join(60)
 
+    # Seen once in a full run (1 of 7): one run still going after 60 s. Say where it was.
+    stuck = [t for t in (first, second) if t.is_alive()]
+    where = {t.name: "".join(traceback.format_stack(sys._current_frames()[t.ident])) for t in stuck}
+    assert not stuck, f"a racing run hung; its stack: {where}"
     assert len(results) == 2 and all(r.success for r in results)
     metas = sorted((submit_meta(r) for r in results), key=lambda m: m.get("batches_created", 0))
     assert [m.get("batches_created", 0) for m in metas] == [0, 3]
