@@ -26,7 +26,8 @@ from infron_dagster.models import Batch, BatchStatus
 from infron_dagster.storage import BatchStorage
 from infron_dagster.submit import load_manifests
 
-DAYS = dg.DailyPartitionsDefinition(start_date="2026-01-01", end_date="2026-01-31")
+# 20 days: a backfill the limit holds back several rounds (30 took twice the time, proving no more)
+DAYS = dg.DailyPartitionsDefinition(start_date="2026-01-01", end_date="2026-01-21")
 KEYS = DAYS.get_partition_keys()
 ROWS = 4  # per partition, 2 per chunk: 2 chunks of ~45 estimated tokens each
 LIMIT = 300  # about 3 partitions' chunks at once
@@ -84,7 +85,7 @@ def _parquet_pipeline(tmp_path, resource: InfronResource) -> Pipeline:
     )
 
 
-def test_a_backfill_of_30_partitions_stays_under_the_enqueued_token_limit(tmp_path, monkeypatch):
+def test_a_backfill_of_20_partitions_stays_under_the_enqueued_token_limit(tmp_path, monkeypatch):
     statuses = _count_creates(monkeypatch)
     local = make_local_dir(str(tmp_path / "local"), in_progress_seconds=0.3)
     # The server enforces the same limit (it counts input tokens; the pipeline also counts
@@ -103,7 +104,7 @@ def test_a_backfill_of_30_partitions_stays_under_the_enqueued_token_limit(tmp_pa
     resource = InfronResource(base_url=f"local://{local}", api_style="infron")
     flow = _parquet_pipeline(tmp_path, resource)
     with dg.instance_for_test() as instance:
-        backfill = dg.materialize(  # a single-run backfill of the 30 submit partitions
+        backfill = dg.materialize(  # a single-run backfill of the 20 submit partitions
             [flow.pipeline.batches_asset],
             resources=flow.resources,
             instance=instance,
@@ -115,7 +116,7 @@ def test_a_backfill_of_30_partitions_stays_under_the_enqueued_token_limit(tmp_pa
         assert backfill.success  # no SubmitIncomplete: what does not fit waits
         first = _submit_metadata(instance, flow.pipeline.batches_asset.key)
         waiting = [k for k in KEYS if first[k].get("pending_chunks")]
-        assert len(waiting) >= 25, "the limit must hold most partitions back at first"
+        assert len(waiting) >= len(KEYS) - 5, "the limit must hold most partitions back at first"
         assert "max_enqueued_tokens=300" in first[KEYS[-1]]["pending_why"].value
         requested = flow.drive(instance, KEYS)
     storage = flow.pipeline.storage

@@ -1,6 +1,6 @@
 """The example project under a real ``dagster dev``: webserver, daemon, backfill and sensor.
 
-A backfill of three days of ``reviews`` and ``review_sentiment_batches`` is launched through
+A backfill of two days of ``reviews`` and ``review_sentiment_batches`` is launched through
 the GraphQL API as the UI does; the backfill daemon runs the submit runs, then the sensor
 daemon polls the embedded local server and launches one collection run per partition. Nothing
 is ticked by hand: if a file appears, a Dagster daemon put it there.
@@ -27,7 +27,7 @@ from deploy_support import LAUNCH_BACKFILL
 from infron_dagster.local import LocalServerConfig, save_config
 
 PROJECT = Path(__file__).resolve().parents[1]
-DAYS = ["2026-11-20", "2026-11-21", "2026-11-22"]
+DAYS = ["2026-11-21", "2026-11-22"]  # two partitions: each is a run of its own
 ROWS_PER_DAY = 240  # example_project/data.py: reviews_for_day(day, rows=240)
 PIPELINE = "review_sentiment"
 
