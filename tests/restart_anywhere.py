@@ -66,7 +66,7 @@ from typing import Any
 import dagster as dg
 import pytest
 import restart_child as rc
-from conftest import make_local_dir
+from conftest import dagster_instance, make_local_dir
 
 import infron_dagster.resume as resume_module
 import infron_dagster.submit as submit_module
@@ -361,7 +361,7 @@ def _prepare(place: Place) -> dict[str, rc.Case]:
     running: chunk 0 running, chunk 1 waits; submitted: both chunks ended, not collected."""
     fresh = place.case("fresh")
     flow = rc.build_flow(fresh)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         run = dg.materialize(
             [flow.upstream], partition_key=rc.KEY, resources=flow.resources, instance=instance
         )

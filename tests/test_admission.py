@@ -15,7 +15,7 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import make_local_dir
+from conftest import dagster_instance, make_local_dir
 from harness import Pipeline
 
 from infron_dagster import InfronResource, ParquetSource
@@ -103,7 +103,7 @@ def test_a_backfill_of_20_partitions_stays_under_the_enqueued_token_limit(tmp_pa
     )
     resource = InfronResource(base_url=f"local://{local}", api_style="infron")
     flow = _parquet_pipeline(tmp_path, resource)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         backfill = dg.materialize(  # a single-run backfill of the 20 submit partitions
             [flow.pipeline.batches_asset],
             resources=flow.resources,
@@ -146,7 +146,7 @@ def test_a_partition_bigger_than_the_limit_is_sent_alone_and_completes(tmp_path,
         max_requests_per_batch=10,
         max_enqueued_tokens=40,
     )
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         for key in ("a", "b"):
             assert flow.submit(instance, key).success
         meta = _submit_metadata(instance, flow.pipeline.batches_asset.key)
@@ -228,7 +228,7 @@ def test_a_create_the_provider_refuses_for_its_queue_waits_as_pending(tmp_path):
         params={"max_tokens": 16},
         max_enqueued_tokens=100_000,
     )
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert flow.submit(instance, "a").success
         meta = _submit_metadata(instance, flow.pipeline.batches_asset.key)["a"]
         assert meta["pending_chunks"].value == 1
@@ -254,7 +254,7 @@ def test_a_retry_that_waits_for_capacity_resumes_as_the_same_retry(tmp_path):
         max_requests_per_batch=20,
         max_enqueued_tokens=400,  # one partition's chunk (~60 input + 20 x 16 output tokens)
     )
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert flow.submit(instance, "a").success
         flow.drive(instance, ["a"])
         failed = flow.pipeline.storage.read_table(flow.pipeline.storage.table_path("failed", "a"))

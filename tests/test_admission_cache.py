@@ -10,7 +10,7 @@ import logging
 
 import dagster as dg
 import pytest
-from conftest import make_local_dir
+from conftest import dagster_instance, make_local_dir
 from harness import Pipeline
 from test_admission import _count_creates
 
@@ -63,7 +63,7 @@ def test_a_damaged_ledger_is_rebuilt_and_every_partition_converges(
     creates = _count_creates(monkeypatch)
     flow = _flow(tmp_path)
     ledger = _ledger(flow)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         _submit(flow, instance, "a")  # takes the room: a's chunks are in flight
         in_flight = ledger.in_flight()
         assert in_flight > 0
@@ -90,7 +90,7 @@ def test_a_damaged_ledger_is_rebuilt_and_every_partition_converges(
 
 def test_a_sensor_tick_on_a_damaged_ledger_does_not_raise(tmp_path):
     flow = _flow(tmp_path)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         _submit(flow, instance, "a")
         _submit(flow, instance, "b")  # waits
         (tmp_path / "lake" / "_admission" / "infron.json").write_bytes(b"\x00garbage")

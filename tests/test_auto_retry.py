@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import dagster as dg
 import pyarrow.compute as pc
-from conftest import make_local_dir
+from conftest import dagster_instance, make_local_dir
 from harness import Pipeline
 
 from infron_dagster import InfronResource
@@ -45,7 +45,7 @@ def _settled(flow: Pipeline, keys) -> Callable[[], bool]:
 def test_the_sensor_retries_retryable_failures_until_none_remain_or_attempts_run_out(tmp_path):
     flow = _flow(tmp_path, auto_retry=True, auto_retry_backoff_seconds=(0.0,), max_attempts=3)
     storage = flow.pipeline.storage
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         for key in PARTS.get_partition_keys():  # the only runs a person launches
             assert flow.submit(instance, key).success
         keys = PARTS.get_partition_keys()
@@ -72,7 +72,7 @@ def test_the_sensor_retries_retryable_failures_until_none_remain_or_attempts_run
 def test_the_retry_waits_for_its_backoff(tmp_path):
     flow = _flow(tmp_path, auto_retry=True, auto_retry_backoff_seconds=(3600.0,))
     storage = flow.pipeline.storage
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert flow.submit(instance, "a").success
         for _ in range(3):  # collect, then ticks within the hour: no retry yet
             ran = flow.tick(instance)
@@ -86,7 +86,7 @@ def test_the_retry_waits_for_its_backoff(tmp_path):
 def test_without_auto_retry_the_sensor_never_retries(tmp_path):
     flow = _flow(tmp_path)
     storage = flow.pipeline.storage
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert flow.submit(instance, "a").success
         for _ in range(3):
             ran = flow.tick(instance)

@@ -4,6 +4,7 @@ attempt, manifest and batches; one bad partition fails the run without hiding th
 import dagster as dg
 import pandas as pd
 import pytest
+from conftest import dagster_instance
 
 from infron_dagster import RequestSpec, build_infron_batch_assets
 from infron_dagster.local.store import Store
@@ -66,7 +67,7 @@ def test_a_single_run_backfill_gives_each_partition_its_own_attempt(
 ):
     pipeline, reviews, resources = _build(tmp_path, infron_resource)
     assert pipeline.batches_asset.backfill_policy == dg.BackfillPolicy.single_run()
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         for key in KEYS:
             dg.materialize([reviews], partition_key=key, resources=resources, instance=instance)
         result = _materialize_range(
@@ -95,7 +96,7 @@ def test_one_bad_partition_fails_the_run_but_keeps_the_others_submitted_and_reco
     tmp_path, infron_resource, local_dir
 ):
     pipeline, reviews, resources = _build(tmp_path, infron_resource, bad_day=KEYS[1])
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         for key in KEYS:
             dg.materialize([reviews], partition_key=key, resources=resources, instance=instance)
         assets = [pipeline.batches_asset, reviews.to_source_asset()]
@@ -132,7 +133,7 @@ def test_a_range_loaded_as_one_frame_is_refused_naming_the_remedy(tmp_path, infr
     pipeline, _, resources = _build(tmp_path, infron_resource)
     source = dg.SourceAsset("reviews", partitions_def=DAYS, io_manager_key="frames")
     with (
-        dg.instance_for_test() as instance,
+        dagster_instance() as instance,
         pytest.raises(dg.Failure, match="loaded one DataFrame for the whole range"),
     ):
         _materialize_range(

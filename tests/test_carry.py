@@ -4,7 +4,7 @@ that were already answered are carried into the new attempt. Real Dagster runs, 
 import dagster as dg
 import pandas as pd
 import pytest
-from conftest import BOTH_STYLES, make_local_dir
+from conftest import BOTH_STYLES, dagster_instance, make_local_dir
 
 from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
 
@@ -30,7 +30,7 @@ def setup(tmp_path, api_style):
     )
     local_dir = make_local_dir(str(tmp_path / "srv"))
     resource = InfronResource(base_url=f"local://{local_dir}", api_style=api_style)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         yield texts, reviews, pipeline, resource, instance
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 import pytest
-from conftest import make_local_dir
+from conftest import dagster_instance, make_local_dir
 from harness import Pipeline, metadata
 
 from infron_dagster import InfronResource
@@ -61,7 +61,7 @@ def make_flow(tmp_path, api_style: str, **factory: Any) -> Flow:
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         yield instance
 
 

@@ -2,6 +2,7 @@
 
 import dagster as dg
 import pandas as pd
+from conftest import dagster_instance
 
 from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
 
@@ -26,7 +27,7 @@ def test_the_sensor_requests_a_failed_collection_again(tmp_path, infron_resource
     broken = {"infron": InfronResource(base_url=f"local://{tmp_path / 'elsewhere'}")}
     defs = dg.Definitions.merge(pipeline.definitions, dg.Definitions(assets=[rows], resources=good))
 
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
 
         def tick(cursor=None) -> dg.SensorResult:
             context = dg.build_sensor_context(

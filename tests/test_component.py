@@ -16,6 +16,7 @@ import dagster as dg
 import pandas as pd
 import pyarrow.dataset as ds
 import pytest
+from conftest import dagster_instance
 from dagster.components.testing import create_defs_folder_sandbox
 
 from infron_dagster import (
@@ -83,7 +84,7 @@ def resource(local_dir) -> InfronResource:
 
 @pytest.fixture
 def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as inst:
+    with dagster_instance() as inst:
         yield inst
 
 

@@ -16,6 +16,7 @@ import dagster as dg
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import dagster_instance
 
 from infron_dagster import (
     CollectConfig,
@@ -98,7 +99,7 @@ def test_a_saved_run_config_with_removed_fields_still_launches(tmp_path, infron_
         "infron": infron_resource,
         "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
     }
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         submitted = dg.materialize(
             [reviews, pipeline.batches_asset],
             instance=instance,

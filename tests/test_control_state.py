@@ -36,7 +36,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import Clock, make_local_dir
+from conftest import Clock, dagster_instance, make_local_dir
 from harness import Pipeline, failure
 
 import infron_dagster.resume as resume_module
@@ -231,7 +231,7 @@ def test_cancel_stops_the_chunks_waiting_for_admission_for_good(tmp_path, monkey
     def later() -> None:  # whatever is in flight ends
         clock.now += 3600
 
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         first = flow.submit(instance)
         assert first.success
         assert _metadata(first, flow.batches_key)["pending_chunks"] == 1
@@ -292,7 +292,7 @@ def test_cancelling_a_partition_whose_chunks_all_wait_sends_none_of_them(tmp_pat
     def later() -> None:
         clock.now += 3600
 
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert flow.submit(instance, "b").success
         waiting = flow.submit(instance, KEY)
         assert waiting.success and _metadata(waiting, flow.batches_key)["pending_chunks"] == 2
@@ -337,7 +337,7 @@ def test_editing_a_half_admitted_partition_carries_the_created_chunk(tmp_path, m
     creates = watch_creates(monkeypatch)
     flow = make_flow(tmp_path, rows=6, per_chunk=3, limit=100, in_progress_seconds=60)
     texts = [f"review {i}" for i in range(6)]
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert flow.submit(instance).success
         (first,) = flow.manifests()
         assert [bool(c.batch_id) for c in first.chunks] == [True, False]  # half-admitted
@@ -391,7 +391,7 @@ def _die_after_admission(tmp: str) -> None:
 
     AdmissionControl.admit = admit_then_die  # type: ignore[method-assign]
     flow = make_flow(pathlib.Path(tmp), rows=6, per_chunk=3, limit=1000)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         flow.submit(instance)
 
 
@@ -410,7 +410,7 @@ def test_a_run_killed_after_admission_is_resubmitted_by_the_sensor_alone(tmp_pat
     control = AdmissionControl(flow.storage, max_enqueued_tokens=1000, output_tokens=16)
     assert control.in_flight() > 0, "the killed run held reservations"
 
-    with dg.instance_for_test() as instance:  # no human run from here on: the sensor only
+    with dagster_instance() as instance:  # no human run from here on: the sensor only
         flow.drive(instance, flow.collected(), timeout=30)
 
     assert flow.submits(), "the sensor must request the submit run itself"
@@ -442,7 +442,7 @@ def test_a_provider_refusal_is_retried_after_a_short_backoff_with_new_run_keys(
         in_progress_seconds=60,
         enqueued_token_limit=14,
     )
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         first = flow.submit(instance)
         assert first.success
         assert (
@@ -513,7 +513,7 @@ def test_an_ambiguous_openai_create_waits_and_the_sensor_settles_it(
     flow = make_flow(
         tmp_path, rows=6, per_chunk=3, api_style="openai", limit=limit, in_progress_seconds=0.2
     )
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         first = flow.submit(instance)  # a run that can only wait ends successfully
         assert first.success, failure(first)
         meta = _metadata(first, flow.batches_key)
@@ -548,7 +548,7 @@ def test_an_ambiguous_create_of_a_first_and_only_batch_is_sent_after_the_grace(
     monkeypatch.setattr(resume_module, "MAX_RESUME_BACKOFF_SECONDS", 1.0, raising=False)
     creates = watch_creates(monkeypatch, fail=lambda n: "lost" if n == 1 else None)
     flow = make_flow(tmp_path, rows=3, per_chunk=3, api_style="openai", in_progress_seconds=0.2)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         first = flow.submit(instance)
         assert first.success, failure(first)
         assert "waiting_for" in _metadata(first, flow.batches_key)

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from conftest import Clock, make_local_dir, tick_and_run
+from conftest import Clock, dagster_instance, make_local_dir, tick_and_run
 
 from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
 from infron_dagster.budget import Budget, SpendLedger
@@ -95,7 +95,7 @@ def built_lake(tmp_path_factory) -> str:
     resource = InfronResource(base_url=f"local://{folder}", api_style="infron", max_retries=2)
     root = str(base / "lake")
     flow = _flow(root, resource)
-    with pytest.MonkeyPatch.context() as mp, dg.instance_for_test() as instance:
+    with pytest.MonkeyPatch.context() as mp, dagster_instance() as instance:
         clock = Clock.install(mp)
         _submit(flow, instance, "a")
         _submit(flow, instance, "b")
@@ -345,7 +345,7 @@ def test_on_s3_locks_and_ledgers(tmp_path, moto_s3, clock):
     folder = make_local_dir(str(tmp_path / "srv"), in_progress_seconds=60)
     resource = InfronResource(base_url=f"local://{folder}", api_style="infron", max_retries=2)
     flow = _flow(root, resource, options)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         _submit(flow, instance, "a")
     fs = s3fs.S3FileSystem(
         key="testing",

@@ -8,7 +8,7 @@ import os
 
 import dagster as dg
 import pandas as pd
-from conftest import review_pipeline
+from conftest import dagster_instance, review_pipeline
 
 from infron_dagster import RequestSpec, build_infron_batch_assets
 from infron_dagster.budget import Budget
@@ -46,7 +46,7 @@ def _observation(result) -> dict:
 
 def test_a_dry_run_writes_no_file_at_all(tmp_path, infron_resource, local_dir):
     flow = review_pipeline(tmp_path, infron_resource, PARTS, rows=6, price=PRICE)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         result = _dry_run(flow, instance)
         assert result.success and _observation(result)["would_pay"] is True
     # Not even the partition's lock file (it was left behind before)
@@ -64,7 +64,7 @@ def test_a_dry_run_of_a_partition_waiting_for_admission_would_pay(tmp_path, infr
         params={"max_tokens": 16},
         max_enqueued_tokens=60,  # one chunk of 2 requests fits, the other waits
     )
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         submitted = dg.materialize(
             [flow.upstream, flow.pipeline.batches_asset],
             partition_key="a",
@@ -90,7 +90,7 @@ def test_a_dry_run_says_the_budget_would_refuse_a_real_run(tmp_path, infron_reso
         price=PRICE,
         budget=Budget(max_cost_per_partition=1e-9),
     )
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         result = _dry_run(flow, instance)
         assert result.success
         meta = _observation(result)
@@ -116,7 +116,7 @@ def test_a_dry_run_that_finds_a_problem_does_not_fail_the_partition(tmp_path, in
         "infron": infron_resource,
         "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
     }
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         result = dg.materialize(
             [reviews, pipeline.batches_asset],
             partition_key="a",

@@ -8,6 +8,7 @@ import dagster as dg
 import pandas as pd
 import pyarrow.dataset as ds
 import pytest
+from conftest import dagster_instance
 
 from infron_dagster import RequestSpec, build_infron_batch_assets
 from infron_dagster.storage import BatchStorage, encode_partition
@@ -36,7 +37,7 @@ def test_dynamic_partition_with_odd_key_round_trips(tmp_path, infron_resource, k
     defs = dg.Definitions.merge(
         pipeline.definitions, dg.Definitions(assets=[tickets], resources=resources)
     )
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         instance.add_dynamic_partitions("customers", [key])
         dg.materialize(
             [tickets, pipeline.batches_asset],

@@ -10,7 +10,7 @@ import shutil
 import dagster as dg
 import pandas as pd
 import pyarrow as pa
-from conftest import make_local_dir
+from conftest import dagster_instance, make_local_dir
 
 from infron_dagster import BatchStorage, InfronResource, RequestSpec, build_infron_batch_assets
 from infron_dagster.table_loader import read_batch_table
@@ -59,7 +59,7 @@ def test_collected_embeddings_are_float32_and_the_column_schema_says_so(tmp_path
     )
     local = make_local_dir(str(tmp_path / "srv"))
     resources = {"infron": InfronResource(base_url=f"local://{local}", api_style="infron")}
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         for assets in ([docs, pipeline.batches_asset], [pipeline.collect_assets]):
             dg.materialize(assets, partition_key="a", resources=resources, instance=instance)
         event = instance.get_latest_materialization_event(dg.AssetKey("emb_results"))

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 import pytest
+from conftest import dagster_instance
 
 
 def _example(monkeypatch, tmp_path):
@@ -97,7 +98,7 @@ def test_the_demo_cancels_a_partition_in_flight(monkeypatch, tmp_path, capsys):
     collected the partition shows its rows failed as batch_cancelled."""
     demo, pipeline, submit, watch = _demo(monkeypatch, tmp_path, in_progress_seconds=600)
     monkeypatch.setattr(demo, "CANCEL_AT_PERCENT", 0.0)  # at the first look: no race
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         submit(instance, "2026-11-23")
         watch(instance, "2026-11-23")
     out = capsys.readouterr().out
@@ -111,7 +112,7 @@ def test_the_demo_stops_loudly_when_its_partition_ended_before_the_cancel(monkey
     """A partition that ended before the demo could cancel it stops the demo with a message,
     instead of going on to a summary in which nothing was cancelled."""
     demo, pipeline, submit, watch = _demo(monkeypatch, tmp_path, in_progress_seconds=0)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         submit(instance, "2026-11-24")
         with pytest.raises(SystemExit, match="nothing was cancelled"):
             watch(instance, "2026-11-24")

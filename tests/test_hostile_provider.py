@@ -27,6 +27,7 @@ import dagster as dg
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import dagster_instance
 
 from infron_dagster import InfronResource, RequestSpec, build_infron_batch_assets
 from infron_dagster.client import InfronClient
@@ -240,7 +241,7 @@ def test_hostile_provider_cannot_lose_rows_escape_the_root_or_leak_the_key(
     resource = InfronResource(
         api_key=KEY, base_url=f"{provider.base_url}/v1", api_style=provider.style, max_retries=0
     )
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         submitted = dg.materialize(
             [reviews, pipeline.batches_asset],
             partition_key="Zürich",

@@ -23,7 +23,7 @@ from typing import Any
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
-from conftest import Answer, Scripted, json_answer, review_pipeline
+from conftest import Answer, Scripted, dagster_instance, json_answer, review_pipeline
 
 from infron_dagster import InfronResource
 from infron_dagster.client import InfronClient
@@ -307,7 +307,7 @@ def test_a_key_echoed_in_status_error_metadata_and_result_reference_reaches_noth
     )
     flow = _pipeline(tmp_path, server, style)
     pipeline = flow.pipeline
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         submitted = dg.materialize(
             [flow.upstream, pipeline.batches_asset],
             partition_key="p",
@@ -360,7 +360,7 @@ def test_a_created_batch_id_echoing_the_key_is_never_recorded(
     )
     flow = _pipeline(tmp_path, server, style)
     pipeline = flow.pipeline
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         submitted = dg.materialize(
             [flow.upstream, pipeline.batches_asset],
             partition_key="p",

@@ -10,7 +10,7 @@ import time
 import dagster as dg
 import pyarrow.compute as pc
 import pytest
-from conftest import review_pipeline
+from conftest import dagster_instance, review_pipeline
 
 from infron_dagster import RequestSpec, build_infron_batch_assets
 from infron_dagster.budget import Budget, SpendLedger
@@ -67,7 +67,7 @@ def test_a_dry_run_sends_and_writes_nothing_and_reports_the_estimate(
     tmp_path, infron_resource, local_dir
 ):
     pipeline, reviews, resources = build(tmp_path, infron_resource)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         result = submit(pipeline, reviews, resources, instance, "a", dry_run=True)
         assert result.success
         assert not result.asset_materializations_for_node("rev_batches")
@@ -96,7 +96,7 @@ def test_over_its_budget_a_partition_is_refused_before_any_create_then_allowed_o
     pipeline, reviews, resources = build(
         tmp_path, infron_resource, budget=Budget(max_cost_per_partition=1e-9)
     )
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         refused = submit(pipeline, reviews, resources, instance, "a")
         assert not refused.success
         failure = next(e for e in refused.all_events if e.event_type_value == "STEP_FAILURE")
@@ -121,7 +121,7 @@ def _submit_in_a_process(tmp_path, local_dir, limit: float, partition: str, go, 
 
     resource = InfronResource(base_url=f"local://{local_dir}", api_style="infron")
     pipeline, reviews, resources = build(tmp_path, resource, budget=Budget(max_cost_per_day=limit))
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         go.wait(60)  # both processes are ready: submit at the same moment
         out.put((partition, submit(pipeline, reviews, resources, instance, partition).success))
 
@@ -130,7 +130,7 @@ def test_the_daily_limit_holds_for_two_runs_submitting_at_once(
     tmp_path, infron_resource, local_dir
 ):
     probe, reviews, resources = build(tmp_path / "probe", infron_resource)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         dry = submit(probe, reviews, resources, instance, "a", dry_run=True)
         (observation,) = [e for e in dry.all_events if e.event_type_value == "ASSET_OBSERVATION"]
         one = observation.asset_observation_data.asset_observation.metadata
@@ -162,7 +162,7 @@ def test_collection_settles_the_ledger_to_the_actual_cost(tmp_path, local_dir, s
 
     resource = InfronResource(base_url=f"local://{local_dir}", api_style=style)
     pipeline, reviews, resources = build(tmp_path, resource, budget=Budget(max_cost_per_day=10.0))
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert submit(pipeline, reviews, resources, instance, "a").success
         collected = dg.materialize(
             pipeline.collect_definitions,
@@ -200,7 +200,7 @@ def test_without_a_price_the_reported_fees_are_shared_by_tokens(tmp_path, local_
 
     resource = InfronResource(base_url=f"local://{local_dir}", api_style="infron")
     flow = review_pipeline(tmp_path, resource, PARTS, rows=ROWS, max_requests_per_batch=5)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert dg.materialize(
             [flow.upstream, flow.pipeline.batches_asset],
             partition_key="a",

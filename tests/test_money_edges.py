@@ -15,7 +15,7 @@ from typing import Any
 
 import dagster as dg
 import pytest
-from conftest import review_pipeline
+from conftest import dagster_instance, review_pipeline
 
 from infron_dagster import InfronResource
 from infron_dagster import submit as submit_module
@@ -135,7 +135,7 @@ def test_a_negative_fee_is_not_trusted_and_the_day_limit_still_holds(
 ):
     _hostile_fees(monkeypatch, "-1")
     flow = _build(tmp_path, local_dir)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         worst = _worst(flow, instance)
         assert _submit(flow, instance, "a").success
         assert _collect(flow, instance, "a").success
@@ -178,7 +178,7 @@ def test_settle_says_why_a_fee_is_not_trusted(tmp_path):
 def test_two_huge_fees_never_write_infinity_and_the_day_goes_on(tmp_path, local_dir, monkeypatch):
     _hostile_fees(monkeypatch, "1e308")
     flow = _build(tmp_path, local_dir, budget=Budget(max_cost_per_day=1.0))
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert _submit(flow, instance, "a").success
         assert _collect(flow, instance, "a").success
         storage = flow.pipeline.storage
@@ -195,7 +195,7 @@ def test_without_a_price_rows_never_get_a_negative_or_absurd_cost(tmp_path, loca
     for fees, part in (("-1", "a"), ("1e308", "b")):
         _hostile_fees(monkeypatch, fees)
         flow = _build(tmp_path, local_dir, price=None)
-        with dg.instance_for_test() as instance:
+        with dagster_instance() as instance:
             assert _submit(flow, instance, part).success
             assert _collect(flow, instance, part).success
         costs = _row_costs(flow.pipeline.storage, part)
@@ -263,7 +263,7 @@ def test_the_rerun_of_a_failed_submission_replaces_its_own_reservation(
     tmp_path, local_dir, monkeypatch
 ):
     probe = _build(tmp_path / "probe", local_dir)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         worst = _worst(probe, instance)
         flow = _build(tmp_path, local_dir, budget=Budget(max_cost_per_day=worst * 1.5))
         with monkeypatch.context() as patch:
@@ -286,7 +286,7 @@ def test_a_reservation_whose_attempt_never_created_anything_is_released(
     flow = _build(tmp_path, local_dir, budget=Budget(max_cost_per_day=100.0))
     storage = flow.pipeline.storage
     ledger = SpendLedger(storage)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         with monkeypatch.context() as patch:
             _fail_staging(patch)
             assert not _submit(flow, instance, "a").success
@@ -350,7 +350,7 @@ def test_a_damaged_budget_entry_blocks_neither_the_day_nor_its_partition(
 ):
     flow = _build(tmp_path, local_dir, budget=Budget(max_cost_per_day=100.0))
     storage = flow.pipeline.storage
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert _submit(flow, instance, "a").success
         (a,) = load_manifests(storage, "a")
         entry = storage.base / "_ledger" / "spend" / f"partition={a.spend['day']}"

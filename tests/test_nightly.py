@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import INSTANT, make_local_dir
+from conftest import INSTANT, dagster_instance, make_local_dir
 from harness import Pipeline
 
 import infron_dagster.retry as retry_module
@@ -137,7 +137,7 @@ def test_a_faulty_night_converges_with_no_run_launched_by_hand(
 ):
     caplog.set_level(logging.INFO, logger="infron_dagster.client")
     flow = _flow(tmp_path)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         backfill = dg.materialize(
             [flow.pipeline.batches_asset],
             instance=instance,

@@ -17,7 +17,7 @@ import dagster as dg
 import pandas as pd
 import pyarrow.compute as pc
 import pytest
-from conftest import make_local_dir
+from conftest import dagster_instance, make_local_dir
 from harness import Pipeline, failure, metadata
 
 from infron_dagster import InfronResource
@@ -92,7 +92,7 @@ def _ids(flow: Pipeline, key: str = "a") -> set[str]:
 def test_a_bad_prompt_stops_after_the_pilot_alone(tmp_path):
     # Every request fails at the provider; auto_retry must not send the pilot's rows again
     flow = _flow(tmp_path, failure_rate=1.0, auto_retry=True, auto_retry_backoff_seconds=(0,))
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         submitted = flow.submit(instance, "a")
         assert submitted.success, failure(submitted)
         assert "pilot" in metadata(submitted)["pilot/note"]
@@ -118,7 +118,7 @@ def test_a_bad_prompt_stops_after_the_pilot_alone(tmp_path):
 
 def test_pipeline_scope_a_stopped_pilot_stops_the_partitions_waiting_for_it(tmp_path):
     flow = _flow(tmp_path, failure_rate=1.0, pilot_scope="pipeline")
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert flow.submit(instance, "a").success
         assert flow.submit(instance, "b").success  # held: a's pilot runs
         flow.drive(instance, _settled_as(flow, "stopped", "a", "b"), timeout=30)
@@ -130,7 +130,7 @@ def test_pipeline_scope_a_stopped_pilot_stops_the_partitions_waiting_for_it(tmp_
 
 def test_a_changed_prompt_pilots_again_after_a_stop(tmp_path):
     flow = _flow(tmp_path, failure_rate=1.0)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert flow.submit(instance, "a").success
         flow.drive(instance, _settled_as(flow, "stopped"), timeout=30)
         again = flow.submit(instance, "a")  # the same prompt: still stopped, nothing sent
@@ -168,7 +168,7 @@ def test_a_good_pilot_releases_the_rest_with_a_calibrated_estimate_and_budget(tm
         budget=budget,
         frame=lambda _key: pd.DataFrame({"id": range(ROWS), "text": texts}),
     )
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         piloted = flow.submit(instance, "a")
         assert piloted.success, failure(piloted)
         assert sum(_sent(flow).values()) == PILOT  # only the pilot went out first
@@ -201,7 +201,7 @@ def test_a_good_pilot_releases_the_rest_with_a_calibrated_estimate_and_budget(tm
 
 def test_pipeline_scope_a_second_partition_waits_then_goes_without_a_pilot(tmp_path):
     flow = _flow(tmp_path, pilot_scope="pipeline")
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert flow.submit(instance, "a").success
         held = flow.submit(instance, "b")
         assert held.success, failure(held)
@@ -226,7 +226,7 @@ def test_pipeline_scope_a_second_partition_waits_then_goes_without_a_pilot(tmp_p
 
 def test_the_pilots_failed_rows_are_carried_not_sent_again(tmp_path):
     flow = _flow(tmp_path, failure_rate=0.3, max_failure_rate=0.9)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert flow.submit(instance, "a").success
         # The pilot queue is a cache: lost while the pilot runs, its collection rebuilds it
         shutil.rmtree((flow.storage.base / "_pilots").path)
@@ -246,7 +246,7 @@ def test_the_pilots_failed_rows_are_carried_not_sent_again(tmp_path):
 
 def test_a_dry_run_says_what_the_pilot_would_send(tmp_path):
     flow = _flow(tmp_path)
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         result = flow.submit(instance, "a", dry_run=True)
     assert result.success
     (observation,) = [
@@ -262,7 +262,7 @@ def test_a_dry_run_says_what_the_pilot_would_send(tmp_path):
 
 def test_a_cancelled_pilot_never_releases_and_the_partitions_it_held_pilot_themselves(tmp_path):
     flow = _flow(tmp_path, pilot_scope="pipeline")
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert flow.submit(instance, "a").success
         assert flow.submit(instance, "b").success  # held for a's pilot
         assert flow.job("cancel", instance, "a").success
@@ -304,7 +304,7 @@ def test_a_kill_between_the_pilots_collection_and_the_release_converges(
     monkeypatch.setattr(submit, target, dies_once)
     flow = _flow(tmp_path)
     job = flow.defs.resolve_implicit_global_asset_job_def()
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         assert flow.submit(instance, "a").success
         done = _settled_as(flow, "release")
         for _ in range(20):
@@ -348,7 +348,7 @@ def test_the_yaml_component_takes_the_pilot_options(tmp_path, local_dir):
     )
     pipeline = component.build_pipeline()
     resource = InfronResource(base_url=f"local://{local_dir}", api_style="infron")
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         result = dg.materialize(
             [pipeline.batches_asset],
             partition_key="a",

@@ -572,29 +572,7 @@ class _GatedRows(dg.IOManager):
         return reviews_frame()
 
 
-# Dagster's default compute-log capture swaps the process's stdout/stderr descriptors around
-# each step and mirrors them with a `tail` child. Two runs in threads of one process swap them
-# under each other (a deployment runs each run in a process of its own); under load a step's
-# exit then waited on a `tail` that did not stop (faulthandler: both runs in Dagster's
-# `_clean_up_subprocess` for 60 s): the "hung run" seen in full suite runs.
-# The race under test is the partition lock's, so this test's runs capture no compute logs.
-NO_COMPUTE_LOGS = {
-    "compute_logs": {
-        "module": "dagster._core.storage.noop_compute_log_manager",
-        "class": "NoOpComputeLogManager",
-    }
-}
-
-
-@pytest.fixture
-def racing_instance():
-    with dg.instance_for_test(overrides=NO_COMPUTE_LOGS) as inst:
-        yield inst
-
-
-def test_two_runs_racing_on_one_partition_create_one_set_of_batches(
-    tmp_path, resource, racing_instance
-):
+def test_two_runs_racing_on_one_partition_create_one_set_of_batches(tmp_path, resource, instance):
     @dg.asset(name="reviews", partitions_def=PARTS, io_manager_key="gate")
     def reviews():  # pragma: no cover - never materialized, only loaded
         raise AssertionError
@@ -616,13 +594,17 @@ def test_two_runs_racing_on_one_partition_create_one_set_of_batches(
                 [reviews, pipeline.batches_asset],
                 selection=[pipeline.batches_asset],
                 partition_key="a",
-                instance=racing_instance,
+                instance=instance,
                 resources={"infron": resource, "gate": gate},
             )
         )
 
     # The second run starts once the first waits at the gate (Dagster's in-process run setup
-    # is not thread-safe); both then go on to submit at the same moment.
+    # is not thread-safe); both then go on to submit at the same moment. The instance captures
+    # no compute logs (conftest.dagster_instance): on an instance that does, each step swaps the
+    # process's stdout/stderr and mirrors them with a `tail` child, and two runs in threads of
+    # one process swapped them under each other: a step then waited 60 s on a `tail` that did
+    # not stop (seen in full suite runs; a deployment runs each run in a process of its own).
     first = threading.Thread(target=run, daemon=True)
     first.start()
     assert gate.arrived.wait(30)

@@ -15,7 +15,7 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 import pytest
-from conftest import make_local_dir
+from conftest import dagster_instance, make_local_dir
 from harness import Pipeline, metadata
 
 from infron_dagster import InfronResource
@@ -88,7 +88,7 @@ def _answers(results: pd.DataFrame) -> dict[str, str]:
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         yield instance
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 import pytest
-from conftest import make_local_dir
+from conftest import dagster_instance, make_local_dir
 from harness import Pipeline, metadata
 
 from infron_dagster import InfronResource
@@ -63,7 +63,7 @@ def collect(flow: Flow, instance, partition: str) -> tuple[pd.DataFrame, pd.Data
 
 @pytest.fixture
 def instance():
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         yield instance
 
 

@@ -14,7 +14,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from conftest import make_local_dir
+from conftest import dagster_instance, make_local_dir
 
 from infron_dagster import (
     BatchStorage,
@@ -59,7 +59,7 @@ def fs(moto_s3) -> s3fs.S3FileSystem:
 
 @pytest.fixture(scope="module")
 def instance():
-    with dg.instance_for_test() as inst:
+    with dagster_instance() as inst:
         yield inst
 
 

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import dagster as dg
-from conftest import make_local_dir
+from conftest import dagster_instance, make_local_dir
 from harness import Pipeline
 
 from infron_dagster import InfronResource, RequestSpec
@@ -256,7 +256,7 @@ def test_finished_partition_is_observed_then_forgotten_once_collected(tmp_path, 
 
 
 def test_observations_are_recorded_as_the_daemon_records_them(tmp_path):
-    with dg.instance_for_test() as instance:
+    with dagster_instance() as instance:
         # The other tests speak infron; this one openai, so both wire styles are observed.
         flow = make_flow(tmp_path, instance, api_style="openai")
         flow.submit(instance, KEYS[1])

@@ -17,7 +17,7 @@ from typing import Any
 
 import dagster as dg
 import pytest
-from conftest import make_local_dir
+from conftest import dagster_instance, make_local_dir
 from harness import Pipeline
 
 from infron_dagster import InfronResource, ModelPrice
@@ -32,7 +32,7 @@ PRICE = ModelPrice(input_per_million=0.15, output_per_million=0.60)
 @pytest.fixture
 def instance():
     """An instance of the test's own: the statuses read back are this test's only."""
-    with dg.instance_for_test() as fresh:
+    with dagster_instance() as fresh:
         yield fresh
 
 
@@ -147,8 +147,10 @@ def test_waiting_in_flight_collected_in_order(tmp_path, instance, clock):
     # The collected tables say it too, on their own page.
     (results,) = events(instance, flow.pipeline.results_key, "b")
     assert results.metadata["status"].value == "collected: 20 of 20 rows succeeded"
-    assert run_tag(flow, instance, "a") == run_tag(flow, instance, "b") == (
-        "collected: 20 of 20 rows succeeded"
+    assert (
+        run_tag(flow, instance, "a")
+        == run_tag(flow, instance, "b")
+        == ("collected: 20 of 20 rows succeeded")
     )
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_local_dir
+from conftest import dagster_instance, make_local_dir
 from harness import Pipeline
 
 from infron_dagster import BatchStorage, InfronResource, RequestSpec
@@ -40,7 +40,7 @@ ROWS = {
 
 @pytest.fixture(scope="module")
 def instance():
-    with dg.instance_for_test() as inst:
+    with dagster_instance() as inst:
         yield inst
 
 
