@@ -335,19 +335,21 @@ def _tier(item: pytest.Item) -> str:
 # restart_anywhere.py, 130 s in all, are spread over four files for the same reason.)
 SLOW_FIRST = (
     "test_daemon.py",
-    "test_control_state.py",
-    "test_restart_later_s3.py",
-    "test_pipeline.py",
-    "test_admission.py",
-    "test_restart_submit_s3.py",
-    "test_restart_later_local.py",
-    "test_restart_submit_local.py",
-    "test_nightly.py",
     "test_deploy_postgres.py",
-    "test_carry.py",
-    "test_sensor.py",
-    "test_reuse_edges.py",
-    "test_money_edges.py",
+    "test_dg_cli.py",
+    "test_restart_submit_local.py",
+    "test_restart_later_local.py",
+    "test_admission.py",
+    "test_restart_later_s3.py",
+    "test_retry_queue.py",
+    "test_restart_submit_s3.py",
+    "test_control_state.py",
+    "test_crash_submit.py",
+    "test_client.py",
+    "test_storage_lock.py",
+    "test_local_server_hostile.py",
+    "test_pilot.py",
+    "test_pipeline.py",
 )
 
 
