@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -286,12 +287,13 @@ def _warm_up() -> None:
 # --- a fork server: children start with everything imported, in milliseconds ------------------
 
 
-def serve() -> None:
-    """Read one JSON command a line from stdin; fork a child per command that runs the step
-    (its output to ``<log>.out``); answer ``{"pid"}`` at once and ``{"status"}`` when it ended
-    (the negative signal number, or the exit code). Single-threaded, so forking is safe."""
+def fork_server(warm_up: Callable[[], None], run: Callable[[dict[str, Any]], None]) -> None:
+    """Read one JSON command a line from stdin; fork a child per command that calls ``run``
+    with it (its output to ``<log>.out``); answer ``{"pid"}`` at once and ``{"status"}`` when
+    it ended (the negative signal number, or the exit code). Single-threaded, so forking is
+    safe; ``warm_up`` runs first, so that each child starts with Dagster imported and built."""
     out = sys.stdout
-    _warm_up()
+    warm_up()
     for line in sys.stdin:
         command = json.loads(line)
         log = command["log"]
@@ -304,8 +306,7 @@ def serve() -> None:
                 os.dup2(fd, 2)
                 sys.stdout = os.fdopen(1, "w", buffering=1)
                 sys.stderr = os.fdopen(2, "w", buffering=1)
-                case = Case(**command["case"])
-                run_step(command["step"], case, command["kill_at"], log)
+                run(command)
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -319,6 +320,15 @@ def serve() -> None:
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         out.write(json.dumps({"status": code}) + "\n")
         out.flush()
+
+
+def serve() -> None:
+    """The fork server of the restart-anywhere cases (``restart_anywhere.ForkServer``)."""
+
+    def run(command: dict[str, Any]) -> None:
+        run_step(command["step"], Case(**command["case"]), command["kill_at"], command["log"])
+
+    fork_server(_warm_up, run)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,7 @@ script, it is the fork server ``test_retry_queue.py`` sends cases to (see ``serv
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -110,38 +107,12 @@ def _warm_up() -> None:
 
 
 def serve() -> None:
-    """One JSON command a line on stdin (``restart_anywhere.ForkServer`` sends them): fork
-    a child per command that runs the step (its output to ``<log>.out``); answer
-    ``{"pid"}`` at once and ``{"status"}`` when it ended (the negative signal number, or the
-    exit code). Single-threaded, so forking is safe."""
-    out = sys.stdout
-    _warm_up()
-    for line in sys.stdin:
-        command = json.loads(line)
-        log = command["log"]
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                fd = os.open(log + ".out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                sys.stdout = os.fdopen(1, "w", buffering=1)
-                sys.stderr = os.fdopen(2, "w", buffering=1)
-                run_step(command["step"], command["case"]["root"], command["kill_at"], log)
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        out.write(json.dumps({"pid": pid}) + "\n")
-        out.flush()
-        _, status = os.waitpid(pid, 0)
-        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        out.write(json.dumps({"status": code}) + "\n")
-        out.flush()
+    """The fork server ``test_retry_queue.py`` sends its kill cases to (``rc.fork_server``)."""
+
+    def run(command: dict[str, Any]) -> None:
+        run_step(command["step"], command["case"]["root"], command["kill_at"], command["log"])
+
+    rc.fork_server(_warm_up, run)
 
 
 if __name__ == "__main__":
