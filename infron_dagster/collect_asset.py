@@ -18,10 +18,10 @@ from typing import Any
 
 import dagster as dg
 
+from .auto_retry import retry_blocked
 from .collect import CollectOutcome, collect_partition
 from .history import PartitionHistory
 from .metadata import failed_metadata, results_metadata, table_metadata
-from .pilot import pilot_no_retry
 from .resources import InfronResource
 from .retry_queue import RetryQueue, retry_delay
 from .run_config import CollectConfig
@@ -179,18 +179,13 @@ def queue_retry(s: PipelineSettings, outcome: CollectOutcome) -> str:
     retryable = outcome.retryable_rows
     if not retryable:
         return ""
-    if why := pilot_no_retry(outcome.history):
-        return f"{retryable} retryable row(s) stay failed: {why}"
+    assert outcome.history is not None  # a collection that wrote tables has one
+    # The same rule the sensor applies before it requests the retry (the history as it was
+    # re-read under the partition lock, so a cancel made during the collection counts).
+    if why := retry_blocked(outcome.history, s.max_attempts):
+        return f"{retryable} retryable row(s) stay failed: {why}, no automatic retry"
     attempts = len(outcome.attempts)
-    if outcome.attempts[-1] in outcome.cancelled:  # a person stopped it: no paying on
-        return f"{retryable} retryable row(s) stay failed: the attempt was cancelled"
-    if attempts >= s.max_attempts:
-        return (
-            f"{retryable} retryable row(s) stay failed: {attempts} of max_attempts="
-            f"{s.max_attempts} attempts used, no automatic retry"
-        )
     delay = retry_delay(s.auto_retry_backoff, attempts)
-    assert outcome.history is not None
     key, latest = outcome.history.partition_key, outcome.attempts[-1]
     RetryQueue(s.storage).mark(key, latest, time.time() + delay, retryable)
     return (

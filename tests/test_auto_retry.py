@@ -94,3 +94,26 @@ def test_without_auto_retry_the_sensor_never_retries(tmp_path):
     failed = storage.read_table(storage.table_path("failed", "a"))
     assert failed.num_rows and not RetryQueue(storage).queued()
     assert len(PartitionHistory.load(storage, "a").manifests) == 1
+
+
+def test_a_partition_out_of_attempts_says_so_and_is_not_retried(tmp_path):
+    # max_attempts=1: the first collection already used every attempt (failure_rate 0.3 of
+    # 20 rows leaves a retryable failure but for a 0.08 % draw; the test then says so).
+    flow = _flow(tmp_path, auto_retry=True, auto_retry_backoff_seconds=(0.0,), max_attempts=1)
+    storage = flow.pipeline.storage
+    with dagster_instance() as instance:
+        assert flow.submit(instance, "a").success
+        for _ in range(3):
+            ran = flow.tick(instance)
+            assert not [r for r in ran if "auto-retry" in (r.run_key or "")]
+    failed = storage.read_table(storage.table_path("failed", "a"))
+    retryable = pc.sum(failed.column("retryable")).as_py() or 0
+    assert retryable, "no request failed: a 0.7**20 draw, run again"
+    meta = flow.runs[-1].asset_materializations_for_node("rev_collect")
+    notes = [m.metadata["auto_retry"].value for m in meta if "auto_retry" in m.metadata]
+    assert notes == [
+        f"{retryable} retryable row(s) stay failed: 1 of max_attempts=1 attempts are used, "
+        "no automatic retry"
+    ]
+    assert not RetryQueue(storage).queued()
+    assert len(PartitionHistory.load(storage, "a").manifests) == 1

@@ -381,7 +381,9 @@ def test_a_cancelled_partition_is_collected_and_never_retried(prepared, tmp_path
     }
     meta = flow.runs[-1].asset_materializations_for_node("rev_collect")
     notes = [m.metadata["auto_retry"].value for m in meta if "auto_retry" in m.metadata]
-    assert notes == ["6 retryable row(s) stay failed: the attempt was cancelled"], notes
+    assert notes == [
+        "6 retryable row(s) stay failed: attempt 1 was cancelled, no automatic retry"
+    ], notes
 
 
 def _failed_run(instance, run_key: str) -> None:
