@@ -16,6 +16,7 @@ install: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # The whole suite on three workers (many tests wait on servers and subprocesses, so a third
 # worker helps on two cores); a file runs in one worker, so its fixtures are shared, and the
