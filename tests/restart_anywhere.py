@@ -205,10 +205,10 @@ class ForkServer:
     """``restart_child.py`` as a fork server: it imports Dagster once, then forks a child per
     case (starting a Python process with Dagster per case costs seconds on this machine)."""
 
-    def __init__(self) -> None:
+    def __init__(self, script: str = "restart_child.py") -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, *sys.path])}
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "restart_child.py")],
+            [sys.executable, os.path.join(HERE, script)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

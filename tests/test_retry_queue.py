@@ -29,10 +29,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -458,25 +455,10 @@ KILLS = [
 ]
 
 
-class RetryForks(restart_anywhere.ForkServer):
-    """``retry_child.py`` as a fork server (the same protocol as ``restart_child.py``)."""
-
-    def __init__(self) -> None:
-        here = os.path.dirname(os.path.abspath(__file__))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, *sys.path])}
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(here, "retry_child.py")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=here,
-            env=env,
-        )
-
-
 @pytest.fixture(scope="module")
-def retry_forks() -> Iterator[RetryForks]:
-    server = RetryForks()
+def retry_forks() -> Iterator[restart_anywhere.ForkServer]:
+    # retry_child.py speaks restart_child.py's protocol (restart_child.fork_server)
+    server = restart_anywhere.ForkServer("retry_child.py")
     yield server
     server.close()
 
