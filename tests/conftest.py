@@ -340,6 +340,7 @@ SLOW_FIRST = (
     "test_restart_submit_local.py",
     "test_restart_later_local.py",
     "test_admission.py",
+    "test_pilot_kills.py",
     "test_restart_later_s3.py",
     "test_retry_queue.py",
     "test_restart_submit_s3.py",
