@@ -203,17 +203,23 @@ def test_two_processes_admitting_at_once_never_pass_the_limit(tmp_path):
     assert control.in_flight() == 50
 
 
-def test_a_create_the_provider_refuses_for_its_queue_waits_as_pending(tmp_path):
+def test_a_create_the_provider_refuses_for_its_queue_waits_as_pending(tmp_path, monkeypatch):
+    import infron_dagster.resume as resume
+
+    monkeypatch.setattr(resume, "RESUME_BACKOFF_SECONDS", 0.0)  # the backoff has its own test
     # The provider's queue is fuller than the pipeline's limit knows (another client of the
     # account): its refusal leaves the chunk pending, the run succeeds, the sensor resubmits.
-    local = make_local_dir(str(tmp_path / "local"), in_progress_seconds=0.2)
+    # Chunk 1 stays in progress 2 s, so chunk 2's create (right after it, in the same run) is
+    # refused even on a loaded machine (with 0.2 s, a full suite run once created it after
+    # chunk 1 had ended, and nothing was refused).
+    local = make_local_dir(str(tmp_path / "local"))
     from infron_dagster.local import LocalServerConfig, save_config
 
     save_config(
         local,
         LocalServerConfig(
             validating_seconds=0.0,
-            in_progress_seconds=0.2,
+            in_progress_seconds=2.0,
             finalizing_seconds=0.0,
             enqueued_token_limit=14,  # one chunk of 2 requests (~12 input tokens) at a time
         ),
