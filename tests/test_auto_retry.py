@@ -42,6 +42,13 @@ def _settled(flow: Pipeline, keys) -> Callable[[], bool]:
     return check
 
 
+def _ticks_request_no_retry(flow: Pipeline, instance: dg.DagsterInstance) -> None:
+    """Three ticks (running what they request: the collection first): no automatic retry."""
+    for _ in range(3):
+        ran = flow.tick(instance)
+        assert not [r for r in ran if "auto-retry" in (r.run_key or "")]
+
+
 def test_the_sensor_retries_retryable_failures_until_none_remain_or_attempts_run_out(tmp_path):
     flow = _flow(tmp_path, auto_retry=True, auto_retry_backoff_seconds=(0.0,), max_attempts=3)
     storage = flow.pipeline.storage
@@ -74,9 +81,7 @@ def test_the_retry_waits_for_its_backoff(tmp_path):
     storage = flow.pipeline.storage
     with dagster_instance() as instance:
         assert flow.submit(instance, "a").success
-        for _ in range(3):  # collect, then ticks within the hour: no retry yet
-            ran = flow.tick(instance)
-            assert not [r for r in ran if "auto-retry" in (r.run_key or "")]
+        _ticks_request_no_retry(flow, instance)  # collect, then ticks within the hour
         (queued,) = RetryQueue(storage).queued()
     assert queued.attempt == 1 and queued.rows > 0
     assert 3500 < queued.due_at - time.time() <= 3600
@@ -88,9 +93,7 @@ def test_without_auto_retry_the_sensor_never_retries(tmp_path):
     storage = flow.pipeline.storage
     with dagster_instance() as instance:
         assert flow.submit(instance, "a").success
-        for _ in range(3):
-            ran = flow.tick(instance)
-            assert not [r for r in ran if "auto-retry" in (r.run_key or "")]
+        _ticks_request_no_retry(flow, instance)
     failed = storage.read_table(storage.table_path("failed", "a"))
     assert failed.num_rows and not RetryQueue(storage).queued()
     assert len(PartitionHistory.load(storage, "a").manifests) == 1
@@ -103,9 +106,7 @@ def test_a_partition_out_of_attempts_says_so_and_is_not_retried(tmp_path):
     storage = flow.pipeline.storage
     with dagster_instance() as instance:
         assert flow.submit(instance, "a").success
-        for _ in range(3):
-            ran = flow.tick(instance)
-            assert not [r for r in ran if "auto-retry" in (r.run_key or "")]
+        _ticks_request_no_retry(flow, instance)
     failed = storage.read_table(storage.table_path("failed", "a"))
     retryable = pc.sum(failed.column("retryable")).as_py() or 0
     assert retryable, "no request failed: a 0.7**20 draw, run again"
